@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny checkpoints of several architectures and a hivemind bootstrap peer on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Qt widgets render offscreen in tests; set before any Qt import.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Nothing in the tests may reach the network: the hub is offline, weights are made locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory):
+    """Make (once per session, cached by arguments) a tiny random checkpoint; returns its folder."""
+    from engine.models.tiny import build_tiny_checkpoint
+
+    made: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def make(arch: str = "llama", *, num_layers: int = 4, seed: int = 0, **overrides) -> Path:
+        key = (arch, num_layers, seed, tuple(sorted(overrides.items())))
+        if key not in made:
+            name = f"{arch}-{num_layers}l-s{seed}-{len(made)}"
+            made[key] = build_tiny_checkpoint(
+                root / name, arch, num_layers=num_layers, seed=seed, **overrides
+            )
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(params=["llama", "mistral", "qwen2"])
+def tiny_checkpoint(request, tiny_checkpoint_factory) -> Path:
+    """A tiny 4-block checkpoint of each supported architecture, sharded safetensors with a tokenizer."""
+    return tiny_checkpoint_factory(request.param)
+
+
+@pytest.fixture
+def bootstrap_peer():
+    """A hivemind DHT bootstrap peer on 127.0.0.1; yields (dht, initial_peers) and always shuts it down."""
+    from hivemind import DHT
+
+    dht = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        yield dht, [str(addr) for addr in dht.get_visible_maddrs()]
+    finally:
+        dht.shutdown()
