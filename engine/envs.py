@@ -1,0 +1,25 @@
+"""Every environment variable the engine reads, in one place, read when asked (never at import)."""
+
+from __future__ import annotations
+
+import os
+
+
+def data_dir_override() -> str | None:
+    """POLLINATE_DATA_DIR: where ledger, demo model and state files live (default: platformdirs)."""
+    return os.environ.get("POLLINATE_DATA_DIR") or None
+
+
+def cache_dir_override() -> str | None:
+    """POLLINATE_CACHE_DIR: where throughput measurements and other caches live (default: platformdirs)."""
+    return os.environ.get("POLLINATE_CACHE_DIR") or None
+
+
+def hf_token() -> str | None:
+    """HF_TOKEN: a Hugging Face token for gated models (the app stores it in the keyring instead)."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE=1: resolve hub ids from the local Hugging Face cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
