@@ -1,0 +1,46 @@
+"""The embedded demo model: a tiny Llama with random weights, built offline on first use.
+
+It lets a new user see the whole product (a local swarm, hosting, chat) without downloading anything.
+Its replies are gibberish by design, and every place that shows it says so (DEMO_MODEL_LABEL).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from engine import paths
+from engine.models.tiny import DEMO_MODEL_LABEL, DEMO_MODEL_NAME, build_tiny_checkpoint, is_tiny_checkpoint
+
+# Bump when the demo checkpoint's recipe changes, so old copies are rebuilt.
+DEMO_RECIPE_VERSION = 1
+DEMO_NUM_BLOCKS = 8
+DEMO_HIDDEN_SIZE = 128
+
+__all__ = ["DEMO_MODEL_LABEL", "DEMO_MODEL_NAME", "demo_model_path", "ensure_demo_model"]
+
+
+def demo_model_path(data_dir: Path | None = None) -> Path:
+    """Folder where the demo checkpoint lives (it may not exist yet)."""
+    return (data_dir or paths.data_dir()) / "models" / DEMO_MODEL_NAME
+
+
+def ensure_demo_model(data_dir: Path | None = None) -> Path:
+    """Return the demo checkpoint's folder, building it (a few seconds, no network) if missing or stale."""
+    path = demo_model_path(data_dir)
+    marker = path / "pollinate_tiny.json"
+    if is_tiny_checkpoint(path) and json.loads(marker.read_text()).get("recipe") == DEMO_RECIPE_VERSION:
+        return path
+    # Build beside the target and move it in place, so a crash mid-build never leaves a half model.
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    build_tiny_checkpoint(
+        staging, "llama", num_layers=DEMO_NUM_BLOCKS, hidden_size=DEMO_HIDDEN_SIZE, seed=2024, max_shard_size="200KB"
+    )
+    facts = json.loads((staging / "pollinate_tiny.json").read_text())
+    facts.update(recipe=DEMO_RECIPE_VERSION, name=DEMO_MODEL_NAME, label=DEMO_MODEL_LABEL)
+    (staging / "pollinate_tiny.json").write_text(json.dumps(facts, indent=1))
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+    return path
