@@ -99,7 +99,7 @@ def build_tiny_checkpoint(
     max_shard_size: str = "40KB",
     **config_overrides,
 ) -> Path:
-    """Save a random-weight model of family `arch` as sharded safetensors with a tokenizer; return its folder."""
+    """Save a random-weight model of family `arch` (sharded safetensors + tokenizer); return its folder."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 

@@ -1,0 +1,83 @@
+"""The parts of a model a client runs itself: token embeddings, the final norm and the LM head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
+from engine.models.errors import CheckpointError
+from engine.models.registry import family_for
+
+
+class ClientHead(nn.Module):
+    """Embeddings in front of the remote blocks and norm + LM head after them."""
+
+    def __init__(self, config, embed_tokens: nn.Embedding, norm: nn.Module, lm_head: nn.Linear):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.norm = norm
+        self.lm_head = lm_head
+        self.load_stats: LoadStats | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the head's weights (hidden states are cast to it)."""
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the head's weights."""
+        return self.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> hidden states [B, T, H], the input of block 0."""
+        return self.embed_tokens(input_ids.to(self.device))
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Last block's output [B, T, H] -> next-token logits [B, T, vocab] (final norm, then LM head)."""
+        hidden_states = hidden_states.to(device=self.device, dtype=self.dtype)
+        return self.lm_head(self.norm(hidden_states))
+
+
+def load_client_parts(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    token: str | None = None,
+) -> ClientHead:
+    """Load only the embedding, final norm and LM head of the checkpoint (a tied head shares weights)."""
+    config = load_config(path)
+    family = family_for(config)
+    reader = CheckpointReader(path, token=token)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    keys = [family.embed_key, family.norm_key]
+    if not tied:
+        if not reader.has(family.lm_head_key):
+            raise CheckpointError(
+                f"{path} has no {family.lm_head_key} and its config does not tie it to the embeddings"
+            )
+        keys.append(family.lm_head_key)
+    tensors = {key: tensor.to(dtype) for key, tensor in reader.read(keys).items()}
+
+    embed_weight = tensors[family.embed_key]
+    vocab_size, hidden_size = embed_weight.shape
+    embed_tokens = nn.Embedding(vocab_size, hidden_size, _weight=embed_weight, _freeze=True)
+    norm = family.norm(hidden_size, eps=config.rms_norm_eps)
+    norm.weight = nn.Parameter(tensors[family.norm_key], requires_grad=False)
+    lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+    # Tied: the head is the embedding matrix itself (one tensor in memory, as in the HF model).
+    head_weight = (
+        embed_tokens.weight if tied else nn.Parameter(tensors[family.lm_head_key], requires_grad=False)
+    )
+    lm_head.weight = head_weight
+
+    head = ClientHead(config, embed_tokens, norm, lm_head).to(device)
+    head.requires_grad_(False)
+    head.eval()
+    head.load_stats = reader.stats
+    return head

@@ -1,0 +1,115 @@
+"""The registry of architecture families, keyed by config.model_type.
+
+Each family module (llama.py, mistral.py, ...) describes where transformers keeps the model's own
+classes and how the checkpoint names its tensors; it registers itself here when
+`engine.models.families` imports it. Adding a family is one new module plus one import line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.models.errors import UnsupportedModelError
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def generic_dht_prefix(repo_id: str) -> str:
+    """Petals' rule for most families: the repo name without its owner, with "." replaced by "-"."""
+    name = str(repo_id).rstrip("/").split("/")[-1]
+    # "." separates prefix from block index and " " separates uids in a chain: neither may appear in a prefix.
+    return re.sub(r"\s+", "-", name.replace(".", "-"))
+
+
+def hf_suffixed_dht_prefix(repo_id: str) -> str:
+    """Petals' Llama rule: the generic prefix plus "-hf" (unless already there), e.g. Llama-2-70b-chat-hf."""
+    prefix = generic_dht_prefix(repo_id)
+    return prefix if prefix.endswith("-hf") else prefix + "-hf"
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How to build and load one architecture family from transformers' own modelling classes.
+
+    Class names are resolved lazily in `modeling_module`, so importing the registry stays cheap.
+    """
+
+    model_type: str
+    modeling_module: str  # e.g. "transformers.models.llama.modeling_llama"
+    decoder_layer_class: str  # e.g. "LlamaDecoderLayer", built as cls(config, layer_idx)
+    rotary_embedding_class: str  # the model's own rotary embedding, built as cls(config=config)
+    norm_class: str  # the model's final norm, built as cls(hidden_size, eps=config.rms_norm_eps)
+    dht_prefix_rule: Callable[[str], str] = generic_dht_prefix
+    block_prefix_template: str = "model.layers.{index}."
+    embed_key: str = "model.embed_tokens.weight"
+    norm_key: str = "model.norm.weight"
+    lm_head_key: str = "lm_head.weight"
+    # Keys some checkpoints carry inside a block that the layer class no longer has (old saved buffers).
+    ignored_block_keys: tuple[str, ...] = field(default=("self_attn.rotary_emb.inv_freq",))
+
+    def _resolve(self, name: str):
+        return getattr(importlib.import_module(self.modeling_module), name)
+
+    @property
+    def decoder_layer(self) -> type:
+        """transformers' decoder-layer class for this family."""
+        return self._resolve(self.decoder_layer_class)
+
+    @property
+    def rotary_embedding(self) -> type:
+        """transformers' rotary embedding class for this family."""
+        return self._resolve(self.rotary_embedding_class)
+
+    @property
+    def norm(self) -> type:
+        """transformers' RMSNorm class for this family (used for the client's final norm)."""
+        return self._resolve(self.norm_class)
+
+    def default_dht_prefix(self, repo_id: str) -> str:
+        """The DHT prefix Petals 2.2 derives from a repo id (so Petals peers and we share blocks)."""
+        return self.dht_prefix_rule(repo_id)
+
+    def block_prefix(self, index: int) -> str:
+        """Name prefix of block `index`'s tensors in the checkpoint, e.g. "model.layers.3."."""
+        return self.block_prefix_template.format(index=index)
+
+    def attention_kind(self, config, index: int) -> str:
+        """Attention kind of block `index`: "full_attention" or "sliding_attention", as the model has it."""
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            return layer_types[index]
+        return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a family to the registry; registering a model_type twice is a programming error."""
+    if family.model_type in _FAMILIES:
+        raise ValueError(f"model type {family.model_type!r} is already registered")
+    _FAMILIES[family.model_type] = family
+    return family
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The config.model_type values that have an adapter, sorted."""
+    _ensure_families_loaded()
+    return tuple(sorted(_FAMILIES))
+
+
+def family_for(config) -> ModelFamily:
+    """The family adapter for a transformers config (or a model_type string)."""
+    _ensure_families_loaded()
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
+    family = _FAMILIES.get(model_type)
+    if family is None:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported; supported types: {', '.join(sorted(_FAMILIES))}"
+        )
+    return family
+
+
+def _ensure_families_loaded() -> None:
+    # Imported here, not at the top, because the family modules import this one to register.
+    import engine.models.families  # noqa: F401

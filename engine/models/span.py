@@ -1,0 +1,201 @@
+"""A span of consecutive transformer blocks: what a server hosts and runs for clients."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.models.blocks import load_block, prepare_config
+from engine.models.cache import SpanCache, kv_shape
+from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
+from engine.models.quantization import check_quant
+from engine.models.registry import ModelFamily, family_for
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model, run either statelessly (forward/backward) or step by step with a cache.
+
+    Hidden states are cast to the span's dtype on entry. Positions are absolute: `forward` uses 0..T-1,
+    `step` continues from the cache's length. Deep prompts (Petals semantics) have shape
+    [num_blocks, batch or 1, P, hidden]; before block k the first P positions get prompts[k] added.
+    """
+
+    def __init__(
+        self, config, family: ModelFamily, start: int, blocks: list[nn.Module], *, dtype, device, quant
+    ):
+        super().__init__()
+        self.config = config
+        self.family = family
+        self.start = start
+        self.end = start + len(blocks)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.quant = quant
+        self.blocks = nn.ModuleList(blocks)
+        self.rotary_emb = family.rotary_embedding(config=config).to(self.device)
+        self.load_stats: LoadStats | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        """How many blocks this span holds."""
+        return self.end - self.start
+
+    def forward(self, hidden_states: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Run all blocks over whole sequences at positions 0..T-1, without cache; differentiable."""
+        hidden_states = self._check_hidden(hidden_states)
+        length = hidden_states.shape[1]
+        positions = torch.arange(length, device=self.device).unsqueeze(0)
+        return self._run(hidden_states, positions, prompts, cache=None)
+
+    def new_cache(self, batch_size: int, max_length: int) -> SpanCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_length` tokens through this span."""
+        num_kv_heads, head_dim = kv_shape(self.config)
+        return SpanCache(
+            num_layers=self.num_blocks,
+            batch_size=batch_size,
+            max_length=max_length,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @torch.no_grad()
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        cache: SpanCache,
+        prompts: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One inference step: reorder the cache by hypo_ids (if given), run T new tokens, append them."""
+        hidden_states = self._check_hidden(hidden_states)
+        batch, length = hidden_states.shape[:2]
+        if cache.num_layers != self.num_blocks or batch != cache.batch_size:
+            raise ValueError(
+                f"cache is for {cache.num_layers} blocks x batch {cache.batch_size}, "
+                f"got a span of {self.num_blocks} blocks and batch {batch}"
+            )
+        cache.check_room(length)
+        if hypo_ids is not None:
+            cache.reorder(hypo_ids)
+        positions = torch.arange(cache.length, cache.length + length, device=self.device).unsqueeze(0)
+        output = self._run(hidden_states, positions, prompts, cache=cache)
+        cache.length += length
+        return output
+
+    def _run(self, hidden_states, positions, prompts, *, cache: SpanCache | None) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        prompts = self._check_prompts(prompts, hidden_states)
+        adapter = cache.adapter(self.start) if cache is not None else None
+        mask_args = dict(config=self.config, inputs_embeds=hidden_states, attention_mask=None)
+        masks = {}
+        for kind in {self.family.attention_kind(self.config, i) for i in range(self.start, self.end)}:
+            build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = build(**mask_args, past_key_values=adapter)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=positions)
+        for offset, block in enumerate(self.blocks):
+            if prompts is not None:
+                hidden_states = _add_prompt(hidden_states, prompts[offset])
+            hidden_states = block(
+                hidden_states,
+                attention_mask=masks[self.family.attention_kind(self.config, self.start + offset)],
+                position_ids=positions,
+                position_embeddings=position_embeddings,
+                **{_cache_argument(block): adapter},
+            )
+            # Older transformers return a tuple (hidden, ...); newer return the tensor itself.
+            if isinstance(hidden_states, tuple):
+                hidden_states = hidden_states[0]
+        return hidden_states
+
+    def _check_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden states must be [batch, tokens, {self.config.hidden_size}], "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        if hidden_states.shape[1] == 0:
+            raise ValueError("hidden states have no tokens")
+        return hidden_states.to(device=self.device, dtype=self.dtype)
+
+    def _check_prompts(
+        self, prompts: torch.Tensor | None, hidden_states: torch.Tensor
+    ) -> torch.Tensor | None:
+        if prompts is None or prompts.numel() == 0:
+            return None  # Petals sends an empty "dummy" tensor for "no prompts"
+        batch, length, hidden = hidden_states.shape
+        if (
+            prompts.dim() != 4
+            or prompts.shape[0] != self.num_blocks
+            or prompts.shape[1] not in (1, batch)
+            or prompts.shape[3] != hidden
+        ):
+            raise ValueError(
+                f"prompts must be [{self.num_blocks} blocks, {batch} or 1, prefix, {hidden}], "
+                f"got {tuple(prompts.shape)}"
+            )
+        if prompts.shape[2] > length:
+            raise ValueError(f"prompt prefix of {prompts.shape[2]} tokens is longer than the {length} inputs")
+        return prompts.to(device=self.device, dtype=self.dtype)
+
+
+def _add_prompt(hidden_states: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    # Out of place, so autograd can differentiate with respect to both the input and the prompts.
+    prefix = prompt.shape[1]
+    return torch.cat([hidden_states[:, :prefix] + prompt, hidden_states[:, prefix:]], dim=1)
+
+
+_CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def _cache_argument(block: nn.Module) -> str:
+    """The keyword under which this transformers version's decoder layer takes its KV cache."""
+    return _cache_argument_of(type(block))
+
+
+@functools.cache
+def _cache_argument_of(layer_class: type) -> str:
+    # transformers renamed past_key_values to cache (5.24); ask the signature instead of the version.
+    parameters = inspect.signature(layer_class.forward).parameters
+    for name in _CACHE_ARGUMENT_NAMES:
+        if name in parameters:
+            return name
+    raise TypeError(f"{layer_class.__name__}.forward takes none of {_CACHE_ARGUMENT_NAMES}")
+
+
+def load_block_span(
+    path: str | Path,
+    start: int,
+    end: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    quant: str = "none",
+    token: str | None = None,
+) -> BlockSpan:
+    """Load blocks [start, end) of the checkpoint at `path`, reading only those blocks' tensors.
+
+    `quant` is "none", "int8" or "nf4" (bitsandbytes, on CUDA or CPU). `token` is used only when a shard of a
+    hub checkpoint still has to be downloaded.
+    """
+    check_quant(quant)
+    config = prepare_config(load_config(path))
+    family = family_for(config)
+    if not 0 <= start < end <= config.num_hidden_layers:
+        raise ValueError(
+            f"block span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
+        )
+    reader = CheckpointReader(path, token=token)
+    blocks = [
+        load_block(reader, family, config, index, dtype=dtype, device=device, quant=quant)
+        for index in range(start, end)
+    ]
+    span = BlockSpan(config, family, start, blocks, dtype=dtype, device=device, quant=quant)
+    span.load_stats = reader.stats
+    return span
