@@ -119,7 +119,10 @@ class Announcer:
             return self._info
 
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> None:
-        """Start the background thread; with ``wait``, return after the first announcement is stored."""
+        """Start the background thread; with ``wait``, return once the first announcement round is over.
+
+        A round that fails is logged and retried next period, so returning does not prove visibility.
+        """
         if self._thread is not None:
             raise RuntimeError("Announcer already started")
         self._requested = 1
@@ -186,7 +189,9 @@ class Announcer:
             with self._lock:
                 info = self._info
             expiration_time = get_dht_time() + self.expiration
-            declare_blocks(self.dht, self.uids, info, expiration_time)
+            stored = declare_blocks(self.dht, self.uids, info, expiration_time)
+            if not all(stored.values()):
+                logger.warning("The DHT rejected some announcements: %s", stored)
             if self.model_info is not None and not final and not is_private_prefix(self.dht_prefix):
                 declare_model(self.dht, self.dht_prefix, self.model_info, expiration_time)
         except Exception:
