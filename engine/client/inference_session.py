@@ -1,0 +1,268 @@
+"""Inference sessions: one rpc_inference stream per span of the route, fault-tolerant by replay.
+
+Every span remembers the inputs it consumed (its history). When a server fails, the session bans it, asks
+for a new route over the failed span's blocks, replays that history (plus the current step) through the new
+servers, which rebuilds their KV caches, and goes on. The replay recomputes exactly what the failed server
+held, so generation continues with the same outputs. (Petals 2.x asserts on a history length mismatch at
+this point and cannot recover; see petals issue #587.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.proto import runtime_pb2
+from hivemind.utils.logging import get_logger
+
+from engine.client import protocol
+from engine.client.routing import Hop
+from engine.client.sequence_manager import SequenceManager
+from engine.swarm.keys import join_uids
+
+logger = get_logger(__name__)
+
+
+class SessionClosedError(RuntimeError):
+    """The inference session was closed (or failed for good); open a new one."""
+
+
+class _SpanStream:
+    """One server's rpc_inference stream for blocks [hop.start, hop.end); not fault-tolerant by itself."""
+
+    def __init__(self, manager: SequenceManager, hop: Hop, *, max_length: int):
+        self.manager, self.hop, self.max_length = manager, hop, max_length
+        self.uid = join_uids(manager.uids(hop.start, hop.end))
+        self.session_id = str(uuid.uuid4())
+        self.history: torch.Tensor | None = None  # inputs the server consumed, [batch, position, hidden]
+        self._queue: asyncio.Queue | None = None
+        self._replies: AsyncIterator | None = None
+        self._compression = runtime_pb2.CompressionType.NONE
+        self.closed = False
+
+    @property
+    def position(self) -> int:
+        return 0 if self.history is None else self.history.shape[1]
+
+    def open(self) -> None:
+        info = self.manager.rpc_info(self.hop.peer_id, self.hop.start)
+        self._compression = protocol.schema_compression(info, "inference_schema")
+        RemoteExpertWorker.run_coroutine(self._open())
+
+    async def _open(self) -> None:
+        self._queue = asyncio.Queue()
+        stub = protocol.get_stub(self.manager.p2p, self.hop.peer_id)
+        self._replies = await asyncio.wait_for(
+            stub.rpc_inference(self._requests(self._queue)), self.manager.config.connect_timeout
+        )
+
+    @staticmethod
+    async def _requests(queue: asyncio.Queue):
+        while True:
+            message = await queue.get()
+            yield message
+            if not message.uid and not message.tensors:
+                return  # the empty message ends the session
+
+    def step(
+        self, inputs: torch.Tensor, *, step_id: str, hypo_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Send `inputs` [batch, tokens, hidden] (the whole prefix to a new server); return its outputs."""
+        if self.closed:
+            raise SessionClosedError(f"stream to {self.hop.peer_id} is closed")
+        metadata = dict(session_id=self.session_id, step_id=step_id)
+        if self.history is None:
+            metadata.update(max_length=self.max_length, **self.manager.request_metadata())
+        request = protocol.inference_request(
+            self.uid, inputs, metadata=metadata, compression=self._compression, hypo_ids=hypo_ids
+        )
+        started = time.perf_counter()
+        reply = RemoteExpertWorker.run_coroutine(self._exchange(request))
+        self.manager.observe_rtt(self.hop.peer_id, time.perf_counter() - started)
+        if not reply.tensors:
+            raise protocol.RemoteCallError(f"peer {self.hop.peer_id} sent an inference reply without tensors")
+        outputs = protocol.deserialize_torch_tensor(reply.tensors[0])
+        if outputs.shape != inputs.shape:
+            raise protocol.RemoteCallError(
+                f"peer {self.hop.peer_id} returned shape {tuple(outputs.shape)} "
+                f"for inputs of shape {tuple(inputs.shape)}"
+            )
+        history = self.history
+        if history is not None and hypo_ids is not None:
+            history = history[hypo_ids]  # the server reorders its cache before the step
+        self.history = inputs if history is None else torch.cat([history, inputs], dim=1)
+        return outputs
+
+    async def _exchange(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        await self._queue.put(request)
+        try:
+            return await asyncio.wait_for(anext(self._replies), self.manager.config.request_timeout)
+        except StopAsyncIteration:
+            raise ConnectionError(f"peer {self.hop.peer_id} closed the inference stream") from None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._replies is None:
+            return
+        try:
+            RemoteExpertWorker.run_coroutine(self._aclose())
+        except Exception as e:  # the server may be gone already; nothing is left to clean up then
+            logger.debug(f"Closing the stream to {self.hop.peer_id} failed: {e!r}")
+
+    def abort(self) -> None:
+        """Drop a failed stream without the closing handshake (its server may be gone)."""
+        self.closed = True
+        queue, self._queue, self._replies = self._queue, None, None
+        if queue is not None:
+            # Ends our request generator, so the p2p stream is released on our side.
+            RemoteExpertWorker.run_coroutine(queue.put(runtime_pb2.ExpertRequest()))
+
+    async def _aclose(self) -> None:
+        # As in Petals: a stream that never stepped is just dropped (the server sees no first message).
+        if self.history is not None:
+            await self._queue.put(runtime_pb2.ExpertRequest())  # empty request: "end of session"
+            with contextlib.suppress(StopAsyncIteration):
+                await asyncio.wait_for(anext(self._replies), self.manager.config.connect_timeout)
+
+
+class InferenceSession:
+    """A multi-step inference session through the swarm's blocks; use it as a context manager.
+
+    `step(hidden)` sends new hidden states [batch, tokens, hidden] through all blocks and returns the
+    outputs of the last block for those tokens; servers keep the KV caches between steps. `output_ids`
+    holds the token ids generated so far (used by `generate` to continue a conversation).
+    """
+
+    def __init__(self, manager: SequenceManager, *, max_length: int, start: int = 0, end: int | None = None):
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.manager = manager
+        self.max_length = max_length
+        self.start, self.end = start, manager.num_blocks if end is None else end
+        self._streams: list[_SpanStream] = []
+        self._position = 0
+        self._closed = False
+        self.output_ids: torch.Tensor | None = None
+
+    @property
+    def position(self) -> int:
+        """Tokens the servers hold in their caches for this session."""
+        return self._position
+
+    @property
+    def route(self) -> list[Hop]:
+        return [stream.hop for stream in self._streams]
+
+    def __enter__(self) -> InferenceSession:
+        if self._closed:
+            raise SessionClosedError("this inference session is closed")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End every stream cleanly (servers free the caches); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in reversed(self._streams):
+            stream.close()
+        self._streams.clear()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def step(self, inputs: torch.Tensor, *, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `inputs` [batch, n, hidden] through blocks [start, end); return outputs [batch, n, hidden]."""
+        if self._closed:
+            raise SessionClosedError("this inference session is closed")
+        if inputs.ndim != 3:
+            raise ValueError(f"inputs must be [batch, tokens, hidden], got shape {tuple(inputs.shape)}")
+        n_tokens = inputs.shape[1]
+        if self._position + n_tokens > self.max_length:
+            raise ValueError(
+                f"session length exceeded: {self._position} tokens in cache + {n_tokens} new "
+                f"> max_length {self.max_length}"
+            )
+        device, dtype = inputs.device, inputs.dtype
+        inputs = inputs.detach().cpu()
+        step_id = str(uuid.uuid4())
+
+        x = inputs
+        index, block = 0, self.start
+        while block < self.end:
+            for attempt_no in itertools.count():
+                stream = culprit = None
+                try:
+                    if index >= len(self._streams) or self._streams[index].closed:
+                        self._reroute(index, block)
+                    stream = self._streams[index]
+                    culprit = stream.hop.peer_id
+                    if stream.position == 0 and self._position > 0:
+                        # A new server: x carries the whole prefix so that it rebuilds the cache.
+                        if x.shape[1] != self._position + n_tokens:
+                            raise AssertionError("replay input lost its prefix")  # a bug, never retried
+                        out = stream.step(x, step_id=step_id)
+                    else:
+                        out = stream.step(x[:, -n_tokens:], step_id=step_id, hypo_ids=hypo_ids)
+                    self.manager.on_request_success(stream.hop.peer_id)
+                    x, index, block = out, index + 1, stream.hop.end
+                    break
+                except AssertionError:
+                    self.close()
+                    raise
+                except Exception as e:
+                    if isinstance(e, _OpenFailed):
+                        culprit, e = e.peer_id, e.__cause__ or e
+                    self.manager.on_request_failure(culprit)
+                    if stream is not None:
+                        stream.abort()
+                        if stream.history is not None:
+                            # Rebuild this span's input prefix so that its replacement can replay it.
+                            history = stream.history if hypo_ids is None else stream.history[hypo_ids]
+                            x = torch.cat([history, x[:, -n_tokens:]], dim=1)
+                    if self.manager.gives_up(attempt_no):
+                        self.close()
+                        raise e
+                    delay = self.manager.retry_delay(attempt_no)
+                    logger.warning(
+                        f"Inference failed at block {block} via {culprit or 'no server'} ({e!r}); "
+                        f"retrying in {delay:.1f} s"
+                    )
+                    time.sleep(delay)
+        self._position += n_tokens
+        return x[:, -n_tokens:].to(device=device, dtype=dtype)
+
+    def _reroute(self, index: int, block: int) -> None:
+        """Replace the stream at `index` (failed or missing) with new streams from `block` to its end."""
+        end = self._streams[index].hop.end if index < len(self._streams) else self.end
+        hops = self.manager.make_sequence(block, end, mode="min_latency", cache_tokens_needed=self.max_length)
+        new_streams: list[_SpanStream] = []
+        for hop in hops:
+            stream = _SpanStream(self.manager, hop, max_length=self.max_length)
+            try:
+                stream.open()
+            except Exception as e:
+                for opened in new_streams:
+                    opened.close()
+                raise _OpenFailed(hop.peer_id) from e
+            new_streams.append(stream)
+        self._streams[index : index + 1] = new_streams
+
+
+class _OpenFailed(Exception):
+    """Opening a stream to `peer_id` failed (the cause is chained)."""
+
+    def __init__(self, peer_id: str):
+        super().__init__(f"could not open an inference stream to {peer_id}")
+        self.peer_id = peer_id

@@ -1,0 +1,157 @@
+"""A causal LM whose transformer blocks run in the swarm: embeddings, final norm and LM head run here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from hivemind import DHT
+
+from engine.client.generation import GenerationStep, generate, stream_generate
+from engine.client.inference_session import InferenceSession
+from engine.client.remote_sequential import RemoteSequential
+from engine.client.sampling import SamplingParams
+from engine.client.sequence_manager import ClientConfig, SequenceManager
+
+
+class DistributedModelForCausalLM:
+    """Client side of a model served by the swarm (cheap to use after `from_pretrained`; call `close()`)."""
+
+    def __init__(
+        self,
+        config,
+        head,
+        manager: SequenceManager,
+        *,
+        tokenizer_path=None,
+        owned_dht: DHT | None = None,
+    ):
+        self.config = config
+        self.head = head
+        self.manager = manager
+        self.blocks = RemoteSequential(manager)
+        self._tokenizer_path = tokenizer_path
+        self._tokenizer = None
+        self._owned_dht = owned_dht
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        initial_peers: Sequence[str] = (),
+        dht: DHT | None = None,
+        dht_prefix: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        client_config: ClientConfig | None = None,
+        token: str | None = None,
+    ) -> DistributedModelForCausalLM:
+        """Load the local parts of `model` (hub id or folder) and join the swarm (or use `dht`)."""
+        from engine.models import family_for, load_client_parts, load_config, resolve_checkpoint
+        from engine.swarm.dht_node import start_dht
+
+        path = resolve_checkpoint(model, token=token)
+        config = load_config(path)
+        prefix = dht_prefix or family_for(config).default_dht_prefix(str(model))
+        head = load_client_parts(path, dtype=dtype, token=token)
+        owned = None
+        if dht is None:
+            dht = owned = start_dht(initial_peers, client_mode=True)
+        try:
+            manager = SequenceManager(dht, prefix, config.num_hidden_layers, client_config).start()
+        except BaseException:
+            if owned is not None:
+                owned.shutdown()
+            raise
+        return cls(config, head, manager, tokenizer_path=path, owned_dht=owned)
+
+    @property
+    def dht_prefix(self) -> str:
+        return self.manager.dht_prefix
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from engine.models import load_tokenizer
+
+            if self._tokenizer_path is None:
+                raise RuntimeError("this model was built without a checkpoint folder: no tokenizer")
+            self._tokenizer = load_tokenizer(self._tokenizer_path)
+        return self._tokenizer
+
+    def close(self) -> None:
+        self.manager.close()
+        if self._owned_dht is not None:
+            self._owned_dht.shutdown()
+            self._owned_dht = None
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # whole-sequence passes
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, tokens, vocab] for `input_ids` [batch, tokens] (rpc_forward through the swarm)."""
+        hidden = self.head.embed(torch.as_tensor(input_ids))
+        return self.head.logits(self.blocks(hidden))
+
+    __call__ = forward
+
+    # inference
+
+    def inference_session(self, *, max_length: int) -> InferenceSession:
+        """A session whose servers keep KV caches for up to `max_length` tokens; use it with `with`."""
+        return InferenceSession(self.manager, max_length=max_length)
+
+    def session_logits(self, session: InferenceSession, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed new tokens to `session`; logits [batch, vocab] for the position after the last one."""
+        with torch.no_grad():
+            hidden = self.head.embed(input_ids)
+            hidden = session.step(hidden)
+            return self.head.logits(hidden[:, -1:])[:, -1]
+
+    def generate_stream(
+        self,
+        input_ids: torch.Tensor | None = None,
+        params: SamplingParams | None = None,
+        *,
+        session: InferenceSession | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **sampling: Any,
+    ) -> Iterator[GenerationStep]:
+        """Yield tokens as the swarm makes them; without `params`, `sampling` fields build SamplingParams."""
+        params = params or self._params(sampling)
+        tokenizer = self.tokenizer if params.stop or self._tokenizer_path is not None else None
+        return stream_generate(
+            self, input_ids, params, session=session, tokenizer=tokenizer, attention_mask=attention_mask
+        )
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        params: SamplingParams | None = None,
+        *,
+        session: InferenceSession | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Input ids plus generated ids [batch, tokens + new] (see `generate_stream` for the arguments)."""
+        params = params or self._params(sampling)
+        tokenizer = self.tokenizer if params.stop else None
+        return generate(
+            self, input_ids, params, session=session, tokenizer=tokenizer, attention_mask=attention_mask
+        )
+
+    def _params(self, sampling: dict[str, Any]) -> SamplingParams:
+        if "eos_token_id" not in sampling:
+            sampling["eos_token_id"] = getattr(self.config, "eos_token_id", None)
+        if "pad_token_id" not in sampling:
+            sampling["pad_token_id"] = getattr(self.config, "pad_token_id", None)
+        if "stop" in sampling and sampling["stop"] is None:
+            sampling["stop"] = ()
+        return SamplingParams(**sampling)
