@@ -61,7 +61,9 @@ def declare_blocks(
         value=server_info.to_tuple(),
         expiration_time=expiration_time,
     )
-    return dht.run_coroutine(coroutine)
+    stored = dht.run_coroutine(coroutine)
+    # hivemind keys the result by (key, subkey) when a subkey is used; callers want it by uid.
+    return {(key[0] if isinstance(key, tuple) else key): ok for key, ok in stored.items()}
 
 
 def declare_model(dht: DHT, dht_prefix: str, model_info: ModelInfo, expiration_time: float) -> bool:
