@@ -64,9 +64,10 @@ def test_announcer_lifecycle_is_visible_to_other_peers(peers):
 
 def test_records_expire_unless_reannounced(peers):
     server, reader = peers
-    declare_blocks(
+    stored = declare_blocks(
         server, block_uids("gone-hf", 0, 2), ServerInfo(ServerState.ONLINE, 1.0), get_dht_time() + 1.0
     )
+    assert stored == {"gone-hf.0": True, "gone-hf.1": True}
     assert all(get_block_infos(reader, "gone-hf", 2))
     # An announcer re-declares every period, so its records outlive a single expiration (2 x period).
     announcer = Announcer(
