@@ -125,3 +125,42 @@ def test_cache_overflow_is_a_clear_error(tiny_checkpoint_factory):
     span.step(torch.randn(1, 1, span.config.hidden_size), cache)
     with pytest.raises(ValueError, match="batch"):
         span.step(torch.randn(2, 1, span.config.hidden_size), span.new_cache(1, 4))
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides"),
+    [
+        ("mistral", {"sliding_window": 4}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}),
+    ],
+    ids=["mistral", "qwen2-mixed-layers"],
+)
+def test_sliding_window_attention_matches_hf(tiny_checkpoint_factory, arch, overrides):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint_factory(arch, **overrides)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    head, span = load_client_parts(path), load_block_span(path, 0, 4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+    embeddings = head.embed(ids)
+    with torch.no_grad():
+        expected = model(ids).logits
+        _close(head.logits(span(embeddings)), expected, LOGITS)
+    # Decoding past the window: we keep every position and mask the old ones, HF drops them; same result.
+    cache = span.new_cache(batch_size=2, max_length=11)
+    steps = [span.step(embeddings[:, :3], cache)]
+    steps += [span.step(embeddings[:, i : i + 1], cache) for i in range(3, 11)]
+    _close(head.logits(torch.cat(steps, dim=1)), expected, LOGITS)
+
+
+def test_cache_is_passed_under_the_name_the_layer_accepts():
+    from engine.models.span import _cache_argument_of
+
+    class NewStyleLayer(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, cache=None, position_embeddings=None): ...
+
+    class OldStyleLayer(torch.nn.Module):
+        def forward(self, hidden_states, attention_mask=None, past_key_values=None): ...
+
+    assert _cache_argument_of(NewStyleLayer) == "cache"
+    assert _cache_argument_of(OldStyleLayer) == "past_key_values"
