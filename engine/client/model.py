@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from hivemind import DHT
+from hivemind.dht import DHT
 
 from engine.client.generation import GenerationStep, generate, stream_generate
 from engine.client.inference_session import InferenceSession

@@ -23,11 +23,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import torch
-from hivemind import MSGPackSerializer
 from hivemind.compression import deserialize_tensor_stream, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, MAX_UNARY_PAYLOAD_SIZE
 from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
 from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor  # noqa: F401  (registers its msgpack type)

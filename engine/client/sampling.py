@@ -129,3 +129,15 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     """`text` up to (not including) the first stop string."""
     index = find_stop(text, stops)
     return text if index is None else text[:index]
+
+
+def streamable_text(text: str, stops: Sequence[str]) -> str:
+    """The part of `text` safe to show now: cut at a stop string, minus a tail that may start one."""
+    text = truncate_at_stop(text, stops)
+    hold = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:length]):
+                hold = length
+                break
+    return text[: len(text) - hold]

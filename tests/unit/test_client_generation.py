@@ -222,3 +222,13 @@ def test_sampling_params_validation():
 def test_find_stop():
     assert find_stop("hello world", ["wor", "lo"]) == 3
     assert find_stop("hello", ["x"]) is None
+
+
+def test_streamable_text_holds_back_partial_stops():
+    from engine.client.sampling import streamable_text
+
+    assert streamable_text("hello EN", ["END"]) == "hello "
+    assert streamable_text("hello END more", ["END"]) == "hello "
+    assert streamable_text("hello E", ["END", "xx"]) == "hello "
+    assert streamable_text("hello", ["END"]) == "hello"
+    assert streamable_text("abc", []) == "abc"

@@ -1,0 +1,278 @@
+"""Petals wire format of client requests, and inference-session failover against fake servers (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from engine.client import inference_session as session_module
+from engine.client import protocol
+from engine.client.bans import RetryPolicy
+from engine.client.inference_session import InferenceSession
+from engine.client.routing import MissingBlocksError
+from engine.client.sequence_manager import ClientConfig, SequenceManager
+from engine.swarm.records import ServerInfo, ServerState
+from engine.swarm.snapshot import SwarmSnapshot
+
+PREFIX = "tiny-hf"
+NUM_BLOCKS = 6
+HIDDEN = 4
+
+
+def test_pack_args_kwargs_matches_petals_format():
+    a, b = torch.ones(2), torch.zeros(3)
+    flat, structure = protocol.pack_args_kwargs(a, b, a)
+    assert len(flat) == 2 and flat[0] is a and flat[1] is b
+    assert structure == ((b"__T0", b"__T1", b"__T0"), {})
+    # msgpack keeps tuples and bytes (hivemind's serializer), as a Petals server expects
+    assert MSGPackSerializer.loads(MSGPackSerializer.dumps(structure)) == structure
+    args, kwargs = protocol.unpack_args_kwargs(flat, structure)
+    assert args[0] is a and args[1] is b and args[2] is a and kwargs == {}
+
+
+def test_inference_request_layout():
+    hidden = torch.randn(2, 3, HIDDEN)
+    request = protocol.inference_request(
+        "tiny-hf.0 tiny-hf.1",
+        hidden,
+        metadata=dict(session_id="s", step_id="t", max_length=16, points=0.0, active_adapter=None),
+        compression=runtime_pb2.CompressionType.NONE,
+    )
+    assert request.uid == "tiny-hf.0 tiny-hf.1"
+    metadata = MSGPackSerializer.loads(request.metadata)
+    assert set(metadata) == {
+        "session_id",
+        "step_id",
+        "max_length",
+        "points",
+        "active_adapter",
+        "args_structure",
+    }
+    assert metadata["args_structure"] == ((b"__T0", b"__T1", b"__T2"), {})
+    tensors = [deserialize_torch_tensor(t) for t in request.tensors]
+    assert torch.equal(tensors[0], hidden)
+    assert tensors[1].numel() == 0 and tensors[1].dtype == torch.float32  # no deep prompts
+    assert tensors[2].numel() == 0 and tensors[2].dtype == torch.int64  # no hypo_ids
+
+
+def test_schema_compression_reads_server_schema():
+    from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+    schema = BatchTensorDescriptor(HIDDEN, compression=runtime_pb2.CompressionType.FLOAT16)
+    info = MSGPackSerializer.loads(MSGPackSerializer.dumps({"inference_schema": ((schema,), {})}))
+    assert protocol.schema_compression(info, "inference_schema") == runtime_pb2.CompressionType.FLOAT16
+    assert protocol.schema_compression({}, "inference_schema") == runtime_pb2.CompressionType.NONE
+
+
+# --- fake swarm ---------------------------------------------------------------------------------------------
+
+
+def block_fn(index: int, x: torch.Tensor, state: torch.Tensor | None):
+    """A causal toy block whose output depends on every earlier input (like attention over a KV cache)."""
+    prefix = torch.zeros_like(x[:, :1]) if state is None else state
+    running = prefix + torch.cumsum(x, dim=1)
+    out = torch.tanh(x * (1 + 0.1 * index) + 0.05 * running)
+    return out, running[:, -1:]
+
+
+def reference(x: torch.Tensor, start: int = 0, end: int = NUM_BLOCKS) -> torch.Tensor:
+    for index in range(start, end):
+        x, _ = block_fn(index, x, None)
+    return x
+
+
+class FakeServer:
+    def __init__(self, peer_id: str, start: int, end: int, *, fail_at_step: int | None = None):
+        self.peer_id, self.start, self.end = peer_id, start, end
+        self.fail_at_step = fail_at_step  # the n-th step (over all sessions) kills this server
+        self.steps = 0
+        self.alive = True
+        self.sessions: dict[str, dict] = {}
+        self.messages: list[dict] = []
+
+    def handle(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        if not self.alive:
+            raise ConnectionError(f"{self.peer_id} is dead")
+        self.steps += 1
+        if self.fail_at_step is not None and self.steps >= self.fail_at_step:
+            self.alive = False
+            raise ConnectionError(f"{self.peer_id} died")
+        metadata = MSGPackSerializer.loads(request.metadata)
+        self.messages.append(metadata)
+        flat = [deserialize_torch_tensor(t) for t in request.tensors]
+        (hidden, _prompts, hypo_ids), _ = protocol.unpack_args_kwargs(flat, metadata["args_structure"])
+        blocks = [int(uid.split(".")[1]) for uid in request.uid.split(" ")]
+        assert blocks == list(range(blocks[0], blocks[-1] + 1))
+        session = self.sessions.setdefault(metadata["session_id"], {"position": 0, "states": {}})
+        if session["position"] == 0:
+            assert "max_length" in metadata  # the first message opens the session
+        if hypo_ids.numel():
+            session["states"] = {k: v[hypo_ids] for k, v in session["states"].items()}
+        x = hidden
+        for index in blocks:
+            x, session["states"][index] = block_fn(index, x, session["states"].get(index))
+        session["position"] += hidden.shape[1]
+        return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(x)])
+
+
+class FakeManager(SequenceManager):
+    def __init__(self, servers: list[FakeServer], **config):
+        retry = RetryPolicy(max_retries=config.pop("max_retries", 6), min_backoff=0.0, max_backoff=0.0)
+        super().__init__(None, PREFIX, NUM_BLOCKS, ClientConfig(retry=retry, **config))
+        self.servers = {s.peer_id: s for s in servers}
+
+    def update(self):
+        infos = {
+            s.peer_id: ServerInfo(
+                state=ServerState.ONLINE,
+                throughput=1.0,
+                start_block=s.start,
+                end_block=s.end,
+                inference_rps=100.0,
+            )
+            for s in self.servers.values()
+        }
+        snapshot = SwarmSnapshot.from_servers(PREFIX, NUM_BLOCKS, infos)
+        self._snapshot, self._snapshot_time = snapshot, float("inf")
+        return snapshot
+
+    def rpc_info(self, peer_id, block_index=0):
+        if not self.servers[peer_id].alive:
+            raise ConnectionError(f"{peer_id} is dead")
+        return {}
+
+    @property
+    def p2p(self):
+        return None
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    """Route _SpanStream's network calls to FakeServers held by the stream's manager."""
+
+    def open_(self):
+        server = self.manager.servers[self.hop.peer_id]
+        if not server.alive:
+            raise ConnectionError("refused")
+        self._replies = object()
+
+    async def exchange(self, request):
+        return self.manager.servers[self.hop.peer_id].handle(request)
+
+    monkeypatch.setattr(session_module._SpanStream, "open", open_)
+    monkeypatch.setattr(session_module._SpanStream, "_exchange", exchange)
+    monkeypatch.setattr(session_module._SpanStream, "_aclose", _noop)
+    monkeypatch.setattr(session_module._SpanStream, "abort", lambda self: setattr(self, "closed", True))
+
+
+async def _noop(self):
+    return None
+
+
+def run_steps(session: InferenceSession, x: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    outputs, position = [], 0
+    for n in chunks:
+        outputs.append(session.step(x[:, position : position + n]))
+        position += n
+    return torch.cat(outputs, dim=1)
+
+
+def test_session_steps_match_reference(fake_streams):
+    servers = [FakeServer("A", 0, 3), FakeServer("B", 3, 6)]
+    x = torch.randn(2, 9, HIDDEN)
+    with InferenceSession(FakeManager(servers), max_length=16) as session:
+        out = run_steps(session, x, [5, 1, 1, 2])
+        assert [(h.peer_id, h.start, h.end) for h in session.route] == [("A", 0, 3), ("B", 3, 6)]
+        assert session.position == 9
+    torch.testing.assert_close(out, reference(x))
+    first, later = servers[0].messages[0], servers[0].messages[1]
+    assert {"session_id", "step_id", "max_length", "points", "active_adapter", "args_structure"} == set(first)
+    assert set(later) == {"session_id", "step_id", "args_structure"}
+    assert first["max_length"] == 16 and first["step_id"] != later["step_id"]
+
+
+@pytest.mark.parametrize("fail_at_step", [2, 4])
+def test_failed_server_is_replaced_and_history_replayed(fake_streams, fail_at_step):
+    # A and C hold the same blocks; A dies mid-generation and C takes over with a replay of A's history.
+    servers = [FakeServer("A", 0, 3, fail_at_step=fail_at_step), FakeServer("B", 3, 6), FakeServer("C", 0, 3)]
+    manager = FakeManager(servers)
+    x = torch.randn(1, 8, HIDDEN)
+    with InferenceSession(manager, max_length=16) as session:
+        out = run_steps(session, x, [3, 1, 1, 1, 1, 1])
+        assert [h.peer_id for h in session.route] == ["C", "B"]
+    torch.testing.assert_close(out, reference(x))
+    assert manager.bans.is_banned("A")
+    # C got the whole prefix in its first message, then single tokens
+    replay = servers[2].messages
+    assert "max_length" in replay[0] and all("max_length" not in m for m in replay[1:])
+
+
+def test_replacement_by_two_servers_replays_through_both(fake_streams):
+    # A (0:6) dies; the new route is D (0:2) then E (2:6): E's prefix must come from D's replay.
+    servers = [
+        FakeServer("A", 0, 6, fail_at_step=3),
+        FakeServer("D", 0, 2),
+        FakeServer("E", 2, 6),
+    ]
+    manager = FakeManager(servers)
+    manager.bans.register_failure("D")  # make A the first choice...
+    manager.bans.register_failure("E")
+    x = torch.randn(2, 7, HIDDEN)
+    with InferenceSession(manager, max_length=16) as session:
+        out = run_steps(session, x[:, :2], [2])
+        manager.bans.register_success("D")  # ...and D, E the only way once A is gone
+        manager.bans.register_success("E")
+        out = torch.cat([out, run_steps(session, x[:, 2:], [1, 1, 1, 1, 1])], dim=1)
+        assert [h.peer_id for h in session.route] == ["D", "E"]
+    torch.testing.assert_close(out, reference(x))
+
+
+def test_failure_of_a_middle_span_keeps_the_others(fake_streams):
+    servers = [
+        FakeServer("A", 0, 2),
+        FakeServer("B", 2, 4, fail_at_step=3),
+        FakeServer("B2", 2, 4),
+        FakeServer("C", 4, 6),
+    ]
+    manager = FakeManager(servers)
+    manager.bans.register_failure("B2")
+    x = torch.randn(1, 6, HIDDEN)
+    with InferenceSession(manager, max_length=8) as session:
+        out = run_steps(session, x[:, :2], [2])
+        manager.bans.register_success("B2")
+        out = torch.cat([out, run_steps(session, x[:, 2:], [1, 1, 1, 1])], dim=1)
+        assert [h.peer_id for h in session.route] == ["A", "B2", "C"]
+    torch.testing.assert_close(out, reference(x))
+    # A and C kept their sessions: one session each, fed one token at a time after the prompt
+    assert len(servers[0].sessions) == 1 and len(servers[3].sessions) == 1
+
+
+def test_gives_up_after_max_retries(fake_streams):
+    servers = [FakeServer("A", 0, 6, fail_at_step=2)]
+    manager = FakeManager(servers, max_retries=3)
+    x = torch.randn(1, 3, HIDDEN)
+    session = InferenceSession(manager, max_length=8)
+    session.step(x[:, :2])
+    with pytest.raises(ConnectionError):
+        session.step(x[:, 2:])
+    with pytest.raises(session_module.SessionClosedError):
+        session.step(x[:, 2:])
+
+
+def test_missing_blocks_are_reported(fake_streams):
+    manager = FakeManager([FakeServer("A", 0, 2)], max_retries=1)
+    with pytest.raises(MissingBlocksError) as info, InferenceSession(manager, max_length=8) as session:
+        session.step(torch.randn(1, 1, HIDDEN))
+    assert info.value.missing_blocks == (2, 3, 4, 5)
+    assert "2-5 of 6" in str(info.value)
+
+
+def test_max_length_is_enforced(fake_streams):
+    manager = FakeManager([FakeServer("A", 0, 6)])
+    with InferenceSession(manager, max_length=4) as session:
+        session.step(torch.randn(1, 3, HIDDEN))
+        with pytest.raises(ValueError, match="max_length"):
+            session.step(torch.randn(1, 2, HIDDEN))
