@@ -1,0 +1,30 @@
+"""`pollinate-engine`: the engine's command line (serve blocks, run a DHT peer, and the other commands)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every part's subcommands."""
+    from engine.server import cli as server_cli
+
+    parser = argparse.ArgumentParser(prog="pollinate-engine", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    server_cli.add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen command; returns the exit code."""
+    from engine.server.cli import configure_logging
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""BlockHost: one block server's lifecycle — load a span, announce it, serve RPCs, leave cleanly.
+
+The constructor only stores its arguments. `start()` does the work in Petals' order: resolve the checkpoint,
+choose the span, announce JOINING, load the blocks, measure throughput (once per machine, cached), register
+the RPC handlers on the DHT's p2p daemon, announce ONLINE. `stop()` announces OFFLINE first (clients drop
+us at once), lets open sessions finish within a grace period, then stops handlers and the compute loop and
+frees the memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import gc
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P
+
+from engine.models.checkpoint import load_config, resolve_checkpoint
+from engine.models.registry import family_for
+from engine.models.span import load_block_span
+from engine.server import placement, throughput
+from engine.server.compute import HostedSpan
+from engine.server.config import ServerConfig
+from engine.server.handler import HandlerLimits, PriorityFn, TransformerConnectionHandler, UsageFn
+from engine.server.memory_cache import MemoryCache
+from engine.server.protocol import compression_type
+from engine.server.task_pool import TaskPool
+from engine.swarm.announce import Announcer
+from engine.swarm.dht_node import start_dht
+from engine.swarm.discovery import fetch_snapshot
+from engine.swarm.keys import validate_dht_prefix
+from engine.swarm.records import ModelInfo, ServerInfo, ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def pollinate_version() -> str:
+    """The version string we announce (Petals shows it in its health monitor)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"pollinate-{version('pollinate')}"
+    except PackageNotFoundError:
+        return "pollinate-dev"
+
+
+class HostState(enum.Enum):
+    """Where a BlockHost is in its life."""
+
+    IDLE = "idle"
+    LOADING = "loading"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """A snapshot of a BlockHost for status pages and logs."""
+
+    state: HostState
+    model: str
+    message: str | None = None
+    dht_prefix: str | None = None
+    start_block: int | None = None
+    end_block: int | None = None
+    total_blocks: int | None = None
+    peer_id: str | None = None
+    multiaddrs: tuple[str, ...] = ()
+    throughput: float | None = None
+    device: str | None = None
+    dtype: str | None = None
+    quant: str | None = None
+    cache_bytes_total: int = 0
+    cache_bytes_used: int = 0
+    sessions_open: int = 0
+    requests_served: int = 0
+    tokens_served: int = 0
+
+
+class BlockHost:
+    """Hosts a span of a model's blocks in a swarm (see module docstring for the lifecycle).
+
+    `dht` lets a service share its DHT peer; without it the host starts (and later stops) its own.
+    `priority_fn(peer_id, kind, points) -> float` orders work in the compute loop (lower = sooner);
+    `usage_fn(peer_id, kind, tokens)` is told about every request served (for the points ledger).
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        dht: DHT | None = None,
+        priority_fn: PriorityFn | None = None,
+        usage_fn: UsageFn | None = None,
+    ):
+        self.config = config
+        self._given_dht = dht
+        self.priority_fn, self.usage_fn = priority_fn, usage_fn
+        self.dht: DHT | None = None
+        self.state = HostState.IDLE
+        self.message: str | None = None
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._model_config = None
+        self._dht_prefix: str | None = None
+        self._span_range: tuple[int, int] | None = None
+        self._device = self._dtype = self._quant = None
+        self._throughput: float | None = None
+        self._hosted: HostedSpan | None = None
+        self._memory_cache: MemoryCache | None = None
+        self._pool: TaskPool | None = None
+        self._handler: TransformerConnectionHandler | None = None
+        self._announcer: Announcer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._p2p: P2P | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load, announce and start serving; returns when ONLINE. On failure cleans up and re-raises."""
+        with self._lock:
+            if self.state != HostState.IDLE:
+                raise RuntimeError(
+                    f"BlockHost.start() called in state {self.state.value}; make a new BlockHost"
+                )
+            self.state = HostState.LOADING
+        try:
+            self._start()
+        except BaseException as error:
+            self.message = f"{type(error).__name__}: {error}"
+            logger.error("block server failed to start: %s", self.message)
+            self._shutdown(grace_seconds=0.0)
+            self.state = HostState.ERROR
+            raise
+        self.state = HostState.SERVING
+        self._ready.set()
+
+    def _start(self) -> None:
+        config = self.config
+        self.message = "resolving the checkpoint"
+        path = resolve_checkpoint(config.model)
+        model_config = self._model_config = load_config(path)
+        family = family_for(model_config)
+        dht_prefix = self._dht_prefix = validate_dht_prefix(
+            config.dht_prefix or family.default_dht_prefix(config.model)
+        )
+        device = self._device = placement.resolve_device(config.device)
+        dtype = self._dtype = placement.resolve_dtype(config.dtype, model_config, device)
+        quant = self._quant = placement.resolve_quant(config.quant, device)
+        total = model_config.num_hidden_layers
+
+        self.message = "joining the swarm"
+        self.dht = self._given_dht or start_dht(
+            config.initial_peers,
+            host=config.host,
+            port=config.port,
+            new_swarm=config.new_swarm,
+            **({"announce_maddrs": list(config.announce_maddrs)} if config.announce_maddrs else {}),
+        )
+        throughputs = None
+        if config.fixed_span is None:
+            throughputs = fetch_snapshot(self.dht, dht_prefix, total).block_throughputs()
+        plan = placement.plan_span(
+            config,
+            model_config,
+            free_bytes=placement.free_memory_bytes(device),
+            dtype=dtype,
+            quant=quant,
+            block_throughputs=throughputs,
+        )
+        start, end = self._span_range = (plan.start, plan.end)
+        self._memory_cache = MemoryCache(plan.cache_bytes, config.max_alloc_timeout)
+
+        server_info = ServerInfo(
+            state=ServerState.JOINING,
+            throughput=float(config.throughput or 0.0),
+            public_name=config.public_name,
+            version=pollinate_version(),
+            torch_dtype=str(dtype).removeprefix("torch."),
+            quant_type=quant,
+            using_relay=False,
+            cache_tokens_left=self._cache_tokens_left(model_config, dtype),
+        )
+        is_folder = Path(config.model).expanduser().is_dir()
+        repository = config.repository or (None if is_folder else f"https://huggingface.co/{config.model}")
+        self._announcer = Announcer(
+            self.dht,
+            dht_prefix,
+            start,
+            end,
+            server_info,
+            ModelInfo(num_blocks=total, repository=repository),
+            update_period=config.update_period,
+            fields_provider=lambda: {"cache_tokens_left": self._cache_tokens_left(model_config, dtype)},
+        )
+        self._announcer.start(wait=True)
+        logger.info("announced blocks %d:%d of %s as joining", start, end, dht_prefix)
+
+        self.message = f"loading blocks {start}:{end}"
+        span = load_block_span(path, start, end, dtype=dtype, device=device, quant=quant)
+        self._hosted = HostedSpan(span)
+
+        self.message = "measuring throughput"
+        rates: dict[str, float] = {}
+        if config.throughput is None:
+            rates = throughput.get_throughput_info(span, config.model)
+            self._throughput = throughput.server_throughput(rates, end - start)
+        else:
+            self._throughput = float(config.throughput)
+
+        self.message = "starting the RPC handlers"
+        self._pool = TaskPool()
+        self._pool.start()
+        self._handler = TransformerConnectionHandler(
+            hosted=self._hosted,
+            pool=self._pool,
+            memory_cache=self._memory_cache,
+            dht_prefix=dht_prefix,
+            limits=HandlerLimits(
+                inference_max_length=config.inference_max_length,
+                request_timeout=config.request_timeout,
+                session_timeout=config.session_timeout,
+                step_timeout=config.step_timeout,
+                default_alloc_timeout=config.default_alloc_timeout,
+            ),
+            compression=compression_type(config.compression),
+            dht_client_mode=self.dht.client_mode,
+            version=pollinate_version(),
+            priority_fn=self.priority_fn,
+            usage_fn=self.usage_fn,
+        )
+        self._start_loop()
+        daemon_maddr = self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr)
+        self._run(self._register_handlers(daemon_maddr), timeout=60)
+
+        extra = {
+            k: float(v) for k, v in rates.items() if k in ("inference_rps", "forward_rps", "network_rps")
+        }
+        self._announcer.update(state=ServerState.ONLINE, throughput=self._throughput, wait=True, **extra)
+        self.message = None
+        logger.info("serving blocks %d:%d of %s (throughput %.1f)", start, end, dht_prefix, self._throughput)
+
+    def stop(self, grace_seconds: float = 0.0) -> None:
+        """Announce OFFLINE, let open sessions finish for up to `grace_seconds`, then free everything."""
+        with self._lock:
+            if self.state in (HostState.STOPPED, HostState.IDLE):
+                self.state = HostState.STOPPED
+                return
+            self.state = HostState.DRAINING
+        self._shutdown(grace_seconds)
+        self.state = HostState.STOPPED
+        self._ready.clear()
+
+    def _shutdown(self, grace_seconds: float) -> None:
+        # Each step is guarded: a failure in one must not keep the others (and the memory) from being freed.
+        if self._announcer is not None:
+            _guard("announce OFFLINE", self._announcer.stop)
+        if self._handler is not None and grace_seconds > 0:
+            deadline = time.monotonic() + grace_seconds
+            while self._handler.stats.sessions_open > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if self._loop is not None:
+            _guard("remove RPC handlers", lambda: self._run(self._unregister_handlers(), timeout=10))
+            _guard("stop the handler loop", self._stop_loop)
+        if self._pool is not None:
+            _guard("stop the compute loop", self._pool.stop)
+        if self._hosted is not None:
+            self._hosted.release()
+        self._hosted = self._handler = self._pool = None
+        gc.collect()
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.dht is not None and self._given_dht is None:
+            _guard("shut the DHT peer down", self.dht.shutdown)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the host is serving (True) or `timeout` passes (False)."""
+        return self._ready.wait(timeout)
+
+    def info(self) -> HostInfo:
+        """A snapshot of the host's state and counters."""
+        start, end = self._span_range or (None, None)
+        stats = self._handler.stats if self._handler is not None else None
+        cache = self._memory_cache
+        peer_id = multiaddrs = None
+        if self.dht is not None and self.state == HostState.SERVING:
+            peer_id = self.dht.peer_id.to_base58()
+            multiaddrs = tuple(str(a) for a in self.dht.get_visible_maddrs())
+        return HostInfo(
+            state=self.state,
+            model=self.config.model,
+            message=self.message,
+            dht_prefix=self._dht_prefix,
+            start_block=start,
+            end_block=end,
+            total_blocks=self._model_config.num_hidden_layers if self._model_config is not None else None,
+            peer_id=peer_id,
+            multiaddrs=multiaddrs or (),
+            throughput=self._throughput,
+            device=str(self._device) if self._device is not None else None,
+            dtype=str(self._dtype).removeprefix("torch.") if self._dtype is not None else None,
+            quant=self._quant,
+            cache_bytes_total=cache.max_size_bytes if cache else 0,
+            cache_bytes_used=cache.used_bytes if cache else 0,
+            sessions_open=stats.sessions_open if stats else 0,
+            requests_served=stats.requests if stats else 0,
+            tokens_served=stats.tokens if stats else 0,
+        )
+
+    # --- internals ----------------------------------------------------------------------------------------
+
+    def _cache_tokens_left(self, model_config, dtype) -> int:
+        # Petals' DHT unit: one key (or value) vector of one block per token, so clients check
+        # `max_length * 2 * num_blocks <= cache_tokens_left`.
+        from engine.models.cache import cache_bytes
+
+        per_vector = max(1, cache_bytes(model_config, 1, 1, 1, dtype) // 2)
+        return int(self._memory_cache.bytes_left // per_vector) if self._memory_cache is not None else 0
+
+    def _start_loop(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pollinate-rpc", daemon=True)
+        self._loop_thread.start()
+
+    def _run(self, coroutine, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _register_handlers(self, daemon_maddr) -> None:
+        # A replica of our own: DHT.replicate_p2p caches one per DHT, bound to the first loop that asked.
+        self._p2p = await P2P.replicate(daemon_maddr)
+        await self._handler.add_p2p_handlers(self._p2p)
+
+    async def _unregister_handlers(self) -> None:
+        if self._p2p is None:
+            return
+        if self._handler is not None:
+            await self._handler.remove_p2p_handlers(self._p2p)
+        await self._p2p.shutdown()
+        self._p2p = None
+
+    def _stop_loop(self) -> None:
+        loop = self._loop
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        self._loop_thread.join(10)
+        loop.close()
+        self._loop = self._loop_thread = None
+
+
+def _guard(what: str, action) -> None:
+    try:
+        action()
+    except Exception:
+        logger.warning("while stopping the block server: could not %s", what, exc_info=True)

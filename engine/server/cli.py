@@ -1,0 +1,157 @@
+"""`pollinate-engine serve` (host blocks of a model) and `pollinate-engine dht` (run a bootstrap peer).
+
+Both print "peer_id: ..." and "multiaddr: ..." lines and a line starting with "ready" once they serve, then
+run until SIGINT/SIGTERM and stop gracefully (a server announces OFFLINE first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from engine.server.config import (
+    COMPRESSION_CHOICES,
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    QUANT_CHOICES,
+    ServerConfig,
+)
+
+
+def _parse_blocks(text: str) -> tuple[int, int] | None:
+    if text == "auto":
+        return None
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--blocks takes START:END (e.g. 0:8) or auto, got {text!r}"
+        ) from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {text}: need 0 <= START < END")
+    return start, end
+
+
+def add_commands(subparsers) -> None:
+    """Add the `serve` and `dht` commands to an argparse subparsers object."""
+    serve = subparsers.add_parser("serve", help="host transformer blocks of a model for the swarm")
+    serve.add_argument("model", help="Hugging Face hub id or local checkpoint folder")
+    span = serve.add_mutually_exclusive_group()
+    span.add_argument("--blocks", type=_parse_blocks, default=None, help="START:END, or auto (default)")
+    span.add_argument("--num-blocks", type=int, default=None, help="host N blocks where the swarm needs them")
+    serve.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers in the swarm")
+    serve.add_argument("--new-swarm", action="store_true", help="start a new swarm instead of joining one")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=0, help="TCP port to listen on (default: any free port)")
+    serve.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs to announce")
+    serve.add_argument("--quant", choices=QUANT_CHOICES, default="auto")
+    serve.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    serve.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    serve.add_argument("--dht-prefix", default=None, help="override the model's DHT prefix")
+    serve.add_argument("--throughput", type=float, default=None, help="announce this instead of measuring")
+    serve.add_argument("--public-name", default=None, help="a name other peers see")
+    serve.add_argument("--cache-bytes", type=int, default=None, help="KV-cache budget in bytes")
+    serve.add_argument("--inference-max-length", type=int, default=2048)
+    serve.add_argument("--max-alloc-timeout", type=float, default=600.0)
+    serve.add_argument("--update-period", type=float, default=60.0, help="seconds between DHT announcements")
+    serve.add_argument("--compression", choices=COMPRESSION_CHOICES, default="none")
+    serve.set_defaults(handler=run_serve)
+
+    dht = subparsers.add_parser("dht", help="run a DHT bootstrap peer for a swarm of your own")
+    dht.add_argument("--initial-peers", nargs="*", default=[], help="join these peers (default: new swarm)")
+    dht.add_argument("--host", default="0.0.0.0")
+    dht.add_argument("--port", type=int, default=0)
+    dht.set_defaults(handler=run_dht)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig a parsed `serve` command line describes."""
+    start, end = args.blocks if args.blocks is not None else (None, None)
+    return ServerConfig(
+        model=args.model,
+        start_block=start,
+        end_block=end,
+        num_blocks=args.num_blocks,
+        dht_prefix=args.dht_prefix,
+        initial_peers=tuple(args.initial_peers),
+        new_swarm=args.new_swarm,
+        host=args.host,
+        port=args.port,
+        announce_maddrs=tuple(args.announce_maddrs),
+        quant=args.quant,
+        dtype=args.dtype,
+        device=args.device,
+        cache_bytes=args.cache_bytes,
+        inference_max_length=args.inference_max_length,
+        max_alloc_timeout=args.max_alloc_timeout,
+        update_period=args.update_period,
+        throughput=args.throughput,
+        public_name=args.public_name,
+        compression=args.compression,
+    )
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+def _print_address(peer_id: str, multiaddrs) -> None:
+    print(f"peer_id: {peer_id}", flush=True)
+    for address in multiaddrs:
+        print(f"multiaddr: {address}", flush=True)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Host blocks until SIGINT/SIGTERM; returns the exit code."""
+    from engine.server.block_host import BlockHost
+
+    config = config_from_args(args)
+    host = BlockHost(config)
+    try:
+        host.start()
+    except Exception as error:
+        print(f"error: could not start the block server: {error}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        info = host.info()
+        _print_address(info.peer_id, info.multiaddrs)
+        print(
+            f"ready: serving blocks {info.start_block}:{info.end_block} of {info.total_blocks} "
+            f"(dht_prefix {info.dht_prefix}, {info.device}, {info.dtype}, quant {info.quant})",
+            flush=True,
+        )
+        _wait_for_signal()
+    finally:
+        print("stopping: announcing OFFLINE", flush=True)
+        host.stop()
+    return 0
+
+
+def run_dht(args: argparse.Namespace) -> int:
+    """Run a DHT peer until SIGINT/SIGTERM."""
+    from engine.swarm.dht_node import start_dht
+
+    dht = start_dht(args.initial_peers, host=args.host, port=args.port, new_swarm=not args.initial_peers)
+    try:
+        _print_address(dht.peer_id.to_base58(), [str(a) for a in dht.get_visible_maddrs()])
+        print("ready: DHT peer running", flush=True)
+        _wait_for_signal()
+    finally:
+        dht.shutdown()
+    return 0
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Log lines to stderr, INFO by default (hivemind keeps its own handler)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

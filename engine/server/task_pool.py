@@ -1,0 +1,138 @@
+"""One compute loop for all block computations of a server: a worker thread serving a priority queue.
+
+Running every block computation on one thread keeps GPU work serial (no two requests fight over memory or
+kernels) and lets the queue decide who goes next: inference steps first (a person is waiting for each token),
+then forward/backward; within a class the caller's priority (lower = sooner; later earned through the ledger),
+then arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class TaskKind(IntEnum):
+    """What a task computes; decides its class in the queue."""
+
+    INFERENCE = 0
+    FORWARD = 1
+    BACKWARD = 2
+
+
+class PoolStopped(RuntimeError):
+    """The compute loop has stopped (the server is shutting down); the task did not run."""
+
+
+def task_order(kind: TaskKind, priority: float, seq: int) -> tuple[int, float, int]:
+    """The queue key of a task: inference before forward/backward, then lower priority, then first come."""
+    return (0 if kind == TaskKind.INFERENCE else 1, float(priority), seq)
+
+
+@dataclass(order=True)
+class _Task:
+    key: tuple[int, float, int]
+    fn: Callable[..., Any] = field(compare=False)
+    args: tuple = field(compare=False)
+    future: Future = field(compare=False)
+    kind: TaskKind = field(compare=False)
+
+
+@dataclass
+class PoolStats:
+    """Counters of work done, read by the host for its dashboard and load reports."""
+
+    tasks_done: dict[TaskKind, int] = field(default_factory=lambda: dict.fromkeys(TaskKind, 0))
+    busy_seconds: float = 0.0
+
+
+class TaskPool:
+    """A priority queue of block computations and the single worker thread that runs them."""
+
+    def __init__(self, name: str = "pollinate-compute"):
+        self.name = name
+        self.stats = PoolStats()
+        self._heap: list[_Task] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Start the worker thread (once)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        """True while the worker thread is alive and accepting tasks."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, kind: TaskKind, priority: float = 0.0) -> Future:
+        """Queue `fn(*args)`; returns a Future of its result (cancelling it before it runs skips it)."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise PoolStopped("the compute loop is not running (server stopping or not started)")
+            task = _Task(task_order(kind, priority, next(self._seq)), fn, args, future, kind)
+            heapq.heappush(self._heap, task)
+            self._cond.notify()
+        return future
+
+    async def run(self, fn: Callable[..., Any], *args: Any, kind: TaskKind, priority: float = 0.0) -> Any:
+        """Queue `fn(*args)` and await its result; cancelling the await drops a still-queued task."""
+        return await asyncio.wrap_future(self.submit(fn, *args, kind=kind, priority=priority))
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop taking tasks, fail the queued ones with PoolStopped, let the running one finish, join."""
+        with self._cond:
+            self._stopping = True
+            pending, self._heap = self._heap, []
+            self._cond.notify_all()
+        for task in pending:
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(PoolStopped("the server stopped before this task ran"))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning(
+                    "compute loop still busy %.0f s after stop; leaving it (daemon thread)", timeout
+                )
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                task = heapq.heappop(self._heap)
+            if not task.future.set_running_or_notify_cancel():
+                continue  # the requester gave up while the task was queued
+            started = time.perf_counter()
+            try:
+                result = task.fn(*task.args)
+            except BaseException as error:  # every failure belongs to the requester, not to the loop
+                task.future.set_exception(error)
+            else:
+                task.future.set_result(result)
+            finally:
+                self.stats.busy_seconds += time.perf_counter() - started
+                self.stats.tasks_done[task.kind] += 1
