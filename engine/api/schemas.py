@@ -1,0 +1,317 @@
+"""Pydantic models of the local HTTP API: request bodies (validated) and answers (documented in OpenAPI).
+
+The OpenAI-compatible models accept unknown fields (clients such as Open WebUI send many), and keep only
+what the engine honours; the control models are strict, so a typo in a field name is a 400, not a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Bounds that keep one request from asking for absurd work; the service checks the model's own limits.
+MAX_TOKENS_LIMIT = 32768
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+SEED_RANGE = 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, in words a person can act on; `missing_blocks` only for swarm_unavailable."""
+
+    model_config = ConfigDict(extra="allow")
+    message: str
+    type: str
+    code: int
+    missing_blocks: list[int] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: `{"error": {...}}`, OpenAI style."""
+
+    error: ErrorDetail
+
+
+# ---- OpenAI-compatible --------------------------------------------------------------------------------
+
+
+class TextPart(_Lenient):
+    """One part of a multi-part message; only text parts are understood."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Lenient):
+    """One chat message; a list of text parts is joined into one string."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+Stop = (
+    str
+    | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_STOP_SEQUENCES)]
+)
+
+
+class _SamplingFields(_Lenient):
+    model: str = Field(min_length=1, max_length=1024)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    stop: Stop | None = None
+    seed: int | None = Field(default=None, ge=-SEED_RANGE, le=SEED_RANGE)
+    n: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value):
+        if isinstance(value, str) and len(value) > MAX_STOP_LENGTH:
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_LENGTH} characters")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in stops if s]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions (a single prompt string)."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """Non-streaming answer of /v1/chat/completions (streaming sends `chat.completion.chunk` events)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """Non-streaming answer of /v1/completions."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class PollinateModelFacts(BaseModel):
+    label: str
+    demo: bool
+    num_blocks: int
+    missing_blocks: list[int]
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "pollinate-swarm"
+    pollinate: PollinateModelFacts
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+
+
+# ---- control ------------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    pid: int
+
+
+class GpuInfo(BaseModel):
+    index: int
+    name: str
+    backend: str
+    total_bytes: int
+    free_bytes: int
+
+
+class CpuInfo(BaseModel):
+    name: str
+    cores: int
+
+
+class RamInfo(BaseModel):
+    total_bytes: int
+    available_bytes: int
+
+
+class DiskInfo(BaseModel):
+    path: str
+    total_bytes: int
+    free_bytes: int
+
+
+class Hardware(BaseModel):
+    gpus: list[GpuInfo]
+    cpu: CpuInfo
+    ram: RamInfo
+    disk: DiskInfo
+
+
+class HostingPlan(BaseModel):
+    model: str
+    dht_prefix: str
+    start_block: int
+    end_block: int
+    num_blocks: int
+    total_blocks: int
+    quant: str
+    dtype: str
+    device: str
+    weights_bytes: int
+    cache_bytes: int
+    total_bytes: int
+
+
+class HostingStartRequest(_Strict):
+    """Body of POST /api/hosting/start; every field is optional."""
+
+    model: str | None = Field(default=None, min_length=1, max_length=1024)
+    blocks: str | None = Field(
+        default=None, pattern=r"^(auto|\d{1,6}:\d{1,6})$", description='"auto" or "A:B"'
+    )
+    quant: Literal["auto", "none", "int8", "nf4"] | None = None
+    memory_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @field_validator("blocks")
+    @classmethod
+    def _span_not_empty(cls, value):
+        if value and value != "auto":
+            start, end = (int(x) for x in value.split(":"))
+            if start >= end:
+                raise ValueError(f"block span {value} is empty: it must be A:B with A < B")
+        return value
+
+
+class HostingStopRequest(_Strict):
+    grace_seconds: float | None = Field(default=None, ge=0.0, le=3600.0)
+
+
+class Status(BaseModel):
+    state: Literal["idle", "loading", "serving", "draining", "error"]
+    progress: float | None
+    message: str | None
+    model: str | None
+    blocks: list[int] | None = Field(description="[start, end) of the hosted span")
+    swarm: Literal["local", "public", "private"]
+    ready: bool = Field(description="the engine has joined the swarm (and started the demo server if local)")
+
+
+class Stats(BaseModel):
+    tokens_served: int
+    requests_served: int
+    uptime_seconds: float
+    hosting_seconds: float
+    sessions_active: int
+    points: float
+    priority: float
+    tokens_generated: int = Field(description="tokens this engine generated for its own API clients")
+    requests_generated: int = Field(description="completions this engine ran for its own API clients")
+
+
+class BlockCoverage(BaseModel):
+    index: int
+    servers: int
+    throughput: float
+
+
+class SwarmServer(BaseModel):
+    peer_id: str
+    public_name: str | None
+    start_block: int
+    end_block: int
+    state: Literal["offline", "joining", "online"]
+    throughput: float
+    version: str | None
+
+
+class SwarmInfo(BaseModel):
+    model: str
+    dht_prefix: str
+    total_blocks: int
+    blocks: list[BlockCoverage]
+    servers: list[SwarmServer]
+    missing_blocks: list[int]
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict of a response model."""
+    return model.model_dump(mode="json")
