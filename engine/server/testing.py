@@ -234,19 +234,19 @@ class WireClient:
     ) -> torch.Tensor:
         """Petals' run_remote_forward: (hidden, prompts) packed, points/active_adapter/args_structure."""
         flat, structure = pack_args(hidden, prompts)
-        meta = dict(points=0.0, active_adapter="", args_structure=structure, **metadata)
+        meta = {"points": 0.0, "active_adapter": "", "args_structure": structure, **metadata}
         return self.call("rpc_forward", uid, flat, meta)[0]
 
     def backward(self, uid: str, inputs, grad_outputs, prompts: torch.Tensor = DUMMY, **metadata) -> list:
         """Petals' run_remote_backward: (inputs, grad_outputs, prompts); returns [grad_in(, grad_prompts)]."""
         flat, structure = pack_args(inputs, grad_outputs, prompts)
-        meta = dict(points=0.0, active_adapter="", args_structure=structure, **metadata)
+        meta = {"points": 0.0, "active_adapter": "", "args_structure": structure, **metadata}
         return self.call("rpc_backward", uid, flat, meta)
 
     def inference(self, uid: str, max_length: int, **metadata) -> InferenceStream:
         """Open an rpc_inference stream (the first step sends max_length etc., as Petals does)."""
         return InferenceStream(
-            self, uid, dict(max_length=max_length, points=0.0, active_adapter="", **metadata)
+            self, uid, {"max_length": max_length, "points": 0.0, "active_adapter": "", **metadata}
         )
 
 
