@@ -1,0 +1,278 @@
+"""AppController: composes engine process, API client, view models, windows and tray, and wires them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+
+from app import autostart, paths
+from app.api_client import ApiClient, ApiError, EventFeed, describe_error
+from app.engine_process import RESTARTING, RUNNING, EngineProcess, engine_command
+from app.history import ChatHistory
+from app.qt import QApplication, QMessageBox, QObject, Signal
+from app.settings import Settings, get_hf_token, save_settings, set_hf_token
+from app.tray import Tray, state_icon
+from app.viewmodels.chat import ChatModel, Sampling
+from app.viewmodels.dashboard import DashboardModel, share_control
+from app.viewmodels.status import tray_state, tray_tooltip
+
+log = logging.getLogger(__name__)
+
+# Changing one of these needs a new engine process.
+ENGINE_FIELDS = ("swarm", "initial_peers", "weights_dir")
+
+
+class ErrorPresenter(QObject):
+    """The one place that turns failures and engine news into words and shows them (status bar, tray)."""
+
+    message = Signal(str, bool)  # text, is_error
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self.last = ""
+
+    def present(self, error: ApiError, doing: str = "") -> None:
+        self.show(describe_error(error, doing), True)
+
+    def show(self, text: str, is_error: bool = False) -> None:
+        self.last = text
+        log.info("%s", text)
+        self.message.emit(text, is_error)
+
+
+class AppController(QObject):
+    """Owns everything the app shows; `start()` launches or attaches to the engine; `quit()` ends cleanly."""
+
+    quitting = Signal()
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        manage_engine: bool = True,
+        engine_args: tuple[str, ...] = (),
+        engine_command_factory: Callable[[], list[str]] | None = None,
+        use_system_tray: bool | None = None,
+        parent: QObject | None = None,
+    ):
+        super().__init__(parent)
+        from app.windows.dashboard import DashboardWindow
+
+        self.settings = settings
+        self.data_dir = paths.data_dir()
+        self.engine_args = tuple(engine_args)
+        self.confirm_quit = True
+        self.quit_app: Callable[[], None] = QApplication.quit
+        self.settings_dialog_open = None
+        self.presenter = ErrorPresenter(self)
+        self.client = ApiClient(self)
+        self.feed = EventFeed(self.client, self)
+        self.engine = EngineProcess(
+            self.data_dir,
+            engine_command_factory or self._engine_command,
+            env_factory=self._engine_env,
+            manage=manage_engine,
+            parent=self,
+        )
+        self.dashboard_model = DashboardModel(self.client, self._hosting_options, self)
+        self.history = ChatHistory(self.data_dir / "chat-history.sqlite3").open()
+        self.chat_model = ChatModel(self.client, self.history, self)
+        self.chat_model.sampling = Sampling(settings.temperature, settings.top_p, settings.max_tokens)
+        self.chat_model.system_prompt = settings.system_prompt
+        self.tray = Tray(self, use_system_tray=use_system_tray)
+        self.dashboard = DashboardWindow(self.dashboard_model)
+        self.dashboard.setWindowIcon(state_icon("app"))
+        self.dashboard.hide_on_close = self.tray.available
+        self._chat_window = None
+        self._engine_was_running = False
+
+        self.engine.endpoint_changed.connect(self.client.set_endpoint)
+        self.engine.state_changed.connect(self._engine_state)
+        self.feed.status.connect(self.dashboard_model.on_status)
+        self.feed.stats.connect(self.dashboard_model.on_stats)
+        self.feed.connected_changed.connect(lambda up: None if up else self.engine.check_alive())
+        self.dashboard_model.changed.connect(self._update_tray)
+        self.dashboard_model.error.connect(self.presenter.present)
+        self.dashboard_model.sharing_requested.connect(self._remember_sharing)
+        self.presenter.message.connect(self._show_message)
+        self.tray.share_toggled.connect(self.dashboard_model.set_sharing)
+        self.tray.open_chat.connect(self.show_chat)
+        self.tray.open_dashboard.connect(self.show_dashboard)
+        self.tray.open_settings.connect(self.show_settings)
+        self.tray.quit_requested.connect(self.quit)
+        self.dashboard.close_requested.connect(self.quit)
+        self._update_tray()
+
+    # ---- engine
+
+    def _engine_command(self) -> list[str]:
+        # Without --parent-pid the engine outlives the app: only when the user chose to keep sharing.
+        parent_pid = None if self.settings.keep_sharing_on_close else os.getpid()
+        return engine_command(
+            self.settings.swarm,
+            self.settings.initial_peers if self.settings.swarm == "private" else (),
+            parent_pid=parent_pid,
+            extra_args=self.engine_args,
+        )
+
+    def _engine_env(self) -> dict[str, str]:
+        env = {}
+        if self.settings.weights_dir:
+            env["HF_HUB_CACHE"] = self.settings.weights_dir
+        token = get_hf_token()
+        if token:
+            env["HF_TOKEN"] = token
+        return env
+
+    def _hosting_options(self) -> dict:
+        return {
+            "model": self.settings.host_model,
+            "quant": self.settings.quant,
+            "memory_fraction": self.settings.memory_fraction,
+        }
+
+    def start(self, show_window: bool = True) -> None:
+        self.tray.show()
+        if show_window or not self.tray.available:
+            self.show_dashboard()
+        self.engine.start()
+
+    def _engine_state(self, state: str, message: str) -> None:
+        self.dashboard_model.on_engine_state(state, message)
+        self.chat_model.set_engine_ready(state == RUNNING, message if state != RUNNING else "")
+        if state == RUNNING:
+            self.feed.start()
+            if self._engine_was_running:
+                self.presenter.show("The engine restarted and is running again.")
+            self._engine_was_running = True
+            if self.settings.sharing_enabled:
+                self.dashboard_model.set_sharing(True)  # resume: the user turned sharing on earlier
+        elif state == RESTARTING or state == "failed":
+            self.presenter.show(message, True)
+        self._update_tray()
+
+    def _remember_sharing(self, on: bool) -> None:
+        if on != self.settings.sharing_enabled:
+            self.apply_settings(dataclasses.replace(self.settings, sharing_enabled=on))
+
+    def _update_tray(self) -> None:
+        snap = self.dashboard_model.snapshot
+        status = snap.status if self.engine.state == RUNNING else None
+        self.tray.set_state(
+            tray_state(self.engine.state, status),
+            tray_tooltip(self.engine.state, self.engine.message, status),
+        )
+        control = share_control(snap)
+        self.tray.set_sharing(control.checked, control.enabled, control.text)
+
+    def _show_message(self, text: str, is_error: bool) -> None:
+        self.dashboard.show_message(text, 0 if is_error else 10_000)
+        if not self.dashboard.isVisible():
+            self.tray.notify("Pollinate", text, is_error)
+
+    # ---- windows
+
+    def show_dashboard(self) -> None:
+        self.dashboard.show()
+        self.dashboard.raise_()
+        self.dashboard.activateWindow()
+
+    @property
+    def chat_window(self):
+        if self._chat_window is None:
+            from app.windows.chat import ChatWindow
+
+            self._chat_window = ChatWindow(self.chat_model)
+            self._chat_window.setWindowIcon(state_icon("app"))
+            conversations = self.history.conversations()
+            if conversations and self.chat_model.conversation_id is None:
+                self.chat_model.open_conversation(conversations[0].id)
+        return self._chat_window
+
+    def show_chat(self) -> None:
+        window = self.chat_window
+        window.show()
+        window.raise_()
+        window.activateWindow()
+
+    def settings_dialog(self):
+        from app.windows.settings import SettingsDialog
+
+        gpus = (self.dashboard_model.snapshot.hardware or {}).get("gpus") or []
+        free = gpus[0].get("free_bytes") if gpus else None
+        return SettingsDialog(
+            self.settings, hf_token_set=get_hf_token() is not None, free_bytes=free, parent=self.dashboard
+        )
+
+    def show_settings(self) -> None:
+        dialog = self.settings_dialog()
+        self.settings_dialog_open = dialog
+        dialog.accepted.connect(
+            lambda: self.apply_settings(dialog.result_settings(), dialog.hf_token_change())
+        )
+        dialog.open()
+
+    def apply_settings(self, new: Settings, hf_token: str | None = None) -> None:
+        """Save new settings and carry them out: autostart entry, keyring, engine restart when needed."""
+        old, self.settings = self.settings, new
+        save_settings(new)
+        if new.autostart != old.autostart or new.autostart != autostart.is_enabled():
+            try:
+                autostart.set_enabled(new.autostart)
+            except OSError as exc:
+                self.presenter.show(f"Could not change start at login: {exc}", True)
+        token_changed = hf_token is not None
+        if token_changed and not set_hf_token(hf_token):
+            self.presenter.show(
+                "Could not store the Hugging Face token: no system keyring is available.", True
+            )
+        restart = token_changed or any(getattr(new, f) != getattr(old, f) for f in ENGINE_FIELDS)
+        hosting = (self.dashboard_model.snapshot.status or {}).get("state") in ("loading", "serving")
+        if new.keep_sharing_on_close != old.keep_sharing_on_close and not hosting:
+            restart = True  # --parent-pid is given at start, so the choice needs a new engine
+        if restart and self.engine.manage and self.engine.state != "stopped":
+            self.presenter.show("Settings changed: restarting the engine.")
+            self.engine.restart()
+
+    # ---- quitting
+
+    def quit_plan(self) -> str:
+        """'keep' to leave the engine sharing in the background, else 'stop'."""
+        hosting = (self.dashboard_model.snapshot.status or {}).get("state") in ("loading", "serving")
+        return "keep" if self.settings.keep_sharing_on_close and hosting and self.engine.manage else "stop"
+
+    def quit_text(self) -> str:
+        if self.quit_plan() == "keep":
+            return (
+                "Pollinate will keep sharing your GPU in the background after you quit. Open the app again "
+                "to stop sharing. (Change this in Settings.)"
+            )
+        hosting = (self.dashboard_model.snapshot.status or {}).get("state") in ("loading", "serving")
+        if hosting:
+            return "Quitting stops sharing your GPU and stops the engine."
+        return "Quitting stops the engine." if self.engine.manage else "Quit Pollinate?"
+
+    def quit(self) -> None:
+        if self.confirm_quit:
+            answer = QMessageBox.question(self.dashboard, "Quit Pollinate", self.quit_text())
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+        self.shutdown()
+        self.quit_app()
+
+    def shutdown(self) -> None:
+        """Stop or detach the engine, close history and windows; no engine is left behind unless kept."""
+        self.quitting.emit()
+        self.chat_model.stop()
+        self.feed.stop()
+        if self.quit_plan() == "keep":
+            self.engine.detach()
+        else:
+            self.engine.stop()
+        self.history.close()
+        self.tray.hide()
+        for window in (self.dashboard, self._chat_window):
+            if window is not None:
+                window.hide()

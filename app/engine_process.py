@@ -1,0 +1,357 @@
+"""EngineProcess: starts the engine service, finds its port and token, watches it, restarts it with backoff.
+
+The engine runs in its own session, its output appended to a log file, so that "keep sharing in the
+background" can outlive the app. Unless that was chosen, it gets `--parent-pid` and exits when the app dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from app.api_client import ApiClient, EngineEndpoint
+from app.qt import QObject, QTimer, Signal
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "engine-state.json"
+KEYRING_SERVICE = "pollinate"
+KEYRING_TOKEN_USER = "engine-api-token"
+BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+MAX_FAST_FAILURES = 6
+HEALTHY_RUN_RESETS_S = 60.0
+
+# EngineProcess.state values
+STOPPED, STARTING, RUNNING, RESTARTING, FAILED = "stopped", "starting", "running", "restarting", "failed"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What engine-state.json says."""
+
+    pid: int
+    base_url: str
+    token: str | None
+    version: str = ""
+
+
+def read_state_file(data_dir: Path) -> EngineInfo | None:
+    """Parse engine-state.json and resolve the token; None when missing, unreadable or its process is gone."""
+    try:
+        raw = json.loads((Path(data_dir) / STATE_FILE).read_text(encoding="utf-8"))
+        pid = int(raw["pid"])
+        base_url = str(raw.get("base_url") or f"http://127.0.0.1:{int(raw['port'])}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not pid_alive(pid):
+        return None
+    return EngineInfo(pid, base_url, read_token(raw), str(raw.get("version") or ""))
+
+
+def read_token(raw: dict) -> str | None:
+    """The API token named by the state file: a 0600 file, or the OS keyring."""
+    if raw.get("token_source") == "file" and raw.get("token_file"):
+        try:
+            return Path(raw["token_file"]).read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+    if raw.get("token_source") == "keyring":
+        try:
+            import keyring
+
+            return keyring.get_password(KEYRING_SERVICE, KEYRING_TOKEN_USER)
+        except Exception as exc:
+            log.warning("cannot read the engine token from the keyring: %s", exc)
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (a zombie counts as gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def engine_command(
+    swarm: str,
+    initial_peers: tuple[str, ...] = (),
+    *,
+    parent_pid: int | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> list[str]:
+    """The command line that starts the engine service."""
+    command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--swarm", swarm]
+    for peer in initial_peers:
+        command += ["--initial-peers", peer]
+    if parent_pid is not None:
+        command += ["--parent-pid", str(parent_pid)]
+    return command + list(extra_args)
+
+
+def log_tail(path: Path, lines: int = 12) -> str:
+    try:
+        with open(path, "rb") as file:
+            file.seek(max(0, os.path.getsize(path) - 16_384))
+            text = file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def crash_reason(tail: str) -> str:
+    """The line of an engine's last output that best says why it stopped."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error:" in line or "Exception" in line:
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+class EngineProcess(QObject):
+    """Lifecycle of the engine service: start, wait for health, watch, restart with backoff, stop.
+
+    Signals: `state_changed(state, message)` and `endpoint_changed(EngineEndpoint | None)`.
+    With `manage=False` (--no-engine) it only attaches to a running engine, and waits for one.
+    """
+
+    state_changed = Signal(str, str)
+    endpoint_changed = Signal(object)
+
+    def __init__(
+        self,
+        data_dir: Path,
+        command: Callable[[], list[str]],
+        *,
+        env_factory: Callable[[], dict[str, str]] | None = None,
+        manage: bool = True,
+        startup_timeout_s: float = 180.0,
+        backoff_s: tuple[float, ...] = BACKOFF_S,
+        parent: QObject | None = None,
+    ):
+        super().__init__(parent)
+        self.data_dir = Path(data_dir)
+        self.log_path = self.data_dir / "logs" / "engine.log"
+        self._command = command
+        self._env_factory = env_factory or dict
+        self.manage = manage
+        self.startup_timeout_s = startup_timeout_s
+        self.backoff_s = backoff_s
+        self.state = STOPPED
+        self.message = ""
+        self.pid: int | None = None
+        self.owned = False  # whether we started this engine (and so stop it on quit)
+        self.info: EngineInfo | None = None
+        self.failures = 0
+        self.restarts = 0
+        self._drop_parent_pid = False
+        self._started_at = 0.0
+        self._log_offset = 0
+        self._process: subprocess.Popen | None = None
+        self._health = ApiClient(self)
+        self._poll = QTimer(self)
+        self._poll.timeout.connect(self._poll_startup)
+        self._watch = QTimer(self)
+        self._watch.setInterval(1000)
+        self._watch.timeout.connect(self.check_alive)
+        self._retry = QTimer(self)
+        self._retry.setSingleShot(True)
+        self._retry.timeout.connect(self._launch)
+
+    # ---- public
+
+    def start(self) -> None:
+        """Attach to a running engine if there is one, else start ours (unless manage is False)."""
+        self._retry.stop()
+        self.failures = 0
+        info = read_state_file(self.data_dir)
+        if info is not None:
+            self.pid, self.owned = info.pid, False
+            self._begin_wait("Connecting to the running engine…")
+        elif not self.manage:
+            self.pid = None
+            self._begin_wait("Waiting for an engine to start (started with --no-engine)…")
+        else:
+            self._launch()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop the engine if we own it (SIGTERM, then kill after timeout); blocks up to timeout_s."""
+        self._poll.stop()
+        self._watch.stop()
+        self._retry.stop()
+        pid, self.pid = self.pid, None
+        self._set_endpoint(None)
+        if pid is not None and (self.owned or self.manage):
+            try:
+                process = psutil.Process(pid)
+                process.terminate()
+                _gone, alive = psutil.wait_procs([process], timeout=timeout_s)
+                for survivor in alive:
+                    survivor.kill()
+            except psutil.Error:
+                pass
+            if self._process is not None:
+                self._process.poll()
+        self._set_state(STOPPED, "The engine is stopped.")
+
+    def detach(self) -> None:
+        """Leave the engine running (keep sharing in the background) and stop watching it."""
+        self._poll.stop()
+        self._watch.stop()
+        self._retry.stop()
+        self.pid = None
+        self._set_state(STOPPED, "The engine keeps running in the background.")
+
+    def restart(self) -> None:
+        """Stop and start again (after a settings change that needs it)."""
+        self.stop()
+        self.start()
+
+    # ---- internals
+
+    def _launch(self) -> None:
+        if not self.manage:
+            self.start()
+            return
+        command = self._command()
+        if self._drop_parent_pid and "--parent-pid" in command:
+            index = command.index("--parent-pid")
+            del command[index : index + 2]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as file:
+            file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n")
+        self._log_offset = self.log_path.stat().st_size
+        environment = dict(os.environ)
+        environment["POLLINATE_DATA_DIR"] = str(self.data_dir)
+        source_root = Path(__file__).resolve().parent.parent
+        cwd = None
+        if (source_root / "engine").is_dir():
+            cwd = str(source_root)
+            path = environment.get("PYTHONPATH", "")
+            environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(source_root), path) if p)
+        environment.update(self._env_factory())
+        try:
+            with open(self.log_path, "ab") as log_file:
+                # A new session: a Ctrl+C in the app's terminal does not reach the engine; it can outlive us.
+                self._process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    cwd=cwd,
+                    env=environment,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            self._failed_attempt(f"could not run {command[0]}: {exc}")
+            return
+        pid = self._process.pid
+        self.pid, self.owned = int(pid), True
+        self._begin_wait("Starting the engine…" if not self.restarts else "Restarting the engine…")
+
+    def _begin_wait(self, message: str) -> None:
+        self._started_at = time.monotonic()
+        self._set_state(STARTING if self.state != RESTARTING else RESTARTING, message)
+        self._poll.start(200)
+
+    def _poll_startup(self) -> None:
+        if self.pid is not None and not self._alive():
+            self._poll.stop()
+            self._failed_attempt(self._exit_reason())
+            return
+        if time.monotonic() - self._started_at > self.startup_timeout_s:
+            self._poll.stop()
+            if self.manage:
+                self.stop(timeout_s=5)
+            self._failed_attempt(f"it did not become ready within {self.startup_timeout_s:.0f} s")
+            return
+        info = read_state_file(self.data_dir)
+        if (
+            info is None
+            or (self.pid is not None and info.pid != self.pid)
+            or self._health.endpoint is not None
+        ):
+            return
+        self._health.set_endpoint(EngineEndpoint(info.base_url, None))
+        call = self._health.get("/api/health")
+        call.succeeded.connect(lambda _body, info=info: self._healthy(info))
+        call.failed.connect(lambda _error: self._health.set_endpoint(None))
+
+    def _healthy(self, info: EngineInfo) -> None:
+        self._health.set_endpoint(None)
+        if self.state not in (STARTING, RESTARTING):
+            return
+        self._poll.stop()
+        self.pid, self.info = info.pid, info
+        self._started_at = time.monotonic()
+        was_restart = self.state == RESTARTING
+        self._set_state(RUNNING, "The engine restarted." if was_restart else "The engine is running.")
+        self._set_endpoint(EngineEndpoint(info.base_url, info.token))
+        self._watch.start()
+
+    def check_alive(self) -> None:
+        """Check at once whether a running engine still lives (the event stream dropping calls this)."""
+        if self.state != RUNNING or self.pid is None or self._alive():
+            return
+        self._watch.stop()
+        ran_for = time.monotonic() - self._started_at
+        if ran_for > HEALTHY_RUN_RESETS_S:
+            self.failures = 0
+        self._set_endpoint(None)
+        self._failed_attempt(self._exit_reason(), crashed=True)
+
+    def _alive(self) -> bool:
+        if self._process is not None and self._process.pid == self.pid:
+            return self._process.poll() is None  # also reaps our child, so it leaves no zombie
+        return self.pid is not None and pid_alive(self.pid)
+
+    def _exit_reason(self) -> str:
+        if not self.owned:
+            return "the engine process exited"
+        reason = crash_reason(log_tail(self.log_path)) if self._log_tail_is_new() else "no output"
+        code = self._process.returncode if self._process is not None else None
+        return f"exit code {code}: {reason}" if code is not None else reason
+
+    def _log_tail_is_new(self) -> bool:
+        try:
+            return self.log_path.stat().st_size > self._log_offset
+        except OSError:
+            return False
+
+    def _failed_attempt(self, reason: str, crashed: bool = False) -> None:
+        self.pid = None
+        if "unrecognized arguments" in reason and "--parent-pid" in reason and not self._drop_parent_pid:
+            # An engine without --parent-pid support: run it without (it will not notice an app crash).
+            log.warning("engine does not support --parent-pid; starting it without")
+            self._drop_parent_pid = True
+            self._retry.start(0)
+            return
+        self.failures += 1
+        if not self.manage:
+            self._set_state(RESTARTING, f"The engine stopped ({reason}). Waiting for it to come back…")
+            self._begin_wait(self.message)
+            return
+        if self.failures >= MAX_FAST_FAILURES:
+            self._set_state(FAILED, f"The engine cannot start: {reason}. Details in {self.log_path}.")
+            return
+        delay = self.backoff_s[min(self.failures - 1, len(self.backoff_s) - 1)]
+        what = "stopped unexpectedly" if crashed else "failed to start"
+        self.restarts += 1
+        self._set_state(RESTARTING, f"The engine {what} ({reason}). Restarting in {delay:g} s…")
+        self._retry.start(int(delay * 1000))
+
+    def _set_state(self, state: str, message: str) -> None:
+        self.state, self.message = state, message
+        self.state_changed.emit(state, message)
+
+    def _set_endpoint(self, endpoint: EngineEndpoint | None) -> None:
+        self.endpoint_changed.emit(endpoint)

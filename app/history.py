@@ -1,0 +1,149 @@
+"""Chat history on disk: conversations and their messages in one SQLite file under the data dir."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL,
+    model TEXT NOT NULL DEFAULT '',
+    system_prompt TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created REAL NOT NULL,
+    tokens INTEGER,
+    seconds REAL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+"""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One chat thread."""
+
+    id: int
+    title: str
+    model: str
+    system_prompt: str
+    updated: float
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn; `tokens`/`seconds` are set for assistant replies (for tokens/s)."""
+
+    id: int
+    role: str
+    content: str
+    tokens: int | None = None
+    seconds: float | None = None
+
+
+class ChatHistory:
+    """Conversations stored in SQLite; every write is committed at once so a crash loses nothing."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> ChatHistory:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path)
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.executescript(SCHEMA)
+        self._db.commit()
+        return self
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.open()
+        assert self._db is not None
+        return self._db
+
+    def _write(self, sql: str, args: tuple = ()) -> int:
+        with self.db:
+            cursor = self.db.execute(sql, args)
+        return cursor.lastrowid or 0
+
+    def create_conversation(self, title: str = "New chat", model: str = "", system_prompt: str = "") -> int:
+        now = time.time()
+        return self._write(
+            "INSERT INTO conversations (title, model, system_prompt, created, updated)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (title, model, system_prompt, now, now),
+        )
+
+    def conversations(self) -> list[Conversation]:
+        """All conversations, most recently updated first."""
+        rows = self.db.execute(
+            "SELECT id, title, model, system_prompt, updated FROM conversations"
+            " ORDER BY updated DESC, id DESC"
+        )
+        return [Conversation(*row) for row in rows]
+
+    def conversation(self, conversation_id: int) -> Conversation | None:
+        row = self.db.execute(
+            "SELECT id, title, model, system_prompt, updated FROM conversations WHERE id = ?",
+            (conversation_id,),
+        ).fetchone()
+        return Conversation(*row) if row else None
+
+    def rename(self, conversation_id: int, title: str) -> None:
+        self._write(
+            "UPDATE conversations SET title = ? WHERE id = ?", (title.strip() or "Untitled", conversation_id)
+        )
+
+    def update_conversation(
+        self, conversation_id: int, *, model: str | None = None, system_prompt: str | None = None
+    ):
+        if model is not None:
+            self._write("UPDATE conversations SET model = ? WHERE id = ?", (model, conversation_id))
+        if system_prompt is not None:
+            self._write(
+                "UPDATE conversations SET system_prompt = ? WHERE id = ?", (system_prompt, conversation_id)
+            )
+
+    def delete(self, conversation_id: int) -> None:
+        self._write("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def messages(self, conversation_id: int) -> list[Message]:
+        rows = self.db.execute(
+            "SELECT id, role, content, tokens, seconds FROM messages WHERE conversation_id = ? ORDER BY id",
+            (conversation_id,),
+        )
+        return [Message(*row) for row in rows]
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        tokens: int | None = None,
+        seconds: float | None = None,
+    ) -> int:
+        now = time.time()
+        message_id = self._write(
+            "INSERT INTO messages (conversation_id, role, content, created, tokens, seconds)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (conversation_id, role, content, now, tokens, seconds),
+        )
+        self._write("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
+        return message_id

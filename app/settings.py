@@ -1,0 +1,131 @@
+"""User settings: a frozen, validated record saved as JSON in the config dir; HF token in the keyring."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app import paths
+
+log = logging.getLogger(__name__)
+
+SWARMS = ("local", "public", "private")
+SWARM_LABELS = {
+    "local": "Local demo swarm (this computer only)",
+    "public": "Public Petals swarm",
+    "private": "Private swarm (my own peers)",
+}
+QUANTS = ("auto", "none", "int8", "nf4")
+KEYRING_SERVICE = "pollinate"
+KEYRING_HF_USER = "huggingface-token"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the user can choose; defaults are the first-run values (sharing off, no autostart)."""
+
+    onboarded: bool = False
+    # Which swarm the engine joins; "private" uses initial_peers (multiaddrs).
+    swarm: str = "local"
+    initial_peers: tuple[str, ...] = ()
+    # Fraction of free GPU memory (or RAM without a GPU) that hosting may use.
+    memory_fraction: float = 0.5
+    quant: str = "auto"
+    # Model to host; empty lets the engine choose (the demo model on the local swarm).
+    host_model: str = ""
+    # Whether sharing was on when the app last ran: it resumes at start only after the user turned it on.
+    sharing_enabled: bool = False
+    keep_sharing_on_close: bool = False
+    autostart: bool = False
+    # Hugging Face cache folder for weights; empty keeps the default.
+    weights_dir: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+    system_prompt: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def validated(self) -> Settings:
+        """Return a copy with every field clamped into its valid range."""
+        return dataclasses.replace(
+            self,
+            swarm=self.swarm if self.swarm in SWARMS else "local",
+            initial_peers=tuple(str(p).strip() for p in self.initial_peers if str(p).strip()),
+            memory_fraction=min(0.95, max(0.05, float(self.memory_fraction))),
+            quant=self.quant if self.quant in QUANTS else "auto",
+            temperature=min(2.0, max(0.0, float(self.temperature))),
+            top_p=min(1.0, max(0.01, float(self.top_p))),
+            max_tokens=min(8192, max(1, int(self.max_tokens))),
+        )
+
+
+def settings_file() -> Path:
+    return paths.config_dir() / "settings.json"
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read settings; a missing or broken file gives the defaults (a broken one is kept aside as .bad)."""
+    path = path or settings_file()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return Settings()
+    except (OSError, ValueError) as exc:
+        log.warning("settings file %s unreadable (%s); using defaults", path, exc)
+        with contextlib.suppress(OSError):
+            path.replace(path.with_suffix(".bad"))
+        return Settings()
+    if not isinstance(raw, dict):
+        return Settings()
+    known = {f.name for f in dataclasses.fields(Settings)} - {"extra"}
+    values = {k: v for k, v in raw.items() if k in known}
+    if "initial_peers" in values:
+        values["initial_peers"] = tuple(values["initial_peers"] or ())
+    try:
+        return Settings(**values).validated()
+    except (TypeError, ValueError) as exc:
+        log.warning("settings file %s has bad values (%s); using defaults", path, exc)
+        return Settings()
+
+
+def save_settings(settings: Settings, path: Path | None = None) -> None:
+    """Write settings atomically (write beside, then rename)."""
+    path = path or settings_file()
+    data = dataclasses.asdict(settings.validated())
+    data.pop("extra", None)
+    data["initial_peers"] = list(data["initial_peers"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def get_hf_token() -> str | None:
+    """The Hugging Face token from the OS keyring, or None (no token, or no usable keyring)."""
+    try:
+        import keyring
+
+        return keyring.get_password(KEYRING_SERVICE, KEYRING_HF_USER) or None
+    except Exception as exc:  # any backend failure means "no token"
+        log.info("keyring unavailable: %s", exc)
+        return None
+
+
+def set_hf_token(token: str | None) -> bool:
+    """Store (or with None/empty, delete) the Hugging Face token in the keyring; False if no keyring works."""
+    try:
+        import keyring
+
+        if token:
+            keyring.set_password(KEYRING_SERVICE, KEYRING_HF_USER, token)
+        else:
+            with contextlib.suppress(keyring.errors.PasswordDeleteError):
+                keyring.delete_password(KEYRING_SERVICE, KEYRING_HF_USER)
+        return True
+    except Exception as exc:
+        log.warning("cannot store the Hugging Face token in the keyring: %s", exc)
+        return False

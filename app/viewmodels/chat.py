@@ -1,0 +1,308 @@
+"""Chat view model: conversations from ChatHistory, model choices, and one streaming reply at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+from app.api_client import ApiClient, ApiError, ApiStream, describe_error
+from app.history import ChatHistory, Message
+from app.qt import QObject, Signal
+from app.sse import SseEvent
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model the picker offers."""
+
+    id: str
+    label: str
+    demo: bool
+    missing_blocks: tuple[int, ...] = ()
+
+    @property
+    def display(self) -> str:
+        if self.demo:
+            return f"{self.label} — demo, random weights"
+        return self.label if self.label == self.id else f"{self.label} ({self.id})"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class ReplyProgress:
+    """The reply being streamed: text so far, pieces received, timing."""
+
+    text: str = ""
+    pieces: int = 0
+    started: float = 0.0
+    first_piece: float | None = None
+    completion_tokens: int | None = None  # from `usage`, when the engine sends it
+    finish_reason: str | None = None
+
+
+def model_choices(payload: dict) -> list[ModelChoice]:
+    """Parse /v1/models into picker entries: servable models first, the demo last."""
+    choices = []
+    for entry in payload.get("data") or []:
+        extra = entry.get("pollinate") or {}
+        choices.append(
+            ModelChoice(
+                id=str(entry.get("id")),
+                label=str(extra.get("label") or entry.get("id")),
+                demo=bool(extra.get("demo")),
+                missing_blocks=tuple(extra.get("missing_blocks") or ()),
+            )
+        )
+    return sorted(choices, key=lambda c: (c.demo, bool(c.missing_blocks)))
+
+
+def build_request(model: str, system_prompt: str, messages: list[Message], sampling: Sampling) -> dict:
+    """The body of POST /v1/chat/completions for a conversation so far."""
+    turns = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    turns += [{"role": m.role, "content": m.content} for m in messages if m.role in ("user", "assistant")]
+    return {
+        "model": model,
+        "messages": turns,
+        "stream": True,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+    }
+
+
+def apply_chunk(progress: ReplyProgress, data: str, now: float) -> ReplyProgress:
+    """Fold one SSE `data:` payload (a chat.completion.chunk) into the reply."""
+    if data.strip() == "[DONE]":
+        return progress
+    chunk = json.loads(data)
+    delta_text, finish = "", progress.finish_reason
+    for choice in chunk.get("choices") or []:
+        delta_text += (choice.get("delta") or {}).get("content") or ""
+        finish = choice.get("finish_reason") or finish
+    usage = chunk.get("usage") or {}
+    return dataclasses.replace(
+        progress,
+        text=progress.text + delta_text,
+        pieces=progress.pieces + (1 if delta_text else 0),
+        first_piece=progress.first_piece if progress.first_piece or not delta_text else now,
+        completion_tokens=usage.get("completion_tokens", progress.completion_tokens),
+        finish_reason=finish,
+    )
+
+
+def tokens_per_second(progress: ReplyProgress, now: float) -> float | None:
+    """Generation speed from the first piece on (each piece is about one token)."""
+    if progress.first_piece is None:
+        return None
+    tokens = progress.completion_tokens or progress.pieces
+    elapsed = now - progress.first_piece
+    if tokens <= 1 or elapsed <= 0:
+        return None
+    return (tokens - 1) / elapsed
+
+
+def transcript_markdown(messages: list[Message], streaming: str | None = None) -> str:
+    """The conversation as Markdown, one section per turn (QTextDocument renders it)."""
+    parts = []
+    for message in messages:
+        who = {"user": "You", "assistant": "Assistant", "system": "System"}.get(message.role, message.role)
+        speed = ""
+        if message.role == "assistant" and message.tokens and message.seconds:
+            speed = f" · {message.tokens / message.seconds:.1f} tokens/s"
+        parts.append(f"**{who}**{speed}\n\n{message.content or '*(empty)*'}")
+    if streaming is not None:
+        parts.append(f"**Assistant** · *writing…*\n\n{streaming or '…'}")
+    return "\n\n---\n\n".join(parts)
+
+
+class ChatModel(QObject):
+    """Conversations and the reply in progress; windows read its attributes after `changed`."""
+
+    changed = Signal()
+    models_changed = Signal()
+    notice_changed = Signal(str)
+
+    def __init__(self, client: ApiClient, history: ChatHistory, parent: QObject | None = None):
+        super().__init__(parent)
+        self.client = client
+        self.history = history
+        self.models: list[ModelChoice] = []
+        self.model_id = ""
+        self.conversation_id: int | None = None
+        self.messages: list[Message] = []
+        self.reply: ReplyProgress | None = None
+        self.sampling = Sampling()
+        self.system_prompt = ""
+        self.notice = ""
+        self.last_speed: float | None = None
+        self.engine_ready = False
+        self._stream: ApiStream | None = None
+
+    # ---- engine and models
+
+    def set_engine_ready(self, ready: bool, message: str = "") -> None:
+        self.engine_ready = ready
+        if ready:
+            self.refresh_models()
+            if self.notice.startswith("The engine"):
+                self._set_notice("")
+        else:
+            self._set_notice(message or "The engine is not running; chat will work again when it is back.")
+        self.changed.emit()
+
+    def refresh_models(self) -> None:
+        call = self.client.get("/v1/models")
+        call.succeeded.connect(self._models_loaded)
+        call.failed.connect(lambda error: self._set_notice(describe_error(error, "list the models")))
+
+    def _models_loaded(self, payload: dict) -> None:
+        self.models = model_choices(payload)
+        ids = [m.id for m in self.models]
+        if self.model_id not in ids:
+            self.model_id = ids[0] if ids else ""
+        self.models_changed.emit()
+
+    def select_model(self, model_id: str) -> None:
+        self.model_id = model_id
+        if self.conversation_id is not None:
+            self.history.update_conversation(self.conversation_id, model=model_id)
+        self.changed.emit()
+
+    def current_model(self) -> ModelChoice | None:
+        return next((m for m in self.models if m.id == self.model_id), None)
+
+    # ---- conversations
+
+    def conversations(self):
+        return self.history.conversations()
+
+    def open_conversation(self, conversation_id: int) -> None:
+        if self.reply is not None:
+            self.stop()
+        conversation = self.history.conversation(conversation_id)
+        if conversation is None:
+            return
+        self.conversation_id = conversation_id
+        self.messages = self.history.messages(conversation_id)
+        self.system_prompt = conversation.system_prompt
+        if conversation.model:
+            self.model_id = conversation.model
+        self.changed.emit()
+
+    def new_conversation(self) -> int:
+        conversation_id = self.history.create_conversation("New chat", self.model_id, self.system_prompt)
+        self.open_conversation(conversation_id)
+        return conversation_id
+
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        self.history.rename(conversation_id, title)
+        self.changed.emit()
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        if conversation_id == self.conversation_id:
+            if self.reply is not None:
+                self.stop()
+            self.conversation_id, self.messages = None, []
+        self.history.delete(conversation_id)
+        self.changed.emit()
+
+    def set_system_prompt(self, text: str) -> None:
+        self.system_prompt = text
+        if self.conversation_id is not None:
+            self.history.update_conversation(self.conversation_id, system_prompt=text)
+
+    # ---- one reply at a time
+
+    @property
+    def streaming(self) -> bool:
+        return self.reply is not None
+
+    def send(self, text: str) -> bool:
+        """Add the user's message and stream the reply; False when nothing was sent."""
+        text = text.strip()
+        if not text or self.streaming:
+            return False
+        if not self.model_id:
+            self._set_notice("No model to chat with yet: the engine has not listed any.")
+            return False
+        if self.conversation_id is None:
+            self.new_conversation()
+        assert self.conversation_id is not None
+        if not self.messages:
+            self.history.rename(self.conversation_id, text.splitlines()[0][:48])
+        self.history.add_message(self.conversation_id, "user", text)
+        self.messages = self.history.messages(self.conversation_id)
+        body = build_request(self.model_id, self.system_prompt, self.messages, self.sampling)
+        self.reply = ReplyProgress(started=time.monotonic())
+        self._set_notice("")
+        stream = self.client.stream("/v1/chat/completions", body)
+        self._stream = stream
+        stream.event.connect(self._chunk)
+        stream.finished.connect(self._finished)
+        stream.failed.connect(self._failed)
+        self.changed.emit()
+        return True
+
+    def _chunk(self, event: SseEvent) -> None:
+        if self.reply is None:
+            return
+        try:
+            self.reply = apply_chunk(self.reply, event.data, time.monotonic())
+        except (ValueError, AttributeError, TypeError):
+            return
+        self.last_speed = tokens_per_second(self.reply, time.monotonic()) or self.last_speed
+        self.changed.emit()
+
+    def _finished(self) -> None:
+        self._save_reply(stopped=False)
+
+    def stop(self) -> None:
+        """Abort the reply in progress (the engine cancels generation); keep what arrived so far."""
+        if self._stream is not None:
+            self._stream.abort()
+        if self.reply is not None:
+            self._save_reply(stopped=True)
+
+    def _save_reply(self, stopped: bool) -> None:
+        reply, self.reply, self._stream = self.reply, None, None
+        if reply is None or self.conversation_id is None:
+            return
+        now = time.monotonic()
+        tokens = reply.completion_tokens or reply.pieces
+        seconds = now - reply.first_piece if reply.first_piece is not None else None
+        self.last_speed = tokens_per_second(reply, now) or self.last_speed
+        if reply.text or not stopped:
+            text = reply.text + ("\n\n*(stopped)*" if stopped else "")
+            self.history.add_message(self.conversation_id, "assistant", text, tokens, seconds)
+            self.messages = self.history.messages(self.conversation_id)
+        if stopped:
+            self._set_notice("Reply stopped.")
+        elif reply.finish_reason == "length":
+            self._set_notice("The reply reached the token limit (Max tokens in the chat settings).")
+        self.changed.emit()
+
+    def _failed(self, error: ApiError) -> None:
+        reply, self.reply, self._stream = self.reply, None, None
+        if reply is not None and reply.text and self.conversation_id is not None:
+            self.history.add_message(self.conversation_id, "assistant", reply.text + "\n\n*(interrupted)*")
+            self.messages = self.history.messages(self.conversation_id)
+        if error.unreachable:
+            self._set_notice(
+                "The engine stopped or is restarting: the reply was cut off. Send again when it is back."
+            )
+        else:
+            self._set_notice(describe_error(error, "get a reply"))
+        self.changed.emit()
+
+    def _set_notice(self, text: str) -> None:
+        if text != self.notice:
+            self.notice = text
+            self.notice_changed.emit(text)

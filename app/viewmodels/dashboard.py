@@ -1,0 +1,252 @@
+"""Dashboard view model: hardware, hosting plan, sharing state, contribution over time, swarm coverage."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass
+
+from app.api_client import ApiClient, ApiError
+from app.qt import QObject, QTimer, Signal
+
+HISTORY_POINTS = 900  # 15 minutes of once-a-second stats
+
+
+@dataclass(frozen=True)
+class BlockCell:
+    """One transformer block in the coverage picture."""
+
+    index: int
+    servers: int
+    mine: bool
+
+
+@dataclass(frozen=True)
+class ShareControl:
+    """How the Share toggle looks."""
+
+    text: str
+    checked: bool
+    enabled: bool
+    progress: float | None  # 0..1 while loading, None otherwise
+    busy: bool
+
+
+@dataclass(frozen=True)
+class DashboardSnapshot:
+    """Everything the dashboard shows; replaced (never mutated) by the reducers below."""
+
+    engine_state: str = "stopped"
+    engine_message: str = ""
+    status: dict | None = None
+    stats: dict | None = None
+    history: tuple[tuple[float, float, float], ...] = ()  # (time, tokens_served, requests_served)
+    hardware: dict | None = None
+    plan: dict | None = None
+    swarm: dict | None = None
+    pending: str | None = None  # "start"/"stop" while that request is in flight
+    error: str | None = None
+
+
+def with_engine(snapshot: DashboardSnapshot, state: str, message: str) -> DashboardSnapshot:
+    status = snapshot.status if state == "running" else None
+    return dataclasses.replace(snapshot, engine_state=state, engine_message=message, status=status)
+
+
+def with_status(snapshot: DashboardSnapshot, status: dict) -> DashboardSnapshot:
+    error = status.get("message") if status.get("state") == "error" else None
+    return dataclasses.replace(snapshot, status=dict(status), error=error)
+
+
+def with_stats(snapshot: DashboardSnapshot, stats: dict, now: float) -> DashboardSnapshot:
+    point = (now, float(stats.get("tokens_served") or 0), float(stats.get("requests_served") or 0))
+    history = (*snapshot.history, point)[-HISTORY_POINTS:]
+    return dataclasses.replace(snapshot, stats=dict(stats), history=history)
+
+
+def rate_series(
+    history: tuple[tuple[float, float, float], ...], column: int = 1
+) -> list[tuple[float, float]]:
+    """Per-second rate of a cumulative counter between consecutive points: [(time, rate)]."""
+    series = []
+    for (t0, *v0), (t1, *v1) in itertools.pairwise(history):
+        if t1 > t0:
+            series.append((t1, max(0.0, (v1[column - 1] - v0[column - 1]) / (t1 - t0))))
+    return series
+
+
+def share_control(snapshot: DashboardSnapshot) -> ShareControl:
+    """The Share toggle's text, check state, progress and whether it can be clicked now."""
+    if snapshot.engine_state != "running":
+        return ShareControl("Share my GPU", False, False, None, False)
+    state = (snapshot.status or {}).get("state", "idle")
+    if snapshot.pending == "start" or state == "loading":
+        progress = (snapshot.status or {}).get("progress")
+        return ShareControl(
+            "Loading blocks…", True, True, float(progress) if progress is not None else 0.0, True
+        )
+    if snapshot.pending == "stop" or state == "draining":
+        return ShareControl("Stopping…", False, False, None, True)
+    if state == "serving":
+        return ShareControl("Sharing — click to stop", True, True, None, False)
+    return ShareControl("Share my GPU", False, True, None, False)
+
+
+def coverage(snapshot: DashboardSnapshot) -> list[BlockCell]:
+    """Blocks of the model with servers per block and whether this computer hosts each one."""
+    swarm, plan, status = snapshot.swarm or {}, snapshot.plan or {}, snapshot.status or {}
+    total = int(swarm.get("total_blocks") or plan.get("total_blocks") or 0)
+    servers = {int(b["index"]): int(b.get("servers") or 0) for b in swarm.get("blocks") or [] if "index" in b}
+    mine = set()
+    if status.get("state") in ("serving", "loading") and status.get("blocks"):
+        mine = set(range(*status["blocks"]))
+    return [BlockCell(i, servers.get(i, 0), i in mine) for i in range(total)]
+
+
+def planned_blocks(snapshot: DashboardSnapshot) -> range:
+    plan = snapshot.plan or {}
+    if plan.get("start_block") is None or plan.get("end_block") is None:
+        return range(0)
+    return range(int(plan["start_block"]), int(plan["end_block"]))
+
+
+def format_bytes(value: float | None) -> str:
+    if value is None:
+        return "?"
+    value = float(value)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(value) < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit in ("B", "KB") else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"
+
+
+def format_duration(seconds: float | None) -> str:
+    seconds = int(seconds or 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+def hardware_lines(hardware: dict | None) -> list[str]:
+    """Short lines describing the GPU(s), or CPU and RAM when there is no GPU."""
+    if not hardware:
+        return ["Hardware: unknown until the engine runs"]
+    lines = [
+        f"{gpu.get('name', 'GPU')} ({gpu.get('backend', '')}): {format_bytes(gpu.get('free_bytes'))} free "
+        f"of {format_bytes(gpu.get('total_bytes'))}"
+        for gpu in hardware.get("gpus") or []
+    ]
+    if not lines:
+        cpu, ram = hardware.get("cpu") or {}, hardware.get("ram") or {}
+        lines.append("No GPU found: hosting uses the CPU (slow)")
+        lines.append(f"CPU: {cpu.get('name') or 'unknown'}, {cpu.get('cores') or '?'} cores")
+        lines.append(
+            f"RAM: {format_bytes(ram.get('available_bytes'))} available"
+            f" of {format_bytes(ram.get('total_bytes'))}"
+        )
+    disk = hardware.get("disk") or {}
+    if disk:
+        lines.append(f"Disk ({disk.get('path', '')}): {format_bytes(disk.get('free_bytes'))} free")
+    return lines
+
+
+def plan_text(plan: dict | None) -> str:
+    if not plan:
+        return "No hosting plan yet."
+    blocks = f"blocks {plan.get('start_block')}–{int(plan.get('end_block') or 0) - 1}"
+    return (
+        f"{plan.get('model')}: {blocks} ({plan.get('num_blocks')} of {plan.get('total_blocks')}), "
+        f"{plan.get('quant')} on {plan.get('device')}, about {format_bytes(plan.get('total_bytes'))} "
+        f"(weights {format_bytes(plan.get('weights_bytes'))} + cache {format_bytes(plan.get('cache_bytes'))})"
+    )
+
+
+class DashboardModel(QObject):
+    """Holds a DashboardSnapshot built from engine events; runs the sharing actions; emits `changed`."""
+
+    changed = Signal()
+    error = Signal(object, str)  # ApiError, what was being done
+    sharing_requested = Signal(bool)
+
+    SWARM_REFRESH_MS = 15_000
+
+    def __init__(self, client: ApiClient, hosting_options=lambda: {}, parent: QObject | None = None):
+        super().__init__(parent)
+        self.client = client
+        self.hosting_options = hosting_options
+        self.snapshot = DashboardSnapshot()
+        self._swarm_timer = QTimer(self)
+        self._swarm_timer.setInterval(self.SWARM_REFRESH_MS)
+        self._swarm_timer.timeout.connect(self.refresh_swarm)
+
+    def _replace(self, snapshot: DashboardSnapshot) -> None:
+        self.snapshot = snapshot
+        self.changed.emit()
+
+    def on_engine_state(self, state: str, message: str) -> None:
+        self._replace(with_engine(self.snapshot, state, message))
+        if state == "running":
+            self.refresh_all()
+            self._swarm_timer.start()
+        else:
+            self._swarm_timer.stop()
+
+    def on_status(self, status: dict) -> None:
+        previous = (self.snapshot.status or {}).get("state")
+        self._replace(with_status(self.snapshot, status))
+        if status.get("state") != previous:
+            self.refresh_swarm()
+
+    def on_stats(self, stats: dict) -> None:
+        self._replace(with_stats(self.snapshot, stats, time.time()))
+
+    def refresh_all(self) -> None:
+        self.client.get("/api/hardware").succeeded.connect(
+            lambda data: self._replace(dataclasses.replace(self.snapshot, hardware=data))
+        )
+        self.refresh_plan()
+        self.refresh_swarm()
+
+    def _model_query(self) -> str:
+        model = self.hosting_options().get("model") or (self.snapshot.status or {}).get("model")
+        return f"?model={model}" if model else ""
+
+    def refresh_plan(self) -> None:
+        call = self.client.get("/api/hosting/plan" + self._model_query())
+        call.succeeded.connect(lambda data: self._replace(dataclasses.replace(self.snapshot, plan=data)))
+
+    def refresh_swarm(self) -> None:
+        model = (self.snapshot.plan or {}).get("model")
+        query = f"?model={model}" if model else self._model_query()
+        call = self.client.get("/api/swarm" + query)
+        call.succeeded.connect(lambda data: self._replace(dataclasses.replace(self.snapshot, swarm=data)))
+
+    def set_sharing(self, on: bool) -> None:
+        """Start or stop hosting; the outcome arrives through the status events."""
+        state = (self.snapshot.status or {}).get("state", "idle")
+        if (on and state in ("loading", "serving")) or (not on and state in ("idle", "draining", "error")):
+            return
+        self.sharing_requested.emit(on)
+        self._replace(dataclasses.replace(self.snapshot, pending="start" if on else "stop", error=None))
+        if on:
+            body = {k: v for k, v in self.hosting_options().items() if v not in (None, "", "auto")}
+            call = self.client.post("/api/hosting/start", body)
+        else:
+            call = self.client.post("/api/hosting/stop", {"grace_seconds": 10.0})
+        call.succeeded.connect(self._action_done)
+        call.failed.connect(
+            lambda err, on=on: self._action_failed(err, "start sharing" if on else "stop sharing")
+        )
+
+    def _action_done(self, status: dict) -> None:
+        snapshot = dataclasses.replace(self.snapshot, pending=None)
+        if isinstance(status, dict) and "state" in status:
+            snapshot = with_status(snapshot, status)
+        self._replace(snapshot)
+
+    def _action_failed(self, error: ApiError, doing: str) -> None:
+        self._replace(dataclasses.replace(self.snapshot, pending=None))
+        if error.status != 409:  # 409: already in the asked state (another client did it)
+            self.error.emit(error, doing)

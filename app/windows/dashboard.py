@@ -1,0 +1,205 @@
+"""Dashboard window: hardware, hosting plan over the block coverage, Share toggle, stats, swarm health."""
+
+from __future__ import annotations
+
+import time
+
+from app.qt import (
+    QCloseEvent,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    Qt,
+    QVBoxLayout,
+    QWidget,
+    Signal,
+)
+from app.viewmodels.dashboard import (
+    DashboardModel,
+    coverage,
+    format_duration,
+    hardware_lines,
+    plan_text,
+    planned_blocks,
+    rate_series,
+    share_control,
+)
+from app.windows.widgets import BlockMap, TimePlot
+
+STAT_FIELDS = (
+    ("tokens_served", "Tokens served", lambda v: f"{int(v or 0):,}"),
+    ("requests_served", "Requests served", lambda v: f"{int(v or 0):,}"),
+    ("uptime_seconds", "Uptime", format_duration),
+    ("hosting_seconds", "Time sharing", format_duration),
+    ("sessions_active", "Active sessions", lambda v: f"{int(v or 0)}"),
+    ("points", "Points", lambda v: f"{float(v or 0):,.1f}"),
+    ("priority", "Priority", lambda v: f"{float(v or 0):.2f}"),
+)
+
+
+def headline(model: DashboardModel) -> str:
+    snap = model.snapshot
+    if snap.engine_state != "running":
+        return snap.engine_message or "The engine is not running."
+    status = snap.status or {}
+    state = status.get("state", "idle")
+    if state == "serving" and status.get("blocks"):
+        start, end = status["blocks"]
+        return f"Sharing: serving blocks {start}–{end - 1} of {status.get('model')}"
+    if state == "loading":
+        return status.get("message") or "Loading blocks…"
+    if state == "draining":
+        return "Stopping: letting running sessions finish…"
+    if state == "error":
+        return f"Hosting failed: {status.get('message') or 'unknown error'}"
+    return "Not sharing. Turn on Share my GPU to host part of the model for the swarm."
+
+
+class DashboardWindow(QMainWindow):
+    """Shows a DashboardModel; the Share button calls model.set_sharing. Closing hides it (the tray stays)."""
+
+    close_requested = Signal()
+
+    def __init__(self, model: DashboardModel, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.model = model
+        self.hide_on_close = True
+        self.setWindowTitle("Pollinate — Dashboard")
+        self.resize(760, 720)
+        central = QWidget()
+        layout = QVBoxLayout(central)
+
+        top = QHBoxLayout()
+        self.headline = QLabel()
+        self.headline.setWordWrap(True)
+        font = self.headline.font()
+        font.setPointSizeF(font.pointSizeF() * 1.15)
+        font.setBold(True)
+        self.headline.setFont(font)
+        self.share_button = QPushButton("Share my GPU")
+        self.share_button.setCheckable(True)
+        self.share_button.setMinimumWidth(200)
+        self.share_button.setMinimumHeight(36)
+        self.share_button.clicked.connect(self._share_clicked)
+        top.addWidget(self.headline, 1)
+        top.addWidget(self.share_button)
+        layout.addLayout(top)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setFormat("Loading blocks… %p%")
+        layout.addWidget(self.progress)
+
+        hardware_box = QGroupBox("Your hardware")
+        self.hardware_label = QLabel()
+        self.hardware_label.setWordWrap(True)
+        QVBoxLayout(hardware_box).addWidget(self.hardware_label)
+        layout.addWidget(hardware_box)
+
+        plan_box = QGroupBox("Hosting plan and swarm coverage")
+        plan_layout = QVBoxLayout(plan_box)
+        self.plan_label = QLabel()
+        self.plan_label.setWordWrap(True)
+        self.block_map = BlockMap()
+        legend = QLabel(
+            "Each tile is one block; the number is how many servers hold it. "
+            "<span style='color:#e0413a'>■</span> none  <span style='color:#e0a800'>■</span> one  "
+            "<span style='color:#2fb35a'>■</span> several  "
+            "<span style='color:#1f6fd1'>▢</span> hosted by you  "
+            "┄ planned for you"
+        )
+        legend.setWordWrap(True)
+        self.swarm_label = QLabel()
+        self.swarm_label.setWordWrap(True)
+        for widget in (self.plan_label, self.block_map, legend, self.swarm_label):
+            plan_layout.addWidget(widget)
+        layout.addWidget(plan_box)
+
+        stats_box = QGroupBox("Your contribution")
+        stats_layout = QVBoxLayout(stats_box)
+        grid = QGridLayout()
+        self.stat_labels: dict[str, QLabel] = {}
+        for i, (key, title, _fmt) in enumerate(STAT_FIELDS):
+            name = QLabel(title)
+            name.setStyleSheet("color: palette(mid);")
+            value = QLabel("—")
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            bold = value.font()
+            bold.setBold(True)
+            value.setFont(bold)
+            grid.addWidget(name, 0, i)
+            grid.addWidget(value, 1, i)
+            self.stat_labels[key] = value
+        stats_layout.addLayout(grid)
+        self.plot = TimePlot("Tokens served per second", "tok/s")
+        self.plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        stats_layout.addWidget(self.plot)
+        layout.addWidget(stats_box, 1)
+
+        self.setCentralWidget(central)
+        self.statusBar()
+        model.changed.connect(self.refresh)
+        self.refresh()
+
+    def _share_clicked(self, checked: bool) -> None:
+        self.model.set_sharing(checked)
+        self.refresh()
+
+    def show_message(self, text: str, timeout_ms: int = 0) -> None:
+        self.statusBar().showMessage(text, timeout_ms)
+
+    def refresh(self) -> None:
+        snap = self.model.snapshot
+        self.headline.setText(headline(self.model))
+        control = share_control(snap)
+        self.share_button.setText(control.text)
+        self.share_button.setChecked(control.checked)
+        self.share_button.setEnabled(control.enabled)
+        self.progress.setVisible(control.progress is not None)
+        if control.progress is not None:
+            self.progress.setValue(int(control.progress * 1000))
+        self.hardware_label.setText("\n".join(hardware_lines(snap.hardware)))
+        self.plan_label.setText(plan_text(snap.plan))
+        self.block_map.set_cells(coverage(snap), planned_blocks(snap))
+        self.swarm_label.setText(swarm_summary(snap.swarm))
+        for key, _title, fmt in STAT_FIELDS:
+            value = (snap.stats or {}).get(key)
+            self.stat_labels[key].setText(fmt(value) if snap.stats else "—")
+        self.plot.set_points(rate_series(snap.history), time.time())
+        if snap.error:
+            self.show_message(snap.error)
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if self.hide_on_close:
+            event.ignore()
+            self.hide()
+        else:
+            event.ignore()
+            self.close_requested.emit()
+
+
+def swarm_summary(swarm: dict | None) -> str:
+    """Swarm health in a sentence: servers, servers per block, blocks nobody serves."""
+    if not swarm:
+        return "Swarm health: unknown."
+    blocks = swarm.get("blocks") or []
+    counts = [int(b.get("servers") or 0) for b in blocks]
+    servers = len(swarm.get("servers") or [])
+    missing = swarm.get("missing_blocks") or [b["index"] for b in blocks if not b.get("servers")]
+    text = f"Swarm health for {swarm.get('model')}: "
+    if servers:
+        text += f"{servers} server(s); "
+    if counts:
+        text += f"{min(counts)}–{max(counts)} servers per block"
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:16]) + ("…" if len(missing) > 16 else "")
+        text += (
+            f"; no server for block(s) {shown}: chat with this model cannot work until someone hosts them."
+        )
+    else:
+        text += "; every block is served."
+    return text

@@ -1,0 +1,203 @@
+"""Settings dialog: swarm, hosting memory and quantization, quit behaviour, autostart, HF token, folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from app import paths
+from app.qt import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSlider,
+    Qt,
+    QVBoxLayout,
+    QWidget,
+)
+from app.settings import QUANTS, SWARM_LABELS, SWARMS, Settings
+from app.viewmodels.dashboard import format_bytes
+
+QUANT_LABELS = {
+    "auto": "Automatic (nf4 on NVIDIA GPUs)",
+    "none": "None (full precision, most memory)",
+    "int8": "int8 (half the memory)",
+    "nf4": "nf4 (a quarter of the memory)",
+}
+
+
+def free_space(path: Path) -> str:
+    """'123.4 GB free' for the disk holding path (or its nearest existing parent)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{format_bytes(shutil.disk_usage(path).free)} free"
+    except OSError:
+        return "free space unknown"
+
+
+class MemorySlider(QWidget):
+    """A percentage slider (5–95 %) and a label saying what it means in bytes when free memory is known."""
+
+    def __init__(self, fraction: float, free_bytes: int | None = None, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.free_bytes = free_bytes
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(5, 95)
+        self.slider.setValue(round(fraction * 100))
+        self.label = QLabel()
+        self.label.setMinimumWidth(220)
+        self.slider.valueChanged.connect(self._update)
+        layout.addWidget(self.slider, 1)
+        layout.addWidget(self.label)
+        self._update()
+
+    def fraction(self) -> float:
+        return self.slider.value() / 100
+
+    def _update(self) -> None:
+        text = f"{self.slider.value()} % of free memory"
+        if self.free_bytes:
+            text += f" (about {format_bytes(self.free_bytes * self.fraction())})"
+        self.label.setText(text)
+
+
+class SettingsDialog(QDialog):
+    """Edits a copy of Settings; `result_settings()` and `hf_token_change()` read the outcome after accept."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        hf_token_set: bool = False,
+        free_bytes: int | None = None,
+        parent: QWidget | None = None,
+    ):
+        super().__init__(parent)
+        self.setWindowTitle("Pollinate — Settings")
+        self.settings = settings
+        self._clear_token = False
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        layout.addLayout(form)
+
+        self.swarm = QComboBox()
+        for swarm in SWARMS:
+            self.swarm.addItem(SWARM_LABELS[swarm], swarm)
+        self.swarm.setCurrentIndex(SWARMS.index(settings.swarm))
+        self.peers = QPlainTextEdit("\n".join(settings.initial_peers))
+        self.peers.setPlaceholderText("/ip4/203.0.113.5/tcp/31337/p2p/Qm… (one multiaddress per line)")
+        self.peers.setMaximumHeight(60)
+        self.swarm.currentIndexChanged.connect(self._swarm_changed)
+        form.addRow("Swarm", self.swarm)
+        form.addRow("Private peers", self.peers)
+
+        self.memory = MemorySlider(settings.memory_fraction, free_bytes)
+        form.addRow("Memory for hosting", self.memory)
+        self.quant = QComboBox()
+        for quant in QUANTS:
+            self.quant.addItem(QUANT_LABELS[quant], quant)
+        self.quant.setCurrentIndex(QUANTS.index(settings.quant))
+        form.addRow("Quantization", self.quant)
+        self.host_model = QLineEdit(settings.host_model)
+        self.host_model.setPlaceholderText("Automatic (the swarm's most needed model)")
+        form.addRow("Model to host", self.host_model)
+
+        self.keep_sharing = QCheckBox("Keep sharing in the background when I quit the app")
+        self.keep_sharing.setChecked(settings.keep_sharing_on_close)
+        self.autostart = QCheckBox("Start Pollinate when I log in")
+        self.autostart.setChecked(settings.autostart)
+        form.addRow("", self.keep_sharing)
+        form.addRow("", self.autostart)
+
+        token_row = QHBoxLayout()
+        self.hf_token = QLineEdit()
+        self.hf_token.setEchoMode(QLineEdit.EchoMode.Password)
+        self.hf_token.setPlaceholderText(
+            "Saved in the system keyring" if hf_token_set else "hf_… (for gated models)"
+        )
+        self.clear_token = QPushButton("Forget")
+        self.clear_token.setEnabled(hf_token_set)
+        self.clear_token.clicked.connect(self._forget_token)
+        token_row.addWidget(self.hf_token, 1)
+        token_row.addWidget(self.clear_token)
+        form.addRow("Hugging Face token", token_row)
+
+        data = paths.data_dir()
+        self.data_label = QLabel(f"{data}  ({free_space(data)})")
+        self.data_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        form.addRow("Data folder", self.data_label)
+        weights_row = QHBoxLayout()
+        self.weights_dir = QLineEdit(settings.weights_dir)
+        self.weights_dir.setPlaceholderText(str(paths.huggingface_cache_dir()))
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        self.weights_free = QLabel()
+        self.weights_dir.textChanged.connect(self._update_weights_free)
+        weights_row.addWidget(self.weights_dir, 1)
+        weights_row.addWidget(browse)
+        form.addRow("Model weights folder", weights_row)
+        form.addRow("", self.weights_free)
+        note = QLabel("Changing the swarm, peers, token or weights folder restarts the engine.")
+        note.setWordWrap(True)
+        layout.addWidget(note)
+
+        buttons = QDialogButtonBox(
+            QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel
+        )
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout.addWidget(buttons)
+        self._swarm_changed()
+        self._update_weights_free()
+
+    def _swarm_changed(self) -> None:
+        self.peers.setEnabled(self.swarm.currentData() == "private")
+
+    def _forget_token(self) -> None:
+        self._clear_token = True
+        self.hf_token.clear()
+        self.hf_token.setPlaceholderText("Will be removed from the keyring")
+        self.clear_token.setEnabled(False)
+
+    def _browse(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Model weights folder", self.weights_dir.text())
+        if folder:
+            self.weights_dir.setText(folder)
+
+    def _update_weights_free(self) -> None:
+        folder = self.weights_dir.text().strip() or str(paths.huggingface_cache_dir())
+        self.weights_free.setText(free_space(Path(folder)))
+
+    def result_settings(self) -> Settings:
+        return dataclasses.replace(
+            self.settings,
+            swarm=self.swarm.currentData(),
+            initial_peers=tuple(
+                line.strip() for line in self.peers.toPlainText().splitlines() if line.strip()
+            ),
+            memory_fraction=self.memory.fraction(),
+            quant=self.quant.currentData(),
+            host_model=self.host_model.text().strip(),
+            keep_sharing_on_close=self.keep_sharing.isChecked(),
+            autostart=self.autostart.isChecked(),
+            weights_dir=self.weights_dir.text().strip(),
+        ).validated()
+
+    def hf_token_change(self) -> str | None:
+        """A new token, "" to delete the stored one, or None for no change."""
+        if self.hf_token.text().strip():
+            return self.hf_token.text().strip()
+        return "" if self._clear_token else None

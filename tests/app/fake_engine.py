@@ -1,0 +1,420 @@
+"""A fake engine: a stdlib HTTP server that speaks docs/API.md (including SSE) with controllable behaviour.
+
+Used in-process by the app tests (FakeEngine), or as a child process (`python tests/app/fake_engine.py`) that
+writes engine-state.json like the real engine, for the EngineProcess start/crash/restart tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+TOKEN = "fake-token"
+DEMO_ID = "pollinate-demo-tiny-llama"
+GiB = 1024**3
+
+
+class FakeEngine:
+    """State and controls of the fake engine; `start()` serves it on 127.0.0.1:0."""
+
+    def __init__(self, num_blocks: int = 8, words: int = 12, word_delay: float = 0.02, gpu: bool = True):
+        self.lock = threading.Lock()
+        self.num_blocks = num_blocks
+        self.words = words
+        self.word_delay = word_delay
+        self.load_steps = 4
+        self.load_delay = 0.05
+        self.chat_error: tuple[int, dict] | None = None  # (status, error object) for the next chats
+        self.hosting_error: tuple[int, dict] | None = None
+        self.status = {
+            "state": "idle",
+            "progress": None,
+            "message": None,
+            "model": None,
+            "blocks": None,
+            "swarm": "local",
+        }
+        self.stats = {
+            "tokens_served": 0,
+            "requests_served": 0,
+            "uptime_seconds": 0.0,
+            "hosting_seconds": 0.0,
+            "sessions_active": 0,
+            "points": 0.0,
+            "priority": 0.0,
+        }
+        self.hardware = {
+            "gpus": [
+                {
+                    "index": 0,
+                    "name": "NVIDIA GeForce RTX 4090",
+                    "backend": "cuda",
+                    "total_bytes": 24 * GiB,
+                    "free_bytes": 21 * GiB,
+                }
+            ]
+            if gpu
+            else [],
+            "cpu": {"name": "AMD Ryzen 9 7950X", "cores": 16},
+            "ram": {"total_bytes": 64 * GiB, "available_bytes": 48 * GiB},
+            "disk": {
+                "path": "/home/user/.cache/huggingface",
+                "total_bytes": 1000 * GiB,
+                "free_bytes": 420 * GiB,
+            },
+        }
+        self.models = [
+            {
+                "id": "meta-llama/Llama-3.1-8B-Instruct",
+                "object": "model",
+                "owned_by": "swarm",
+                "pollinate": {
+                    "label": "Llama 3.1 8B Instruct",
+                    "demo": False,
+                    "num_blocks": 32,
+                    "missing_blocks": [],
+                },
+            },
+            {
+                "id": DEMO_ID,
+                "object": "model",
+                "owned_by": "pollinate",
+                "pollinate": {
+                    "label": "Demo model (tiny, random weights: its replies are gibberish)",
+                    "demo": True,
+                    "num_blocks": num_blocks,
+                    "missing_blocks": [],
+                },
+            },
+        ]
+        self.servers_per_block = [1] * num_blocks
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.chats_started = 0
+        self.chats_cancelled = 0
+        self.chats_completed = 0
+        self._subscribers: list[queue.Queue] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.closing = threading.Event()
+
+    # ---- lifecycle
+
+    def start(self) -> str:
+        engine = self
+
+        class Handler(FakeHandler):
+            fake = engine
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self.base_url
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.closing.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def write_state_file(self, data_dir: Path, pid: int | None = None) -> Path:
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        token_file = data_dir / "engine-token"
+        token_file.write_text(TOKEN)
+        os.chmod(token_file, 0o600)
+        state = {
+            "pid": pid or os.getpid(),
+            "port": self.port,
+            "base_url": self.base_url,
+            "token_source": "file",
+            "token_file": str(token_file),
+            "version": "0.1.0-fake",
+            "started_at": time.time(),
+        }
+        path = data_dir / "engine-state.json"
+        path.write_text(json.dumps(state))
+        return path
+
+    # ---- behaviour
+
+    def publish(self, event: str, data: dict) -> None:
+        with self.lock:
+            for subscriber in self._subscribers:
+                subscriber.put((event, data))
+
+    def set_status(self, **changes) -> None:
+        with self.lock:
+            self.status = {**self.status, **changes}
+            status = dict(self.status)
+        self.publish("status", status)
+
+    def add_stats(self, tokens: int = 0, requests: int = 0, **changes) -> None:
+        with self.lock:
+            self.stats["tokens_served"] += tokens
+            self.stats["requests_served"] += requests
+            self.stats.update(changes)
+            stats = dict(self.stats)
+        self.publish("stats", stats)
+
+    def start_hosting(self) -> None:
+        self.set_status(
+            state="loading",
+            progress=0.0,
+            model=DEMO_ID,
+            blocks=[0, self.num_blocks // 2],
+            message="Loading blocks 0–3",
+        )
+
+        def load():
+            for step in range(1, self.load_steps + 1):
+                time.sleep(self.load_delay)
+                if self.status["state"] != "loading":
+                    return
+                self.set_status(progress=step / self.load_steps)
+            for i in range(0, self.num_blocks // 2):
+                self.servers_per_block[i] += 1
+            self.set_status(state="serving", progress=None, message=None)
+
+        threading.Thread(target=load, daemon=True).start()
+
+    def stop_hosting(self) -> None:
+        self.set_status(state="idle", progress=None, model=None, blocks=None, message=None)
+        for i in range(0, self.num_blocks // 2):
+            self.servers_per_block[i] = max(0, self.servers_per_block[i] - 1)
+
+    def swarm(self) -> dict:
+        missing = [i for i, n in enumerate(self.servers_per_block) if n == 0]
+        return {
+            "model": DEMO_ID,
+            "dht_prefix": "pollinate-demo-tiny-llama-hf",
+            "total_blocks": self.num_blocks,
+            "blocks": [
+                {"index": i, "servers": n, "throughput": 10.0 * n}
+                for i, n in enumerate(self.servers_per_block)
+            ],
+            "servers": [],
+            "missing_blocks": missing,
+        }
+
+    def plan(self) -> dict:
+        half = self.num_blocks // 2
+        return {
+            "model": DEMO_ID,
+            "dht_prefix": "pollinate-demo-tiny-llama-hf",
+            "start_block": 0,
+            "end_block": half,
+            "num_blocks": half,
+            "total_blocks": self.num_blocks,
+            "quant": "none",
+            "dtype": "float32",
+            "device": "cuda:0",
+            "weights_bytes": 3 * 1024**2,
+            "cache_bytes": 16 * 1024**2,
+            "total_bytes": 19 * 1024**2,
+        }
+
+
+def error_body(status: int, kind: str, message: str, **extra) -> dict:
+    return {"error": {"message": message, "type": kind, "code": status, **extra}}
+
+
+class FakeHandler(BaseHTTPRequestHandler):
+    fake: FakeEngine
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _json(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _authorized(self) -> bool:
+        if self.headers.get("Authorization") == f"Bearer {TOKEN}":
+            return True
+        self._json(401, error_body(401, "unauthorized", "Missing or wrong token."))
+        return False
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}") if length else {}
+
+    def _sse_start(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+    def _sse(self, data: str, event: str | None = None) -> None:
+        text = (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
+        self.wfile.write(text.encode())
+        self.wfile.flush()
+
+    def do_GET(self) -> None:
+        fake = self.fake
+        url = urlparse(self.path)
+        fake.requests.append(("GET", url.path, None))
+        if url.path == "/api/health":
+            return self._json(200, {"status": "ok", "version": "0.1.0-fake", "pid": os.getpid()})
+        if not self._authorized():
+            return None
+        routes = {
+            "/api/status": lambda: fake.status,
+            "/api/stats": lambda: fake.stats,
+            "/api/hardware": lambda: fake.hardware,
+            "/api/hosting/plan": fake.plan,
+            "/api/swarm": fake.swarm,
+            "/v1/models": lambda: {"object": "list", "data": fake.models},
+        }
+        if url.path == "/api/events":
+            return self._events()
+        if url.path in routes:
+            parse_qs(url.query)
+            return self._json(200, routes[url.path]())
+        return self._json(404, error_body(404, "not_found", f"No route {url.path}"))
+
+    def _events(self) -> None:
+        subscriber: queue.Queue = queue.Queue()
+        with self.fake.lock:
+            self.fake._subscribers.append(subscriber)
+        try:
+            self._sse_start()
+            self.wfile.write(b": connected\n\n")
+            self.wfile.flush()
+            while not self.fake.closing.is_set():
+                try:
+                    event, data = subscriber.get(timeout=0.5)
+                except queue.Empty:
+                    self.wfile.write(b": keep-alive\n\n")
+                    self.wfile.flush()
+                    continue
+                self._sse(json.dumps(data), event)
+        except OSError:
+            pass
+        finally:
+            with self.fake.lock:
+                self.fake._subscribers.remove(subscriber)
+
+    def do_POST(self) -> None:
+        fake = self.fake
+        url = urlparse(self.path)
+        if not self._authorized():
+            return None
+        try:
+            body = self._body()
+        except ValueError:
+            return self._json(400, error_body(400, "invalid_request", "Malformed JSON."))
+        fake.requests.append(("POST", url.path, body))
+        if url.path == "/api/hosting/start":
+            if fake.hosting_error:
+                return self._json(fake.hosting_error[0], {"error": fake.hosting_error[1]})
+            if fake.status["state"] != "idle":
+                return self._json(409, error_body(409, "wrong_state", "Hosting is already on."))
+            fake.start_hosting()
+            return self._json(202, fake.status)
+        if url.path == "/api/hosting/stop":
+            if fake.status["state"] == "idle":
+                return self._json(409, error_body(409, "wrong_state", "Hosting is off."))
+            fake.stop_hosting()
+            return self._json(202, fake.status)
+        if url.path == "/v1/chat/completions":
+            return self._chat(body)
+        return self._json(404, error_body(404, "not_found", f"No route {url.path}"))
+
+    def _chat(self, body: dict) -> None:
+        fake = self.fake
+        if fake.chat_error:
+            return self._json(fake.chat_error[0], {"error": fake.chat_error[1]})
+        if body.get("model") not in [m["id"] for m in fake.models]:
+            return self._json(404, error_body(404, "model_not_found", f"Unknown model {body.get('model')}"))
+        fake.chats_started += 1
+        last = body["messages"][-1]["content"]
+        words = [f"word{i}" for i in range(fake.words)]
+        words[0] = f"You said **{last}**:"
+        self._sse_start()
+        try:
+            for i, word in enumerate(words):
+                if fake.closing.is_set():
+                    return None
+                time.sleep(fake.word_delay)
+                chunk = {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "delta": {"content": (" " if i else "") + word}, "finish_reason": None}
+                    ],
+                }
+                self._sse(json.dumps(chunk))
+            final = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": len(words),
+                    "total_tokens": 5 + len(words),
+                },
+            }
+            self._sse(json.dumps(final))
+            self._sse("[DONE]")
+            fake.chats_completed += 1
+        except OSError:
+            fake.chats_cancelled += 1
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run as the engine would: write engine-state.json to POLLINATE_DATA_DIR and serve until killed."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--fail-start", action="store_true", help="exit at once with an error, like a broken engine"
+    )
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    args, _unknown = parser.parse_known_args(argv)
+    if args.fail_start:
+        print("RuntimeError: CUDA driver too old (fake)", file=sys.stderr, flush=True)
+        return 3
+    time.sleep(args.startup_delay)
+    data_dir = Path(os.environ["POLLINATE_DATA_DIR"])
+    fake = FakeEngine()
+    fake.start()
+    state = fake.write_state_file(data_dir)
+    print(f"fake engine serving on {fake.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(0.2)
+            fake.add_stats(tokens=1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        state.unlink(missing_ok=True)
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""EngineProcess: start, health, crash -> restart with backoff, failure reasons, stop leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from app.engine_process import FAILED, RESTARTING, RUNNING, EngineProcess, engine_command, read_state_file
+
+FAKE = str(Path(__file__).with_name("fake_engine.py"))
+
+
+def make_engine(data_dir, command, **kwargs) -> EngineProcess:
+    return EngineProcess(Path(data_dir), lambda: list(command), backoff_s=(0.1,), **kwargs)
+
+
+@pytest.fixture
+def engines():
+    made = []
+    yield made
+    for engine in made:
+        engine.stop(timeout_s=3)
+
+
+def test_engine_command_shape():
+    command = engine_command("private", ("/ip4/1.2.3.4/tcp/1/p2p/Qm",), parent_pid=42, extra_args=("--x",))
+    assert command[:5] == [sys.executable, "-m", "engine.cli", "run", "--port"]
+    assert command[command.index("--swarm") + 1] == "private"
+    assert command[command.index("--parent-pid") + 1] == "42"
+    assert command[-1] == "--x"
+
+
+def test_start_crash_restart_and_stop(qtbot, app_dirs, engines):
+    engine = make_engine(app_dirs["data"], [sys.executable, FAKE])
+    engines.append(engine)
+    messages = []
+    engine.state_changed.connect(lambda state, message: messages.append((state, message)))
+    with qtbot.waitSignal(engine.endpoint_changed, timeout=15000, check_params_cb=lambda e: e is not None):
+        engine.start()
+    assert engine.state == RUNNING and engine.owned
+    first_pid = engine.pid
+    assert read_state_file(app_dirs["data"]).token == "fake-token"
+
+    os.kill(first_pid, signal.SIGKILL)  # the engine crashes
+    qtbot.waitUntil(lambda: engine.state == RESTARTING, timeout=5000)
+    assert "stopped unexpectedly" in engine.message and "Restarting" in engine.message
+    qtbot.waitUntil(lambda: engine.state == RUNNING, timeout=15000)
+    assert engine.pid != first_pid
+    assert ("running", "The engine restarted.") in messages
+
+    second_pid = engine.pid
+    engine.stop(timeout_s=5)
+    assert not psutil.pid_exists(second_pid) or psutil.Process(second_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_engine_that_cannot_start_says_why(qtbot, app_dirs, engines):
+    engine = make_engine(app_dirs["data"], [sys.executable, FAKE, "--fail-start"])
+    engines.append(engine)
+    engine.start()
+    qtbot.waitUntil(lambda: engine.state == FAILED, timeout=20000)
+    assert "cannot start" in engine.message
+    assert "CUDA driver too old" in engine.message
+    assert "engine.log" in engine.message
+
+
+def test_engine_without_parent_pid_flag_is_started_without_it(qtbot, app_dirs, engines):
+    strict = (
+        "import argparse, sys; argparse.ArgumentParser().parse_args(); "
+        f"sys.path.insert(0, {str(Path(FAKE).parent)!r}); import fake_engine; sys.exit(fake_engine.main([]))"
+    )
+    engine = make_engine(app_dirs["data"], [sys.executable, "-c", strict, "--parent-pid", str(os.getpid())])
+    engines.append(engine)
+    engine.start()
+    qtbot.waitUntil(lambda: engine.state == RUNNING, timeout=15000)
+    assert engine._drop_parent_pid
+
+
+def test_no_engine_mode_attaches_and_never_kills(qtbot, app_dirs, fake_engine):
+    engine = EngineProcess(app_dirs["data"], lambda: ["false"], manage=False)
+    engine.start()
+    assert engine.state == "starting" and "Waiting" in engine.message
+    fake_engine.write_state_file(app_dirs["data"])
+    qtbot.waitUntil(lambda: engine.state == RUNNING, timeout=5000)
+    assert not engine.owned
+    engine.stop()  # the engine's pid is this test process: it must survive
+    assert engine.state == "stopped"
