@@ -294,8 +294,9 @@ class EngineProcess(QObject):
         self.pid, self.info = info.pid, info
         self._started_at = time.monotonic()
         was_restart = self.state == RESTARTING
-        self._set_state(RUNNING, "The engine restarted." if was_restart else "The engine is running.")
+        # Endpoint first: listeners of the state change call the API at once.
         self._set_endpoint(EngineEndpoint(info.base_url, info.token))
+        self._set_state(RUNNING, "The engine restarted." if was_restart else "The engine is running.")
         self._watch.start()
 
     def check_alive(self) -> None:

@@ -39,15 +39,15 @@ class Tray(QObject):
         self.menu = QMenu()
         self.share_action = QAction("Share my GPU", self.menu)
         self.share_action.setCheckable(True)
-        self.share_action.triggered.connect(self.share_toggled.emit)
+        self.share_action.triggered.connect(self._share_triggered)
         self.chat_action = QAction("Open chat", self.menu)
-        self.chat_action.triggered.connect(self.open_chat.emit)
+        self.chat_action.triggered.connect(lambda: self.open_chat.emit())
         self.dashboard_action = QAction("Dashboard", self.menu)
-        self.dashboard_action.triggered.connect(self.open_dashboard.emit)
+        self.dashboard_action.triggered.connect(lambda: self.open_dashboard.emit())
         self.settings_action = QAction("Settings…", self.menu)
-        self.settings_action.triggered.connect(self.open_settings.emit)
+        self.settings_action.triggered.connect(lambda: self.open_settings.emit())
         self.quit_action = QAction("Quit", self.menu)
-        self.quit_action.triggered.connect(self.quit_requested.emit)
+        self.quit_action.triggered.connect(lambda: self.quit_requested.emit())
         self.status_action = QAction("Starting…", self.menu)
         self.status_action.setEnabled(False)
         self.menu.addAction(self.status_action)
@@ -61,6 +61,9 @@ class Tray(QObject):
             self.icon = QSystemTrayIcon(state_icon("idle"), self)
             self.icon.setContextMenu(self.menu)
             self.icon.activated.connect(self._activated)
+
+    def _share_triggered(self) -> None:
+        self.share_toggled.emit(self.share_action.isChecked())
 
     def show(self) -> None:
         if self.icon is not None:

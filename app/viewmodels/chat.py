@@ -161,7 +161,11 @@ class ChatModel(QObject):
     def refresh_models(self) -> None:
         call = self.client.get("/v1/models")
         call.succeeded.connect(self._models_loaded)
-        call.failed.connect(lambda error: self._set_notice(describe_error(error, "list the models")))
+        call.failed.connect(self._models_failed)
+
+    def _models_failed(self, error: ApiError) -> None:
+        if self.engine_ready and not error.unreachable:  # engine down: its own notice says so already
+            self._set_notice(describe_error(error, "list the models"))
 
     def _models_loaded(self, payload: dict) -> None:
         self.models = model_choices(payload)

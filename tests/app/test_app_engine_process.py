@@ -1,4 +1,4 @@
-"""EngineProcess: start, health, crash -> restart with backoff, failure reasons, stop leaves nothing behind."""
+"""EngineProcess: start, health, crash then restart with backoff, failure reasons, clean stop."""
 
 from __future__ import annotations
 

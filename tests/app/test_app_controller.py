@@ -1,0 +1,164 @@
+"""The whole app against the fake engine: Share toggle, tray menu, dashboard stats, settings, quit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import autostart
+from app.controller import AppController
+from app.settings import Settings, load_settings
+
+FAKE = str(Path(__file__).with_name("fake_engine.py"))
+
+
+@pytest.fixture
+def controller(qtbot, app_dirs, fake_engine):
+    """An AppController attached (--no-engine) to the in-process fake engine, running and subscribed."""
+    fake_engine.write_state_file(app_dirs["data"])
+    ctl = AppController(Settings(onboarded=True), manage_engine=False, use_system_tray=False)
+    ctl.confirm_quit = False
+    ctl.quit_app = lambda: None
+    ctl.start()
+    qtbot.waitUntil(lambda: ctl.engine.state == "running" and ctl.feed.connected, timeout=5000)
+    qtbot.waitUntil(lambda: ctl.dashboard_model.snapshot.hardware is not None, timeout=5000)
+    yield ctl
+    ctl.shutdown()
+    for window in (ctl.dashboard, ctl._chat_window):
+        if window is not None:
+            window.deleteLater()
+    qtbot.wait(20)
+
+
+def test_without_system_tray_the_dashboard_is_shown_and_closing_it_quits(qtbot, controller):
+    assert controller.dashboard.isVisible()
+    assert not controller.dashboard.hide_on_close
+    with qtbot.waitSignal(controller.quitting):
+        controller.dashboard.close()
+    assert controller.engine.state == "stopped"
+
+
+def test_share_toggle_loads_then_serves_and_persists(qtbot, controller, fake_engine):
+    window = controller.dashboard
+    fake_engine.load_delay = 0.15
+    assert window.share_button.isEnabled() and not window.share_button.isChecked()
+    window.share_button.click()
+    qtbot.waitUntil(lambda: window.progress.isVisible(), timeout=3000)
+    qtbot.waitUntil(lambda: controller.tray.state == "loading", timeout=3000)
+    qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
+    assert window.share_button.isChecked() and not window.progress.isVisible()
+    assert "serving blocks 0–3" in window.headline.text()
+    assert controller.tray.share_action.isChecked()
+    assert load_settings().sharing_enabled  # resumes at next start
+    post = [r for r in fake_engine.requests if r[1] == "/api/hosting/start"][0]
+    assert post[2]["memory_fraction"] == 0.5 and "quant" not in post[2]  # "auto" lets the engine choose
+    # the coverage picture shows the blocks hosted here
+    qtbot.waitUntil(lambda: [c.servers for c in window.block_map.cells][:4] == [2, 2, 2, 2], timeout=3000)
+    assert [c.mine for c in window.block_map.cells] == [True] * 4 + [False] * 4
+
+    controller.tray.share_action.trigger()  # stop from the tray menu
+    qtbot.waitUntil(lambda: controller.tray.state == "idle", timeout=3000)
+    assert not window.share_button.isChecked()
+    assert not load_settings().sharing_enabled
+
+
+def test_hosting_error_is_presented(qtbot, controller, fake_engine):
+    fake_engine.hosting_error = (503, {"message": "Not enough GPU memory for one block.", "type": "x", "code": 503})
+    controller.dashboard.share_button.click()
+    qtbot.waitUntil(lambda: "Not enough GPU memory" in controller.presenter.last, timeout=3000)
+    assert "Could not start sharing" in controller.dashboard.statusBar().currentMessage()
+    assert not controller.dashboard.share_button.isChecked()
+
+
+def test_stats_events_update_numbers_and_plot(qtbot, controller, fake_engine):
+    window = controller.dashboard
+    for i in range(4):
+        fake_engine.add_stats(tokens=10 * (i + 1), requests=1, points=2.5 * i, sessions_active=1)
+        qtbot.wait(30)
+    qtbot.waitUntil(lambda: window.stat_labels["tokens_served"].text() == "100", timeout=3000)
+    assert window.stat_labels["requests_served"].text() == "4"
+    assert len(window.plot.points) >= 3
+    assert "RTX 4090" in window.hardware_label.text()
+    assert "every block is served" in window.swarm_label.text()
+    window.grab()  # paints the block map and the plot
+
+
+def test_tray_menu_opens_windows(qtbot, controller):
+    controller.tray.chat_action.trigger()
+    assert controller.chat_window.isVisible()
+    controller.dashboard.hide()
+    controller.tray.dashboard_action.trigger()
+    assert controller.dashboard.isVisible()
+    controller.tray.settings_action.trigger()
+    dialog = controller.settings_dialog_open
+    assert dialog is not None and dialog.isVisible()
+    dialog.reject()
+    with qtbot.waitSignal(controller.quitting):
+        controller.tray.quit_action.trigger()
+
+
+def test_settings_dialog_saves_and_autostart_is_really_removed(qtbot, controller):
+    controller.show_settings()
+    dialog = controller.settings_dialog_open
+    dialog.autostart.setChecked(True)
+    dialog.keep_sharing.setChecked(True)
+    dialog.memory.slider.setValue(70)
+    dialog.quant.setCurrentIndex(dialog.quant.findData("nf4"))
+    dialog.accept()
+    saved = load_settings()
+    assert saved.autostart and saved.keep_sharing_on_close and saved.memory_fraction == 0.7 and saved.quant == "nf4"
+    entry = autostart.linux_entry_path()
+    assert entry.exists() and "-m app" in entry.read_text()
+    assert str(entry).startswith(str(Path(controller.data_dir).parent))  # under the test's XDG_CONFIG_HOME
+
+    controller.show_settings()
+    dialog = controller.settings_dialog_open
+    assert dialog.autostart.isChecked()
+    dialog.autostart.setChecked(False)
+    dialog.hf_token.setText("hf_secret")  # no keyring in tests: the app says so
+    dialog.accept()
+    assert not entry.exists()
+    assert "keyring" in controller.presenter.last
+
+
+def test_quit_plan_follows_keep_sharing(qtbot, controller, fake_engine):
+    controller.dashboard_model.set_sharing(True)
+    qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
+    assert controller.quit_plan() == "stop"  # --no-engine: never ours to keep or stop
+    assert "Quit" in controller.quit_text() or "stops" in controller.quit_text()
+
+
+def test_app_restarts_crashed_engine_and_says_so(qtbot, app_dirs):
+    ctl = AppController(
+        Settings(onboarded=True),
+        engine_command_factory=lambda: [sys.executable, FAKE],
+        use_system_tray=False,
+    )
+    ctl.engine.backoff_s = (0.1,)
+    ctl.confirm_quit = False
+    ctl.quit_app = lambda: None
+    try:
+        ctl.start()
+        qtbot.waitUntil(lambda: ctl.engine.state == "running" and ctl.feed.connected, timeout=15000)
+        ctl.show_chat()
+        pid = ctl.engine.pid
+        import os
+        import signal
+
+        os.kill(pid, signal.SIGKILL)
+        qtbot.waitUntil(lambda: ctl.engine.state == "restarting", timeout=5000)
+        assert "stopped unexpectedly" in ctl.dashboard.headline.text()
+        assert ctl.tray.state == "paused"
+        assert ctl.chat_window.notice.isVisible() and "stopped unexpectedly" in ctl.chat_window.notice.text()
+        assert not ctl.chat_window.send_button.isEnabled()
+        qtbot.waitUntil(lambda: ctl.engine.state == "running", timeout=15000)
+        qtbot.waitUntil(lambda: "restarted" in ctl.presenter.last, timeout=5000)
+        assert "restarted" in ctl.dashboard.statusBar().currentMessage()
+        new_pid = ctl.engine.pid
+    finally:
+        ctl.shutdown()
+    import psutil
+
+    assert not psutil.pid_exists(new_pid) or psutil.Process(new_pid).status() == psutil.STATUS_ZOMBIE
