@@ -39,7 +39,8 @@ class SingleInstance(QObject):
             return False
         # Nobody answers: a server file left by a crashed instance is stale.
         QLocalServer.removeServer(self.name)
-        self._server = QLocalServer(self)
+        if self._server is None:
+            self._server = QLocalServer(self)
         self._server.setSocketOptions(QLocalServer.SocketOption.UserAccessOption)
         if not self._server.listen(self.name):
             return True  # cannot guard, but still run
@@ -50,14 +51,14 @@ class SingleInstance(QObject):
         assert self._server is not None
         while self._server.hasPendingConnections():
             socket = self._server.nextPendingConnection()
-            socket.readyRead.connect(lambda s=socket: self._read(s))
+            socket.readyRead.connect(self._read)
             socket.disconnected.connect(socket.deleteLater)
 
-    def _read(self, socket: QLocalSocket) -> None:
-        if b"show" in bytes(socket.readAll().data()):
+    def _read(self) -> None:
+        socket = self.sender()
+        if isinstance(socket, QLocalSocket) and b"show" in bytes(socket.readAll().data()):
             self.activated.emit()
 
     def release(self) -> None:
         if self._server is not None:
-            self._server.close()
-            self._server = None
+            self._server.close()  # kept as an object (a child of self): its sockets may still have events

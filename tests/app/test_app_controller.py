@@ -52,7 +52,7 @@ def test_share_toggle_loads_then_serves_and_persists(qtbot, controller, fake_eng
     assert "serving blocks 0–3" in window.headline.text()
     assert controller.tray.share_action.isChecked()
     assert load_settings().sharing_enabled  # resumes at next start
-    post = [r for r in fake_engine.requests if r[1] == "/api/hosting/start"][0]
+    post = next(r for r in fake_engine.requests if r[1] == "/api/hosting/start")
     assert post[2]["memory_fraction"] == 0.5 and "quant" not in post[2]  # "auto" lets the engine choose
     # the coverage picture shows the blocks hosted here
     qtbot.waitUntil(lambda: [c.servers for c in window.block_map.cells][:4] == [2, 2, 2, 2], timeout=3000)
@@ -65,7 +65,10 @@ def test_share_toggle_loads_then_serves_and_persists(qtbot, controller, fake_eng
 
 
 def test_hosting_error_is_presented(qtbot, controller, fake_engine):
-    fake_engine.hosting_error = (503, {"message": "Not enough GPU memory for one block.", "type": "x", "code": 503})
+    fake_engine.hosting_error = (
+        503,
+        {"message": "Not enough GPU memory for one block.", "type": "x", "code": 503},
+    )
     controller.dashboard.share_button.click()
     qtbot.waitUntil(lambda: "Not enough GPU memory" in controller.presenter.last, timeout=3000)
     assert "Could not start sharing" in controller.dashboard.statusBar().currentMessage()
@@ -108,7 +111,12 @@ def test_settings_dialog_saves_and_autostart_is_really_removed(qtbot, controller
     dialog.quant.setCurrentIndex(dialog.quant.findData("nf4"))
     dialog.accept()
     saved = load_settings()
-    assert saved.autostart and saved.keep_sharing_on_close and saved.memory_fraction == 0.7 and saved.quant == "nf4"
+    assert (
+        saved.autostart
+        and saved.keep_sharing_on_close
+        and saved.memory_fraction == 0.7
+        and saved.quant == "nf4"
+    )
     entry = autostart.linux_entry_path()
     assert entry.exists() and "-m app" in entry.read_text()
     assert str(entry).startswith(str(Path(controller.data_dir).parent))  # under the test's XDG_CONFIG_HOME

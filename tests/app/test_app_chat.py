@@ -1,0 +1,158 @@
+"""Chat window against the fake engine: streaming, Stop, errors, conversations, history across restarts."""
+
+from __future__ import annotations
+
+import pytest
+from fake_engine import DEMO_ID
+
+from app.api_client import ApiClient, EngineEndpoint
+from app.history import ChatHistory
+from app.qt import QApplication, QInputDialog
+from app.viewmodels.chat import ChatModel
+from app.windows.chat import ChatWindow
+
+
+@pytest.fixture
+def chat(qtbot, api_client, app_dirs):
+    history = ChatHistory(app_dirs["data"] / "chat-history.sqlite3").open()
+    model = ChatModel(api_client, history)
+    window = ChatWindow(model)
+    window.confirm_delete = False
+    qtbot.addWidget(window)
+    window.show()
+    model.set_engine_ready(True)
+    qtbot.waitUntil(lambda: len(model.models) == 2, timeout=5000)
+    yield window
+    model.stop()
+    history.close()
+
+
+def send(qtbot, window, text: str) -> None:
+    window.input.setPlainText(text)
+    window.send_button.click()
+
+
+def test_model_picker_labels_the_demo(qtbot, chat):
+    texts = [chat.model_picker.itemText(i) for i in range(chat.model_picker.count())]
+    assert texts[0].startswith("Llama 3.1 8B Instruct")
+    assert "demo, random weights" in texts[1]
+    assert not chat.demo_label.isVisible()
+    chat.model_picker.setCurrentIndex(1)
+    chat.model_picker.activated.emit(1)
+    assert chat.model.model_id == DEMO_ID
+    assert chat.demo_label.isVisible()
+
+
+def test_streamed_reply_is_rendered_saved_and_timed(qtbot, chat, fake_engine):
+    send(qtbot, chat, "hello swarm")
+    assert chat.input.toPlainText() == ""
+    assert chat.stop_button.isEnabled() and not chat.send_button.isEnabled()
+    qtbot.waitUntil(lambda: "word3" in chat.transcript.toPlainText(), timeout=5000)
+    qtbot.waitUntil(lambda: not chat.model.streaming, timeout=5000)
+    text = chat.transcript.toPlainText()
+    assert "You said hello swarm:" in text  # **bold** rendered as Markdown, not literal stars
+    assert "word11" in text
+    assert "tokens/s" in chat.speed_label.text()
+    assert chat.send_button.isEnabled() and not chat.stop_button.isEnabled()
+    messages = chat.model.history.messages(chat.model.conversation_id)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert messages[1].tokens == 12
+    assert chat.conversation_list.item(0).text() == "hello swarm"
+    chat.copy_button.click()
+    assert "word11" in QApplication.clipboard().text()
+    request = next(r for r in fake_engine.requests if r[1] == "/v1/chat/completions")[2]
+    assert request["stream"] is True and request["messages"][-1] == {"role": "user", "content": "hello swarm"}
+
+
+def test_stop_aborts_the_reply_midway(qtbot, chat, fake_engine):
+    fake_engine.words, fake_engine.word_delay = 200, 0.03
+    send(qtbot, chat, "long story please")
+    qtbot.waitUntil(lambda: "word2" in chat.transcript.toPlainText(), timeout=5000)
+    chat.stop_button.click()
+    assert not chat.model.streaming
+    qtbot.waitUntil(lambda: fake_engine.chats_cancelled == 1, timeout=5000)  # the server saw the disconnect
+    assert fake_engine.chats_completed == 0
+    saved = chat.model.history.messages(chat.model.conversation_id)[-1]
+    assert saved.role == "assistant" and "(stopped)" in saved.content and "word199" not in saved.content
+    assert "stopped" in chat.notice.text()
+
+
+def test_swarm_unavailable_shows_missing_blocks(qtbot, chat, fake_engine):
+    fake_engine.chat_error = (
+        503,
+        {
+            "message": "blocks 2, 3 have no server",
+            "type": "swarm_unavailable",
+            "code": 503,
+            "missing_blocks": [2, 3],
+        },
+    )
+    send(qtbot, chat, "anyone there?")
+    qtbot.waitUntil(lambda: chat.notice.isVisible(), timeout=5000)
+    assert "no server holds block(s) 2, 3" in chat.notice.text()
+    assert not chat.model.streaming and chat.send_button.isEnabled()
+
+
+def test_system_prompt_and_sampling_are_sent(qtbot, chat, fake_engine):
+    chat.options_button.click()
+    chat.system_prompt.setPlainText("Be brief.")
+    chat.temperature.setValue(0.2)
+    chat.max_tokens.setValue(64)
+    send(qtbot, chat, "hi")
+    qtbot.waitUntil(lambda: not chat.model.streaming and len(chat.model.messages) == 2, timeout=5000)
+    request = [r for r in fake_engine.requests if r[1] == "/v1/chat/completions"][-1][2]
+    assert request["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert request["temperature"] == pytest.approx(0.2) and request["max_tokens"] == 64
+
+
+def test_new_rename_delete_conversations(qtbot, chat, monkeypatch):
+    send(qtbot, chat, "first")
+    qtbot.waitUntil(lambda: not chat.model.streaming, timeout=5000)
+    chat.new_button.click()
+    assert chat.transcript.toPlainText().startswith("Start a conversation")
+    send(qtbot, chat, "second")
+    qtbot.waitUntil(lambda: not chat.model.streaming, timeout=5000)
+    assert [chat.conversation_list.item(i).text() for i in range(2)] == ["second", "first"]
+    monkeypatch.setattr(QInputDialog, "getText", staticmethod(lambda *a, **k: ("Renamed", True)))
+    chat.rename_button.click()
+    assert chat.conversation_list.item(0).text() == "Renamed"
+    chat.delete_button.click()
+    assert chat.conversation_list.count() == 1
+    chat.conversation_list.setCurrentRow(0)
+    assert "first" in chat.transcript.toPlainText()
+
+
+def test_history_survives_restart(qtbot, app_dirs, fake_engine):
+    from fake_engine import TOKEN
+
+    path = app_dirs["data"] / "chat-history.sqlite3"
+    for round_ in range(2):
+        client = ApiClient()
+        client.set_endpoint(EngineEndpoint(fake_engine.base_url, TOKEN))
+        history = ChatHistory(path).open()
+        model = ChatModel(client, history)
+        model.set_engine_ready(True)
+        qtbot.waitUntil(lambda model=model: bool(model.models), timeout=5000)
+        if round_ == 0:
+            model.send("remember me")
+            qtbot.waitUntil(lambda model=model: not model.streaming, timeout=5000)
+        else:
+            conversations = history.conversations()
+            assert [c.title for c in conversations] == ["remember me"]
+            window = ChatWindow(model)
+            qtbot.addWidget(window)
+            window.conversation_list.setCurrentRow(0)
+            assert (
+                "remember me" in window.transcript.toPlainText()
+                and "word11" in window.transcript.toPlainText()
+            )
+        history.close()
+        client.set_endpoint(None)
+
+
+def test_engine_down_disables_send_and_explains(qtbot, chat):
+    chat.model.set_engine_ready(False, "The engine stopped unexpectedly (exit code -9). Restarting in 1 s…")
+    assert not chat.send_button.isEnabled()
+    assert "Restarting" in chat.notice.text()
+    chat.model.set_engine_ready(True)
+    assert chat.send_button.isEnabled()

@@ -1,0 +1,180 @@
+"""Pure parts of the app: reducers, formatting, settings, autostart, single instance, onboarding."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from app import autostart
+from app.settings import Settings, load_settings, save_settings, settings_file
+from app.single_instance import SingleInstance
+from app.viewmodels.chat import (
+    ReplyProgress,
+    apply_chunk,
+    model_choices,
+    tokens_per_second,
+    transcript_markdown,
+)
+from app.viewmodels.dashboard import (
+    DashboardSnapshot,
+    coverage,
+    hardware_lines,
+    rate_series,
+    share_control,
+    with_engine,
+    with_stats,
+    with_status,
+)
+from app.viewmodels.status import tray_state, tray_tooltip
+
+
+def test_pyside_keeps_refcounts_of_singletons(qapp):
+    """PySide6 6.12.0 on Python 3.11 drops a reference to None/True on every call: the app then aborts."""
+    from app.qt import QLabel, QObject, Signal
+
+    class Probe(QObject):
+        fired = Signal()
+
+    label, probe = QLabel(), Probe()
+    none_before, true_before = sys.getrefcount(None), sys.getrefcount(True)
+    for _ in range(200):
+        label.setText("x")
+        probe.fired.emit()
+    assert sys.getrefcount(None) >= none_before - 5, "PySide6 leaks None refs: pin PySide6-Essentials<6.12"
+    assert sys.getrefcount(True) >= true_before - 5, "PySide6 leaks True refs: pin PySide6-Essentials<6.12"
+
+
+def test_tray_state_reducer():
+    assert tray_state("failed", None) == "error"
+    assert tray_state("starting", None) == "loading"
+    assert tray_state("restarting", None) == "paused"
+    assert tray_state("running", {"state": "idle"}) == "idle"
+    assert tray_state("running", {"state": "loading"}) == "loading"
+    assert tray_state("running", {"state": "serving"}) == "serving"
+    assert tray_state("running", {"state": "draining"}) == "paused"
+    assert tray_state("running", {"state": "error"}) == "error"
+    tip = tray_tooltip("running", "", {"state": "serving", "blocks": [0, 4], "model": "m"})
+    assert "blocks 0–3 of m" in tip
+
+
+def test_dashboard_reducers():
+    snap = with_engine(DashboardSnapshot(), "running", "ok")
+    assert share_control(snap).enabled and not share_control(snap).checked
+    snap = with_status(snap, {"state": "loading", "progress": 0.25, "blocks": [2, 4]})
+    control = share_control(snap)
+    assert control.checked and control.progress == 0.25
+    snap = with_status(snap, {"state": "serving", "blocks": [2, 4]})
+    assert share_control(snap).checked and share_control(snap).progress is None
+    snap = dataclass_replace(snap, swarm={"total_blocks": 5, "blocks": [{"index": 0, "servers": 0}]})
+    cells = coverage(snap)
+    assert [c.mine for c in cells] == [False, False, True, True, False]
+    assert cells[0].servers == 0
+    assert share_control(with_engine(snap, "restarting", "")).enabled is False
+    for t, tokens in ((0.0, 0), (1.0, 10), (3.0, 30)):
+        snap = with_stats(snap, {"tokens_served": tokens}, t)
+    assert rate_series(snap.history) == [(1.0, 10.0), (3.0, 10.0)]
+
+
+def dataclass_replace(snap, **changes):
+    import dataclasses
+
+    return dataclasses.replace(snap, **changes)
+
+
+def test_hardware_lines_without_gpu_show_cpu_and_ram():
+    lines = hardware_lines(
+        {
+            "gpus": [],
+            "cpu": {"name": "Xeon", "cores": 8},
+            "ram": {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30},
+        }
+    )
+    assert "No GPU" in lines[0] and "Xeon, 8 cores" in lines[1] and "8.0 GB available of 16.0 GB" in lines[2]
+
+
+def test_chat_reducers():
+    progress = ReplyProgress(started=0.0)
+    for i, word in enumerate(["Hel", "lo", " there"]):
+        chunk = {"choices": [{"delta": {"content": word}, "finish_reason": None}]}
+        progress = apply_chunk(progress, json.dumps(chunk), now=1.0 + i)
+    progress = apply_chunk(
+        progress,
+        json.dumps({"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": {"completion_tokens": 3}}),
+        now=3.0,
+    )
+    progress = apply_chunk(progress, "[DONE]", now=3.0)
+    assert progress.text == "Hello there" and progress.finish_reason == "stop"
+    assert tokens_per_second(progress, now=3.0) == 1.0
+    choices = model_choices(
+        {
+            "data": [
+                {"id": "demo", "pollinate": {"label": "Demo", "demo": True}},
+                {"id": "real", "pollinate": {"label": "Real", "demo": False}},
+            ]
+        }
+    )
+    assert [c.id for c in choices] == ["real", "demo"] and "random weights" in choices[1].display
+    assert "writing" in transcript_markdown([], streaming="x")
+
+
+def test_settings_roundtrip_and_broken_file(app_dirs):
+    assert load_settings() == Settings()
+    save_settings(
+        Settings(onboarded=True, swarm="private", initial_peers=("/ip4/1.2.3.4/tcp/1",), memory_fraction=2)
+    )
+    loaded = load_settings()
+    assert (
+        loaded.onboarded
+        and loaded.initial_peers == ("/ip4/1.2.3.4/tcp/1",)
+        and loaded.memory_fraction == 0.95
+    )
+    assert str(settings_file()).startswith(str(app_dirs["config"]))
+    settings_file().write_text("{not json")
+    assert load_settings() == Settings()
+    assert settings_file().with_suffix(".bad").exists()
+
+
+def test_autostart_entry_created_and_removed(app_dirs):
+    assert not autostart.is_enabled()
+    autostart.set_enabled(True, ["/usr/bin/python3", "-m", "app", "--minimized"])
+    entry = app_dirs["xdg"] / "autostart" / "pollinate.desktop"
+    assert autostart.is_enabled() and "Exec=/usr/bin/python3 -m app --minimized" in entry.read_text()
+    autostart.set_enabled(False)
+    assert not entry.exists() and not autostart.is_enabled()
+
+
+def test_single_instance_second_launch_raises_the_first(qtbot, app_dirs):
+    first, second = SingleInstance(app_dirs["data"]), SingleInstance(app_dirs["data"])
+    assert first.claim()
+    with qtbot.waitSignal(first.activated, timeout=3000):
+        assert not second.claim()
+    first.release()
+    assert second.claim()  # the first is gone: the next launch becomes the instance
+    second.release()
+
+
+def test_main_exits_at_once_when_an_instance_runs(qtbot, app_dirs):
+    from app.main import main
+
+    first = SingleInstance(app_dirs["data"])
+    assert first.claim()
+    with qtbot.waitSignal(first.activated, timeout=3000):
+        assert main(["--no-engine"]) == 0
+    first.release()
+
+
+def test_onboarding_keeps_sharing_off(qtbot, app_dirs):
+    from app.windows.onboarding import OnboardingDialog
+
+    dialog = OnboardingDialog(Settings(), free_bytes=8 * 2**30)
+    qtbot.addWidget(dialog)
+    from app.qt import QLabel
+
+    assert any("Sharing stays <b>off</b>" in label.text() for label in dialog.findChildren(QLabel))
+    dialog.swarm_radios["public"].setChecked(True)
+    dialog.memory.slider.setValue(30)
+    assert "2.4 GB" in dialog.memory.label.text()
+    dialog.start_button.click()
+    chosen = dialog.result_settings()
+    assert chosen.onboarded and chosen.swarm == "public" and chosen.memory_fraction == 0.3
+    assert not chosen.sharing_enabled and not chosen.autostart
