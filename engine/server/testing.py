@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -59,10 +60,9 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
 
     def kill(self) -> None:
-        """SIGKILL: the server vanishes without announcing OFFLINE (its records expire later)."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        """SIGKILL the server and its children (DHT process, p2p daemon): gone without announcing OFFLINE."""
+        _kill_group(self.process, signal.SIGKILL)
+        self.process.wait(10)
 
 
 def _serve_command(model: str | Path, initial_peers: Sequence[str], extra_args: Sequence[str]) -> list[str]:
@@ -90,8 +90,16 @@ def running_server_process(
     if "--throughput" not in args:
         command += ["--throughput", "1"]
     child_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    # A session of its own, so the whole group (server, its DHT process, p2p daemons) can be killed at once:
+    # killing only the server would leave its p2p daemon running, still reachable, and holding our pipe.
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=child_env,
+        bufsize=1,
+        start_new_session=True,
     )
     output: list[str] = []
     try:
@@ -100,13 +108,16 @@ def running_server_process(
     finally:
         if process.poll() is None:
             process.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+        _kill_group(process, signal.SIGKILL)  # whatever is left of the group (also after a clean exit)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+
+
+def _kill_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
 
 
 def _wait_until_ready(process: subprocess.Popen, output: list[str], timeout: float) -> tuple[str, list[str]]:
