@@ -91,8 +91,8 @@ def engine_command(
 ) -> list[str]:
     """The command line that starts the engine service."""
     command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--swarm", swarm]
-    for peer in initial_peers:
-        command += ["--initial-peers", peer]
+    if initial_peers:
+        command += ["--initial-peers", *initial_peers]
     if parent_pid is not None:
         command += ["--parent-pid", str(parent_pid)]
     return command + list(extra_args)

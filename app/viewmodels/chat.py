@@ -25,7 +25,7 @@ class ModelChoice:
     @property
     def display(self) -> str:
         if self.demo:
-            return f"{self.label} — demo, random weights"
+            return self.label if "random" in self.label.lower() else f"{self.label} (demo, random weights)"
         return self.label if self.label == self.id else f"{self.label} ({self.id})"
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from app.api_client import ApiClient, ApiError
 from app.qt import QObject, QTimer, Signal
 
+QUANT_WORDS = {"none": "full precision", "int8": "int8", "nf4": "nf4 (4-bit)"}
 HISTORY_POINTS = 900  # 15 minutes of once-a-second stats
 
 
@@ -158,7 +159,8 @@ def plan_text(plan: dict | None) -> str:
     blocks = f"blocks {plan.get('start_block')}–{int(plan.get('end_block') or 0) - 1}"
     return (
         f"{plan.get('model')}: {blocks} ({plan.get('num_blocks')} of {plan.get('total_blocks')}), "
-        f"{plan.get('quant')} on {plan.get('device')}, about {format_bytes(plan.get('total_bytes'))} "
+        f"{QUANT_WORDS.get(plan.get('quant'), plan.get('quant'))} on {plan.get('device')}, "
+        f"about {format_bytes(plan.get('total_bytes'))} "
         f"(weights {format_bytes(plan.get('weights_bytes'))} + cache {format_bytes(plan.get('cache_bytes'))})"
     )
 

@@ -86,6 +86,12 @@ class DashboardWindow(QMainWindow):
         self.share_button.setMinimumWidth(200)
         self.share_button.setMinimumHeight(36)
         self.share_button.clicked.connect(self._share_clicked)
+        self.share_button.setStyleSheet(
+            "QPushButton { background: #f5b700; color: #3b2a00; font-weight: bold; border-radius: 5px;"
+            " padding: 6px 16px; border: 1px solid #a87b00; }"
+            "QPushButton:checked { background: #2fb35a; color: white; border-color: #1b7a3a; }"
+            "QPushButton:disabled { background: #d5d8dc; color: #7a828a; border-color: #b0b6bc; }"
+        )
         top.addWidget(self.headline, 1)
         top.addWidget(self.share_button)
         layout.addLayout(top)
@@ -125,7 +131,7 @@ class DashboardWindow(QMainWindow):
         self.stat_labels: dict[str, QLabel] = {}
         for i, (key, title, _fmt) in enumerate(STAT_FIELDS):
             name = QLabel(title)
-            name.setStyleSheet("color: palette(mid);")
+            name.setStyleSheet("color: #5d6670;")
             value = QLabel("—")
             value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
             bold = value.font()

@@ -42,7 +42,7 @@ class OnboardingDialog(QDialog):
         super().__init__(parent)
         self.settings = settings
         self.setWindowTitle("Welcome to Pollinate")
-        self.setMinimumWidth(560)
+        self.setMinimumSize(660, 540)
         layout = QVBoxLayout(self)
         intro = QLabel(INTRO)
         intro.setWordWrap(True)
@@ -53,11 +53,16 @@ class OnboardingDialog(QDialog):
         self.swarm_buttons = QButtonGroup(self)
         self.swarm_radios: dict[str, QRadioButton] = {}
         for swarm in SWARMS:
-            radio = QRadioButton(f"{SWARM_LABELS[swarm]} — {SWARM_HELP[swarm]}")
+            radio = QRadioButton(SWARM_LABELS[swarm])
             radio.setChecked(swarm == settings.swarm)
             self.swarm_buttons.addButton(radio)
             self.swarm_radios[swarm] = radio
+            help_text = QLabel(SWARM_HELP[swarm])
+            help_text.setWordWrap(True)
+            help_text.setContentsMargins(24, 0, 0, 4)
+            help_text.setStyleSheet("color: #555;")
             swarm_layout.addWidget(radio)
+            swarm_layout.addWidget(help_text)
         layout.addWidget(swarm_box)
 
         memory_box = QGroupBox("How much memory may sharing use?")
@@ -65,6 +70,7 @@ class OnboardingDialog(QDialog):
         self.memory = MemorySlider(settings.memory_fraction, free_bytes)
         memory_layout.addWidget(self.memory)
         layout.addWidget(memory_box)
+        layout.addStretch(1)
 
         self.autostart = QCheckBox("Start Pollinate when I log in")
         self.autostart.setChecked(settings.autostart)

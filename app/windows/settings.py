@@ -112,7 +112,7 @@ class SettingsDialog(QDialog):
         self.quant.setCurrentIndex(QUANTS.index(settings.quant))
         form.addRow("Quantization", self.quant)
         self.host_model = QLineEdit(settings.host_model)
-        self.host_model.setPlaceholderText("Automatic (the swarm's most needed model)")
+        self.host_model.setPlaceholderText("Automatic (the engine's default for this swarm)")
         form.addRow("Model to host", self.host_model)
 
         self.keep_sharing = QCheckBox("Keep sharing in the background when I quit the app")

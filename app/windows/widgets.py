@@ -20,7 +20,7 @@ class BlockMap(QWidget):
         super().__init__(parent)
         self.cells: list[BlockCell] = []
         self.planned: range = range(0)
-        self.setMinimumHeight(70)
+        self.setFixedHeight(44)
 
     def set_cells(self, cells: list[BlockCell], planned: range = range(0)) -> None:
         self.cells, self.planned = cells, planned
@@ -81,7 +81,9 @@ class BlockMap(QWidget):
                 painter.setPen(QColor("#1a1a1a"))
                 painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, str(cell.servers))
         rows = (len(self.cells) + per_row - 1) // per_row
-        self.setMinimumHeight(int(rows * (height + 6) + 8))
+        wanted = int(rows * (height + 6) + 8)
+        if self.height() != wanted:
+            self.setFixedHeight(wanted)
 
 
 class TimePlot(QWidget):

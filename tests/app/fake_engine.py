@@ -32,6 +32,7 @@ class FakeEngine:
         self.word_delay = word_delay
         self.load_steps = 4
         self.load_delay = 0.05
+        self.reply_text: str | None = None  # streamed word by word instead of the echo
         self.chat_error: tuple[int, dict] | None = None  # (status, error object) for the next chats
         self.hosting_error: tuple[int, dict] | None = None
         self.status = {
@@ -353,6 +354,8 @@ class FakeHandler(BaseHTTPRequestHandler):
         last = body["messages"][-1]["content"]
         words = [f"word{i}" for i in range(fake.words)]
         words[0] = f"You said **{last}**:"
+        if fake.reply_text:
+            words = fake.reply_text.split(" ")
         self._sse_start()
         try:
             for i, word in enumerate(words):

@@ -29,6 +29,7 @@ def engines():
 
 def test_engine_command_shape():
     command = engine_command("private", ("/ip4/1.2.3.4/tcp/1/p2p/Qm",), parent_pid=42, extra_args=("--x",))
+    assert command[command.index("--initial-peers") + 1] == "/ip4/1.2.3.4/tcp/1/p2p/Qm"
     assert command[:5] == [sys.executable, "-m", "engine.cli", "run", "--port"]
     assert command[command.index("--swarm") + 1] == "private"
     assert command[command.index("--parent-pid") + 1] == "42"
