@@ -336,3 +336,13 @@ def test_graceful_stop_announces_offline(checkpoint, swarm):
         assert get_block_infos(dht, "life", 4)[3][me].cache_tokens_left > 0
     assert host.info().state.value == "stopped"
     assert wait_for(lambda: state_of_block_3() == ServerState.OFFLINE, timeout=20)
+
+
+def test_auto_placement_hosts_what_fits(checkpoint, swarm):
+    # Neither span nor count: as many blocks as memory allows (all 4 of the tiny model).
+    with running_server(checkpoint, swarm[1], dht_prefix="auto", cache_bytes=CACHE_BYTES) as host:
+        info = host.info()
+        assert (info.start_block, info.end_block, info.total_blocks) == (0, 4, 4)
+    # Two blocks where the swarm is weakest ("tiny" 0:4 is served above, so every span is equal).
+    with running_server(checkpoint, swarm[1], dht_prefix="tiny", num_blocks=2) as host:
+        assert host.info().end_block - host.info().start_block == 2

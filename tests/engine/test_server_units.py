@@ -306,3 +306,19 @@ def test_plan_span_fixed_and_automatic(tiny_checkpoint_factory):
     assert (everything.start, everything.end) == (0, 4)
     with pytest.raises(PlacementError, match="not even one block fits"):
         plan_span(ServerConfig(model="m"), model_config, free_bytes=1000, dtype=torch.float32, quant="none")
+
+
+def test_throughput_is_measured_once_and_cached(tiny_checkpoint_factory, tmp_path, monkeypatch):
+    from engine.models.span import load_block_span
+    from engine.server import throughput
+
+    span = load_block_span(tiny_checkpoint_factory("llama", num_layers=4), 0, 2)
+    first = throughput.get_throughput_info(span, "tiny", cache_dir=tmp_path)
+    assert first["forward_rps"] > 0 and first["inference_rps"] > 0 and first["network_rps"] > 0
+
+    def no_measuring(_span):
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(throughput, "measure", no_measuring)
+    assert throughput.get_throughput_info(span, "tiny", cache_dir=tmp_path) == first
+    assert throughput.server_throughput(first, 3) == min(first["forward_rps"] / 2, first["network_rps"])
