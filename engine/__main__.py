@@ -4,4 +4,5 @@ import sys
 
 from engine.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (as tools that walk packages do) must not run anything
+    sys.exit(main())
