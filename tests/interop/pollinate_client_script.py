@@ -1,0 +1,40 @@
+"""Greedy generation with Pollinate's client; run by the interop tests as a subprocess of our venv.
+
+Usage: python pollinate_client_script.py MODEL --initial-peers ADDR [ADDR ...] [--dht-prefix P]
+       --input-ids 1,2,3 --max-new-tokens N
+Prints one JSON line {"output_ids": [...], "last_logits": [...]} on success: the greedy generation
+(prompt included) and the logits after the prompt from one forward pass (rpc_forward).
+"""
+
+import argparse
+import faulthandler
+import json
+
+import torch
+
+from engine.client.model import DistributedModelForCausalLM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--initial-peers", nargs="+", required=True)
+    parser.add_argument("--dht-prefix", default=None)
+    parser.add_argument("--input-ids", required=True, help="comma-separated prompt token ids")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    args = parser.parse_args()
+
+    input_ids = torch.tensor([[int(token) for token in args.input_ids.split(",")]])
+    with DistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix
+    ) as model:
+        output = model.generate(input_ids, max_new_tokens=args.max_new_tokens)
+        with torch.no_grad():
+            last_logits = model.forward(input_ids)[0, -1]
+        result = {"output_ids": output[0].tolist(), "last_logits": last_logits.tolist()}
+        print(json.dumps(result), flush=True)
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang while closing shows up in the log
+
+
+if __name__ == "__main__":
+    main()
