@@ -114,7 +114,7 @@ def _decode_loop(model, session, history, pending, params, tokenizer) -> Iterato
     prompt_length = history.shape[1]
     texts = [""] * batch
     session.output_ids = history
-    for _ in range(params.max_new_tokens):
+    for index in range(params.max_new_tokens):
         logits = model.session_logits(session, pending)
         tokens = next_tokens(logits, history, params, generator)
         tokens = torch.where(finished, torch.full_like(tokens, params.pad_id), tokens)
@@ -124,16 +124,18 @@ def _decode_loop(model, session, history, pending, params, tokenizer) -> Iterato
             finished = finished | torch.isin(tokens, eos)
         new_text = None
         if tokenizer is not None:
+            decoded = [tokenizer.decode(row[prompt_length:], skip_special_tokens=True) for row in history]
+            if params.stop:
+                stopped = [find_stop(text, params.stop) is not None for text in decoded]
+                finished = finished | torch.tensor(stopped)
+            final = index == params.max_new_tokens - 1 or bool(finished.all())
             new_text = []
-            for row in range(batch):
-                text = tokenizer.decode(history[row, prompt_length:], skip_special_tokens=True)
-                if text.endswith("\ufffd"):
+            for row, text in enumerate(decoded):
+                if text.endswith("\ufffd") and not final:
                     new_text.append("")  # half of a multi-byte character: wait for the rest
                 else:
                     new_text.append(text[len(texts[row]) :] if text.startswith(texts[row]) else text)
                     texts[row] = text
-                if params.stop and find_stop(text, params.stop) is not None:
-                    finished[row] = True
             new_text = tuple(new_text)
         yield GenerationStep(tokens=tokens, finished=finished.clone(), text=new_text)
         if bool(finished.all()):

@@ -82,8 +82,10 @@ class DistributedModelForCausalLM:
         return self._tokenizer
 
     def close(self) -> None:
+        """Stop the swarm view; shut our DHT peer down if `from_pretrained` started it."""
         self.manager.close()
         if self._owned_dht is not None:
+            self.manager.close_p2p()  # the replica is ours alone when the DHT is
             self._owned_dht.shutdown()
             self._owned_dht = None
 

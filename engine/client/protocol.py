@@ -19,8 +19,8 @@ Facts (read from Petals 2.2 `client/inference_session.py`, `client/remote_forwar
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, AsyncIterator  # noqa: UP035 - hivemind spots streaming RPCs by typing's alias only
 
 import torch
 from hivemind.compression import deserialize_tensor_stream, deserialize_torch_tensor, serialize_torch_tensor

@@ -94,6 +94,15 @@ class SequenceManager:
             self._thread.join(timeout=5)
         self._thread = None
 
+    def close_p2p(self) -> None:
+        """Close our connection to the p2p daemon (only when no one else in this process uses the DHT)."""
+        p2p, self._p2p = self._p2p, None
+        if p2p is not None:
+            try:
+                RemoteExpertWorker.run_coroutine(p2p.shutdown())
+            except Exception as e:
+                logger.debug(f"Closing the p2p replica failed: {e!r}")
+
     def __enter__(self) -> SequenceManager:
         return self.start()
 

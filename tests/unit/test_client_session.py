@@ -276,3 +276,14 @@ def test_max_length_is_enforced(fake_streams):
         session.step(torch.randn(1, 3, HIDDEN))
         with pytest.raises(ValueError, match="max_length"):
             session.step(torch.randn(1, 2, HIDDEN))
+
+
+def test_stub_declares_streaming_rpcs():
+    protocol.TransformerConnectionHandler._collect_rpc_handlers()
+    kinds = {
+        h.method_name: (h.stream_input, h.stream_output)
+        for h in protocol.TransformerConnectionHandler._rpc_handlers
+    }
+    assert kinds["rpc_inference"] == (True, True)
+    assert kinds["rpc_forward_stream"] == (True, True) and kinds["rpc_backward_stream"] == (True, True)
+    assert kinds["rpc_forward"] == (False, False) and kinds["rpc_info"] == (False, False)

@@ -1,0 +1,283 @@
+"""The client against real block servers on 127.0.0.1: generation equals local transformers, token for token.
+
+Servers run in this process (BlockHost) and are shared by the cases of a module-scoped swarm; each
+architecture gets a 2-server and a 3-server chain under its own dht_prefix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.client.model import DistributedModelForCausalLM
+from engine.client.routing import MissingBlocksError
+from engine.client.sampling import SamplingParams
+from engine.server.testing import running_server
+from engine.swarm.dht_node import start_dht
+
+ARCHS = ("llama", "mistral", "qwen2")
+TOPOLOGIES = {"2servers": ((0, 2), (2, 4)), "3servers": ((0, 1), (1, 3), (3, 4))}
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def bootstrap():
+    dht = start_dht(None, host="127.0.0.1", new_swarm=True)
+    try:
+        yield [str(a) for a in dht.get_visible_maddrs()]
+    finally:
+        dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client_dht(bootstrap):
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    dht = start_dht(bootstrap, client_mode=True)
+    try:
+        yield dht
+    finally:
+        # The clients' p2p replica lives on hivemind's worker loop: close it there, not at interpreter exit.
+        replica = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+        RemoteExpertWorker.run_coroutine(replica.shutdown())
+        dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def swarms(bootstrap, tiny_checkpoint_factory):
+    """Lazily started chains of servers, one per (arch, topology), stopped at the end of the module."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    started: dict[tuple[str, str], str] = {}
+
+    def get(arch: str, topology: str) -> tuple[str, object]:
+        key = (arch, topology)
+        path = tiny_checkpoint_factory(arch)
+        if key not in started:
+            prefix = f"{arch}-{topology}"
+            for start, end in TOPOLOGIES[topology]:
+                stack.enter_context(
+                    running_server(path, bootstrap, start_block=start, end_block=end, dht_prefix=prefix)
+                )
+            started[key] = prefix
+        return started[key], path
+
+    with stack:
+        yield get
+
+
+@pytest.fixture(scope="module")
+def models(swarms, client_dht):
+    """Client models by (arch, topology), with the local transformers model of the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    made = {}
+
+    def get(arch: str, topology: str):
+        if (arch, topology) not in made:
+            prefix, path = swarms(arch, topology)
+            remote = DistributedModelForCausalLM.from_pretrained(str(path), dht=client_dht, dht_prefix=prefix)
+            local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            made[arch, topology] = remote, local
+        return made[arch, topology]
+
+    yield get
+    for remote, _ in made.values():
+        remote.close()
+
+
+def local_generate(local, ids, max_new_tokens=NEW_TOKENS, **kwargs):
+    with torch.no_grad():
+        return local.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **kwargs
+        )
+
+
+def random_ids(vocab_size: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(5, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("batch", "length"), [(1, 1), (1, 7), (1, 64), (2, 7), (2, 64)])
+def test_greedy_generation_matches_transformers(models, arch, topology, batch, length):
+    remote, local = models(arch, topology)
+    ids = random_ids(local.config.vocab_size, batch, length, seed=length * 10 + batch)
+    ours = remote.generate(ids, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(ours, local_generate(local, ids))
+
+
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers(models, arch, topology):
+    remote, local = models(arch, topology)
+    ids = random_ids(local.config.vocab_size, 2, 12, seed=5)
+    with torch.no_grad():
+        expected = local(ids).logits
+    with remote.inference_session(max_length=16) as session:
+        prefill = remote.session_logits(session, ids[:, :-1])
+        last = remote.session_logits(session, ids[:, -1:])
+        assert len(session.route) == len(TOPOLOGIES[topology])
+    torch.testing.assert_close(prefill, expected[:, -2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(last, expected[:, -1], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(remote.forward(ids), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_multi_turn_session_matches_whole_conversation(models, arch):
+    remote, local = models(arch, "2servers")
+    turn1 = random_ids(local.config.vocab_size, 1, 6, seed=1)
+    turn2 = random_ids(local.config.vocab_size, 1, 4, seed=2)
+    with remote.inference_session(max_length=64) as session:
+        out1 = remote.generate(turn1, session=session, max_new_tokens=8)
+        position = session.position
+        out2 = remote.generate(turn2, session=session, max_new_tokens=8)
+        # the servers kept their caches: only the new turn (and turn 1's last token) was sent
+        assert position == 6 + 7 and session.position == position + 1 + 4 + 7
+    assert torch.equal(out1, local_generate(local, turn1, 8))
+    conversation = torch.cat([out1, turn2], dim=1)
+    assert torch.equal(out2[:, 4:], local_generate(local, conversation, 8)[:, conversation.shape[1] :])
+
+
+def test_streaming_yields_tokens_as_they_come(models):
+    remote, local = models("llama", "3servers")
+    ids = random_ids(local.config.vocab_size, 1, 5, seed=9)
+    steps = list(remote.generate_stream(ids, max_new_tokens=6))
+    assert len(steps) == 6 and all(step.tokens.shape == (1,) for step in steps)
+    tokens = torch.stack([step.tokens for step in steps], dim=1)
+    assert torch.equal(tokens, local_generate(local, ids, 6)[:, 5:])
+    text = "".join(step.text[0] for step in steps)
+    assert text == remote.tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+
+def test_sampling_with_a_seed_is_reproducible(models):
+    remote, local = models("qwen2", "2servers")
+    ids = random_ids(local.config.vocab_size, 1, 5, seed=3)
+    params = dict(max_new_tokens=8, do_sample=True, temperature=1.3, top_p=0.9, top_k=40, seed=1234)
+    first = remote.generate(ids, **params)
+    second = remote.generate(ids, **params)
+    assert torch.equal(first, second)
+    others = {tuple(remote.generate(ids, **dict(params, seed=s))[0].tolist()) for s in range(3)}
+    assert len(others | {tuple(first[0].tolist())}) > 1
+
+
+def test_stop_strings(models):
+    remote, local = models("llama", "2servers")
+    ids = random_ids(local.config.vocab_size, 1, 5, seed=4)
+    full = remote.generate(ids, max_new_tokens=12)
+    text = remote.tokenizer.decode(full[0, 5:], skip_special_tokens=True)
+    stop = text[len(text) // 2 :][:3]
+    steps = list(remote.generate_stream(ids, SamplingParams(max_new_tokens=12, stop=(stop,))))
+    assert len(steps) < 12 and stop in "".join(step.text[0] for step in steps)
+
+
+def test_forward_and_backward_match_local_gradients(models):
+    remote, local = models("mistral", "3servers")
+    ids = random_ids(local.config.vocab_size, 2, 9, seed=6)
+    embeds = local.model.embed_tokens(ids).detach()
+
+    ours = embeds.clone().requires_grad_(True)
+    remote.head.logits(remote.blocks(ours)).logsumexp(-1).sum().backward()
+    theirs = embeds.clone().requires_grad_(True)
+    local(inputs_embeds=theirs).logits.logsumexp(-1).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_blocks_are_named(swarms, client_dht, bootstrap, tiny_checkpoint_factory):
+    path = tiny_checkpoint_factory("llama")
+    with running_server(path, bootstrap, start_block=0, end_block=1, dht_prefix="partial"):
+        from engine.client.bans import RetryPolicy
+        from engine.client.sequence_manager import ClientConfig
+
+        config = ClientConfig(retry=RetryPolicy(max_retries=1))
+        remote = DistributedModelForCausalLM.from_pretrained(
+            str(path), dht=client_dht, dht_prefix="partial", client_config=config
+        )
+        with remote, pytest.raises(MissingBlocksError) as info:
+            remote.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    assert info.value.missing_blocks == (1, 2, 3)
+    assert "1-3 of 4" in str(info.value)
+
+
+def test_server_stopped_mid_generation_is_replaced(client_dht, bootstrap, tiny_checkpoint_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint_factory("llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = random_ids(local.config.vocab_size, 1, 7, seed=11)
+    expected = local_generate(local, ids, 12)
+    with (
+        running_server(path, bootstrap, start_block=0, end_block=4, dht_prefix="failover") as first,
+        running_server(path, bootstrap, start_block=0, end_block=4, dht_prefix="failover") as second,
+        DistributedModelForCausalLM.from_pretrained(
+            str(path), dht=client_dht, dht_prefix="failover"
+        ) as remote,
+        remote.inference_session(max_length=32) as session,
+    ):
+        hosts = {first.info().peer_id: first, second.info().peer_id: second}
+        tokens = []
+        for step in remote.generate_stream(ids, max_new_tokens=12, session=session):
+            tokens.append(step.tokens)
+            if len(tokens) == 4:
+                (used,) = [hop.peer_id for hop in session.route]
+                hosts.pop(used).stop()
+        (survivor,) = hosts
+        assert [hop.peer_id for hop in session.route] == [survivor]
+        assert remote.manager.bans.is_banned(used)
+    assert torch.equal(torch.cat([ids, torch.stack(tokens, dim=1)], dim=1), expected)
+
+
+def test_cli_generate_prints_tokens(swarms, bootstrap):
+    import argparse
+    import io
+
+    from engine.client import cli
+
+    prefix, path = swarms("llama", "2servers")
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "generate",
+            str(path),
+            "--prompt",
+            "Hello! How are",
+            "--initial-peers",
+            *bootstrap,
+            "--dht-prefix",
+            prefix,
+            "--max-new-tokens",
+            "5",
+        ]
+    )
+    out = io.StringIO()
+    assert args.handler(args, out=out) == 0
+    remote_text = out.getvalue()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode("Hello! How are")])
+    expected = tokenizer.decode(local_generate(local, ids, 5)[0, ids.shape[1] :], skip_special_tokens=True)
+    assert remote_text == expected + "\n"
+
+
+def test_rpc_info_is_fetched_once_per_server(models, monkeypatch):
+    from engine.client import protocol
+
+    remote, local = models("qwen2", "3servers")
+    calls = []
+    original = protocol.fetch_rpc_info
+
+    async def counting(p2p, peer_id, *args, **kwargs):
+        calls.append(peer_id)
+        return await original(p2p, peer_id, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "fetch_rpc_info", counting)
+    remote.manager._rpc_infos.clear()
+    ids = random_ids(local.config.vocab_size, 1, 3, seed=8)
+    remote.generate(ids, max_new_tokens=3)
+    remote.generate(ids, max_new_tokens=3)
+    assert len(calls) == 3 and len(set(calls)) == 3
