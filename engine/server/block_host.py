@@ -15,6 +15,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,12 @@ from engine.models.checkpoint import load_config, resolve_checkpoint
 from engine.models.registry import family_for
 from engine.models.span import load_block_span
 from engine.server import placement, throughput
-from engine.server.compute import HostedSpan
+from engine.server.compute import HostedSpan, run_forward
 from engine.server.config import ServerConfig
 from engine.server.handler import HandlerLimits, PriorityFn, TransformerConnectionHandler, UsageFn
 from engine.server.memory_cache import MemoryCache
 from engine.server.protocol import compression_type
-from engine.server.task_pool import TaskPool
+from engine.server.task_pool import TaskKind, TaskPool
 from engine.swarm.announce import Announcer
 from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import fetch_snapshot
@@ -73,6 +74,7 @@ class HostInfo:
     start_block: int | None = None
     end_block: int | None = None
     total_blocks: int | None = None
+    hidden_size: int | None = None
     peer_id: str | None = None
     multiaddrs: tuple[str, ...] = ()
     throughput: float | None = None
@@ -90,8 +92,9 @@ class BlockHost:
     """Hosts a span of a model's blocks in a swarm (see module docstring for the lifecycle).
 
     `dht` lets a service share its DHT peer; without it the host starts (and later stops) its own.
-    `priority_fn(peer_id, kind, points) -> float` orders work in the compute loop (lower = sooner);
-    `usage_fn(peer_id, kind, tokens)` is told about every request served (for the points ledger).
+    `priority_fn(peer_id, kind, points) -> float` orders work in the compute loop (a delay in seconds,
+    lower = sooner); `usage_fn(peer_id, kind, tokens, blocks, compute_seconds)` is told about every request
+    served; `points_fn() -> float` gives the points announced in our DHT record (all three: engine.ledger).
     """
 
     def __init__(
@@ -101,10 +104,11 @@ class BlockHost:
         dht: DHT | None = None,
         priority_fn: PriorityFn | None = None,
         usage_fn: UsageFn | None = None,
+        points_fn: Callable[[], float] | None = None,
     ):
         self.config = config
         self._given_dht = dht
-        self.priority_fn, self.usage_fn = priority_fn, usage_fn
+        self.priority_fn, self.usage_fn, self.points_fn = priority_fn, usage_fn, points_fn
         self.dht: DHT | None = None
         self.state = HostState.IDLE
         self.message: str | None = None
@@ -201,7 +205,7 @@ class BlockHost:
             server_info,
             ModelInfo(num_blocks=total, repository=repository),
             update_period=config.update_period,
-            fields_provider=lambda: {"cache_tokens_left": self._cache_tokens_left(model_config, dtype)},
+            fields_provider=lambda: self._fresh_fields(model_config, dtype),
         )
         self._announcer.start(wait=True)
         logger.info("announced blocks %d:%d of %s as joining", start, end, dht_prefix)
@@ -304,6 +308,7 @@ class BlockHost:
             start_block=start,
             end_block=end,
             total_blocks=self._model_config.num_hidden_layers if self._model_config is not None else None,
+            hidden_size=self._model_config.hidden_size if self._model_config is not None else None,
             peer_id=peer_id,
             multiaddrs=multiaddrs or (),
             throughput=self._throughput,
@@ -317,7 +322,29 @@ class BlockHost:
             tokens_served=stats.tokens if stats else 0,
         )
 
+    def run_local_forward(
+        self, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0
+    ) -> torch.Tensor:
+        """Our own outputs of blocks [start, end) for `hidden`, computed on the compute loop.
+
+        The ledger uses it to check another server's answer to a probe against our own computation.
+        """
+        hosted, pool = self._hosted, self._pool
+        if hosted is None or pool is None or self.state != HostState.SERVING:
+            raise RuntimeError("the block server is not serving")
+        future = pool.submit(run_forward, hosted.view(start, end), hidden, None, kind=TaskKind.FORWARD)
+        return future.result(timeout)
+
     # --- internals ----------------------------------------------------------------------------------------
+
+    def _fresh_fields(self, model_config, dtype) -> dict:
+        fields: dict = {"cache_tokens_left": self._cache_tokens_left(model_config, dtype)}
+        if self.points_fn is not None:
+            try:
+                fields["points"] = float(self.points_fn())
+            except Exception:
+                logger.warning("points callback failed", exc_info=True)
+        return fields
 
     def _cache_tokens_left(self, model_config, dtype) -> int:
         # Petals' DHT unit: one key (or value) vector of one block per token, so clients check

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,11 @@ from engine.swarm.keys import CHAIN_DELIMITER
 
 logger = logging.getLogger(__name__)
 
+# priority_fn(peer_id, kind, points) -> delay in seconds (lower = sooner; see task_pool). The peer id is the
+# libp2p-authenticated remote; `points` is what the peer declares and should not be trusted.
 PriorityFn = Callable[[str, TaskKind, float], float]
-UsageFn = Callable[[str, TaskKind, int], None]
+# usage_fn(peer_id, kind, tokens, blocks, compute_seconds): told about every request served.
+UsageFn = Callable[[str, TaskKind, int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,8 @@ class TransformerConnectionHandler(ServicerBase):
         compressions = protocol.read_output_compression(metadata, 1) or (self.compression,)
         self._log("rpc_forward", start, end, context)
         peer = _peer(context)
-        outputs = await self.pool.run(
+        outputs, seconds = await self.pool.run(
+            _timed,
             run_forward,
             self.hosted.view(start, end),
             args.hidden,
@@ -164,7 +169,7 @@ class TransformerConnectionHandler(ServicerBase):
             kind=TaskKind.FORWARD,
             priority=self._priority(peer, TaskKind.FORWARD, points),
         )
-        self._count(peer, TaskKind.FORWARD, args.hidden.shape[0] * args.hidden.shape[1])
+        self._count(peer, TaskKind.FORWARD, args.hidden.shape[0] * args.hidden.shape[1], end - start, seconds)
         return protocol.serialize([outputs], self.hosted.dtype, compressions)
 
     async def _backward(self, uid: str, flat, raw_metadata: bytes, context: P2PContext) -> list:
@@ -179,7 +184,8 @@ class TransformerConnectionHandler(ServicerBase):
         compressions = protocol.read_output_compression(metadata, count) or (self.compression,) * count
         self._log("rpc_backward", start, end, context)
         peer = _peer(context)
-        grads = await self.pool.run(
+        grads, seconds = await self.pool.run(
+            _timed,
             run_backward,
             self.hosted.view(start, end),
             args.inputs,
@@ -188,7 +194,8 @@ class TransformerConnectionHandler(ServicerBase):
             kind=TaskKind.BACKWARD,
             priority=self._priority(peer, TaskKind.BACKWARD, points),
         )
-        self._count(peer, TaskKind.BACKWARD, args.inputs.shape[0] * args.inputs.shape[1])
+        tokens = args.inputs.shape[0] * args.inputs.shape[1]
+        self._count(peer, TaskKind.BACKWARD, tokens, end - start, seconds)
         return protocol.serialize(grads, self.hosted.dtype, compressions)
 
     async def _gather(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
@@ -253,10 +260,10 @@ class TransformerConnectionHandler(ServicerBase):
                 session = SessionState(self.hosted.view(start, end), batch_size, max_length)
                 steps = self._iterate_steps(first, requests, pushes, session, deadline, context)
                 async for request, step_metadata in steps:
-                    outputs, tokens, has_prompts = await self._inference_step(
+                    outputs, tokens, has_prompts, seconds = await self._inference_step(
                         session, request, step_metadata, args_structure, points, peer
                     )
-                    self._count(peer, TaskKind.INFERENCE, tokens)
+                    self._count(peer, TaskKind.INFERENCE, tokens, end - start, seconds)
                     if step_metadata.get("next_servers") and not has_prompts:
                         # Petals' server-to-server mode: hand our outputs straight to the next server.
                         self._spawn(self._push_outputs(request, outputs[0], step_metadata))
@@ -291,7 +298,8 @@ class TransformerConnectionHandler(ServicerBase):
                 f"Maximum length exceeded: prefix {position} + current {new_tokens} exceeds "
                 f"pre-allocated maximum {session.max_length}"
             )
-        outputs = await self.pool.run(
+        outputs, seconds = await self.pool.run(
+            _timed,
             run_inference_step,
             session,
             args.hidden,
@@ -302,7 +310,7 @@ class TransformerConnectionHandler(ServicerBase):
             priority=self._priority(peer, TaskKind.INFERENCE, points / max(session.max_length, 1)),
         )
         serialized = protocol.serialize([outputs], hosted.dtype, (self.compression,))
-        return serialized, new_tokens * session.batch_size, args.prompts is not None
+        return serialized, new_tokens * session.batch_size, args.prompts is not None, seconds
 
     async def _iterate_steps(self, first, requests, pushes: asyncio.Queue | None, session, deadline, context):
         """Steps of a session, from the client or pushed by the previous server; each step_id once."""
@@ -421,14 +429,21 @@ class TransformerConnectionHandler(ServicerBase):
             raise RequestError(f"request took longer than {self.limits.request_timeout:g} s") from None
 
     def _priority(self, peer: str, kind: TaskKind, points: float) -> float:
-        return float(self.priority_fn(peer, kind, points)) if self.priority_fn is not None else 0.0
+        if self.priority_fn is None:
+            return 0.0
+        try:
+            priority = float(self.priority_fn(peer, kind, points))
+        except Exception:
+            logger.warning("priority callback failed", exc_info=True)
+            return 0.0
+        return priority if math.isfinite(priority) else 0.0  # a NaN would break the queue's ordering
 
-    def _count(self, peer: str, kind: TaskKind, tokens: int) -> None:
+    def _count(self, peer: str, kind: TaskKind, tokens: int, blocks: int, seconds: float) -> None:
         self.stats.requests += 1
         self.stats.tokens += int(tokens)
         if self.usage_fn is not None:
             try:
-                self.usage_fn(peer, kind, int(tokens))
+                self.usage_fn(peer, kind, int(tokens), int(blocks), float(seconds))
             except Exception:
                 logger.warning("usage callback failed", exc_info=True)
 
@@ -437,6 +452,13 @@ class TransformerConnectionHandler(ServicerBase):
         logger.info(
             "%s(blocks=%d:%d, remote_peer=%s)%s", method, start, end, remote, f": {note}" if note else ""
         )
+
+
+def _timed(fn, *args):
+    # Runs on the compute thread, so the time is compute only (the queue wait is not counted).
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - started
 
 
 def _peer(context: P2PContext) -> str:

@@ -2,8 +2,12 @@
 
 Running every block computation on one thread keeps GPU work serial (no two requests fight over memory or
 kernels) and lets the queue decide who goes next: inference steps first (a person is waiting for each token),
-then forward/backward; within a class the caller's priority (lower = sooner; later earned through the ledger),
-then arrival order.
+then forward/backward; within a class the caller's priority, then arrival order.
+
+A priority is a delay in seconds (lower = sooner; earned through engine.ledger): a task takes its place in
+the queue as if it had arrived `priority` seconds later than it did. This is aging: a waiting task's
+effective priority improves with every second it waits, so it can only be overtaken by tasks that arrive
+within its own delay, and its wait is bounded (no starvation), however much better-placed work keeps coming.
 """
 
 from __future__ import annotations
@@ -35,9 +39,15 @@ class PoolStopped(RuntimeError):
     """The compute loop has stopped (the server is shutting down); the task did not run."""
 
 
-def task_order(kind: TaskKind, priority: float, seq: int) -> tuple[int, float, int]:
-    """The queue key of a task: inference before forward/backward, then lower priority, then first come."""
-    return (0 if kind == TaskKind.INFERENCE else 1, float(priority), seq)
+def task_order(
+    kind: TaskKind, priority: float, seq: int, submitted_at: float = 0.0
+) -> tuple[int, float, int]:
+    """The queue key of a task: inference before forward/backward, then arrival + priority delay, then seq.
+
+    Sorting by `submitted_at + priority` is the same as sorting by `priority - waited` at any instant, so
+    every queued task ages at the same rate and a task with delay d waits at most d plus the work ahead of it.
+    """
+    return (0 if kind == TaskKind.INFERENCE else 1, submitted_at + float(priority), seq)
 
 
 @dataclass(order=True)
@@ -91,7 +101,8 @@ class TaskPool:
         with self._cond:
             if self._stopping or self._thread is None:
                 raise PoolStopped("the compute loop is not running (server stopping or not started)")
-            task = _Task(task_order(kind, priority, next(self._seq)), fn, args, future, kind)
+            key = task_order(kind, priority, next(self._seq), time.monotonic())
+            task = _Task(key, fn, args, future, kind)
             heapq.heappush(self._heap, task)
             self._cond.notify()
         return future
