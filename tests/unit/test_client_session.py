@@ -287,3 +287,52 @@ def test_stub_declares_streaming_rpcs():
     assert kinds["rpc_inference"] == (True, True)
     assert kinds["rpc_forward_stream"] == (True, True) and kinds["rpc_backward_stream"] == (True, True)
     assert kinds["rpc_forward"] == (False, False) and kinds["rpc_info"] == (False, False)
+
+
+class CountingManager(FakeManager):
+    def __init__(self, servers, **config):
+        super().__init__(servers, **config)
+        self.reads = 0
+
+    def update(self):
+        self.reads += 1
+        snapshot = super().update()
+        self._snapshot_time = __import__("time").monotonic()
+        return snapshot
+
+
+def test_sequence_manager_rereads_the_dht_before_reporting_missing_blocks():
+    manager = CountingManager([FakeServer("A", 0, 3)])
+    manager.snapshot()
+    assert manager.reads == 1
+    manager.servers["B"] = FakeServer("B", 3, 6)  # joined since our last read
+    route = manager.make_sequence(0, NUM_BLOCKS)
+    assert [(h.peer_id, h.start, h.end) for h in route] == [("A", 0, 3), ("B", 3, 6)]
+    assert manager.reads == 2
+    del manager.servers["B"]
+    assert manager.make_sequence(0, NUM_BLOCKS) == route  # the cached view still has B
+    manager.update()
+    with pytest.raises(MissingBlocksError):
+        manager.make_sequence(0, NUM_BLOCKS)
+    with pytest.raises(ValueError):
+        manager.make_sequence(2, 9)
+
+
+def test_sequence_manager_caches_its_view_for_max_age():
+    manager = CountingManager([FakeServer("A", 0, 6)], max_age=60.0)
+    for _ in range(3):
+        manager.make_sequence(0, NUM_BLOCKS)
+    assert manager.reads == 1
+    assert manager.snapshot(max_age=0).num_blocks == NUM_BLOCKS and manager.reads == 2
+
+
+def test_sequence_manager_bans_failing_peers():
+    manager = FakeManager([FakeServer("A", 0, 6), FakeServer("B", 0, 6)])
+    first = manager.make_sequence(mode="min_latency")[0].peer_id
+    manager.on_request_failure(first)
+    second = manager.make_sequence(mode="min_latency")[0].peer_id
+    assert second != first and manager.bans.is_banned(first)
+    assert manager.make_sequence(mode="max_throughput")[0].peer_id == second
+    manager.on_request_success(first)
+    assert not manager.bans.is_banned(first)
+    assert manager.request_metadata() == {"points": 0.0, "active_adapter": None}
