@@ -8,12 +8,16 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every part's subcommands."""
+    from engine import service_cli
+    from engine.client import cli as client_cli
     from engine.server import cli as server_cli
 
     parser = argparse.ArgumentParser(prog="pollinate-engine", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     server_cli.add_commands(subparsers)
+    service_cli.add_commands(subparsers)
+    client_cli.add_commands(subparsers)
     return parser
 
 

@@ -1,0 +1,154 @@
+"""`pollinate-engine run`: the long-lived engine service behind the desktop app (docs/API.md).
+
+It serves the HTTP API on 127.0.0.1, writes `engine-state.json` to the data directory so the app can find
+it, joins the swarm in the background, and runs until SIGINT/SIGTERM, then stops gracefully and removes
+the state file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE_NAME = "engine-state.json"
+DEFAULT_PORT = 8765  # taken -> a free port is used instead (the state file says which)
+
+
+def add_commands(subparsers) -> None:
+    """Add the `run` command to an argparse subparsers object."""
+    run = subparsers.add_parser("run", help="run the engine service: HTTP API, swarm client, block hosting")
+    run.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"HTTP port on 127.0.0.1 (default {DEFAULT_PORT}, or a free one if taken; 0 = any free port)",
+    )
+    run.add_argument(
+        "--swarm",
+        choices=("local", "public", "private"),
+        default="local",
+        help="local: a new swarm on this machine with the demo model (default); public: the Petals swarm; "
+        "private: your own swarm (needs --initial-peers)",
+    )
+    run.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers in the swarm")
+    run.add_argument("--model", default=None, help="default chat and hosting model (default: the demo model)")
+    run.add_argument("--data-dir", type=Path, default=None, help="where state, token and demo model live")
+    run.add_argument(
+        "--grace-seconds", type=float, default=30.0, help="how long stopping waits for running sessions"
+    )
+    run.set_defaults(handler=run_service)
+
+
+def state_file_path(data_dir: Path) -> Path:
+    return Path(data_dir) / STATE_FILE_NAME
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid) and pid != os.getpid()
+
+
+def read_live_state(data_dir: Path) -> dict | None:
+    """The state of an engine that runs now for `data_dir`, or None (no file, or its pid is gone)."""
+    try:
+        state = json.loads(state_file_path(data_dir).read_text())
+        return state if isinstance(state.get("pid"), int) and _pid_alive(state["pid"]) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_state(data_dir: Path, state: dict) -> Path:
+    """Write engine-state.json atomically (readers never see half a file)."""
+    path = state_file_path(data_dir)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(state, indent=1))
+    os.replace(temporary, path)
+    return path
+
+
+def remove_state(data_dir: Path) -> None:
+    """Remove the state file if it is ours (another engine may have replaced it)."""
+    path = state_file_path(data_dir)
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _start_api(app, port: int | None):
+    from engine.api.server import ApiServer
+
+    if port is not None:
+        return ApiServer(app, port).start()
+    try:
+        return ApiServer(app, DEFAULT_PORT).start()
+    except OSError:
+        logger.info("port %d is taken; using a free port", DEFAULT_PORT)
+        return ApiServer(app, 0).start()
+
+
+def run_service(args: argparse.Namespace) -> int:
+    """Run the engine until SIGINT/SIGTERM; returns the exit code."""
+    from engine import paths
+    from engine.api.app import create_app
+    from engine.api.auth import load_or_create_token
+    from engine.service import EngineService, ServiceConfig
+
+    data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    running = read_live_state(data_dir)
+    if running:
+        print(
+            f"error: an engine already runs for {data_dir} (pid {running['pid']}, {running.get('base_url')})"
+        )
+        return 1
+    try:
+        config = ServiceConfig(
+            data_dir=data_dir,
+            swarm=args.swarm,
+            initial_peers=tuple(args.initial_peers),
+            default_model=args.model,
+            grace_seconds=args.grace_seconds,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    token = load_or_create_token(data_dir)
+    service = EngineService(config)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server = _start_api(create_app(service, token.value), args.port)
+    state = {
+        "pid": os.getpid(),
+        "port": server.port,
+        "base_url": server.base_url,
+        "token_source": token.source,
+        "token_file": str(token.file) if token.file else None,
+        "version": service.version,
+        "started_at": time.time(),
+    }
+    write_state(data_dir, state)
+    print(f"engine API on {server.base_url} (state file {state_file_path(data_dir)})", flush=True)
+    try:
+        service.start()
+        while not stop.wait(1.0):
+            if not server.running:
+                logger.error("the API server stopped unexpectedly")
+                return 1
+    finally:
+        print("stopping the engine", flush=True)
+        remove_state(data_dir)
+        server.stop()
+        service.close()
+    return 0
