@@ -79,16 +79,13 @@ def base_env(home: Path) -> dict[str, str]:
 
 
 def _kill_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    if process.poll() is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # the leader is gone; its children may not be
-        return
+    """SIGTERM the leader (a graceful stop), then SIGKILL whatever is left of its process group."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # children (p2pd, Petals' handler processes) included
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5)
 
@@ -259,3 +256,23 @@ def assert_matches_reference(result: dict, reference: Reference) -> None:
     torch.testing.assert_close(
         torch.tensor(result["last_logits"]), torch.tensor(reference.last_logits), atol=1e-3, rtol=1e-3
     )
+
+
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def install_in_hub_cache(checkpoint: Path, repo_id: str, home: Path) -> None:
+    """Lay `checkpoint` out as huggingface_hub caches `repo_id`, in every cache the processes read.
+
+    That is HF_HOME's hub cache (configs, Pollinate's weights) and PETALS_CACHE, where Petals servers
+    look for block weights (both set by base_env under `home`).
+    """
+    for cache in (home / "hf" / "hub", home / "petals-cache"):
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / FAKE_COMMIT
+        snapshot.mkdir(parents=True)
+        for file in checkpoint.iterdir():
+            if file.is_file():
+                (snapshot / file.name).write_bytes(file.read_bytes())
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(FAKE_COMMIT)
