@@ -36,13 +36,14 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
     from engine.client.model import DistributedModelForCausalLM
     from engine.client.routing import MissingBlocksError
     from engine.client.sampling import SamplingParams, streamable_text, truncate_at_stop
+    from engine.models import ModelError
 
     out = out or sys.stdout
     try:
         model = DistributedModelForCausalLM.from_pretrained(
             args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix
         )
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ModelError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with model:
