@@ -25,6 +25,8 @@ from app.sse import SseEvent, SseParser
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_MS = 15_000
+# Control calls (start hosting) may wait while a busy engine builds the demo model or joins the swarm.
+POST_TIMEOUT_MS = 90_000
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,9 @@ class ApiClient(QObject):
             self.endpoint = endpoint
             self.endpoint_changed.emit(endpoint)
 
-    def _request(self, path: str, *, stream: bool = False) -> QNetworkRequest:
+    def _request(
+        self, path: str, *, stream: bool = False, timeout_ms: int = REQUEST_TIMEOUT_MS
+    ) -> QNetworkRequest:
         assert self.endpoint is not None
         request = QNetworkRequest(QUrl(self.endpoint.base_url.rstrip("/") + path))
         if self.endpoint.token:
@@ -237,7 +241,7 @@ class ApiClient(QObject):
                 QNetworkRequest.CacheLoadControl.AlwaysNetwork,
             )
         else:
-            request.setTransferTimeout(REQUEST_TIMEOUT_MS)
+            request.setTransferTimeout(timeout_ms)
         return request
 
     def get(self, path: str) -> ApiCall:
@@ -249,7 +253,8 @@ class ApiClient(QObject):
         if self.endpoint is None:
             return ApiCall(None, self._pending).fail_later(ENGINE_DOWN)
         payload = QByteArray(json.dumps(body or {}).encode())
-        return ApiCall(self._network.post(self._request(path), payload), self._pending)
+        request = self._request(path, timeout_ms=POST_TIMEOUT_MS)
+        return ApiCall(self._network.post(request, payload), self._pending)
 
     def stream(self, path: str, body: dict | None = None) -> ApiStream:
         """GET (body None) or POST an SSE endpoint."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -193,15 +194,26 @@ class EngineProcess(QObject):
         if pid is not None and (self.owned or self.manage):
             try:
                 process = psutil.Process(pid)
-                process.terminate()
+                process.terminate()  # the engine stops gracefully: announces OFFLINE, ends its helpers
                 _gone, alive = psutil.wait_procs([process], timeout=timeout_s)
-                for survivor in alive:
-                    survivor.kill()
+                if alive:
+                    self._kill_group(pid)
+                    psutil.wait_procs(alive, timeout=3)
             except psutil.Error:
                 pass
             if self._process is not None:
                 self._process.poll()
         self._set_state(STOPPED, "The engine is stopped.")
+
+    def _kill_group(self, pid: int) -> None:
+        """SIGKILL the engine and its helper processes (p2pd); ours runs in its own process group."""
+        try:
+            if self.owned and hasattr(os, "killpg") and os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                psutil.Process(pid).kill()
+        except (OSError, psutil.Error):
+            pass
 
     def detach(self) -> None:
         """Leave the engine running (keep sharing in the background) and stop watching it."""

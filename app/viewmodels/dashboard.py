@@ -87,6 +87,8 @@ def share_control(snapshot: DashboardSnapshot) -> ShareControl:
         return ShareControl(
             "Loading blocks…", True, True, float(progress) if progress is not None else 0.0, True
         )
+    if (snapshot.status or {}).get("ready") is False and state == "idle":
+        return ShareControl("Joining the swarm…", False, False, None, True)
     if snapshot.pending == "stop" or state == "draining":
         return ShareControl("Stopping…", False, False, None, True)
     if state == "serving":
@@ -179,6 +181,7 @@ class DashboardModel(QObject):
         self.client = client
         self.hosting_options = hosting_options
         self.snapshot = DashboardSnapshot()
+        self._start_when_ready = False  # the user asked to share while the engine was still joining
         self._swarm_timer = QTimer(self)
         self._swarm_timer.setInterval(self.SWARM_REFRESH_MS)
         self._swarm_timer.timeout.connect(self.refresh_swarm)
@@ -188,6 +191,8 @@ class DashboardModel(QObject):
         self.changed.emit()
 
     def on_engine_state(self, state: str, message: str) -> None:
+        if state != "running":
+            self._start_when_ready = False
         self._replace(with_engine(self.snapshot, state, message))
         if state == "running":
             self.refresh_all()
@@ -198,6 +203,9 @@ class DashboardModel(QObject):
     def on_status(self, status: dict) -> None:
         previous = (self.snapshot.status or {}).get("state")
         self._replace(with_status(self.snapshot, status))
+        if self._start_when_ready and status.get("ready", True) and status.get("state") == "idle":
+            self._start_when_ready = False
+            self.set_sharing(True)
         if status.get("state") != previous:
             self.refresh_swarm()
 
@@ -250,5 +258,13 @@ class DashboardModel(QObject):
 
     def _action_failed(self, error: ApiError, doing: str) -> None:
         self._replace(dataclasses.replace(self.snapshot, pending=None))
+        not_ready = (
+            error.status == 503 and "not ready" in error.message.lower()
+        )  # docs/API.md has no own type
+        if not_ready and doing == "start sharing":
+            # Not ready yet (joining the swarm): start as soon as a status event says it is ready.
+            self._start_when_ready = True
+            self._replace(dataclasses.replace(self.snapshot, pending="start"))
+            return
         if error.status != 409:  # 409: already in the asked state (another client did it)
             self.error.emit(error, doing)

@@ -131,6 +131,23 @@ def test_settings_dialog_saves_and_autostart_is_really_removed(qtbot, controller
     assert "keyring" in controller.presenter.last
 
 
+def test_share_while_engine_joins_starts_once_ready(qtbot, controller, fake_engine):
+    fake_engine.set_status(ready=False)
+    qtbot.waitUntil(lambda: not controller.dashboard.share_button.isEnabled(), timeout=3000)
+    assert "Joining" in controller.dashboard.share_button.text()
+    error = {
+        "message": "The engine is not ready yet (Joining the swarm)",
+        "type": "swarm_unavailable",
+        "code": 503,
+    }
+    fake_engine.hosting_error = (503, error)
+    controller.dashboard_model.set_sharing(True)  # e.g. resumed at start
+    qtbot.waitUntil(lambda: controller.dashboard_model._start_when_ready, timeout=3000)
+    fake_engine.hosting_error = None
+    fake_engine.set_status(ready=True)
+    qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
+
+
 def test_quit_plan_follows_keep_sharing(qtbot, controller, fake_engine):
     controller.dashboard_model.set_sharing(True)
     qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)

@@ -1,0 +1,88 @@
+"""End to end: the app starts the real engine (`python -m engine.cli run --swarm local`) and drives it.
+
+Slow (the engine builds the demo model and starts a local swarm): run with `-m slow`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+
+import psutil
+import pytest
+
+from app.controller import AppController
+from app.engine_process import log_tail
+from app.settings import Settings
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("engine.service_cli") is None, reason="the engine's `run` command is missing"
+    ),
+]
+
+START_TIMEOUT_MS = 180_000
+
+
+@pytest.fixture
+def real_app(qtbot, app_dirs):
+    ctl = AppController(Settings(onboarded=True, swarm="local"), use_system_tray=False)
+    ctl.confirm_quit = False
+    ctl.quit_app = lambda: None
+    ctl.start()
+    try:
+        qtbot.waitUntil(
+            lambda: ctl.engine.state == "running" and ctl.feed.connected, timeout=START_TIMEOUT_MS
+        )
+        yield ctl
+    finally:
+        pid = ctl.engine.pid
+        ctl.shutdown()
+        assert (
+            pid is None or not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        )
+
+
+def test_share_toggle_with_the_real_engine(qtbot, real_app):
+    window = real_app.dashboard
+    qtbot.waitUntil(lambda: real_app.dashboard_model.snapshot.hardware is not None, timeout=30_000)
+    window.share_button.click()
+    try:
+        qtbot.waitUntil(lambda: real_app.tray.state == "serving", timeout=START_TIMEOUT_MS)
+    except Exception:
+        status = real_app.dashboard_model.snapshot.status
+        last = real_app.presenter.last
+        pytest.fail(
+            f"never served; status {status}; app said {last!r}\n{log_tail(real_app.engine.log_path, 30)}"
+        )
+    assert window.share_button.isChecked() and "serving blocks" in window.headline.text()
+    window.share_button.click()
+    qtbot.waitUntil(lambda: real_app.tray.state == "idle", timeout=120_000)
+
+
+def test_chat_streams_from_the_real_engine(qtbot, real_app):
+    real_app.show_chat()
+    chat = real_app.chat_window
+    qtbot.waitUntil(lambda: bool(real_app.chat_model.models), timeout=60_000)
+    demo = next(m for m in real_app.chat_model.models if m.demo)
+    real_app.chat_model.select_model(demo.id)
+    assert chat.demo_label.isVisible()
+    chat.max_tokens.setValue(12)
+    chat.input.setPlainText("Hello swarm")
+    chat.send_button.click()
+    qtbot.waitUntil(lambda: not real_app.chat_model.streaming, timeout=START_TIMEOUT_MS)
+    assert not chat.notice.isVisible() or "limit" in chat.notice.text(), chat.notice.text()
+    reply = real_app.chat_model.messages[-1]
+    assert reply.role == "assistant" and reply.content.strip()
+
+
+def test_engine_crash_is_restarted_and_reported(qtbot, real_app):
+    first = real_app.engine.pid
+    os.kill(first, signal.SIGKILL)
+    qtbot.waitUntil(lambda: real_app.engine.state == "restarting", timeout=10_000)
+    assert "stopped unexpectedly" in real_app.dashboard.headline.text()
+    qtbot.waitUntil(lambda: real_app.engine.state == "running", timeout=START_TIMEOUT_MS)
+    assert real_app.engine.pid != first
+    qtbot.waitUntil(lambda: "restarted" in real_app.presenter.last, timeout=10_000)
