@@ -62,4 +62,7 @@ def reference(interop_checkpoint) -> Reference:
         last_logits = model(input_ids).logits[0, -1]
     new_tokens = output[0, len(PROMPT) :].tolist()
     assert len(set(new_tokens)) > len(new_tokens) // 2, f"degenerate reference continuation {new_tokens}"
-    return Reference(output[0].tolist(), last_logits.tolist())
+    embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds).logits
+    torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:]).backward()
+    return Reference(output[0].tolist(), last_logits.tolist(), embeds.grad[0].tolist())

@@ -215,27 +215,54 @@ def client_args(
     args += ["--max-new-tokens", str(max_new_tokens)]
     if opts.get("dht_prefix") is not None:
         args += ["--dht-prefix", opts["dht_prefix"]]
+    if opts.get("backward"):
+        args.append("--backward")
     return list(map(str, args))
 
 
 def petals_generate(
-    python: Path, model, peers, prompt, max_new_tokens: int, *, log: Path, home: Path, dht_prefix=None
+    python: Path,
+    model,
+    peers,
+    prompt,
+    max_new_tokens: int,
+    *,
+    log: Path,
+    home: Path,
+    dht_prefix=None,
+    backward: bool = False,
 ) -> dict:
     """Greedy generation and one forward pass by the published Petals client (Petals venv)."""
     args = [
         str(python),
-        *client_args(PETALS_CLIENT_SCRIPT, model, peers, prompt, max_new_tokens, dht_prefix=dht_prefix),
+        *client_args(
+            PETALS_CLIENT_SCRIPT,
+            model,
+            peers,
+            prompt,
+            max_new_tokens,
+            dht_prefix=dht_prefix,
+            backward=backward,
+        ),
     ]
     return run_client("Petals client", args, log=log, home=home)
 
 
 def pollinate_generate(
-    model, peers, prompt, max_new_tokens: int, *, log: Path, home: Path, dht_prefix=None
+    model, peers, prompt, max_new_tokens: int, *, log: Path, home: Path, dht_prefix=None, backward=False
 ) -> dict:
     """Greedy generation and one forward pass by Pollinate's client (our venv)."""
     args = [
         sys.executable,
-        *client_args(POLLINATE_CLIENT_SCRIPT, model, peers, prompt, max_new_tokens, dht_prefix=dht_prefix),
+        *client_args(
+            POLLINATE_CLIENT_SCRIPT,
+            model,
+            peers,
+            prompt,
+            max_new_tokens,
+            dht_prefix=dht_prefix,
+            backward=backward,
+        ),
     ]
     return run_client("Pollinate client", args, log=log, home=home)
 
@@ -246,6 +273,7 @@ class Reference:
 
     output_ids: list[int]
     last_logits: list[float]
+    embeds_grad: list[list[float]]
 
 
 def assert_matches_reference(result: dict, reference: Reference) -> None:
@@ -256,6 +284,10 @@ def assert_matches_reference(result: dict, reference: Reference) -> None:
     torch.testing.assert_close(
         torch.tensor(result["last_logits"]), torch.tensor(reference.last_logits), atol=1e-3, rtol=1e-3
     )
+    if "embeds_grad" in result:
+        torch.testing.assert_close(
+            torch.tensor(result["embeds_grad"]), torch.tensor(reference.embeds_grad), atol=1e-4, rtol=1e-3
+        )
 
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"

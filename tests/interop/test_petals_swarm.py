@@ -78,11 +78,15 @@ def mixed_chain(petals_python, interop_checkpoint, tmp_path_factory):
 
 @pytest.mark.parametrize("client", ["petals", "pollinate"])
 def test_mixed_chain(client, mixed_chain, petals_python, interop_checkpoint, reference, tmp_path):
-    """Either client runs blocks 0:2 on a Petals server and blocks 2:4 on a Pollinate server."""
+    """Either client runs blocks 0:2 on a Petals server and blocks 2:4 on a Pollinate server.
+
+    Besides inference and forward, the client backpropagates through both servers (rpc_backward).
+    """
     peers, home = mixed_chain
-    opts = dict(log=tmp_path / f"{client}-client.log", home=home, dht_prefix=PREFIX)
+    opts = dict(log=tmp_path / f"{client}-client.log", home=home, dht_prefix=PREFIX, backward=True)
     if client == "petals":
         result = petals_generate(petals_python, interop_checkpoint, peers, PROMPT, MAX_NEW_TOKENS, **opts)
     else:
         result = pollinate_generate(interop_checkpoint, peers, PROMPT, MAX_NEW_TOKENS, **opts)
+    assert "embeds_grad" in result
     assert_matches_reference(result, reference)
