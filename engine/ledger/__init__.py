@@ -41,8 +41,8 @@ facade) -> verify.py (probes over the network).
 """
 
 from engine.ledger.accounts import PeerContribution
-from engine.ledger.ledger import LEDGER_FILE, Ledger
+from engine.ledger.ledger import LEDGER_FILE, Ledger, default_ledger_path
 from engine.ledger.priority import LedgerPolicy
 from engine.ledger.verify import Auditor
 
-__all__ = ["LEDGER_FILE", "Auditor", "Ledger", "LedgerPolicy", "PeerContribution"]
+__all__ = ["LEDGER_FILE", "Auditor", "Ledger", "LedgerPolicy", "PeerContribution", "default_ledger_path"]

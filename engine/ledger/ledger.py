@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 LEDGER_FILE = "ledger.json"
 
 
+def default_ledger_path(data_dir: Path | None = None) -> Path:
+    """Where the engine keeps its ledger: `data_dir` (default: engine.paths.data_dir()) / ledger.json."""
+    from engine import paths
+
+    return Path(data_dir if data_dir is not None else paths.data_dir()) / LEDGER_FILE
+
+
 class Ledger:
     """What this node served and consumed, per peer, and the priority each peer earned here.
 

@@ -192,6 +192,35 @@ def test_ledger_survives_a_restart(tmp_path):
     assert again.summary()["consumed_token_blocks"] == 6000
 
 
+def test_engine_ledger_lives_in_the_data_dir_across_restarts(tmp_path, monkeypatch, caplog):
+    from engine.ledger import default_ledger_path
+
+    monkeypatch.setenv("POLLINATE_DATA_DIR", str(tmp_path / "data"))
+    path = default_ledger_path()
+    assert path == tmp_path / "data" / "ledger.json"
+    first = Ledger.open(path)
+    first.start_autosave(period=0.05)
+    first.record_consumed("contributor", tokens=100, blocks=2)
+    assert wait_until(path.exists)  # saved in the background, without waiting for close()
+    first.close()
+    assert Ledger.open(default_ledger_path()).contribution("contributor").consumed_token_blocks == 200
+
+    path.write_bytes(path.read_bytes()[:-10])  # the disk lost the end of the file
+    with caplog.at_level(logging.WARNING, logger="engine.ledger"):
+        restarted = Ledger.open(default_ledger_path())
+    assert restarted.contributions() == [] and "damaged" in caplog.text
+    assert list(path.parent.glob("ledger.json.corrupt-*"))
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @pytest.mark.parametrize(
     "damage",
     [

@@ -14,7 +14,7 @@ import torch
 from engine.ledger import Auditor, Ledger, LedgerPolicy
 from engine.ledger.testing import PeerCaller, ledger_server
 from engine.server.task_pool import TaskKind
-from engine.server.testing import running_server
+from engine.server.testing import WireClient, running_server
 from engine.swarm.records import ServerInfo, ServerState
 
 pytestmark = pytest.mark.slow
@@ -80,6 +80,13 @@ def test_only_verified_service_earns_and_sybils_mint_nothing(bootstrap_peer, tin
             auditor.stop()
             for sybil in sybils:
                 sybil.close()
+
+        # A Petals-format inference session (points declared, as Petals does) is counted per step.
+        with WireClient(info.multiaddrs) as petals_client, petals_client.inference(uid, 16) as session:
+            session.step(torch.randn(1, 3, 64))
+            session.step(torch.randn(1, 1, 64))
+        assert ledger.contribution(petals_client.p2p.peer_id.to_base58()).served_token_blocks == (3 + 1) * 2
+        assert ledger.priority_of(petals_client.p2p.peer_id.to_base58()) == 1.0
 
         outcomes = {}
         for report in reports:
