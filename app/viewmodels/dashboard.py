@@ -182,6 +182,11 @@ class DashboardModel(QObject):
         self.hosting_options = hosting_options
         self.snapshot = DashboardSnapshot()
         self._start_when_ready = False  # the user asked to share while the engine was still joining
+        # The engine may not send a status event when it becomes ready: ask again every few seconds.
+        self._ready_retry = QTimer(self)
+        self._ready_retry.setSingleShot(True)
+        self._ready_retry.setInterval(3000)
+        self._ready_retry.timeout.connect(self._retry_start)
         self._swarm_timer = QTimer(self)
         self._swarm_timer.setInterval(self.SWARM_REFRESH_MS)
         self._swarm_timer.timeout.connect(self.refresh_swarm)
@@ -190,9 +195,15 @@ class DashboardModel(QObject):
         self.snapshot = snapshot
         self.changed.emit()
 
+    def _retry_start(self) -> None:
+        if self._start_when_ready and (self.snapshot.status or {}).get("state", "idle") == "idle":
+            self._start_when_ready = False
+            self.set_sharing(True)
+
     def on_engine_state(self, state: str, message: str) -> None:
         if state != "running":
             self._start_when_ready = False
+            self._ready_retry.stop()
         self._replace(with_engine(self.snapshot, state, message))
         if state == "running":
             self.refresh_all()
@@ -265,6 +276,7 @@ class DashboardModel(QObject):
             # Not ready yet (joining the swarm): start as soon as a status event says it is ready.
             self._start_when_ready = True
             self._replace(dataclasses.replace(self.snapshot, pending="start"))
+            self._ready_retry.start()
             return
         if error.status != 409:  # 409: already in the asked state (another client did it)
             self.error.emit(error, doing)
