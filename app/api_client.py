@@ -101,12 +101,13 @@ class ApiCall(QObject):
     succeeded = Signal(object)
     failed = Signal(object)
 
-    def __init__(self, reply: QNetworkReply | None, pending: set):
+    def __init__(self, reply: QNetworkReply | None, pending: set, resend=None):
         # No Qt parent: the client's `pending` set keeps it alive until done, then Python frees it.
         super().__init__()
         self.reply = reply
         self._pending = pending
         self._error: ApiError | None = None
+        self._resend = resend  # sends the request again on a fresh connection (once)
         pending.add(self)
         if reply is not None:
             reply.finished.connect(self._finished)
@@ -117,6 +118,12 @@ class ApiCall(QObject):
         status = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute) or 0
         body = bytes(reply.readAll().data())
         reply.deleteLater()
+        closed = reply.error() == QNetworkReply.NetworkError.RemoteHostClosedError
+        if closed and not status and self._resend is not None:
+            # The server closed an idle keep-alive connection just as Qt reused it for this POST.
+            self.reply, self._resend = self._resend(), None
+            self.reply.finished.connect(self._finished)
+            return
         if reply.error() != QNetworkReply.NetworkError.NoError and not status:
             self.failed.emit(parse_error(0, b"", reply.errorString()))
         elif status >= 400:
@@ -254,7 +261,11 @@ class ApiClient(QObject):
             return ApiCall(None, self._pending).fail_later(ENGINE_DOWN)
         payload = QByteArray(json.dumps(body or {}).encode())
         request = self._request(path, timeout_ms=POST_TIMEOUT_MS)
-        return ApiCall(self._network.post(request, payload), self._pending)
+
+        def resend() -> QNetworkReply:
+            return self._network.post(request, payload)
+
+        return ApiCall(self._network.post(request, payload), self._pending, resend)
 
     def stream(self, path: str, body: dict | None = None) -> ApiStream:
         """GET (body None) or POST an SSE endpoint."""

@@ -48,6 +48,8 @@ def real_app(qtbot, app_dirs):
 def test_share_toggle_with_the_real_engine(qtbot, real_app):
     window = real_app.dashboard
     qtbot.waitUntil(lambda: real_app.dashboard_model.snapshot.hardware is not None, timeout=30_000)
+    # Disabled ("Joining the swarm…") until the engine is ready to host.
+    qtbot.waitUntil(lambda: window.share_button.isEnabled(), timeout=START_TIMEOUT_MS)
     window.share_button.click()
     try:
         qtbot.waitUntil(lambda: real_app.tray.state == "serving", timeout=START_TIMEOUT_MS)
