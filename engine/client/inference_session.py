@@ -84,7 +84,8 @@ class _SpanStream:
         )
         started = time.perf_counter()
         reply = RemoteExpertWorker.run_coroutine(self._exchange(request))
-        self.manager.observe_rtt(self.hop.peer_id, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.manager.observe_rtt(self.hop.peer_id, elapsed)
         if not reply.tensors:
             raise protocol.RemoteCallError(f"peer {self.hop.peer_id} sent an inference reply without tensors")
         outputs = protocol.deserialize_torch_tensor(reply.tensors[0])
@@ -93,6 +94,7 @@ class _SpanStream:
                 f"peer {self.hop.peer_id} returned shape {tuple(outputs.shape)} "
                 f"for inputs of shape {tuple(inputs.shape)}"
             )
+        self.manager.report_usage(self.hop, inputs.shape[0] * inputs.shape[1], elapsed)
         history = self.history
         if history is not None and hypo_ids is not None:
             history = history[hypo_ids]  # the server reorders its cache before the step

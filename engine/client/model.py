@@ -12,7 +12,7 @@ from engine.client.generation import GenerationStep, generate, stream_generate
 from engine.client.inference_session import InferenceSession
 from engine.client.remote_sequential import RemoteSequential
 from engine.client.sampling import SamplingParams
-from engine.client.sequence_manager import ClientConfig, SequenceManager
+from engine.client.sequence_manager import ClientConfig, SequenceManager, UsageObserver
 
 
 class DistributedModelForCausalLM:
@@ -46,8 +46,13 @@ class DistributedModelForCausalLM:
         dtype: torch.dtype = torch.float32,
         client_config: ClientConfig | None = None,
         token: str | None = None,
+        usage_observer: UsageObserver | None = None,
     ) -> DistributedModelForCausalLM:
-        """Load the local parts of `model` (hub id or folder) and join the swarm (or use `dht`)."""
+        """Load the local parts of `model` (hub id or folder) and join the swarm (or use `dht`).
+
+        `usage_observer(peer_id, tokens, blocks, seconds)` hears of each successful reply of a server, e.g.
+        `Ledger.record_consumed` to credit the peers whose servers worked for us.
+        """
         from engine.models import family_for, load_client_parts, load_config, resolve_checkpoint
         from engine.swarm.dht_node import start_dht
 
@@ -59,7 +64,9 @@ class DistributedModelForCausalLM:
         if dht is None:
             dht = owned = start_dht(initial_peers, client_mode=True)
         try:
-            manager = SequenceManager(dht, prefix, config.num_hidden_layers, client_config).start()
+            manager = SequenceManager(
+                dht, prefix, config.num_hidden_layers, client_config, usage_observer=usage_observer
+            ).start()
         except BaseException:
             if owned is not None:
                 owned.shutdown()

@@ -48,7 +48,8 @@ class _PeerError(Exception):
 def _forward_hop(manager: SequenceManager, hop: Hop, hidden: torch.Tensor) -> torch.Tensor:
     try:
         info = manager.rpc_info(hop.peer_id, hop.start)
-        return RemoteExpertWorker.run_coroutine(
+        started = time.perf_counter()
+        outputs = RemoteExpertWorker.run_coroutine(
             protocol.run_forward(
                 manager.p2p,
                 hop.peer_id,
@@ -62,6 +63,8 @@ def _forward_hop(manager: SequenceManager, hop: Hop, hidden: torch.Tensor) -> to
         )
     except Exception as e:
         raise _PeerError(hop.peer_id, e) from e
+    manager.report_usage(hop, hidden.shape[0] * hidden.shape[1], time.perf_counter() - started)
+    return outputs
 
 
 def _backward_hop(
@@ -69,6 +72,7 @@ def _backward_hop(
 ) -> torch.Tensor:
     try:
         info = manager.rpc_info(hop.peer_id, hop.start)
+        started = time.perf_counter()
         grads = RemoteExpertWorker.run_coroutine(
             protocol.run_backward(
                 manager.p2p,
@@ -82,9 +86,11 @@ def _backward_hop(
                 connect_timeout=manager.config.connect_timeout,
             )
         )
-        return grads[0]
+        grad_inputs = grads[0]
     except Exception as e:
         raise _PeerError(hop.peer_id, e) from e
+    manager.report_usage(hop, inputs.shape[0] * inputs.shape[1], time.perf_counter() - started)
+    return grad_inputs
 
 
 def sequential_forward(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +37,10 @@ logger = get_logger(__name__)
 
 RouteMode = Literal["min_latency", "max_throughput"]
 
+# Called after each successful reply with (peer_id in base58, tokens = batch x input tokens, blocks, seconds):
+# how the contribution ledger learns what other peers' servers computed for this node.
+UsageObserver = Callable[[str, int, int, float], None]
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -56,13 +60,23 @@ class SequenceManager:
     """Keeps the swarm view of blocks [0, num_blocks) of the model under `dht_prefix` and picks routes.
 
     Thread-safe. `start()` connects to the DHT's p2p daemon and starts the refresh thread; `close()` stops it.
+    `usage_observer` (e.g. `Ledger.record_consumed`) hears of every successful reply (see `report_usage`).
     """
 
-    def __init__(self, dht: DHT, dht_prefix: str, num_blocks: int, config: ClientConfig | None = None):
+    def __init__(
+        self,
+        dht: DHT,
+        dht_prefix: str,
+        num_blocks: int,
+        config: ClientConfig | None = None,
+        *,
+        usage_observer: UsageObserver | None = None,
+    ):
         self.dht = dht
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
         self.config = config or ClientConfig()
+        self.usage_observer = usage_observer
         self.block_uids: tuple[str, ...] = tuple(block_uids(dht_prefix, 0, num_blocks))
         self.bans = BanList.from_policy(self.config.retry)
         self._p2p: P2P | None = None
@@ -241,6 +255,16 @@ class SequenceManager:
     def request_metadata(self) -> dict:
         """The metadata fields every request carries (Petals: points, active_adapter)."""
         return dict(points=self.config.points, active_adapter=self.config.active_adapter)
+
+    def report_usage(self, hop: Hop, tokens: int, seconds: float) -> None:
+        """Tell the usage observer that `hop`'s server computed `tokens` through its blocks; never raises."""
+        observer = self.usage_observer
+        if observer is None:
+            return
+        try:
+            observer(hop.peer_id, tokens, hop.end - hop.start, seconds)
+        except Exception as e:  # bookkeeping must never break generation
+            logger.debug(f"Usage observer failed for {hop.peer_id}: {e!r}")
 
     # failures
 
