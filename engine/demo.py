@@ -36,7 +36,12 @@ def ensure_demo_model(data_dir: Path | None = None) -> Path:
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     build_tiny_checkpoint(
-        staging, "llama", num_layers=DEMO_NUM_BLOCKS, hidden_size=DEMO_HIDDEN_SIZE, seed=2024, max_shard_size="200KB"
+        staging,
+        "llama",
+        num_layers=DEMO_NUM_BLOCKS,
+        hidden_size=DEMO_HIDDEN_SIZE,
+        seed=2024,
+        max_shard_size="200KB",
     )
     facts = json.loads((staging / "pollinate_tiny.json").read_text())
     facts.update(recipe=DEMO_RECIPE_VERSION, name=DEMO_MODEL_NAME, label=DEMO_MODEL_LABEL)

@@ -1,4 +1,4 @@
-"""The process boundary of DESIGN.md section 1: the GUI never loads the ML stack, the engine never loads Qt."""
+"""DESIGN.md section 1: the GUI never loads the ML stack, and the engine never loads Qt."""
 
 from __future__ import annotations
 
