@@ -125,6 +125,7 @@ class ApiCall(QObject):
             self.reply.finished.connect(self._finished)
             return
         if reply.error() != QNetworkReply.NetworkError.NoError and not status:
+            log.warning("%s failed: %s", reply.url().path(), reply.errorString())
             self.failed.emit(parse_error(0, b"", reply.errorString()))
         elif status >= 400:
             self.failed.emit(parse_error(status, body))

@@ -154,7 +154,6 @@ class EngineProcess(QObject):
         self.info: EngineInfo | None = None
         self.failures = 0
         self.restarts = 0
-        self._drop_parent_pid = False
         self._started_at = 0.0
         self._log_offset = 0
         self._process: subprocess.Popen | None = None
@@ -235,9 +234,6 @@ class EngineProcess(QObject):
             self.start()
             return
         command = self._command()
-        if self._drop_parent_pid and "--parent-pid" in command:
-            index = command.index("--parent-pid")
-            del command[index : index + 2]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as file:
             file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n")
@@ -342,12 +338,6 @@ class EngineProcess(QObject):
 
     def _failed_attempt(self, reason: str, crashed: bool = False) -> None:
         self.pid = None
-        if "unrecognized arguments" in reason and "--parent-pid" in reason and not self._drop_parent_pid:
-            # An engine without --parent-pid support: run it without (it will not notice an app crash).
-            log.warning("engine does not support --parent-pid; starting it without")
-            self._drop_parent_pid = True
-            self._retry.start(0)
-            return
         self.failures += 1
         if not self.manage:
             self._set_state(RESTARTING, f"The engine stopped ({reason}). Waiting for it to come back…")

@@ -44,6 +44,12 @@ def add_commands(subparsers) -> None:
     run.add_argument(
         "--grace-seconds", type=float, default=30.0, help="how long stopping waits for running sessions"
     )
+    run.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit (gracefully) when the process with this id ends (the desktop app passes its own)",
+    )
     run.set_defaults(handler=run_service)
 
 
@@ -83,6 +89,18 @@ def remove_state(data_dir: Path) -> None:
             path.unlink()
     except (OSError, ValueError):
         pass
+
+
+def _parent_gone(pid: int | None) -> bool:
+    """Whether the parent we were started for (`--parent-pid`) has ended (a zombie counts as ended)."""
+    if pid is None:
+        return False
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:  # NoSuchProcess, or gone while we looked
+        return True
 
 
 def _start_api(app, port: int | None):
@@ -140,12 +158,16 @@ def run_service(args: argparse.Namespace) -> int:
     }
     write_state(data_dir, state)
     print(f"engine API on {server.base_url} (state file {state_file_path(data_dir)})", flush=True)
+    parent_pid = getattr(args, "parent_pid", None)
     try:
         service.start()
         while not stop.wait(1.0):
             if not server.running:
                 logger.error("the API server stopped unexpectedly")
                 return 1
+            if _parent_gone(parent_pid):
+                logger.info("the parent process %d ended; stopping", parent_pid)
+                break
     finally:
         print("stopping the engine", flush=True)
         remove_state(data_dir)

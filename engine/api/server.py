@@ -2,9 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
 import time
+
+# Ports of the API servers alive in this process. hivemind starts its DHT peers as *forked* processes, which
+# inherit every open file descriptor: a child holding a copy of an API connection keeps it open after
+# uvicorn closes it, so the client never sees the close and sends its next keep-alive request into a socket
+# nobody reads (it times out). Forked children therefore drop their copies of the API's sockets.
+_api_ports: set[int] = set()
+_fork_hook_installed = False
+
+
+def _drop_inherited_api_sockets() -> None:
+    """In a forked child: point every inherited socket of an API server at /dev/null (no reads, no close)."""
+    if not _api_ports:
+        return
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    try:
+        fds = [int(name) for name in os.listdir(fd_dir)]
+    except OSError:
+        return
+    null = -1
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket (or already gone)
+            continue
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.getsockname()[1] in _api_ports:
+                # dup2 instead of close: the fd number stays taken, so a later close by whoever owns the
+                # Python object in this child cannot hit an unrelated file that reused the number.
+                null = null if null >= 0 else os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, fd)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+    if null >= 0:
+        os.close(null)
+
+
+def _install_fork_hook() -> None:
+    global _fork_hook_installed
+    if not _fork_hook_installed and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_drop_inherited_api_sockets)
+        _fork_hook_installed = True
 
 
 class ApiServer:
@@ -35,6 +80,8 @@ class ApiServer:
         self._socket.bind((self.host, self.requested_port))
         self._socket.listen(128)
         self.port = self._socket.getsockname()[1]
+        _install_fork_hook()
+        _api_ports.add(self.port)
         config = uvicorn.Config(
             self.app,
             log_level="warning",
@@ -63,6 +110,8 @@ class ApiServer:
             self._thread.join(timeout)
         if self._socket is not None:
             self._socket.close()
+        with contextlib.suppress(KeyError, TypeError):
+            _api_ports.remove(self.port)
         self._server = self._thread = self._socket = None
 
     @property

@@ -69,18 +69,6 @@ def test_engine_that_cannot_start_says_why(qtbot, app_dirs, engines):
     assert "engine.log" in engine.message
 
 
-def test_engine_without_parent_pid_flag_is_started_without_it(qtbot, app_dirs, engines):
-    strict = (
-        "import argparse, sys; argparse.ArgumentParser().parse_args(); "
-        f"sys.path.insert(0, {str(Path(FAKE).parent)!r}); import fake_engine; sys.exit(fake_engine.main([]))"
-    )
-    engine = make_engine(app_dirs["data"], [sys.executable, "-c", strict, "--parent-pid", str(os.getpid())])
-    engines.append(engine)
-    engine.start()
-    qtbot.waitUntil(lambda: engine.state == RUNNING, timeout=15000)
-    assert engine._drop_parent_pid
-
-
 def test_no_engine_mode_attaches_and_never_kills(qtbot, app_dirs, fake_engine):
     engine = EngineProcess(app_dirs["data"], lambda: ["false"], manage=False)
     engine.start()

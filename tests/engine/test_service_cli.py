@@ -1,0 +1,128 @@
+"""`pollinate-engine run` process behaviour: --parent-pid, fast SIGTERM shutdown, API sockets and forks."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.cli import build_parser
+from engine.service_cli import _parent_gone
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_run_accepts_parent_pid():
+    args = build_parser().parse_args(["run", "--parent-pid", "42", "--port", "0"])
+    assert args.parent_pid == 42
+
+
+def test_parent_gone():
+    assert not _parent_gone(None)
+    assert not _parent_gone(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert _parent_gone(child.pid)
+
+
+def _sleep_forever() -> None:
+    time.sleep(60)
+
+
+def test_forked_children_do_not_hold_api_connections():
+    """A keep-alive connection the server closes must reach the client even after a fork (hivemind DHTs)."""
+    from fastapi import FastAPI
+
+    from engine.api.server import ApiServer
+
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping():
+        return {"ok": True}
+
+    with ApiServer(app, 0) as server:
+        server._server.config.timeout_keep_alive = 1
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        connection.request("GET", "/ping")
+        assert json.loads(connection.getresponse().read()) == {"ok": True}
+        child = mp.get_context("fork").Process(target=_sleep_forever, daemon=True)
+        child.start()
+        try:
+            time.sleep(2.5)  # the server closes the idle connection; the child must not keep it open
+            connection.sock.settimeout(5)
+            assert connection.sock.recv(1) == b""  # EOF, not a timeout
+        finally:
+            child.kill()
+            child.join()
+            connection.close()
+
+
+def _wait_for_state(data_dir: Path, process: subprocess.Popen, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            return json.loads((data_dir / "engine-state.json").read_text())
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    raise TimeoutError("the engine wrote no state file")
+
+
+@pytest.mark.slow
+def test_engine_exits_when_its_parent_dies(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--data-dir", str(tmp_path)]
+    engine = subprocess.Popen(
+        [*command, "--parent-pid", str(parent.pid)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for_state(tmp_path, engine)
+        parent.kill()
+        parent.wait()
+        assert engine.wait(timeout=30) == 0
+        assert not (tmp_path / "engine-state.json").exists()
+    finally:
+        for process in (parent, engine):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_idle_engine_quickly(tmp_path):
+    env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--data-dir", str(tmp_path)]
+    engine = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        state = _wait_for_state(tmp_path, engine)
+        token = (tmp_path / "engine-api-token").read_text().strip()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until ready: the demo server and the DHT peers run
+            connection = http.client.HTTPConnection("127.0.0.1", state["port"], timeout=10)
+            connection.request("GET", "/api/status", headers={"Authorization": f"Bearer {token}"})
+            if json.loads(connection.getresponse().read())["ready"]:
+                break
+            time.sleep(0.5)
+        began = time.monotonic()
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=30) == 0
+        assert time.monotonic() - began < 5.0
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
