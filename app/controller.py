@@ -91,6 +91,7 @@ class AppController(QObject):
         self.engine.endpoint_changed.connect(self.client.set_endpoint)
         self.engine.state_changed.connect(self._engine_state)
         self.feed.status.connect(self.dashboard_model.on_status)
+        self.feed.status.connect(self.chat_model.on_status)
         self.feed.stats.connect(self.dashboard_model.on_stats)
         self.feed.connected_changed.connect(lambda up: None if up else self.engine.check_alive())
         self.dashboard_model.changed.connect(self._update_tray)

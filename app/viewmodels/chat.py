@@ -144,6 +144,7 @@ class ChatModel(QObject):
         self.notice = ""
         self.last_speed: float | None = None
         self.engine_ready = False
+        self._swarm_joined: bool | None = None  # the engine's `ready` (joined the swarm), as last reported
         self._stream: ApiStream | None = None
 
     # ---- engine and models
@@ -158,12 +159,22 @@ class ChatModel(QObject):
             self._set_notice(message or "The engine is not running; chat will work again when it is back.")
         self.changed.emit()
 
+    def on_status(self, status: dict) -> None:
+        """An engine status (event or reply): list the models again once the engine has joined the swarm."""
+        joined = bool(status.get("ready", True))
+        if joined and self._swarm_joined is False and self.engine_ready:
+            self.refresh_models()
+        self._swarm_joined = joined
+
     def refresh_models(self) -> None:
         call = self.client.get("/v1/models")
         call.succeeded.connect(self._models_loaded)
         call.failed.connect(self._models_failed)
 
     def _models_failed(self, error: ApiError) -> None:
+        if error.type == "engine_not_ready":  # still joining the swarm: the `ready` status event follows
+            self._swarm_joined = False
+            return
         if self.engine_ready and not error.unreachable:  # engine down: its own notice says so already
             self._set_notice(describe_error(error, "list the models"))
 

@@ -182,11 +182,6 @@ class DashboardModel(QObject):
         self.hosting_options = hosting_options
         self.snapshot = DashboardSnapshot()
         self._start_when_ready = False  # the user asked to share while the engine was still joining
-        # The engine may not send a status event when it becomes ready: ask again every few seconds.
-        self._ready_retry = QTimer(self)
-        self._ready_retry.setSingleShot(True)
-        self._ready_retry.setInterval(3000)
-        self._ready_retry.timeout.connect(self._retry_start)
         self._swarm_timer = QTimer(self)
         self._swarm_timer.setInterval(self.SWARM_REFRESH_MS)
         self._swarm_timer.timeout.connect(self.refresh_swarm)
@@ -195,15 +190,9 @@ class DashboardModel(QObject):
         self.snapshot = snapshot
         self.changed.emit()
 
-    def _retry_start(self) -> None:
-        if self._start_when_ready and (self.snapshot.status or {}).get("state", "idle") == "idle":
-            self._start_when_ready = False
-            self.set_sharing(True)
-
     def on_engine_state(self, state: str, message: str) -> None:
         if state != "running":
             self._start_when_ready = False
-            self._ready_retry.stop()
         self._replace(with_engine(self.snapshot, state, message))
         if state == "running":
             self.refresh_all()
@@ -269,14 +258,14 @@ class DashboardModel(QObject):
 
     def _action_failed(self, error: ApiError, doing: str) -> None:
         self._replace(dataclasses.replace(self.snapshot, pending=None))
-        not_ready = (
-            error.status == 503 and "not ready" in error.message.lower()
-        )  # docs/API.md has no own type
-        if not_ready and doing == "start sharing":
-            # Not ready yet (joining the swarm): start as soon as a status event says it is ready.
+        if error.type == "engine_not_ready" and doing == "start sharing":
+            # Still joining the swarm: start as soon as the status event says it is ready (the engine sends
+            # one when `ready` changes), or now if that event came before this answer.
+            if (self.snapshot.status or {}).get("ready"):
+                self.set_sharing(True)
+                return
             self._start_when_ready = True
             self._replace(dataclasses.replace(self.snapshot, pending="start"))
-            self._ready_retry.start()
             return
         if error.status != 409:  # 409: already in the asked state (another client did it)
             self.error.emit(error, doing)

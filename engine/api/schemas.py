@@ -293,6 +293,17 @@ class BlockCoverage(BaseModel):
     throughput: float
 
 
+class ObservedContribution(BaseModel):
+    """What this engine's ledger observed of a server (its own view; each peer keeps its own)."""
+
+    credit: float = Field(description="decayed points the server earned with this engine")
+    priority: float = Field(description="how soon this engine's servers serve it (1.0 = newcomer)")
+    consumed_token_blocks: int = Field(description="work the server did for this engine's client")
+    served_token_blocks: int = Field(description="work this engine's servers did for it")
+    verified_online_seconds: float
+    banned: bool = Field(description="it answered a probe wrongly and is ignored for now")
+
+
 class SwarmServer(BaseModel):
     peer_id: str
     public_name: str | None
@@ -301,6 +312,7 @@ class SwarmServer(BaseModel):
     state: Literal["offline", "joining", "online"]
     throughput: float
     version: str | None
+    observed_contribution: ObservedContribution | None = None
 
 
 class SwarmInfo(BaseModel):

@@ -123,6 +123,7 @@ class BlockHost:
         self._memory_cache: MemoryCache | None = None
         self._pool: TaskPool | None = None
         self._handler: TransformerConnectionHandler | None = None
+        self._final_counts = (0, 0)  # (requests, tokens) served, kept when stop() drops the handler
         self._announcer: Announcer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -280,6 +281,9 @@ class BlockHost:
             _guard("stop the compute loop", self._pool.stop)
         if self._hosted is not None:
             self._hosted.release()
+        if self._handler is not None:  # info() keeps reporting what this host served after it stopped
+            stats = self._handler.stats
+            self._final_counts = (stats.requests, stats.tokens)
         self._hosted = self._handler = self._pool = None
         gc.collect()
         if self._device is not None and self._device.type == "cuda":
@@ -318,8 +322,8 @@ class BlockHost:
             cache_bytes_total=cache.max_size_bytes if cache else 0,
             cache_bytes_used=cache.used_bytes if cache else 0,
             sessions_open=stats.sessions_open if stats else 0,
-            requests_served=stats.requests if stats else 0,
-            tokens_served=stats.tokens if stats else 0,
+            requests_served=stats.requests if stats else self._final_counts[0],
+            tokens_served=stats.tokens if stats else self._final_counts[1],
         )
 
     def run_local_forward(

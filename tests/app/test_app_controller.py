@@ -136,8 +136,8 @@ def test_share_while_engine_joins_starts_once_ready(qtbot, controller, fake_engi
     qtbot.waitUntil(lambda: not controller.dashboard.share_button.isEnabled(), timeout=3000)
     assert "Joining" in controller.dashboard.share_button.text()
     error = {
-        "message": "The engine is not ready yet (Joining the swarm)",
-        "type": "swarm_unavailable",
+        "message": "The engine is still starting (Joining the swarm); try again in a moment.",
+        "type": "engine_not_ready",
         "code": 503,
     }
     fake_engine.hosting_error = (503, error)

@@ -1,0 +1,59 @@
+"""Configuration of the engine service, parsed once by `pollinate-engine run`, and model references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SWARM_CHOICES = ("local", "public", "private")
+SWARM_INDEX_TTL = 5.0  # seconds a read of the swarm's model index is reused
+HOSTING_PROGRESS = (  # BlockHost.message prefixes -> progress of a hosting start
+    ("resolving", 0.05),
+    ("joining", 0.1),
+    ("loading", 0.2),
+    ("measuring", 0.8),
+    ("starting", 0.9),
+)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How the engine service runs; parsed once by `pollinate-engine run`."""
+
+    data_dir: Path
+    # "local": a new swarm on 127.0.0.1 with a demo server; "public": the Petals swarm; "private": yours.
+    swarm: str = "local"
+    # Multiaddrs of swarm peers (required for "private"; "public" uses the Petals bootstrap peers).
+    initial_peers: tuple[str, ...] = ()
+    # Model used when a request names none (hosting, plan, swarm); None: the demo model.
+    default_model: str | None = None
+    # Run the demo server for the demo model's blocks (local swarm only).
+    demo_server: bool = True
+    # Seconds a stopping host waits for running sessions when the request gives no grace period.
+    grace_seconds: float = 30.0
+    # Longest context the engine asks servers for (prompt + new tokens).
+    max_context: int = 2048
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "initial_peers", tuple(self.initial_peers))
+        if self.swarm not in SWARM_CHOICES:
+            raise ValueError(f"swarm must be one of {', '.join(SWARM_CHOICES)}, got {self.swarm!r}")
+        if self.swarm == "private" and not self.initial_peers:
+            raise ValueError("--swarm private needs --initial-peers (multiaddrs of peers in your swarm)")
+        if self.swarm == "local" and self.initial_peers:
+            raise ValueError("--swarm local starts a new swarm: leave out --initial-peers")
+        if self.grace_seconds < 0 or self.max_context < 1:
+            raise ValueError("grace_seconds must be >= 0 and max_context >= 1")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model the engine can name: where its checkpoint is, and which DHT prefix its blocks use."""
+
+    name: str  # the id used in the API
+    source: str  # hub id or checkpoint folder
+    dht_prefix: str
+    num_blocks: int
+    label: str
+    demo: bool = False

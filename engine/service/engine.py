@@ -1,0 +1,279 @@
+"""EngineService: the long-lived engine behind `pollinate-engine run` (DHT peer, swarm client, block hosts).
+
+It owns the lifecycle of its parts, the hosting state machine (idle -> loading -> serving -> draining ->
+idle, or error; engine/service/hosting.py), counters for /api/stats and a fan-out of status/stats events.
+It knows nothing of HTTP: failures are ServiceErrors with a `type` that engine.api maps to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.service.config import ModelRef, ServiceConfig
+from engine.service.errors import EngineNotReadyError
+from engine.service.generation import GenerationMixin
+from engine.service.hosting import HostingMixin
+from engine.service.models import CatalogMixin
+
+logger = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pollinate")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
+    """The engine: DHT peer, swarm clients and block hosts, with a hosting state machine and counters.
+
+    Cheap to construct; `start()` joins the swarm in the background (status `ready` turns true), `close()`
+    stops everything. Every public method is thread-safe; blocking ones are called from worker threads.
+    """
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.version = _version()
+        self.pid = os.getpid()
+        self.data_dir = config.data_dir
+        self.started_at = time.time()
+        self.dht = None  # client-mode peer: swarm views, model index, inference
+        self._swarm_dht = None  # the local swarm's bootstrap peer (swarm "local" only)
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[str, Any], None]] = []
+        self._status: dict[str, Any] = dict(
+            state="idle",
+            progress=None,
+            message=None,
+            model=None,
+            blocks=None,
+            swarm=config.swarm,
+            ready=False,
+        )
+        self._catalog: dict[str, ModelRef] = {}
+        self._clients: dict[str, Any] = {}
+        self._client_locks: dict[str, threading.Lock] = {}
+        self._swarm_index: tuple[float, dict[str, Any]] = (0.0, {})
+        self._demo_host = None
+        self._host = None  # the user's BlockHost while hosting
+        self._stop_requested = False
+        self._served = {"tokens": 0, "requests": 0}  # from hosts that already stopped
+        self._hosting_since: float | None = None
+        self._hosting_seconds = 0.0
+        self._generated = {"tokens": 0, "requests": 0}
+        self._sessions = 0
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.ledger = None  # engine.ledger.Ledger once started: points, priority, observed contributions
+        self._auditor = None  # probes the servers next to the user's hosting while it serves
+
+    # ---- events ----------------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[str, Any], None]) -> None:
+        """`listener(kind, data)` is called (from any thread) with "status" and "stats" events."""
+        self._listeners.append(listener)
+
+    def _emit(self, kind: str, data: Any) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, data)
+            except Exception:
+                logger.exception("event listener failed")
+
+    def _set_status(self, **changes: Any) -> dict[str, Any]:
+        with self._lock:
+            if all(self._status.get(k) == v for k, v in changes.items()):
+                return dict(self._status)
+            self._status.update(changes)
+            status = dict(self._status)
+        self._emit("status", status)
+        return status
+
+    def status(self) -> dict[str, Any]:
+        """The hosting state machine's position, as /api/status reports it."""
+        with self._lock:
+            return dict(self._status)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /api/stats."""
+        with self._lock:
+            host = self._host
+            hosting = self._hosting_seconds
+            if self._hosting_since is not None:
+                hosting += time.time() - self._hosting_since
+            served = dict(self._served)
+            generated = dict(self._generated)
+        info = host.info() if host is not None else None
+        ledger = self.ledger.summary() if self.ledger is not None else dict(points=0.0, priority=1.0)
+        return dict(
+            tokens_served=served["tokens"] + (info.tokens_served if info else 0),
+            requests_served=served["requests"] + (info.requests_served if info else 0),
+            uptime_seconds=round(time.time() - self.started_at, 3),
+            hosting_seconds=round(hosting, 3),
+            sessions_active=info.sessions_open if info else 0,
+            points=float(ledger["points"]),
+            priority=float(ledger["priority"]),
+            tokens_generated=generated["tokens"],
+            requests_generated=generated["requests"],
+        )
+
+    def _stats_loop(self) -> None:
+        """Push stats when they change, at most once a second (uptime alone is no change)."""
+        last = None
+        while not self._closing.wait(1.0):
+            stats = self.stats()
+            key = {k: v for k, v in stats.items() if k not in ("uptime_seconds", "hosting_seconds")}
+            if key != last:
+                last = key
+                self._emit("stats", stats)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self, wait: bool = False) -> None:
+        """Join the swarm (and start the demo server on a local swarm) in the background."""
+        self._spawn(self._stats_loop, "pollinate-stats")
+        if wait:
+            self._boot()
+        else:
+            self._spawn(self._boot, "pollinate-boot")
+
+    def _boot(self) -> None:
+        from engine.swarm.dht_node import start_dht
+        from engine.swarm.presets import get_preset
+
+        try:
+            preset = get_preset(self.config.swarm, self.config.initial_peers)
+            local = self.config.swarm == "local"
+            self._set_status(message="Joining the swarm")
+            peers = preset.initial_peers
+            if local:
+                # The local swarm's first peer. The client gets a client-mode peer of its own: inference
+                # streams opened through this (server-mode) bootstrap peer's daemon time out.
+                self._swarm_dht = start_dht((), host="127.0.0.1", new_swarm=True)
+                peers = tuple(str(a) for a in self._swarm_dht.get_visible_maddrs())
+            dht = start_dht(peers, host="127.0.0.1" if local else "0.0.0.0", client_mode=True)
+            with self._lock:
+                self.dht = dht
+            if self._closing.is_set():
+                return
+            self._open_ledger(dht.peer_id.to_base58())
+            demo = self._demo_ref()
+            with self._lock:
+                self._catalog[demo.name] = demo
+            if local and self.config.demo_server:
+                self._set_status(message="Starting the demo server")
+                self._start_demo_host(demo)
+            self._set_status(ready=True, message=None)
+        except Exception as exc:
+            logger.exception("the engine could not start")
+            self._set_status(state="error", message=f"The engine could not start: {exc}", ready=False)
+
+    def _open_ledger(self, peer_id: str) -> None:
+        from engine.ledger import Ledger, default_ledger_path
+
+        ledger = Ledger.open(default_ledger_path(self.data_dir))
+        ledger.start_autosave()
+        ledger.set_self(peer_id)  # our own client's requests earn our servers no points
+        with self._lock:
+            self.ledger = ledger
+
+    def host_hooks(self) -> dict[str, Any]:
+        """Keyword arguments that tie a BlockHost to the ledger (priority, usage and points callbacks)."""
+        return self.ledger.host_hooks() if self.ledger is not None else {}
+
+    def _demo_ref(self) -> ModelRef:
+        from engine.demo import DEMO_MODEL_LABEL, DEMO_MODEL_NAME, DEMO_NUM_BLOCKS, ensure_demo_model
+        from engine.models import family_for, load_config
+
+        path = ensure_demo_model(self.data_dir)
+        prefix = family_for(load_config(path)).default_dht_prefix(DEMO_MODEL_NAME)
+        return ModelRef(DEMO_MODEL_NAME, str(path), prefix, DEMO_NUM_BLOCKS, DEMO_MODEL_LABEL, demo=True)
+
+    def _peer_addresses(self) -> tuple[str, ...]:
+        """Addresses a new peer of ours should bootstrap from: the engine's own DHT on a local swarm."""
+        if self.config.swarm == "local":
+            return tuple(str(a) for a in self._swarm_dht.get_visible_maddrs())
+        from engine.swarm.presets import get_preset
+
+        return get_preset(self.config.swarm, self.config.initial_peers).initial_peers
+
+    def _start_demo_host(self, demo: ModelRef) -> None:
+        from engine.server.block_host import BlockHost
+        from engine.server.config import ServerConfig
+
+        # Its own DHT peer: a server's records are keyed by its peer id, so two servers need two peers.
+        config = ServerConfig(
+            model=demo.source,
+            start_block=0,
+            end_block=demo.num_blocks,
+            dht_prefix=demo.dht_prefix,
+            initial_peers=self._peer_addresses(),
+            host="127.0.0.1",
+            device="cpu",
+            throughput=1.0,
+            public_name="pollinate demo server",
+        )
+        host = BlockHost(config, **self.host_hooks())
+        host.start()
+        with self._lock:
+            self._demo_host = host
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop hosting (no grace), the demo server, the clients, the ledger and the DHT peers.
+
+        The parts stop in parallel (each DHT peer is a process of its own that takes a moment to end), so
+        an idle engine stops in a few seconds.
+        """
+        self._closing.set()
+        with self._lock:
+            host, self._host = self._host, None
+            demo, self._demo_host = self._demo_host, None
+            clients, self._clients = list(self._clients.values()), {}
+            auditor, self._auditor = self._auditor, None
+        if auditor is not None:
+            _run_all([auditor.stop], timeout)
+        _run_all([*(h.stop for h in (host, demo) if h is not None), *(c.close for c in clients)], timeout)
+        dhts = [d for d in (self.dht, self._swarm_dht) if d is not None]
+        _run_all([d.shutdown for d in dhts], timeout)
+        self.dht = self._swarm_dht = None
+        if self.ledger is not None:
+            _run_all([self.ledger.close], timeout)
+
+    def _require_ready(self) -> None:
+        status = self.status()
+        if not status["ready"]:
+            detail = status["message"] or "starting"
+            raise EngineNotReadyError(f"The engine is still starting ({detail}); try again in a moment.")
+
+
+def _run_all(actions: list[Callable[[], Any]], timeout: float) -> None:
+    """Run `actions` in parallel threads and wait up to `timeout` seconds for all; failures are logged."""
+
+    def guarded(action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception:
+            logger.warning("error while closing the engine", exc_info=True)
+
+    threads = [
+        threading.Thread(target=guarded, args=(a,), name="pollinate-close", daemon=True) for a in actions
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))

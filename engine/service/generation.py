@@ -1,0 +1,146 @@
+"""Generation: completions through the swarm client, streamed as Started / TextDelta / Finished events.
+
+A mixin of EngineService (engine/service/engine.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from engine.service.config import ModelRef
+from engine.service.errors import InvalidRequestError, unavailable
+from engine.service.text import (
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    IncrementalDecoder,
+    Started,
+    TextDelta,
+    TextHoldback,
+    eos_ids,
+)
+
+
+class GenerationMixin:
+    """Swarm clients (one per model) and `generate()`."""
+
+    def _client(self, ref: ModelRef):
+        """The swarm client of `ref` (embeddings, head, tokenizer, swarm view), made once per model."""
+        from engine.client.model import DistributedModelForCausalLM
+
+        with self._lock:
+            lock = self._client_locks.setdefault(ref.name, threading.Lock())
+        with lock:
+            with self._lock:
+                client = self._clients.get(ref.name)
+            if client is None:
+                observer = self.ledger.record_consumed if self.ledger is not None else None
+                client = DistributedModelForCausalLM.from_pretrained(
+                    ref.source, dht=self.dht, dht_prefix=ref.dht_prefix, usage_observer=observer
+                )
+                with self._lock:
+                    self._clients[ref.name] = client
+            return client
+
+    def _prompt_ids(self, tokenizer, request: GenerationRequest) -> list[int]:
+        if request.messages is None:
+            return list(tokenizer(request.prompt)["input_ids"])
+        messages = [{"role": role, "content": content} for role, content in request.messages]
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # templates may reject role orders (e.g. two user turns in a row)
+                raise InvalidRequestError(
+                    f"The model's chat template rejected these messages: {exc}"
+                ) from exc
+        else:  # a base model without a template: a plain transcript that ends where the reply begins
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        # The template already holds any special tokens the model expects (such as BOS).
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        """Run one completion through the swarm; yields Started, TextDeltas, then Finished.
+
+        Blocking (run it in a worker thread). Closing the iterator, or setting `cancel`, ends the inference
+        session, so the servers free its cache.
+        """
+        import torch
+
+        from engine.client.routing import MissingBlocksError
+        from engine.client.sampling import SamplingParams
+
+        ref = self._find_model(request.model)
+        missing = self._snapshot(ref).missing_blocks()
+        if missing:
+            raise unavailable(ref.name, missing)
+        client = self._client(ref)
+        tokenizer = client.tokenizer
+        ids = self._prompt_ids(tokenizer, request)
+        context = min(
+            self.config.max_context, getattr(client.config, "max_position_embeddings", 2048) or 2048
+        )
+        if len(ids) >= context:
+            raise InvalidRequestError(
+                f"The prompt has {len(ids)} tokens; {ref.name} takes at most {context - 1}."
+            )
+        max_new = request.max_tokens or context - len(ids)
+        if len(ids) + max_new > context:
+            raise InvalidRequestError(
+                f"The prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the context of "
+                f"{context} tokens; ask for at most {context - len(ids)} new tokens."
+            )
+        params = SamplingParams(
+            max_new_tokens=max_new,
+            do_sample=request.temperature > 0,
+            temperature=request.temperature if request.temperature > 0 else 1.0,
+            top_p=request.top_p if request.top_p is not None and request.top_p < 1.0 else None,
+            seed=request.seed,
+            eos_token_id=eos_ids(client.config, tokenizer),
+            pad_token_id=getattr(client.config, "pad_token_id", None),
+        )
+        text = TextHoldback(request.stop)
+        decoder = IncrementalDecoder(tokenizer)
+        new_ids: list[int] = []
+        produced, reason = 0, "length"
+        with self._lock:
+            self._sessions += 1
+        try:
+            with client.inference_session(max_length=len(ids) + max_new) as session:
+                steps = client.generate_stream(torch.tensor([ids]), params, session=session)
+                try:
+                    started = False
+                    for step in steps:
+                        if not started:  # the prefill went through: from here on errors are in-band
+                            started = True
+                            yield Started(len(ids))
+                        produced += 1
+                        token = int(step.tokens[0])
+                        if token in params.eos_ids:
+                            reason = "stop"
+                            break
+                        new_ids.append(token)
+                        delta, stopped = text.feed(decoder.step(new_ids))
+                        if delta:
+                            yield TextDelta(delta)
+                        if stopped:
+                            reason = "stop"
+                            break
+                        if cancel.is_set():
+                            return
+                    if not started:
+                        yield Started(len(ids))
+                finally:
+                    steps.close()
+            tail = text.feed(decoder.finish(new_ids))[0] + text.flush()
+            if tail:
+                yield TextDelta(tail)
+            with self._lock:
+                self._generated["tokens"] += produced
+                self._generated["requests"] += 1
+            yield Finished(reason, len(ids), produced)
+        except MissingBlocksError as exc:
+            raise unavailable(ref.name, exc.missing_blocks) from exc
+        finally:
+            with self._lock:
+                self._sessions -= 1

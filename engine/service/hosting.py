@@ -1,0 +1,222 @@
+"""Hosting: the user's block server and its state machine (idle -> loading -> serving -> draining -> idle).
+
+A mixin of EngineService (engine/service/engine.py), which owns the state, lock and events it uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+from engine.service.config import HOSTING_PROGRESS, ModelRef
+from engine.service.errors import InvalidRequestError, WrongStateError
+
+logger = logging.getLogger(__name__)
+
+
+def _release_memory() -> None:
+    """Give freed memory back to the OS (glibc keeps freed heap pages unless asked) and to the GPU."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class HostingMixin:
+    """Plan, start and stop the user's hosting (one BlockHost at a time)."""
+
+    def _server_config(self, ref: ModelRef, span: tuple[int, int] | None, quant: str | None, num_blocks=None):
+        from engine.models.tiny import is_tiny_checkpoint
+        from engine.server.config import ConfigError, ServerConfig
+
+        local = self.config.swarm == "local"
+        try:
+            return ServerConfig(
+                model=ref.source,
+                start_block=span[0] if span else None,
+                end_block=span[1] if span else None,
+                num_blocks=num_blocks,
+                dht_prefix=ref.dht_prefix,
+                initial_peers=self._peer_addresses(),
+                host="127.0.0.1" if local else "0.0.0.0",
+                quant=quant or "auto",
+                # Tiny random checkpoints are for demos and tests: measuring them would only cost time.
+                throughput=1.0 if is_tiny_checkpoint(ref.source) else None,
+            )
+        except ConfigError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+
+    def _plan(self, ref: ModelRef, blocks: str | None, quant: str | None, memory_fraction: float | None):
+        """(ServerConfig with a fixed span, plan facts) for hosting `ref`; what start and /plan both use."""
+        from engine.models import load_config, resolve_checkpoint
+        from engine.server import placement
+
+        span = None
+        if blocks and blocks != "auto":
+            span = tuple(int(x) for x in blocks.split(":"))
+            if not 0 <= span[0] < span[1] <= ref.num_blocks:
+                raise InvalidRequestError(
+                    f"blocks {blocks} do not exist: {ref.name} has {ref.num_blocks} blocks "
+                    f"(0:{ref.num_blocks})"
+                )
+        config = self._server_config(ref, span, quant)
+        model_config = load_config(resolve_checkpoint(ref.source))
+        try:
+            device = placement.resolve_device(config.device)
+            dtype = placement.resolve_dtype(config.dtype, model_config, device)
+            quant_name = placement.resolve_quant(config.quant, device)
+            free = int(placement.free_memory_bytes(device) * (memory_fraction or 1.0))
+            throughputs = None if span else self._snapshot(ref).block_throughputs()
+            plan = placement.plan_span(
+                config,
+                model_config,
+                free_bytes=free,
+                dtype=dtype,
+                quant=quant_name,
+                block_throughputs=throughputs,
+            )
+        except placement.PlacementError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        config = config.replace(start_block=plan.start, end_block=plan.end)
+        facts = dict(
+            model=ref.name,
+            dht_prefix=ref.dht_prefix,
+            start_block=plan.start,
+            end_block=plan.end,
+            num_blocks=plan.num_blocks,
+            total_blocks=ref.num_blocks,
+            quant=quant_name,
+            dtype=str(dtype).removeprefix("torch."),
+            device=device.type,
+            weights_bytes=int(plan.weights_bytes),
+            cache_bytes=int(plan.cache_bytes),
+            total_bytes=int(plan.weights_bytes + plan.cache_bytes),
+        )
+        return config, facts
+
+    def hosting_plan(self, model: str | None) -> dict[str, Any]:
+        """/api/hosting/plan: which blocks hosting `model` would take and the memory it would use."""
+        return self._plan(self._find_model(model), None, None, None)[1]
+
+    def start_hosting(self, model=None, blocks=None, quant=None, memory_fraction=None) -> dict[str, Any]:
+        """Start sharing blocks; returns at once with state "loading" (progress follows in events)."""
+        from engine.server.block_host import BlockHost
+
+        with self._lock:
+            if self._status["state"] not in ("idle", "error"):
+                raise WrongStateError(
+                    f"Hosting is already {self._status['state']}; stop it before starting again."
+                )
+        ref = self._find_model(model)
+        config, facts = self._plan(ref, blocks, quant, memory_fraction)
+        with self._lock:
+            if self._status["state"] not in ("idle", "error"):
+                raise WrongStateError(f"Hosting is already {self._status['state']}.")
+            host = self._host = BlockHost(config, **self.host_hooks())
+            self._stop_requested = False
+        status = self._set_status(
+            state="loading",
+            progress=0.0,
+            message="Preparing",
+            model=ref.name,
+            blocks=[facts["start_block"], facts["end_block"]],
+        )
+        self._spawn(lambda: self._run_host(host), "pollinate-hosting")
+        return status
+
+    def _run_host(self, host) -> None:
+        done = threading.Event()
+
+        def watch_progress() -> None:  # BlockHost reports its step as a message; map it to a fraction
+            while not done.wait(0.2):
+                message = host.message or ""
+                progress = next((p for prefix, p in HOSTING_PROGRESS if message.startswith(prefix)), None)
+                if progress is not None and self.status()["state"] == "loading":
+                    self._set_status(progress=progress, message=message[:1].upper() + message[1:])
+
+        self._spawn(watch_progress, "pollinate-hosting-progress")
+        try:
+            host.start()
+        except Exception as exc:
+            done.set()
+            logger.warning("hosting failed to start: %s", exc)
+            with self._lock:
+                self._host = None
+            _release_memory()
+            self._set_status(state="error", progress=None, message=f"Hosting failed: {exc}", blocks=None)
+            return
+        done.set()
+        self._start_auditor(host)
+        with self._lock:
+            self._hosting_since = time.time()
+            stop_now = self._stop_requested
+        self._set_status(state="serving", progress=None, message=None)
+        if stop_now:  # stop was asked for while loading
+            self._drain(host, 0.0)
+
+    def _start_auditor(self, host) -> None:
+        """Probe the servers next to our span while we serve (engine.ledger: verified contribution)."""
+        if self.ledger is None:
+            return
+        from engine.ledger import Auditor
+
+        auditor = Auditor(self.ledger, host)
+        auditor.start()
+        with self._lock:
+            self._auditor = auditor
+
+    def stop_hosting(self, grace_seconds: float | None = None) -> dict[str, Any]:
+        """Stop sharing: announce OFFLINE, let sessions finish within the grace period, free memory."""
+        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        with self._lock:
+            state, host = self._status["state"], self._host
+            if state == "error":  # nothing runs: acknowledge the error and go back to idle
+                self._status.update(state="idle", progress=None, message=None, model=None, blocks=None)
+            elif state in ("idle", "draining"):
+                raise WrongStateError(f"Hosting is {state}; there is nothing to stop.")
+            elif state == "loading":
+                self._stop_requested = True
+        if state == "error":
+            status = self.status()
+            self._emit("status", status)
+            return status
+        status = self._set_status(state="draining", progress=None, message="Letting running sessions finish")
+        if state == "serving":
+            self._spawn(lambda: self._drain(host, grace), "pollinate-draining")
+        return status
+
+    def _drain(self, host, grace: float) -> None:
+        if self.status()["state"] != "draining":
+            self._set_status(state="draining", progress=None, message="Letting running sessions finish")
+        with self._lock:
+            auditor, self._auditor = self._auditor, None
+        if auditor is not None:
+            try:
+                auditor.stop()
+            except Exception:
+                logger.warning("error while stopping the ledger's auditor", exc_info=True)
+        try:
+            host.stop(grace_seconds=grace)
+        except Exception:
+            logger.warning("error while stopping the block host", exc_info=True)
+        info = host.info()  # the counters outlive stop(): they include the sessions that drained
+        with self._lock:
+            self._served["tokens"] += info.tokens_served
+            self._served["requests"] += info.requests_served
+            if self._hosting_since is not None:
+                self._hosting_seconds += time.time() - self._hosting_since
+            self._hosting_since = None
+            if self._host is host:
+                self._host = None
+        del host, info
+        _release_memory()
+        self._set_status(state="idle", progress=None, message=None, model=None, blocks=None)

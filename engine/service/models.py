@@ -1,0 +1,142 @@
+"""Models: the catalog of models the engine can name, the swarm's model index, and swarm views.
+
+A mixin of EngineService (engine/service/engine.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from engine.service.config import SWARM_INDEX_TTL, ModelRef
+from engine.service.errors import ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+class CatalogMixin:
+    """Find models by name, list them (/v1/models) and describe a model's swarm (/api/swarm)."""
+
+    def _swarm_models(self) -> dict[str, Any]:
+        """The swarm's model index (dht_prefix -> ModelInfo), cached for a few seconds."""
+        from engine.swarm.discovery import list_models
+
+        fetched, models = self._swarm_index
+        if time.monotonic() - fetched > SWARM_INDEX_TTL and self.dht is not None:
+            try:
+                models = list_models(self.dht)
+            except Exception as exc:
+                logger.warning("could not read the swarm's model index: %s", exc)
+            self._swarm_index = (time.monotonic(), models)
+        return models
+
+    @staticmethod
+    def _name_for(dht_prefix: str, repository: str | None) -> str:
+        if repository:
+            return repository.removeprefix("https://huggingface.co/").strip("/") or dht_prefix
+        return dht_prefix
+
+    def _find_model(self, name: str | None) -> ModelRef:
+        """The model called `name` (None: the default model); raises ModelNotFoundError."""
+        from engine.models import family_for, load_config, resolve_checkpoint
+
+        self._require_ready()
+        name = name or self.config.default_model or self._demo_name()
+        with self._lock:
+            for ref in self._catalog.values():
+                if name in (ref.name, ref.dht_prefix):
+                    return ref
+        for prefix, info in self._swarm_models().items():
+            # Without a repository (hosted from a private folder) there is no tokenizer to chat with.
+            if info.repository and name in (prefix, self._name_for(prefix, info.repository)):
+                source = self._name_for(prefix, info.repository)
+                ref = ModelRef(source, source, prefix, int(info.num_blocks), source)
+                with self._lock:
+                    return self._catalog.setdefault(ref.name, ref)
+        try:
+            config = load_config(resolve_checkpoint(name))
+            prefix = family_for(config).default_dht_prefix(name)
+        except Exception as exc:  # hub and network errors come in many types; all mean "cannot use it"
+            raise ModelNotFoundError(
+                f"Unknown model {name!r}: {exc}. GET /v1/models lists the models the swarm serves."
+            ) from exc
+        ref = ModelRef(name, name, prefix, int(config.num_hidden_layers), name)
+        with self._lock:
+            return self._catalog.setdefault(ref.name, ref)
+
+    def _demo_name(self) -> str:
+        from engine.demo import DEMO_MODEL_NAME
+
+        return DEMO_MODEL_NAME
+
+    def _snapshot(self, ref: ModelRef):
+        from engine.swarm.discovery import fetch_snapshot
+
+        return fetch_snapshot(self.dht, ref.dht_prefix, ref.num_blocks)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """/v1/models: the demo model and every model the swarm can serve fully (one entry per prefix)."""
+        self._require_ready()
+        with self._lock:
+            by_prefix = {ref.dht_prefix: ref for ref in self._catalog.values()}
+        for prefix, info in self._swarm_models().items():
+            if info.num_blocks and info.repository and prefix not in by_prefix:
+                name = self._name_for(prefix, info.repository)
+                by_prefix[prefix] = ModelRef(name, name, prefix, int(info.num_blocks), name)
+        entries = []
+        for ref in sorted(by_prefix.values(), key=lambda r: (not r.demo, r.name)):
+            missing = self._snapshot(ref).missing_blocks()
+            if ref.demo or not missing:
+                facts = dict(
+                    label=ref.label, demo=ref.demo, num_blocks=ref.num_blocks, missing_blocks=missing
+                )
+                entries.append(dict(id=ref.name, created=0, owned_by="pollinate-swarm", pollinate=facts))
+        return entries
+
+    def _observed(self, peer_id: str) -> dict[str, Any] | None:
+        """What our ledger saw of a server: its credit with us (None: never met)."""
+        seen = self.ledger.contribution(peer_id) if self.ledger is not None else None
+        if seen is None:
+            return None
+        return dict(
+            credit=float(seen.credit),
+            priority=float(seen.priority),
+            consumed_token_blocks=int(seen.consumed_token_blocks),
+            served_token_blocks=int(seen.served_token_blocks),
+            verified_online_seconds=float(seen.verified_online_seconds),
+            banned=bool(seen.banned),
+        )
+
+    def swarm_info(self, model: str | None) -> dict[str, Any]:
+        """/api/swarm: block coverage and servers of one model."""
+        ref = self._find_model(model)
+        snapshot = self._snapshot(ref)
+        from engine.swarm.records import ServerState
+
+        coverage = snapshot.coverage()
+        throughputs = snapshot.block_throughputs(ServerState.ONLINE)
+        servers = [
+            dict(
+                peer_id=span.peer_id,
+                public_name=span.server_info.public_name,
+                start_block=span.start,
+                end_block=span.end,
+                state=ServerState(span.state).name.lower(),
+                throughput=float(span.throughput),
+                version=span.server_info.version,
+                observed_contribution=self._observed(span.peer_id),
+            )
+            for span in snapshot.spans(ServerState.OFFLINE)
+        ]
+        return dict(
+            model=ref.name,
+            dht_prefix=ref.dht_prefix,
+            total_blocks=ref.num_blocks,
+            blocks=[
+                dict(index=i, servers=coverage[i], throughput=float(throughputs[i]))
+                for i in range(ref.num_blocks)
+            ],
+            servers=servers,
+            missing_blocks=snapshot.missing_blocks(),
+        )
