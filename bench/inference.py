@@ -33,6 +33,10 @@ sys.path.insert(0, str(ROOT))
 # Nothing here needs the network: the checkpoints are made locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The client, the servers and their daemons share the cores: idle OpenMP threads that spin (the default)
+# steal them from the process whose turn it is (on 2 cores, 2 servers' decode steps took 2x longer).
+# Set before torch loads; the servers inherit it, and it applies to the local baseline alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -120,12 +124,14 @@ def local_generation(model, ids: torch.Tensor, new_tokens: int, device: str) -> 
 
 
 def swarm_generation(remote, ids: torch.Tensor, new_tokens: int) -> Generation:
+    from engine.client.generation import stream_generate
     from engine.client.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, eos_token_id=None)
     started = time.perf_counter()
     tokens, first = [], None
-    for step in remote.generate_stream(ids, params):
+    # Without a tokenizer, as local `generate`: no text decoded per step, tokens only.
+    for step in stream_generate(remote, ids, params):
         if first is None:
             first = time.perf_counter() - started
         tokens.append(step.tokens[0])
