@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen command; returns the exit code."""
+    from engine import envs
+
+    envs.prefer_passive_openmp_threads()  # before anything below imports torch
     from engine.server.cli import configure_logging
 
     args = build_parser().parse_args(argv)
