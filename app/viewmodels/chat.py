@@ -173,7 +173,10 @@ class ChatModel(QObject):
 
     def _models_failed(self, error: ApiError) -> None:
         if error.type == "engine_not_ready":  # still joining the swarm: the `ready` status event follows
-            self._swarm_joined = False
+            if self._swarm_joined:  # ... unless that event already came while this call was answered
+                self.refresh_models()
+            else:
+                self._swarm_joined = False
             return
         if self.engine_ready and not error.unreachable:  # engine down: its own notice says so already
             self._set_notice(describe_error(error, "list the models"))

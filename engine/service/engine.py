@@ -45,7 +45,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         self.pid = os.getpid()
         self.data_dir = config.data_dir
         self.started_at = time.time()
-        self.dht = None  # client-mode peer: swarm views, model index, inference
+        self.dht = None  # our peer for swarm views, model index, inference (client mode unless local)
         self._swarm_dht = None  # the local swarm's bootstrap peer (swarm "local" only)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str, Any], None]] = []
@@ -161,11 +161,11 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
             self._set_status(message="Joining the swarm")
             peers = preset.initial_peers
             if local:
-                # The local swarm's first peer. The client gets a client-mode peer of its own: inference
-                # streams opened through this (server-mode) bootstrap peer's daemon time out.
-                self._swarm_dht = start_dht((), host="127.0.0.1", new_swarm=True)
-                peers = tuple(str(a) for a in self._swarm_dht.get_visible_maddrs())
-            dht = start_dht(peers, host="127.0.0.1" if local else "0.0.0.0", client_mode=True)
+                # The local swarm's first peer, which the client also uses (each server has a peer of its own:
+                # a server's records are keyed by its peer id).
+                dht = self._swarm_dht = start_dht((), host="127.0.0.1", new_swarm=True)
+            else:
+                dht = start_dht(peers, host="0.0.0.0", client_mode=True)
             with self._lock:
                 self.dht = dht
             if self._closing.is_set():
@@ -247,7 +247,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         if auditor is not None:
             _run_all([auditor.stop], timeout)
         _run_all([*(h.stop for h in (host, demo) if h is not None), *(c.close for c in clients)], timeout)
-        dhts = [d for d in (self.dht, self._swarm_dht) if d is not None]
+        dhts = [d for d in {id(d): d for d in (self.dht, self._swarm_dht) if d is not None}.values()]
         _run_all([d.shutdown for d in dhts], timeout)
         self.dht = self._swarm_dht = None
         if self.ledger is not None:

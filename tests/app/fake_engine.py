@@ -291,6 +291,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         }
         if url.path == "/api/events":
             return self._events()
+        if url.path != "/api/status" and url.path in routes and not fake.status.get("ready", True):
+            message = "The engine is still starting (Joining the swarm); try again in a moment."
+            return self._json(503, error_body(503, "engine_not_ready", message))
         if url.path in routes:
             parse_qs(url.query)
             return self._json(200, routes[url.path]())

@@ -148,6 +148,17 @@ def test_share_while_engine_joins_starts_once_ready(qtbot, controller, fake_engi
     qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
 
 
+def test_chat_lists_models_once_the_engine_is_ready(qtbot, controller, fake_engine):
+    fake_engine.set_status(ready=False)
+    qtbot.waitUntil(lambda: not controller.dashboard.share_button.isEnabled(), timeout=3000)
+    controller.chat_model.models = []
+    controller.chat_model.refresh_models()  # answered 503 engine_not_ready: no notice, wait for the event
+    qtbot.wait(300)
+    assert not controller.chat_model.models and "list the models" not in controller.chat_model.notice
+    fake_engine.set_status(ready=True)  # the engine's status event when `ready` changes
+    qtbot.waitUntil(lambda: bool(controller.chat_model.models), timeout=3000)
+
+
 def test_quit_plan_follows_keep_sharing(qtbot, controller, fake_engine):
     controller.dashboard_model.set_sharing(True)
     qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
