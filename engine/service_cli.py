@@ -146,7 +146,8 @@ def run_service(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    server = _start_api(create_app(service, token.value), args.port)
+    app = create_app(service, token.value)
+    server = _start_api(app, args.port)
     state = {
         "pid": os.getpid(),
         "port": server.port,
@@ -171,6 +172,10 @@ def run_service(args: argparse.Namespace) -> int:
     finally:
         print("stopping the engine", flush=True)
         remove_state(data_dir)
+        # The API server and the service (DHT peers, servers) stop in parallel.
+        closer = threading.Thread(target=service.close, name="pollinate-close")
+        closer.start()
+        app.state.events.close()  # open event streams end now instead of holding the server's shutdown
         server.stop()
-        service.close()
+        closer.join()
     return 0

@@ -116,6 +116,8 @@ def build_router() -> APIRouter:
                 yield sse_event("stats", app_state.service.stats())
                 while True:
                     batch = await subscription.next(app_state.keepalive_seconds)
+                    if batch is None:  # the engine is stopping
+                        return
                     if not batch:
                         yield sse_comment()
                     for kind, data in batch:

@@ -45,12 +45,15 @@ class Subscription:
         except RuntimeError:  # the loop is closed: the listener is gone
             self.close()
 
-    async def next(self, timeout: float) -> list[tuple[str, Any]]:
-        """Events published since the last call; empty after `timeout` seconds of quiet."""
+    async def next(self, timeout: float) -> list[tuple[str, Any]] | None:
+        """Events published since the last call; empty after `timeout` seconds of quiet; None once the bus
+        closed (the stream should end)."""
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
             return []
+        if self._bus.closed:
+            return None
         self._wake.clear()
         with self._lock:
             events, self._latest = list(self._latest.items()), {}
@@ -72,6 +75,15 @@ class EventBus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscriptions: set[Subscription] = set()
+        self.closed = False
+
+    def close(self) -> None:
+        """End every listener's stream (the server is stopping: open streams would hold its shutdown)."""
+        with self._lock:
+            self.closed = True
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
+            subscription.offer("closed", None)
 
     def subscribe(self) -> Subscription:
         """A new listener bound to the running event loop (call from inside it)."""
