@@ -55,7 +55,8 @@ class Ledger:
         self.policy = policy or LedgerPolicy()
         self.path = Path(path) if path is not None else None
         self.clock = clock
-        self.self_id: str | None = None
+        # This node's peer ids: its client's and each of its servers' (each DHT peer has its own id).
+        self.self_ids: set[str] = set()
         self._lock = threading.RLock()
         self._accounts: dict[str, PeerAccount] = {}
         self._served = Usage()  # totals over all peers (evicted ones included)
@@ -162,12 +163,12 @@ class Ledger:
     # --- recording -----------------------------------------------------------------------------------------
 
     def set_self(self, peer_id: str) -> None:
-        """Our own peer id: work for ourselves earns no points, and our own requests go first."""
-        self.self_id = peer_id
+        """Add one of our own peer ids: work for ourselves earns no points, and our own requests go first."""
+        self.self_ids.add(peer_id)
 
     def record_served(self, peer_id: str, kind: Any, tokens: int, blocks: int, seconds: float) -> None:
         """This node's server computed `tokens` x `blocks` for `peer_id` (a BlockHost usage_fn)."""
-        if not peer_id or peer_id == self.self_id:
+        if not peer_id or peer_id in self.self_ids:
             return
         now = self.clock()
         half_life = self.policy.half_life
@@ -188,7 +189,7 @@ class Ledger:
         Call it once per successful reply from that server, with the peer id the client dialed (libp2p
         authenticated it), so the work counts as direct reciprocity when that peer asks us for work.
         """
-        if not peer_id or peer_id == self.self_id:
+        if not peer_id or peer_id in self.self_ids:
             return
         now = self.clock()
         with self._lock:
@@ -311,7 +312,7 @@ class Ledger:
         `points` is what the peer declared in its request metadata: ignored, since anyone can declare
         anything. Our own requests get no delay.
         """
-        if peer_id and peer_id == self.self_id:
+        if peer_id and peer_id in self.self_ids:
             return 0.0
         return queue_delay(self.priority_of(peer_id), self.policy)
 

@@ -313,3 +313,15 @@ def test_aging_bounds_the_wait_of_a_free_rider_under_a_flood():
         stop.set()
         flooder.join(5)
         pool.stop()
+
+
+def test_every_own_peer_id_is_self():
+    """The client and each server of one node have their own DHT peer ids; none earns points from the others."""
+    ledger = Ledger()
+    ledger.set_self("client-peer")
+    ledger.set_self("server-peer")
+    ledger.record_served("client-peer", "inference", tokens=1000, blocks=4, seconds=1.0)
+    ledger.record_served("server-peer", "inference", tokens=1000, blocks=4, seconds=1.0)
+    assert ledger.summary()["points"] == 0
+    ledger.record_served("someone-else", "inference", tokens=1000, blocks=4, seconds=1.0)
+    assert ledger.summary()["points"] > 0
