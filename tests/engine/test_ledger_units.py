@@ -316,7 +316,7 @@ def test_aging_bounds_the_wait_of_a_free_rider_under_a_flood():
 
 
 def test_every_own_peer_id_is_self():
-    """The client and each server of one node have their own DHT peer ids; none earns points from the others."""
+    """A node's client and each of its servers have their own peer ids; none earns points from another."""
     ledger = Ledger()
     ledger.set_self("client-peer")
     ledger.set_self("server-peer")
