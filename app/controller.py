@@ -104,6 +104,8 @@ class AppController(QObject):
         self.tray.open_settings.connect(self.show_settings)
         self.tray.quit_requested.connect(self.quit)
         self.dashboard.close_requested.connect(self.quit)
+        self.dashboard.open_chat_requested.connect(self.show_chat)
+        self.dashboard.settings_requested.connect(self.show_settings)
         self._update_tray()
 
     # ---- engine

@@ -42,6 +42,7 @@ class DashboardSnapshot:
     engine_message: str = ""
     status: dict | None = None
     stats: dict | None = None
+    stats_at: float = 0.0  # when `stats` arrived (the engine sends no event when only time passes)
     history: tuple[tuple[float, float, float], ...] = ()  # (time, tokens_served, requests_served)
     hardware: dict | None = None
     plan: dict | None = None
@@ -63,7 +64,19 @@ def with_status(snapshot: DashboardSnapshot, status: dict) -> DashboardSnapshot:
 def with_stats(snapshot: DashboardSnapshot, stats: dict, now: float) -> DashboardSnapshot:
     point = (now, float(stats.get("tokens_served") or 0), float(stats.get("requests_served") or 0))
     history = (*snapshot.history, point)[-HISTORY_POINTS:]
-    return dataclasses.replace(snapshot, stats=dict(stats), history=history)
+    return dataclasses.replace(snapshot, stats=dict(stats), stats_at=now, history=history)
+
+
+def displayed_stats(snapshot: DashboardSnapshot, now: float) -> dict | None:
+    """The last stats with the clocks moved on to `now`: uptime always, sharing time while serving."""
+    if snapshot.stats is None:
+        return None
+    stats = dict(snapshot.stats)
+    elapsed = max(0.0, now - snapshot.stats_at)
+    stats["uptime_seconds"] = float(stats.get("uptime_seconds") or 0) + elapsed
+    if (snapshot.status or {}).get("state") == "serving":
+        stats["hosting_seconds"] = float(stats.get("hosting_seconds") or 0) + elapsed
+    return stats
 
 
 def rate_series(
@@ -208,6 +221,9 @@ class DashboardModel(QObject):
             self.set_sharing(True)
         if status.get("state") != previous:
             self.refresh_swarm()
+        # The plan needs a ready engine (503 engine_not_ready before), and it changes once hosting starts.
+        if status.get("ready", True) and (self.snapshot.plan is None or status.get("state") != previous):
+            self.refresh_plan()
 
     def on_stats(self, stats: dict) -> None:
         self._replace(with_stats(self.snapshot, stats, time.time()))

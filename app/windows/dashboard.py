@@ -15,6 +15,7 @@ from app.qt import (
     QPushButton,
     QSizePolicy,
     Qt,
+    QTimer,
     QVBoxLayout,
     QWidget,
     Signal,
@@ -22,6 +23,7 @@ from app.qt import (
 from app.viewmodels.dashboard import (
     DashboardModel,
     coverage,
+    displayed_stats,
     format_duration,
     hardware_lines,
     plan_text,
@@ -64,6 +66,8 @@ class DashboardWindow(QMainWindow):
     """Shows a DashboardModel; the Share button calls model.set_sharing. Closing hides it (the tray stays)."""
 
     close_requested = Signal()
+    open_chat_requested = Signal()
+    settings_requested = Signal()
 
     def __init__(self, model: DashboardModel, parent: QWidget | None = None):
         super().__init__(parent)
@@ -92,7 +96,16 @@ class DashboardWindow(QMainWindow):
             "QPushButton:checked { background: #2fb35a; color: white; border-color: #1b7a3a; }"
             "QPushButton:disabled { background: #d5d8dc; color: #7a828a; border-color: #b0b6bc; }"
         )
+        # Chat and settings are reachable from here too: some desktops have no system tray.
+        self.chat_button = QPushButton("Open chat")
+        self.chat_button.setMinimumHeight(36)
+        self.chat_button.clicked.connect(self.open_chat_requested)
+        self.settings_button = QPushButton("Settings…")
+        self.settings_button.setMinimumHeight(36)
+        self.settings_button.clicked.connect(self.settings_requested)
         top.addWidget(self.headline, 1)
+        top.addWidget(self.chat_button)
+        top.addWidget(self.settings_button)
         top.addWidget(self.share_button)
         layout.addLayout(top)
         self.progress = QProgressBar()
@@ -149,6 +162,11 @@ class DashboardWindow(QMainWindow):
         self.setCentralWidget(central)
         self.statusBar()
         model.changed.connect(self.refresh)
+        # Clocks (uptime, sharing time) and the plot move on between stats events.
+        self._clock = QTimer(self)
+        self._clock.setInterval(1000)
+        self._clock.timeout.connect(self._refresh_stats)
+        self._clock.start()
         self.refresh()
 
     def _share_clicked(self, checked: bool) -> None:
@@ -172,12 +190,16 @@ class DashboardWindow(QMainWindow):
         self.plan_label.setText(plan_text(snap.plan))
         self.block_map.set_cells(coverage(snap), planned_blocks(snap))
         self.swarm_label.setText(swarm_summary(snap.swarm))
-        for key, _title, fmt in STAT_FIELDS:
-            value = (snap.stats or {}).get(key)
-            self.stat_labels[key].setText(fmt(value) if snap.stats else "—")
-        self.plot.set_points(rate_series(snap.history), time.time())
+        self._refresh_stats()
         if snap.error:
             self.show_message(snap.error)
+
+    def _refresh_stats(self) -> None:
+        snap, now = self.model.snapshot, time.time()
+        stats = displayed_stats(snap, now)
+        for key, _title, fmt in STAT_FIELDS:
+            self.stat_labels[key].setText(fmt(stats.get(key)) if stats else "—")
+        self.plot.set_points(rate_series(snap.history), now)
 
     def closeEvent(self, event: QCloseEvent) -> None:
         if self.hide_on_close:

@@ -102,6 +102,17 @@ def test_tray_menu_opens_windows(qtbot, controller):
         controller.tray.quit_action.trigger()
 
 
+def test_dashboard_buttons_open_chat_and_settings_without_a_tray(qtbot, controller):
+    """Without a system tray the dashboard is the only window: chat and settings must be reachable from it."""
+    assert not controller.tray.available
+    controller.dashboard.chat_button.click()
+    assert controller.chat_window.isVisible()
+    controller.dashboard.settings_button.click()
+    dialog = controller.settings_dialog_open
+    assert dialog is not None and dialog.isVisible()
+    dialog.reject()
+
+
 def test_settings_dialog_saves_and_autostart_is_really_removed(qtbot, controller):
     controller.show_settings()
     dialog = controller.settings_dialog_open

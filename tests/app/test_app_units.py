@@ -81,6 +81,18 @@ def dataclass_replace(snap, **changes):
     return dataclasses.replace(snap, **changes)
 
 
+def test_displayed_stats_move_the_clocks_on_between_events():
+    from app.viewmodels.dashboard import DashboardSnapshot, displayed_stats, with_stats, with_status
+
+    assert displayed_stats(DashboardSnapshot(), 100.0) is None
+    stats = {"uptime_seconds": 10, "hosting_seconds": 4, "points": 2}
+    snap = with_stats(DashboardSnapshot(), stats, now=100.0)
+    idle = displayed_stats(snap, 107.0)
+    assert idle["uptime_seconds"] == 17 and idle["hosting_seconds"] == 4 and idle["points"] == 2
+    serving = displayed_stats(with_status(snap, {"state": "serving"}), 107.0)
+    assert serving["uptime_seconds"] == 17 and serving["hosting_seconds"] == 11
+
+
 def test_hardware_lines_without_gpu_show_cpu_and_ram():
     lines = hardware_lines(
         {
