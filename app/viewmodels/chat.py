@@ -144,6 +144,7 @@ class ChatModel(QObject):
         self.notice = ""
         self.last_speed: float | None = None
         self.engine_ready = False
+        self._engine_notice = ""  # the notice set from the engine's state, cleared once it runs
         self._swarm_joined: bool | None = None  # the engine's `ready` (joined the swarm), as last reported
         self._stream: ApiStream | None = None
 
@@ -153,10 +154,13 @@ class ChatModel(QObject):
         self.engine_ready = ready
         if ready:
             self.refresh_models()
-            if self.notice.startswith("The engine"):
+            if self.notice and self.notice == self._engine_notice:  # the engine's own notice is outdated now
                 self._set_notice("")
+            self._engine_notice = ""
         else:
-            self._set_notice(message or "The engine is not running; chat will work again when it is back.")
+            fallback = "The engine is not running; chat will work again when it is back."
+            self._engine_notice = message or fallback
+            self._set_notice(self._engine_notice)
         self.changed.emit()
 
     def on_status(self, status: dict) -> None:

@@ -156,3 +156,11 @@ def test_engine_down_disables_send_and_explains(qtbot, chat):
     assert "Restarting" in chat.notice.text()
     chat.model.set_engine_ready(True)
     assert chat.send_button.isEnabled()
+
+
+def test_engine_notice_goes_once_the_engine_runs(qtbot, chat):
+    """Any notice that came from the engine's state ("Starting the engine…") is cleared when it runs."""
+    chat.model.set_engine_ready(False, "Starting the engine…")
+    assert chat.notice.text() == "Starting the engine…"
+    chat.model.set_engine_ready(True)
+    assert chat.notice.isHidden()
