@@ -43,6 +43,7 @@ class DashboardSnapshot:
     status: dict | None = None
     stats: dict | None = None
     stats_at: float = 0.0  # when `stats` arrived (the engine sends no event when only time passes)
+    status_at: float = 0.0  # when `status` arrived
     history: tuple[tuple[float, float, float], ...] = ()  # (time, tokens_served, requests_served)
     hardware: dict | None = None
     plan: dict | None = None
@@ -56,9 +57,9 @@ def with_engine(snapshot: DashboardSnapshot, state: str, message: str) -> Dashbo
     return dataclasses.replace(snapshot, engine_state=state, engine_message=message, status=status)
 
 
-def with_status(snapshot: DashboardSnapshot, status: dict) -> DashboardSnapshot:
+def with_status(snapshot: DashboardSnapshot, status: dict, now: float = 0.0) -> DashboardSnapshot:
     error = status.get("message") if status.get("state") == "error" else None
-    return dataclasses.replace(snapshot, status=dict(status), error=error)
+    return dataclasses.replace(snapshot, status=dict(status), status_at=now, error=error)
 
 
 def with_stats(snapshot: DashboardSnapshot, stats: dict, now: float) -> DashboardSnapshot:
@@ -75,7 +76,9 @@ def displayed_stats(snapshot: DashboardSnapshot, now: float) -> dict | None:
     elapsed = max(0.0, now - snapshot.stats_at)
     stats["uptime_seconds"] = float(stats.get("uptime_seconds") or 0) + elapsed
     if (snapshot.status or {}).get("state") == "serving":
-        stats["hosting_seconds"] = float(stats.get("hosting_seconds") or 0) + elapsed
+        # Sharing time grows only since serving began, which may be later than the last stats event.
+        serving_for = max(0.0, now - max(snapshot.stats_at, snapshot.status_at))
+        stats["hosting_seconds"] = float(stats.get("hosting_seconds") or 0) + serving_for
     return stats
 
 
@@ -215,7 +218,7 @@ class DashboardModel(QObject):
 
     def on_status(self, status: dict) -> None:
         previous = (self.snapshot.status or {}).get("state")
-        self._replace(with_status(self.snapshot, status))
+        self._replace(with_status(self.snapshot, status, time.time()))
         if self._start_when_ready and status.get("ready", True) and status.get("state") == "idle":
             self._start_when_ready = False
             self.set_sharing(True)
@@ -269,7 +272,7 @@ class DashboardModel(QObject):
     def _action_done(self, status: dict) -> None:
         snapshot = dataclasses.replace(self.snapshot, pending=None)
         if isinstance(status, dict) and "state" in status:
-            snapshot = with_status(snapshot, status)
+            snapshot = with_status(snapshot, status, time.time())
         self._replace(snapshot)
 
     def _action_failed(self, error: ApiError, doing: str) -> None:

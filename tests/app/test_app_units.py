@@ -89,8 +89,10 @@ def test_displayed_stats_move_the_clocks_on_between_events():
     snap = with_stats(DashboardSnapshot(), stats, now=100.0)
     idle = displayed_stats(snap, 107.0)
     assert idle["uptime_seconds"] == 17 and idle["hosting_seconds"] == 4 and idle["points"] == 2
-    serving = displayed_stats(with_status(snap, {"state": "serving"}), 107.0)
+    serving = displayed_stats(with_status(snap, {"state": "serving"}, now=90.0), 107.0)
     assert serving["uptime_seconds"] == 17 and serving["hosting_seconds"] == 11
+    started_later = displayed_stats(with_status(snap, {"state": "serving"}, now=105.0), 107.0)
+    assert started_later["hosting_seconds"] == 6
 
 
 def test_hardware_lines_without_gpu_show_cpu_and_ram():
