@@ -13,34 +13,10 @@ from engine.client.model import DistributedModelForCausalLM
 from engine.client.routing import MissingBlocksError
 from engine.client.sampling import SamplingParams
 from engine.server.testing import running_server
-from engine.swarm.dht_node import start_dht
 
 ARCHS = ("llama", "mistral", "qwen2")
 TOPOLOGIES = {"2servers": ((0, 2), (2, 4)), "3servers": ((0, 1), (1, 3), (3, 4))}
 NEW_TOKENS = 10
-
-
-@pytest.fixture(scope="module")
-def bootstrap():
-    dht = start_dht(None, host="127.0.0.1", new_swarm=True)
-    try:
-        yield [str(a) for a in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client_dht(bootstrap):
-    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-
-    dht = start_dht(bootstrap, client_mode=True)
-    try:
-        yield dht
-    finally:
-        # The clients' p2p replica lives on hivemind's worker loop: close it there, not at interpreter exit.
-        replica = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
-        RemoteExpertWorker.run_coroutine(replica.shutdown())
-        dht.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,32 +15,9 @@ import torch
 from engine.client.model import DistributedModelForCausalLM
 from engine.ledger import Ledger, LedgerPolicy
 from engine.server.testing import running_server
-from engine.swarm.dht_node import start_dht
 
 PREFIX = "usage-llama"
 SPANS = ((0, 2), (2, 4))
-
-
-@pytest.fixture(scope="module")
-def bootstrap():
-    dht = start_dht(None, host="127.0.0.1", new_swarm=True)
-    try:
-        yield [str(a) for a in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client_dht(bootstrap):
-    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-
-    dht = start_dht(bootstrap, client_mode=True)
-    try:
-        yield dht
-    finally:
-        replica = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
-        RemoteExpertWorker.run_coroutine(replica.shutdown())
-        dht.shutdown()
 
 
 @pytest.fixture(scope="module")
