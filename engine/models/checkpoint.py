@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine import envs
-from engine.models.errors import CheckpointError, ModelNotFoundError
+from engine.models.errors import CheckpointError, ModelError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,22 @@ def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer (AutoTokenizer), loaded from its folder without any network access."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(path))
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and (path / "tokenizer.model").is_file():
+        _require_sentencepiece(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _require_sentencepiece(path: Path) -> None:
+    # Older folders (Llama 2, anything saved by transformers <= 4.34) hold only a sentencepiece
+    # tokenizer.model; without the library transformers fails with a misleading "tiktoken" message.
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            f"{path} has only a sentencepiece tokenizer (tokenizer.model); "
+            "install it with: pip install sentencepiece"
+        ) from None
 
 
 @dataclass
