@@ -178,7 +178,9 @@ def measure(
 @contextlib.contextmanager
 def swarm(path: Path, spans: Sequence[tuple[int, int]], args, dtype: str, prefix: str) -> Iterator[list[str]]:
     """Servers for `spans`, the first starting a new swarm; yields the multiaddrs to join it."""
-    from engine.server.testing import running_server, running_server_process
+    # The server helpers live with the tests (not in the product package); the repository root holds both.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.helpers.servers import running_server, running_server_process
 
     with contextlib.ExitStack() as stack:
         peers: list[str] = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.api.app import create_app
-from engine.api.fake import FakeEngineService
 from engine.api.server import ApiServer
+from tests.helpers.fake_service import FakeEngineService
 
 TOKEN = "schema-token"
 # Per operation; about 12 operations, a few ms each over loopback keeps the whole run well under 30 s.

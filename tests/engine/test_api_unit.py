@@ -13,8 +13,8 @@ import pytest
 from engine.api.app import create_app
 from engine.api.auth import KEYRING_SERVICE, KEYRING_USER, host_is_loopback, load_or_create_token
 from engine.api.events import sse_event
-from engine.api.fake import FAKE_REPLY, FakeEngineService
 from engine.api.server import ApiServer
+from tests.helpers.fake_service import FAKE_REPLY, FakeEngineService
 
 TOKEN = "test-token-123"
 

@@ -9,8 +9,8 @@ import torch
 
 from engine.client.model import DistributedModelForCausalLM
 from engine.client.sequence_manager import ClientConfig
-from engine.server.testing import running_server_process
 from engine.swarm.dht_node import start_dht
+from tests.helpers.servers import running_server_process
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import torch
 from engine.client.model import DistributedModelForCausalLM
 from engine.client.routing import MissingBlocksError
 from engine.client.sampling import SamplingParams
-from engine.server.testing import running_server
+from tests.helpers.servers import running_server
 
 ARCHS = ("llama", "mistral", "qwen2")
 TOPOLOGIES = {"2servers": ((0, 2), (2, 4)), "3servers": ((0, 1), (1, 3), (3, 4))}

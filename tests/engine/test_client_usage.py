@@ -14,7 +14,7 @@ import torch
 
 from engine.client.model import DistributedModelForCausalLM
 from engine.ledger import Ledger, LedgerPolicy
-from engine.server.testing import running_server
+from tests.helpers.servers import running_server
 
 PREFIX = "usage-llama"
 SPANS = ((0, 2), (2, 4))

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from engine.ledger import Ledger, LedgerPolicy
-from engine.ledger.testing import PeerCaller, ledger_server
-from engine.server.testing import running_server, wait_for
 from engine.swarm.discovery import get_block_infos
+from tests.helpers.ledger_servers import PeerCaller, ledger_server
+from tests.helpers.servers import running_server, wait_for
 
 pytestmark = pytest.mark.slow
 

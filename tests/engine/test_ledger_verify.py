@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from engine.ledger import Auditor, Ledger, LedgerPolicy
-from engine.ledger.testing import PeerCaller, ledger_server
 from engine.server.task_pool import TaskKind
-from engine.server.testing import WireClient, running_server
 from engine.swarm.records import ServerInfo, ServerState
+from tests.helpers.ledger_servers import PeerCaller, ledger_server
+from tests.helpers.servers import WireClient, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from engine.models.span import load_block_span
-from engine.server.testing import WireClient, running_server_process, wait_for
 from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import get_block_infos
 from engine.swarm.records import ServerState
+from tests.helpers.servers import WireClient, running_server_process, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from engine.models.span import load_block_span
-from engine.server.testing import DUMMY, DUMMY_INT64, WireClient, pack_args, running_server, wait_for
 from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import get_block_infos
 from engine.swarm.records import ServerState
+from tests.helpers.servers import DUMMY, DUMMY_INT64, WireClient, pack_args, running_server, wait_for
 
 PREFIX = "tiny"
 UIDS = "tiny.0 tiny.1 tiny.2 tiny.3"

@@ -16,7 +16,7 @@ from engine.server.memory_cache import AllocationFailed, MemoryCache
 from engine.server.placement import PlacementError, plan_span
 from engine.server.protocol import RequestError
 from engine.server.task_pool import PoolStopped, TaskKind, TaskPool, task_order
-from engine.server.testing import DUMMY, DUMMY_INT64, pack_args
+from tests.helpers.servers import DUMMY, DUMMY_INT64, pack_args
 
 MIB = 1024**2
 

@@ -1,7 +1,7 @@
 """FakeEngineService: the EngineService interface with canned answers, no torch and no swarm.
 
 For API tests, and for developing the app against a running API without a swarm:
-`python -m engine.api.fake --port 8765` prints the port and token.
+`python -m tests.helpers.fake_service --port 8765` prints the port and token.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Test helpers for the ledger: a block server wired to a Ledger, and a caller that speaks as a given peer.
 
-`ledger_server` is `engine.server.testing.running_server` with the ledger's hooks; `PeerCaller` sends
+`ledger_server` is `tests.helpers.servers.running_server` with the ledger's hooks; `PeerCaller` sends
 Petals-format rpc_forward requests either from a fresh identity (a free-rider, a Sybil) or from the
 identity of an existing DHT peer (a contributor's node, whose server and client share one peer id).
 """
