@@ -6,6 +6,7 @@ background" can outlive the app. Unless that was chosen, it gets `--parent-pid` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,19 +44,42 @@ class EngineInfo:
     base_url: str
     token: str | None
     version: str = ""
+    process_started: float = 0.0  # with the command line: proves the pid is still the engine's
+    cmdline: tuple[str, ...] = ()
 
 
 def read_state_file(data_dir: Path) -> EngineInfo | None:
-    """Parse engine-state.json and resolve the token; None when missing, unreadable or its process is gone."""
+    """Parse engine-state.json and resolve the token; None when missing, unreadable or its process is gone.
+
+    "Gone" includes a pid that another process has taken since (crash, power loss): the state file's start
+    time and command line must match the process too.
+    """
     try:
         raw = json.loads((Path(data_dir) / STATE_FILE).read_text(encoding="utf-8"))
         pid = int(raw["pid"])
         base_url = str(raw.get("base_url") or f"http://127.0.0.1:{int(raw['port'])}")
-    except (OSError, ValueError, KeyError, TypeError):
+        started = float(raw["process_started"])
+        cmdline = tuple(str(part) for part in raw["cmdline"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not pid_alive(pid):
+    info = EngineInfo(pid, base_url, None, str(raw.get("version") or ""), started, cmdline)
+    if not is_engine_process(info):
         return None
-    return EngineInfo(pid, base_url, read_token(raw), str(raw.get("version") or ""))
+    return dataclasses.replace(info, token=read_token(raw))
+
+
+def is_engine_process(info: EngineInfo) -> bool:
+    """Whether info's pid is still the engine it names: alive, same start time, same command line."""
+    try:
+        process = psutil.Process(info.pid)
+        with process.oneshot():
+            return (
+                process.status() != psutil.STATUS_ZOMBIE
+                and abs(process.create_time() - info.process_started) < 1.0
+                and tuple(process.cmdline()) == info.cmdline
+            )
+    except psutil.Error:
+        return False
 
 
 def read_token(raw: dict) -> str | None:
@@ -175,7 +199,7 @@ class EngineProcess(QObject):
         self.failures = 0
         info = read_state_file(self.data_dir)
         if info is not None:
-            self.pid, self.owned = info.pid, False
+            self.pid, self.owned, self.info = info.pid, False, info
             self._begin_wait("Connecting to the running engine…")
         elif not self.manage:
             self.pid = None
@@ -190,9 +214,9 @@ class EngineProcess(QObject):
         self._retry.stop()
         pid, self.pid = self.pid, None
         self._set_endpoint(None)
-        if pid is not None and (self.owned or self.manage):
+        process = self._signal_target(pid)
+        if process is not None:
             try:
-                process = psutil.Process(pid)
                 process.terminate()  # the engine stops gracefully: announces OFFLINE, ends its helpers
                 _gone, alive = psutil.wait_procs([process], timeout=timeout_s)
                 if alive:
@@ -203,6 +227,21 @@ class EngineProcess(QObject):
             if self._process is not None:
                 self._process.poll()
         self._set_state(STOPPED, "The engine is stopped.")
+
+    def _signal_target(self, pid: int | None) -> psutil.Process | None:
+        """The engine process to stop, only if it is provably ours: never a process that took its pid."""
+        if pid is None:
+            return None
+        try:
+            if self.owned and self._process is not None and self._process.pid == pid:
+                # Our child, not yet reaped: its pid cannot have been given to another process.
+                return psutil.Process(pid) if self._process.poll() is None else None
+            info = self.info
+            if self.manage and info is not None and info.pid == pid and is_engine_process(info):
+                return psutil.Process(pid)  # psutil checks the start time again before each signal
+        except psutil.Error:
+            pass
+        return None
 
     def _kill_group(self, pid: int) -> None:
         """SIGKILL the engine and its helper processes (p2pd); ours runs in its own process group."""
@@ -263,7 +302,7 @@ class EngineProcess(QObject):
             self._failed_attempt(f"could not run {command[0]}: {exc}")
             return
         pid = self._process.pid
-        self.pid, self.owned = int(pid), True
+        self.pid, self.owned, self.info = int(pid), True, None
         self._begin_wait("Starting the engine…" if not self.restarts else "Restarting the engine…")
 
     def _begin_wait(self, message: str) -> None:
@@ -321,7 +360,9 @@ class EngineProcess(QObject):
     def _alive(self) -> bool:
         if self._process is not None and self._process.pid == self.pid:
             return self._process.poll() is None  # also reaps our child, so it leaves no zombie
-        return self.pid is not None and pid_alive(self.pid)
+        if self.pid is None or self.info is None or self.info.pid != self.pid:
+            return self.pid is not None and pid_alive(self.pid)
+        return is_engine_process(self.info)
 
     def _exit_reason(self) -> str:
         if not self.owned:

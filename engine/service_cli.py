@@ -57,18 +57,41 @@ def state_file_path(data_dir: Path) -> Path:
     return Path(data_dir) / STATE_FILE_NAME
 
 
-def _pid_alive(pid: int) -> bool:
+def process_identity(pid: int | None = None) -> dict:
+    """What proves a process is this engine beyond its pid: its start time and command line."""
     import psutil
 
-    return psutil.pid_exists(pid) and pid != os.getpid()
+    process = psutil.Process(pid)
+    return {"pid": process.pid, "process_started": process.create_time(), "cmdline": process.cmdline()}
+
+
+def is_same_process(state: dict) -> bool:
+    """Whether the process the state names still runs: same pid, same start time, same command line.
+
+    A pid alone is not proof: after a crash or power loss another process may have taken it.
+    """
+    import psutil
+
+    try:
+        pid, started, cmdline = int(state["pid"]), float(state["process_started"]), state["cmdline"]
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return (
+                pid != os.getpid()
+                and abs(process.create_time() - started) < 1.0
+                and process.cmdline() == cmdline
+                and process.status() != psutil.STATUS_ZOMBIE
+            )
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
 
 
 def read_live_state(data_dir: Path) -> dict | None:
-    """The state of an engine that runs now for `data_dir`, or None (no file, or its pid is gone)."""
+    """The state of an engine that runs now for `data_dir`, or None (no file, or its process is gone)."""
     try:
         state = json.loads(state_file_path(data_dir).read_text())
-        return state if isinstance(state.get("pid"), int) and _pid_alive(state["pid"]) else None
-    except (OSError, ValueError, AttributeError):
+        return state if isinstance(state, dict) and is_same_process(state) else None
+    except (OSError, ValueError):
         return None
 
 
@@ -149,7 +172,7 @@ def run_service(args: argparse.Namespace) -> int:
     app = create_app(service, token.value)
     server = _start_api(app, args.port)
     state = {
-        "pid": os.getpid(),
+        **process_identity(),
         "port": server.port,
         "base_url": server.base_url,
         "token_source": token.source,

@@ -17,6 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import psutil
+
 TOKEN = "fake-token"
 DEMO_ID = "pollinate-demo-tiny-llama"
 GiB = 1024**3
@@ -141,8 +143,11 @@ class FakeEngine:
         token_file = data_dir / "engine-token"
         token_file.write_text(TOKEN)
         os.chmod(token_file, 0o600)
+        process = psutil.Process(pid or os.getpid())
         state = {
-            "pid": pid or os.getpid(),
+            "pid": process.pid,
+            "process_started": process.create_time(),  # the engine's identity beyond its pid
+            "cmdline": process.cmdline(),
             "port": self.port,
             "base_url": self.base_url,
             "token_source": "file",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,3 +80,28 @@ def test_no_engine_mode_attaches_and_never_kills(qtbot, app_dirs, fake_engine):
     assert not engine.owned
     engine.stop()  # the engine's pid is this test process: it must survive
     assert engine.state == "stopped"
+
+
+@pytest.mark.parametrize("recorded", ["reused pid", "no identity"])
+def test_a_pid_taken_by_another_process_is_never_signalled(qtbot, app_dirs, engines, recorded):
+    """After a crash the state file may name a pid that an unrelated process has taken since."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        state = {"pid": stranger.pid, "port": 1, "base_url": "http://127.0.0.1:1", "token_source": "none"}
+        if recorded == "reused pid":  # what the crashed engine recorded: another start time and command
+            started = psutil.Process(stranger.pid).create_time() - 3600
+            state.update(process_started=started, cmdline=[sys.executable, "-m", "engine.cli", "run"])
+        (app_dirs["data"] / "engine-state.json").write_text(json.dumps(state))
+        assert read_state_file(app_dirs["data"]) is None
+
+        engine = make_engine(app_dirs["data"], [sys.executable, FAKE], startup_timeout_s=20)
+        engines.append(engine)
+        ready = qtbot.waitSignal(engine.endpoint_changed, timeout=15000, check_params_cb=lambda e: bool(e))
+        with ready:
+            engine.start()  # starts its own engine instead of "connecting" to the stranger
+        assert engine.owned and engine.pid != stranger.pid
+        engine.stop(timeout_s=5)
+        assert stranger.poll() is None, "the app signalled a process that is not its engine"
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -126,3 +126,22 @@ def test_sigterm_stops_an_idle_engine_quickly(tmp_path):
         if engine.poll() is None:
             engine.kill()
             engine.wait()
+
+
+def test_live_state_needs_the_same_process_not_just_its_pid(tmp_path):
+    from engine.service_cli import process_identity, read_live_state, write_state
+
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = process_identity(stranger.pid)
+        write_state(tmp_path, {**identity, "port": 1})
+        assert read_live_state(tmp_path)["pid"] == stranger.pid
+        write_state(tmp_path, {**identity, "process_started": identity["process_started"] - 3600})
+        assert read_live_state(tmp_path) is None  # the pid was taken by another process since
+        write_state(tmp_path, {**identity, "cmdline": ["pollinate-engine", "run"]})
+        assert read_live_state(tmp_path) is None
+        write_state(tmp_path, {"pid": stranger.pid, "port": 1})  # no identity recorded: not proof
+        assert read_live_state(tmp_path) is None
+    finally:
+        stranger.kill()
+        stranger.wait()
