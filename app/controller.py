@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 
 from app import autostart, paths
 from app.api_client import ApiClient, ApiError, EventFeed, describe_error
-from app.engine_process import RESTARTING, RUNNING, EngineProcess, engine_command
+from app.engine_backend import EngineBackend
+from app.engine_process import RESTARTING, RUNNING, EngineProcess, engine_args
 from app.history import ChatHistory
 from app.qt import QApplication, QMessageBox, QObject, Signal
 from app.settings import Settings, get_hf_token, save_settings, set_hf_token
@@ -54,6 +54,7 @@ class AppController(QObject):
         manage_engine: bool = True,
         engine_args: tuple[str, ...] = (),
         engine_command_factory: Callable[[], list[str]] | None = None,
+        engine_backend: EngineBackend | None = None,
         use_system_tray: bool | None = None,
         parent: QObject | None = None,
     ):
@@ -74,6 +75,7 @@ class AppController(QObject):
             engine_command_factory or self._engine_command,
             env_factory=self._engine_env,
             manage=manage_engine,
+            backend=engine_backend,
             parent=self,
         )
         self.dashboard_model = DashboardModel(self.client, self._hosting_options, self)
@@ -90,6 +92,7 @@ class AppController(QObject):
 
         self.engine.endpoint_changed.connect(self.client.set_endpoint)
         self.engine.state_changed.connect(self._engine_state)
+        self.engine.notice.connect(self.presenter.show)
         self.feed.status.connect(self.dashboard_model.on_status)
         self.feed.status.connect(self.chat_model.on_status)
         self.feed.stats.connect(self.dashboard_model.on_stats)
@@ -111,14 +114,13 @@ class AppController(QObject):
     # ---- engine
 
     def _engine_command(self) -> list[str]:
-        # Without --parent-pid the engine outlives the app: only when the user chose to keep sharing.
-        parent_pid = None if self.settings.keep_sharing_on_close else os.getpid()
-        return engine_command(
+        # An engine not tied to the app outlives it: only when the user chose to keep sharing.
+        args = engine_args(
             self.settings.swarm,
             self.settings.initial_peers if self.settings.swarm == "private" else (),
-            parent_pid=parent_pid,
-            extra_args=self.engine_args,
+            self.engine_args,
         )
+        return self.engine.backend.engine_command(args, tie_to_app=not self.settings.keep_sharing_on_close)
 
     def _engine_env(self) -> dict[str, str]:
         env = {}

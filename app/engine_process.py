@@ -1,7 +1,8 @@
 """EngineProcess: starts the engine service, finds its port and token, watches it, restarts it with backoff.
 
-The engine runs in its own session, its output appended to a log file, so that "keep sharing in the
-background" can outlive the app. Unless that was chosen, it gets `--parent-pid` and exits when the app dies.
+Where the engine runs is a backend (app/engine_backend.py). LocalBackend, here, runs it as a child process in
+its own session, its output appended to a log file, so that "keep sharing in the background" can outlive the
+app. Unless that was chosen, it gets `--parent-pid` and exits when the app dies.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 
 from app.api_client import ApiClient, EngineEndpoint
+from app.engine_backend import EngineBackend
 from app.qt import QObject, QTimer, Signal
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,16 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def engine_args(
+    swarm: str, initial_peers: tuple[str, ...] = (), extra_args: tuple[str, ...] = ()
+) -> list[str]:
+    """The arguments of `engine.cli` that start the engine service (any backend)."""
+    args = ["run", "--port", "0", "--swarm", swarm]
+    if initial_peers:
+        args += ["--initial-peers", *initial_peers]
+    return args + list(extra_args)
+
+
 def engine_command(
     swarm: str,
     initial_peers: tuple[str, ...] = (),
@@ -114,10 +127,8 @@ def engine_command(
     parent_pid: int | None = None,
     extra_args: tuple[str, ...] = (),
 ) -> list[str]:
-    """The command line that starts the engine service."""
-    command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--swarm", swarm]
-    if initial_peers:
-        command += ["--initial-peers", *initial_peers]
+    """The command line that starts the engine service as a local process."""
+    command = [sys.executable, "-m", "engine.cli", *engine_args(swarm, initial_peers)]
     if parent_pid is not None:
         command += ["--parent-pid", str(parent_pid)]
     return command + list(extra_args)
@@ -142,15 +153,106 @@ def crash_reason(tail: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+class LocalBackend(EngineBackend):
+    """The engine as a child process of the app on this machine (Linux, macOS)."""
+
+    name = "local"
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir)
+
+    def engine_command(self, engine_args: list[str], *, tie_to_app: bool) -> list[str]:
+        command = [sys.executable, "-m", "engine.cli", *engine_args]
+        return command + (["--parent-pid", str(os.getpid())] if tie_to_app else [])
+
+    def spawn(self, command: list[str], env: dict[str, str], log_file: IO[bytes]) -> subprocess.Popen:
+        environment = dict(os.environ)
+        source_root = Path(__file__).resolve().parent.parent
+        cwd = None
+        if (source_root / "engine").is_dir():
+            cwd = str(source_root)
+            path = environment.get("PYTHONPATH", "")
+            environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(source_root), path) if p)
+        environment.update(env)
+        # A new session: a Ctrl+C in the app's terminal does not reach the engine; it can outlive us.
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=environment,
+            start_new_session=True,
+        )
+
+    def read_state(self) -> EngineInfo | None:
+        return read_state_file(self.data_dir)
+
+    def alive(self, pid: int, process: subprocess.Popen | None, info: EngineInfo | None) -> bool:
+        if process is not None and process.pid == pid:
+            return process.poll() is None  # also reaps our child, so it leaves no zombie
+        if info is None or info.pid != pid:
+            return pid_alive(pid)
+        return is_engine_process(info)
+
+    def launched(self, info: EngineInfo, process: subprocess.Popen) -> bool:
+        return info.pid == process.pid
+
+    def stop(
+        self, pid: int, process: subprocess.Popen | None, info: EngineInfo | None, timeout_s: float
+    ) -> None:
+        target = self._signal_target(pid, process, info)
+        if target is not None:
+            try:
+                target.terminate()  # the engine stops gracefully: announces OFFLINE, ends its helpers
+                _gone, alive = psutil.wait_procs([target], timeout=timeout_s)
+                if alive:
+                    self._kill_group(pid, owned=process is not None)
+                    psutil.wait_procs(alive, timeout=3)
+            except psutil.Error:
+                pass
+        if process is not None:
+            process.poll()
+
+    @staticmethod
+    def _signal_target(
+        pid: int, process: subprocess.Popen | None, info: EngineInfo | None
+    ) -> psutil.Process | None:
+        """The engine process to stop, only if it is provably ours: never a process that took its pid."""
+        try:
+            if process is not None and process.pid == pid:
+                # Our child, not yet reaped: its pid cannot have been given to another process.
+                return psutil.Process(pid) if process.poll() is None else None
+            if info is not None and info.pid == pid and is_engine_process(info):
+                return psutil.Process(pid)  # psutil checks the start time again before each signal
+        except psutil.Error:
+            pass
+        return None
+
+    @staticmethod
+    def _kill_group(pid: int, owned: bool) -> None:
+        """SIGKILL the engine and its helper processes (p2pd); ours runs in its own process group."""
+        try:
+            if owned and hasattr(os, "killpg") and os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                psutil.Process(pid).kill()
+        except (OSError, psutil.Error):
+            pass
+
+
 class EngineProcess(QObject):
     """Lifecycle of the engine service: start, wait for health, watch, restart with backoff, stop.
 
-    Signals: `state_changed(state, message)` and `endpoint_changed(EngineEndpoint | None)`.
+    Signals: `state_changed(state, message)`, `endpoint_changed(EngineEndpoint | None)` and `notice(text)`
+    (something the user should know that does not stop the engine, e.g. no GPU visible).
     With `manage=False` (--no-engine) it only attaches to a running engine, and waits for one.
+    `backend` says where the engine runs (default: a local process).
     """
 
     state_changed = Signal(str, str)
     endpoint_changed = Signal(object)
+    notice = Signal(str)
 
     def __init__(
         self,
@@ -161,10 +263,12 @@ class EngineProcess(QObject):
         manage: bool = True,
         startup_timeout_s: float = 180.0,
         backoff_s: tuple[float, ...] = BACKOFF_S,
+        backend: EngineBackend | None = None,
         parent: QObject | None = None,
     ):
         super().__init__(parent)
         self.data_dir = Path(data_dir)
+        self.backend = backend or LocalBackend(self.data_dir)
         self.log_path = self.data_dir / "logs" / "engine.log"
         self._command = command
         self._env_factory = env_factory or dict
@@ -197,7 +301,14 @@ class EngineProcess(QObject):
         """Attach to a running engine if there is one, else start ours (unless manage is False)."""
         self._retry.stop()
         self.failures = 0
-        info = read_state_file(self.data_dir)
+        check = self.backend.preflight()
+        if not check.ready:
+            self.pid = None
+            self._set_state(FAILED, check.message)
+            return
+        if check.message:
+            self.notice.emit(check.message)
+        info = self.backend.read_state()
         if info is not None:
             self.pid, self.owned, self.info = info.pid, False, info
             self._begin_wait("Connecting to the running engine…")
@@ -214,44 +325,10 @@ class EngineProcess(QObject):
         self._retry.stop()
         pid, self.pid = self.pid, None
         self._set_endpoint(None)
-        process = self._signal_target(pid)
-        if process is not None:
-            try:
-                process.terminate()  # the engine stops gracefully: announces OFFLINE, ends its helpers
-                _gone, alive = psutil.wait_procs([process], timeout=timeout_s)
-                if alive:
-                    self._kill_group(pid)
-                    psutil.wait_procs(alive, timeout=3)
-            except psutil.Error:
-                pass
-            if self._process is not None:
-                self._process.poll()
+        if pid is not None and (self.owned or self.manage):
+            info = self.info if self.manage else None
+            self.backend.stop(pid, self._process if self.owned else None, info, timeout_s)
         self._set_state(STOPPED, "The engine is stopped.")
-
-    def _signal_target(self, pid: int | None) -> psutil.Process | None:
-        """The engine process to stop, only if it is provably ours: never a process that took its pid."""
-        if pid is None:
-            return None
-        try:
-            if self.owned and self._process is not None and self._process.pid == pid:
-                # Our child, not yet reaped: its pid cannot have been given to another process.
-                return psutil.Process(pid) if self._process.poll() is None else None
-            info = self.info
-            if self.manage and info is not None and info.pid == pid and is_engine_process(info):
-                return psutil.Process(pid)  # psutil checks the start time again before each signal
-        except psutil.Error:
-            pass
-        return None
-
-    def _kill_group(self, pid: int) -> None:
-        """SIGKILL the engine and its helper processes (p2pd); ours runs in its own process group."""
-        try:
-            if self.owned and hasattr(os, "killpg") and os.getpgid(pid) == pid:
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                psutil.Process(pid).kill()
-        except (OSError, psutil.Error):
-            pass
 
     def detach(self) -> None:
         """Leave the engine running (keep sharing in the background) and stop watching it."""
@@ -277,27 +354,10 @@ class EngineProcess(QObject):
         with open(self.log_path, "a", encoding="utf-8") as file:
             file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n")
         self._log_offset = self.log_path.stat().st_size
-        environment = dict(os.environ)
-        environment["POLLINATE_DATA_DIR"] = str(self.data_dir)
-        source_root = Path(__file__).resolve().parent.parent
-        cwd = None
-        if (source_root / "engine").is_dir():
-            cwd = str(source_root)
-            path = environment.get("PYTHONPATH", "")
-            environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(source_root), path) if p)
-        environment.update(self._env_factory())
+        environment = {"POLLINATE_DATA_DIR": str(self.data_dir), **self._env_factory()}
         try:
             with open(self.log_path, "ab") as log_file:
-                # A new session: a Ctrl+C in the app's terminal does not reach the engine; it can outlive us.
-                self._process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    cwd=cwd,
-                    env=environment,
-                    start_new_session=True,
-                )
+                self._process = self.backend.spawn(command, environment, log_file)
         except OSError as exc:
             self._failed_attempt(f"could not run {command[0]}: {exc}")
             return
@@ -308,7 +368,7 @@ class EngineProcess(QObject):
     def _begin_wait(self, message: str) -> None:
         self._started_at = time.monotonic()
         self._set_state(STARTING if self.state != RESTARTING else RESTARTING, message)
-        self._poll.start(200)
+        self._poll.start(self.backend.poll_interval_ms)
 
     def _poll_startup(self) -> None:
         if self.pid is not None and not self._alive():
@@ -321,12 +381,13 @@ class EngineProcess(QObject):
                 self.stop(timeout_s=5)
             self._failed_attempt(f"it did not become ready within {self.startup_timeout_s:.0f} s")
             return
-        info = read_state_file(self.data_dir)
-        if (
-            info is None
-            or (self.pid is not None and info.pid != self.pid)
-            or self._health.endpoint is not None
-        ):
+        info = self.backend.read_state()
+        if info is None or self._health.endpoint is not None:
+            return
+        if self.owned and self._process is not None:
+            if not self.backend.launched(info, self._process):
+                return  # another engine's state (ours has not written its own yet)
+        elif self.pid is not None and info.pid != self.pid:
             return
         self._health.set_endpoint(EngineEndpoint(info.base_url, None))
         call = self._health.get("/api/health")
@@ -358,11 +419,8 @@ class EngineProcess(QObject):
         self._failed_attempt(self._exit_reason(), crashed=True)
 
     def _alive(self) -> bool:
-        if self._process is not None and self._process.pid == self.pid:
-            return self._process.poll() is None  # also reaps our child, so it leaves no zombie
-        if self.pid is None or self.info is None or self.info.pid != self.pid:
-            return self.pid is not None and pid_alive(self.pid)
-        return is_engine_process(self.info)
+        process = self._process if self.owned else None
+        return self.pid is not None and self.backend.alive(self.pid, process, self.info)
 
     def _exit_reason(self) -> str:
         if not self.owned:

@@ -12,7 +12,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.engine_process import FAILED, RESTARTING, RUNNING, EngineProcess, engine_command, read_state_file
+from app.engine_process import (
+    FAILED,
+    RESTARTING,
+    RUNNING,
+    EngineProcess,
+    LocalBackend,
+    engine_args,
+    engine_command,
+    read_state_file,
+)
 
 FAKE = str(Path(__file__).with_name("fake_engine.py"))
 
@@ -105,3 +114,13 @@ def test_a_pid_taken_by_another_process_is_never_signalled(qtbot, app_dirs, engi
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_local_backend_ties_the_engine_to_the_app_only_when_asked(tmp_path):
+    backend = LocalBackend(tmp_path)
+    args = engine_args("local", extra_args=("--log-level=debug",))
+    tied = backend.engine_command(args, tie_to_app=True)
+    assert tied[:4] == [sys.executable, "-m", "engine.cli", "run"]
+    assert tied[tied.index("--parent-pid") + 1] == str(os.getpid())
+    assert "--log-level=debug" in tied
+    assert "--parent-pid" not in backend.engine_command(args, tie_to_app=False)
