@@ -11,6 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from engine import service_cli
     from engine.client import cli as client_cli
     from engine.server import cli as server_cli
+    from engine.swarm import cli as swarm_cli
 
     parser = argparse.ArgumentParser(prog="pollinate-engine", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.add_commands(subparsers)
     service_cli.add_commands(subparsers)
     client_cli.add_commands(subparsers)
+    swarm_cli.add_commands(subparsers)
     return parser
 
 
