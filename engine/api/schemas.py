@@ -313,6 +313,25 @@ class SwarmServer(BaseModel):
     throughput: float
     version: str | None
     observed_contribution: ObservedContribution | None = None
+    cache_tokens_left: int | None = Field(default=None, description="KV-cache tokens it can still hold")
+    quant_type: str | None = None
+    torch_dtype: str | None = None
+    reachability: Literal["direct", "relayed", "unknown"] = Field(
+        default="unknown", description="from the server's own record: dialled directly or through a relay"
+    )
+    points: float | None = Field(default=None, description="points the server announces (Pollinate servers)")
+
+
+class SwarmModel(BaseModel):
+    """One model of the swarm's index and how much of it is served."""
+
+    dht_prefix: str
+    repository: str | None
+    num_blocks: int
+    covered_blocks: int
+    missing_blocks: list[int]
+    complete: bool
+    servers: int
 
 
 class SwarmInfo(BaseModel):
@@ -322,6 +341,9 @@ class SwarmInfo(BaseModel):
     blocks: list[BlockCoverage]
     servers: list[SwarmServer]
     missing_blocks: list[int]
+    models: list[SwarmModel] = Field(
+        default_factory=list, description="every model in the swarm's index, with its coverage"
+    )
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 SWARM_CHOICES = ("local", "public", "private")
 SWARM_INDEX_TTL = 5.0  # seconds a read of the swarm's model index is reused
+SWARM_MODELS_TTL = 30.0  # seconds the coverage of every indexed model is reused (a read per model)
 HOSTING_PROGRESS = (  # BlockHost.message prefixes -> progress of a hosting start
     ("resolving", 0.05),
     ("joining", 0.1),

@@ -62,6 +62,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         self._clients: dict[str, Any] = {}
         self._client_locks: dict[str, threading.Lock] = {}
         self._swarm_index: tuple[float, dict[str, Any]] = (0.0, {})
+        self._models_coverage: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         self._demo_host = None
         self._host = None  # the user's BlockHost while hosting
         self._stop_requested = False

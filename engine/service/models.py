@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from engine.service.config import SWARM_INDEX_TTL, ModelRef
+from engine.service.config import SWARM_INDEX_TTL, SWARM_MODELS_TTL, ModelRef
 from engine.service.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -109,26 +109,20 @@ class CatalogMixin:
         )
 
     def swarm_info(self, model: str | None) -> dict[str, Any]:
-        """/api/swarm: block coverage and servers of one model."""
-        ref = self._find_model(model)
-        snapshot = self._snapshot(ref)
+        """/api/swarm: block coverage and servers of one model, and the coverage of every indexed model."""
+        from engine.swarm.health import model_health
         from engine.swarm.records import ServerState
 
+        ref = self._find_model(model)
+        snapshot = self._snapshot(ref)
         coverage = snapshot.coverage()
         throughputs = snapshot.block_throughputs(ServerState.ONLINE)
-        servers = [
-            dict(
-                peer_id=span.peer_id,
-                public_name=span.server_info.public_name,
-                start_block=span.start,
-                end_block=span.end,
-                state=ServerState(span.state).name.lower(),
-                throughput=float(span.throughput),
-                version=span.server_info.version,
-                observed_contribution=self._observed(span.peer_id),
-            )
-            for span in snapshot.spans(ServerState.OFFLINE)
-        ]
+        servers = []
+        for row in model_health(snapshot).servers:
+            server = row.to_dict()
+            server.pop("inference_rps")
+            server["observed_contribution"] = self._observed(row.peer_id)
+            servers.append(server)
         return dict(
             model=ref.name,
             dht_prefix=ref.dht_prefix,
@@ -139,4 +133,34 @@ class CatalogMixin:
             ],
             servers=servers,
             missing_blocks=snapshot.missing_blocks(),
+            models=self._swarm_models_coverage(),
         )
+
+    def _swarm_models_coverage(self) -> list[dict[str, Any]]:
+        """Coverage of each model in the index, re-read at most every SWARM_MODELS_TTL seconds."""
+        from engine.swarm.health import read_swarm_health
+
+        fetched, models = self._models_coverage
+        if time.monotonic() - fetched <= SWARM_MODELS_TTL:
+            return models
+        index = self._swarm_models()
+        view = read_swarm_health(index, lambda prefix, n: self._snapshot_of(prefix, n))
+        models = [
+            dict(
+                dht_prefix=m.dht_prefix,
+                repository=m.repository,
+                num_blocks=m.num_blocks,
+                covered_blocks=m.covered_blocks,
+                missing_blocks=m.missing_blocks,
+                complete=m.complete,
+                servers=sum(s.state == "online" for s in m.servers),
+            )
+            for m in view
+        ]
+        self._models_coverage = (time.monotonic(), models)
+        return models
+
+    def _snapshot_of(self, dht_prefix: str, num_blocks: int):
+        from engine.swarm.discovery import fetch_snapshot
+
+        return fetch_snapshot(self.dht, dht_prefix, num_blocks)

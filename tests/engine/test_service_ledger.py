@@ -45,6 +45,10 @@ def test_stats_show_ledger_points_after_serving_another_peer(tmp_path):
         swarm = api.get("/api/swarm", headers=headers).json()
         (demo,) = swarm["servers"]
         assert demo["observed_contribution"] is not None
+        assert demo["cache_tokens_left"] > 0 and demo["quant_type"] and demo["reachability"] == "direct"
+        (indexed,) = swarm["models"]
+        assert indexed["dht_prefix"] == swarm["dht_prefix"]
+        assert indexed["complete"] and indexed["servers"] == 1
         assert demo["observed_contribution"]["consumed_token_blocks"] > 0
 
         second = EngineService(
