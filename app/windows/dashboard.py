@@ -15,6 +15,7 @@ from app.qt import (
     QPushButton,
     QSizePolicy,
     Qt,
+    QTabWidget,
     QTimer,
     QVBoxLayout,
     QWidget,
@@ -31,6 +32,7 @@ from app.viewmodels.dashboard import (
     rate_series,
     share_control,
 )
+from app.windows.swarm_health import SwarmHealthView
 from app.windows.widgets import BlockMap, TimePlot
 
 STAT_FIELDS = (
@@ -157,7 +159,12 @@ class DashboardWindow(QMainWindow):
         self.plot = TimePlot("Tokens served per second", "tok/s")
         self.plot.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         stats_layout.addWidget(self.plot)
-        layout.addWidget(stats_box, 1)
+        # Your contribution and the swarm's servers share the space below (the swarm table can be long).
+        self.tabs = QTabWidget()
+        self.tabs.addTab(stats_box, "Your contribution")
+        self.swarm_view = SwarmHealthView()
+        self.tabs.addTab(self.swarm_view, "Swarm")
+        layout.addWidget(self.tabs, 1)
 
         self.setCentralWidget(central)
         self.statusBar()
@@ -190,6 +197,7 @@ class DashboardWindow(QMainWindow):
         self.plan_label.setText(plan_text(snap.plan))
         self.block_map.set_cells(coverage(snap), planned_blocks(snap))
         self.swarm_label.setText(swarm_summary(snap.swarm))
+        self.swarm_view.show_swarm(snap.swarm)
         self._refresh_stats()
         if snap.error:
             self.show_message(snap.error)

@@ -216,8 +216,35 @@ class FakeEngine:
                 {"index": i, "servers": n, "throughput": 10.0 * n}
                 for i, n in enumerate(self.servers_per_block)
             ],
-            "servers": [],
+            "servers": [
+                {
+                    "peer_id": "QmedTaZXmULqwspJXz44SsPZyTNKxhnnFvYRajfH7MGhCY",
+                    "public_name": "demo server",
+                    "start_block": 0,
+                    "end_block": self.num_blocks,
+                    "state": "online",
+                    "throughput": 10.0,
+                    "version": "0.1.0",
+                    "cache_tokens_left": 4096,
+                    "quant_type": "none",
+                    "torch_dtype": "float32",
+                    "reachability": "direct",
+                    "points": None,
+                    "observed_contribution": None,
+                }
+            ],
             "missing_blocks": missing,
+            "models": [
+                {
+                    "dht_prefix": "pollinate-demo-tiny-llama-hf",
+                    "repository": None,
+                    "num_blocks": self.num_blocks,
+                    "covered_blocks": self.num_blocks - len(missing),
+                    "missing_blocks": missing,
+                    "complete": not missing,
+                    "servers": 1,
+                }
+            ],
         }
 
     def plan(self) -> dict:

@@ -85,6 +85,9 @@ def test_stats_events_update_numbers_and_plot(qtbot, controller, fake_engine):
     assert len(window.plot.points) >= 3
     assert "RTX 4090" in window.hardware_label.text()
     assert "every block is served" in window.swarm_label.text()
+    window.tabs.setCurrentWidget(window.swarm_view)
+    assert window.swarm_view.table.rowCount() == 1  # the fake swarm's one server
+    assert window.swarm_view.table.item(0, 1).text() == "0.1.0"
     window.grab()  # paints the block map and the plot
 
 
