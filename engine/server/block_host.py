@@ -33,6 +33,7 @@ from engine.server.handler import HandlerLimits, PriorityFn, TransformerConnecti
 from engine.server.memory_cache import MemoryCache
 from engine.server.protocol import compression_type
 from engine.server.task_pool import TaskKind, TaskPool
+from engine.server.work_limits import WorkLimits
 from engine.swarm.announce import Announcer
 from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import fetch_snapshot
@@ -237,6 +238,11 @@ class BlockHost:
                 session_timeout=config.session_timeout,
                 step_timeout=config.step_timeout,
                 default_alloc_timeout=config.default_alloc_timeout,
+                work=WorkLimits(
+                    max_request_tokens=config.max_request_tokens,
+                    max_request_bytes=config.max_request_bytes,
+                    forward_chunk_tokens=config.forward_chunk_tokens,
+                ),
             ),
             compression=compression_type(config.compression),
             dht_client_mode=self.dht.client_mode,

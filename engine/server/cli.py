@@ -56,6 +56,13 @@ def add_commands(subparsers) -> None:
     serve.add_argument("--cache-bytes", type=int, default=None, help="KV-cache budget in bytes")
     serve.add_argument("--inference-max-length", type=int, default=2048)
     serve.add_argument("--max-alloc-timeout", type=float, default=600.0)
+    serve.add_argument(
+        "--max-request-tokens", type=int, default=8192, help="tokens (batch x length) per forward/backward"
+    )
+    serve.add_argument("--max-request-bytes", type=int, default=256 * 1024**2, help="bytes per request")
+    serve.add_argument(
+        "--forward-chunk-tokens", type=int, default=512, help="tokens per compute task of a long forward"
+    )
     serve.add_argument("--update-period", type=float, default=60.0, help="seconds between DHT announcements")
     serve.add_argument("--compression", choices=COMPRESSION_CHOICES, default="none")
     serve.set_defaults(handler=run_serve)
@@ -87,6 +94,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cache_bytes=args.cache_bytes,
         inference_max_length=args.inference_max_length,
         max_alloc_timeout=args.max_alloc_timeout,
+        max_request_tokens=args.max_request_tokens,
+        max_request_bytes=args.max_request_bytes,
+        forward_chunk_tokens=args.forward_chunk_tokens,
         update_period=args.update_period,
         throughput=args.throughput,
         public_name=args.public_name,

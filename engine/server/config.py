@@ -72,6 +72,12 @@ class ServerConfig:
     max_alloc_timeout: float = 600.0
     # Wait for cache room when the client sends no alloc_timeout (Petals waits 0 s: the client reroutes).
     default_alloc_timeout: float = 0.0
+    # Tokens (batch x length) one forward/backward request may carry; announced in rpc_info.
+    max_request_tokens: int = 8192
+    # Bytes of tensors one request may send; announced in rpc_info.
+    max_request_bytes: int = 256 * 1024**2
+    # Tokens of a forward run in one go; longer forwards run in chunks, other peers' steps in between.
+    forward_chunk_tokens: int = 512
     # Limit for one forward/backward request, seconds.
     request_timeout: float = 180.0
     # Limit for a whole inference session, seconds.
@@ -123,6 +129,10 @@ class ServerConfig:
             _positive("cache_bytes", self.cache_bytes)
         _positive("cache_tokens", self.cache_tokens)
         _positive("inference_max_length", self.inference_max_length)
+        for name in ("max_request_tokens", "max_request_bytes", "forward_chunk_tokens"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{name} must be an int, got {getattr(self, name)!r}")
+            _positive(name, getattr(self, name))
         _positive("max_alloc_timeout", self.max_alloc_timeout, allow_zero=True)
         _positive("default_alloc_timeout", self.default_alloc_timeout, allow_zero=True)
         for name in ("request_timeout", "session_timeout", "step_timeout", "update_period"):

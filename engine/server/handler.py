@@ -13,9 +13,10 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035 - hivemind spots streaming rpcs by typing's alias only
 
+import torch
 from hivemind.compression import deserialize_tensor_stream
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.p2p.p2p_daemon import DEFAULT_MAX_MSG_SIZE
@@ -28,6 +29,13 @@ from engine.server.compute import HostedSpan, SessionState, run_backward, run_fo
 from engine.server.memory_cache import MemoryCache
 from engine.server.protocol import RequestError
 from engine.server.task_pool import TaskKind, TaskPool
+from engine.server.work_limits import (
+    WorkLimits,
+    check_declared,
+    check_tokens,
+    plan_backward_rows,
+    plan_forward_chunks,
+)
 from engine.swarm.keys import CHAIN_DELIMITER
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,7 @@ class HandlerLimits:
     session_timeout: float = 1800.0
     step_timeout: float = 300.0
     default_alloc_timeout: float = 0.0
+    work: WorkLimits = field(default_factory=WorkLimits)
 
 
 @dataclass
@@ -107,6 +116,7 @@ class TransformerConnectionHandler(ServicerBase):
             compression=self.compression,
             with_block_info=bool(request.uid),
         )
+        info.update(self.limits.work.announced())
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
 
     # --- forward / backward --------------------------------------------------------------------------------
@@ -115,6 +125,7 @@ class TransformerConnectionHandler(ServicerBase):
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         """Hidden states after the requested blocks (no cache): Petals' training and batch forward."""
+        self._check_declared("rpc_forward", request.tensors)
         tensors = await self._with_timeout(
             self._forward(request.uid, protocol.deserialize(request.tensors), request.metadata, context)
         )
@@ -124,7 +135,7 @@ class TransformerConnectionHandler(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """rpc_forward for payloads over the unary size limit: tensors arrive and leave in parts."""
-        uid, flat, metadata = await self._with_timeout(self._gather(requests))
+        uid, flat, metadata = await self._with_timeout(self._gather(requests, "rpc_forward"))
         tensors = await self._with_timeout(self._forward(uid, flat, metadata, context))
         for tensor in tensors:
             for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE):
@@ -134,6 +145,7 @@ class TransformerConnectionHandler(ServicerBase):
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         """Gradients w.r.t. the inputs (and deep prompts, if sent) of the requested blocks."""
+        self._check_declared("rpc_backward", request.tensors)
         tensors = await self._with_timeout(
             self._backward(request.uid, protocol.deserialize(request.tensors), request.metadata, context)
         )
@@ -143,7 +155,7 @@ class TransformerConnectionHandler(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """rpc_backward with streamed tensors."""
-        uid, flat, metadata = await self._with_timeout(self._gather(requests))
+        uid, flat, metadata = await self._with_timeout(self._gather(requests, "rpc_backward"))
         tensors = await self._with_timeout(self._backward(uid, flat, metadata, context))
         for tensor in tensors:
             for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE):
@@ -158,18 +170,34 @@ class TransformerConnectionHandler(ServicerBase):
             flat, metadata.get("args_structure"), end - start, self.hosted.hidden_size
         )
         compressions = protocol.read_output_compression(metadata, 1) or (self.compression,)
+        batch, length = args.hidden.shape[:2]
+        check_tokens("rpc_forward", batch * length, self.limits.work)
         self._log("rpc_forward", start, end, context)
         peer = _peer(context)
-        outputs, seconds = await self.pool.run(
-            _timed,
-            run_forward,
-            self.hosted.view(start, end),
-            args.hidden,
-            args.prompts,
-            kind=TaskKind.FORWARD,
-            priority=self._priority(peer, TaskKind.FORWARD, points),
-        )
-        self._count(peer, TaskKind.FORWARD, args.hidden.shape[0] * args.hidden.shape[1], end - start, seconds)
+        priority = self._priority(peer, TaskKind.FORWARD, points)
+        view = self.hosted.view(start, end)
+        rows: dict[int, list] = {}
+        session, seconds = None, 0.0
+        # Each chunk is its own task: other peers' steps run between them, and if this request is cancelled
+        # (caller gone, deadline passed) the chunks not yet run are dropped from the queue.
+        for chunk in plan_forward_chunks(batch, length, self.limits.work.forward_chunk_tokens):
+            hidden = args.hidden[chunk.row_start : chunk.row_end, chunk.token_start : chunk.token_end]
+            rows_and_tokens = (chunk.row_start, chunk.row_end, chunk.token_start, chunk.token_end)
+            prompts = _prompt_part(args.prompts, *rows_and_tokens)
+            if chunk.token_end - chunk.token_start == length:
+                call = (run_forward, view, hidden, prompts)
+            else:  # part of a long sequence: the chunks of its rows share a KV cache
+                if chunk.first_of_rows:
+                    session = SessionState(view, chunk.row_end - chunk.row_start, length)
+                call = (run_inference_step, session, hidden, prompts, None, None)
+            cost = hidden[..., 0].numel()
+            output, spent = await self.pool.run(
+                _timed, *call, kind=TaskKind.FORWARD, priority=priority, peer=peer, cost=cost
+            )
+            rows.setdefault(chunk.row_start, []).append(output)
+            seconds += spent
+        outputs = torch.cat([torch.cat(parts, dim=1) for parts in rows.values()], dim=0)
+        self._count(peer, TaskKind.FORWARD, batch * length, end - start, seconds)
         return protocol.serialize([outputs], self.hosted.dtype, compressions)
 
     async def _backward(self, uid: str, flat, raw_metadata: bytes, context: P2PContext) -> list:
@@ -182,33 +210,49 @@ class TransformerConnectionHandler(ServicerBase):
         )
         count = 1 if args.prompts is None else 2
         compressions = protocol.read_output_compression(metadata, count) or (self.compression,) * count
+        batch, length = args.inputs.shape[:2]
+        check_tokens("rpc_backward", batch * length, self.limits.work)
         self._log("rpc_backward", start, end, context)
         peer = _peer(context)
-        grads, seconds = await self.pool.run(
-            _timed,
-            run_backward,
-            self.hosted.view(start, end),
-            args.inputs,
-            args.grad_outputs,
-            args.prompts,
-            kind=TaskKind.BACKWARD,
-            priority=self._priority(peer, TaskKind.BACKWARD, points),
-        )
-        tokens = args.inputs.shape[0] * args.inputs.shape[1]
-        self._count(peer, TaskKind.BACKWARD, tokens, end - start, seconds)
+        priority = self._priority(peer, TaskKind.BACKWARD, points)
+        view = self.hosted.view(start, end)
+        parts, seconds = [], 0.0
+        for row_start, row_end in plan_backward_rows(batch, length, self.limits.work.forward_chunk_tokens):
+            grads, spent = await self.pool.run(
+                _timed,
+                run_backward,
+                view,
+                args.inputs[row_start:row_end],
+                args.grad_outputs[row_start:row_end],
+                _prompt_part(args.prompts, row_start, row_end, 0, length),
+                kind=TaskKind.BACKWARD,
+                priority=priority,
+                peer=peer,
+                cost=(row_end - row_start) * length * 3,  # about three forwards' work
+            )
+            parts.append(grads)
+            seconds += spent
+        columns = enumerate(zip(*parts, strict=True))  # [grad_inputs (, grad_prompts)] per row group
+        grads = [torch.cat(column, dim=0 if i == 0 else 1) for i, column in columns]
+        self._count(peer, TaskKind.BACKWARD, batch * length, end - start, seconds)
         return protocol.serialize(grads, self.hosted.dtype, compressions)
 
-    async def _gather(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+    async def _gather(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], method: str):
         # Streamed requests: uid and metadata come with the first part; every part must name the same uid.
+        # The limits are checked part by part: an oversized request is refused before it is all received.
         uid = metadata = None
+        received = 0
 
         async def parts():
-            nonlocal uid, metadata
+            nonlocal uid, metadata, received
             async for request in requests:
                 if uid is None:
                     uid, metadata = request.uid, request.metadata
                 elif request.uid and request.uid != uid:
                     raise RequestError("parts of one streamed request name different blocks")
+                received += sum(len(tensor.buffer) for tensor in request.tensors)
+                shapes = [tuple(tensor.size) for tensor in request.tensors if tensor.size]
+                check_declared(method, shapes, received, self.limits.work)
                 yield request.tensors
 
         try:
@@ -308,6 +352,8 @@ class TransformerConnectionHandler(ServicerBase):
             start_from,
             kind=TaskKind.INFERENCE,
             priority=self._priority(peer, TaskKind.INFERENCE, points / max(session.max_length, 1)),
+            peer=peer,
+            cost=max(args.hidden.numel() // hosted.hidden_size, 1),
         )
         serialized = protocol.serialize([outputs], hosted.dtype, (self.compression,))
         return serialized, new_tokens * session.batch_size, args.prompts is not None, seconds
@@ -419,6 +465,10 @@ class TransformerConnectionHandler(ServicerBase):
 
     # --- helpers -------------------------------------------------------------------------------------------
 
+    def _check_declared(self, method: str, tensors) -> None:
+        nbytes = sum(len(tensor.buffer) for tensor in tensors)
+        check_declared(method, [tuple(tensor.size) for tensor in tensors], nbytes, self.limits.work)
+
     def _parse_span(self, uid: str) -> tuple[int, int]:
         return protocol.parse_span(uid, self.dht_prefix, (self.hosted.start, self.hosted.end))
 
@@ -452,6 +502,15 @@ class TransformerConnectionHandler(ServicerBase):
         logger.info(
             "%s(blocks=%d:%d, remote_peer=%s)%s", method, start, end, remote, f": {note}" if note else ""
         )
+
+
+def _prompt_part(prompts, row_start: int, row_end: int, token_start: int, token_end: int):
+    """The part of deep prompts [blocks, batch or 1, prefix, hidden] over rows x [token_start, token_end)."""
+    if prompts is None or token_start >= prompts.shape[2]:
+        return None
+    if prompts.shape[1] != 1:
+        prompts = prompts[:, row_start:row_end]
+    return prompts[:, :, token_start:token_end]
 
 
 def _timed(fn, *args):

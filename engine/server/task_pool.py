@@ -8,6 +8,11 @@ A priority is a delay in seconds (lower = sooner; earned through engine.ledger):
 the queue as if it had arrived `priority` seconds later than it did. This is aging: a waiting task's
 effective priority improves with every second it waits, so it can only be overtaken by tasks that arrive
 within its own delay, and its wait is bounded (no starvation), however much better-placed work keeps coming.
+
+Arrival is counted per peer (the libp2p-authenticated caller): a peer's task arrives, for the queue, no
+sooner than the end of the work it already has queued (a virtual clock, `FairClock`). A peer that sends 50
+sessions at once gets them queued one after the other in its own line, and another peer's step goes in
+between instead of behind all of them; a peer alone still gets the whole server (the queue never idles).
 """
 
 from __future__ import annotations
@@ -50,6 +55,35 @@ def task_order(
     return (0 if kind == TaskKind.INFERENCE else 1, submitted_at + float(priority), seq)
 
 
+class FairClock:
+    """Virtual arrival times per peer: a peer's next task starts, in queue time, when its queued work ends.
+
+    Work is counted in cost units (tokens x blocks) converted to seconds by a running average of what a
+    unit took on this server, per task kind. Pure bookkeeping (the caller passes the time).
+    """
+
+    _SMOOTHING = 0.2
+    _MAX_PEERS = 4096
+
+    def __init__(self, seconds_per_unit: float = 1e-4):
+        self.seconds_per_unit: dict[TaskKind, float] = dict.fromkeys(TaskKind, seconds_per_unit)
+        self._ends: dict[str, float] = {}
+
+    def arrival(self, peer: str, kind: TaskKind, cost: float, now: float) -> float:
+        """The queue arrival time of a task of `cost` units from `peer` submitted at `now`."""
+        start = max(now, self._ends.get(peer, now))
+        self._ends[peer] = start + max(cost, 0.0) * self.seconds_per_unit[kind]
+        if len(self._ends) > self._MAX_PEERS:  # peers whose queued work has ended need no entry
+            self._ends = {p: end for p, end in self._ends.items() if end > now}
+        return start
+
+    def observe(self, kind: TaskKind, cost: float, seconds: float) -> None:
+        """Learn how long a unit of work of this kind takes here."""
+        if cost > 0 and seconds >= 0:
+            old = self.seconds_per_unit[kind]
+            self.seconds_per_unit[kind] = old + self._SMOOTHING * (seconds / cost - old)
+
+
 @dataclass(order=True)
 class _Task:
     key: tuple[int, float, int]
@@ -57,6 +91,7 @@ class _Task:
     args: tuple = field(compare=False)
     future: Future = field(compare=False)
     kind: TaskKind = field(compare=False)
+    cost: float = field(compare=False, default=0.0)
 
 
 @dataclass
@@ -78,6 +113,7 @@ class TaskPool:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.clock = FairClock()
 
     def start(self) -> None:
         """Start the worker thread (once)."""
@@ -95,21 +131,42 @@ class TaskPool:
         with self._cond:
             return len(self._heap)
 
-    def submit(self, fn: Callable[..., Any], *args: Any, kind: TaskKind, priority: float = 0.0) -> Future:
-        """Queue `fn(*args)`; returns a Future of its result (cancelling it before it runs skips it)."""
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        kind: TaskKind,
+        priority: float = 0.0,
+        peer: str = "",
+        cost: float = 1.0,
+    ) -> Future:
+        """Queue `fn(*args)` for `peer`; returns a Future of its result (cancelled before it runs: skipped).
+
+        `cost` is the task's size in tokens x blocks: it moves the peer's later tasks back in the queue.
+        """
         future: Future = Future()
         with self._cond:
             if self._stopping or self._thread is None:
                 raise PoolStopped("the compute loop is not running (server stopping or not started)")
-            key = task_order(kind, priority, next(self._seq), time.monotonic())
-            task = _Task(key, fn, args, future, kind)
+            arrival = self.clock.arrival(peer, kind, cost, time.monotonic())
+            key = task_order(kind, priority, next(self._seq), arrival)
+            task = _Task(key, fn, args, future, kind, cost)
             heapq.heappush(self._heap, task)
             self._cond.notify()
         return future
 
-    async def run(self, fn: Callable[..., Any], *args: Any, kind: TaskKind, priority: float = 0.0) -> Any:
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        kind: TaskKind,
+        priority: float = 0.0,
+        peer: str = "",
+        cost: float = 1.0,
+    ) -> Any:
         """Queue `fn(*args)` and await its result; cancelling the await drops a still-queued task."""
-        return await asyncio.wrap_future(self.submit(fn, *args, kind=kind, priority=priority))
+        future = self.submit(fn, *args, kind=kind, priority=priority, peer=peer, cost=cost)
+        return await asyncio.wrap_future(future)
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop taking tasks, fail the queued ones with PoolStopped, let the running one finish, join."""
@@ -145,5 +202,8 @@ class TaskPool:
             else:
                 task.future.set_result(result)
             finally:
-                self.stats.busy_seconds += time.perf_counter() - started
+                spent = time.perf_counter() - started
+                self.stats.busy_seconds += spent
+                with self._cond:
+                    self.clock.observe(task.kind, task.cost, spent)
                 self.stats.tasks_done[task.kind] += 1

@@ -15,7 +15,7 @@ from engine.server.config import ConfigError, ServerConfig
 from engine.server.memory_cache import AllocationFailed, MemoryCache
 from engine.server.placement import PlacementError, plan_span
 from engine.server.protocol import RequestError
-from engine.server.task_pool import PoolStopped, TaskKind, TaskPool, task_order
+from engine.server.task_pool import FairClock, PoolStopped, TaskKind, TaskPool, task_order
 from tests.helpers.servers import DUMMY, DUMMY_INT64, pack_args
 
 MIB = 1024**2
@@ -138,6 +138,39 @@ def test_task_pool_runs_queued_tasks_in_priority_order():
         pool.stop()
     with pytest.raises(PoolStopped):
         pool.submit(print, kind=TaskKind.FORWARD)
+
+
+def test_fair_clock_queues_a_peer_behind_its_own_work():
+    clock = FairClock(seconds_per_unit=0.01)
+    flood = [clock.arrival("flood", TaskKind.INFERENCE, 1, now=100.0) for _ in range(50)]
+    assert flood[0] == 100.0 and flood[-1] == pytest.approx(100.49)
+    assert clock.arrival("honest", TaskKind.INFERENCE, 1, now=100.05) == 100.05  # not behind the flood
+    assert clock.arrival("flood", TaskKind.INFERENCE, 1, now=200.0) == 200.0  # idle peers keep no debt
+    clock.observe(TaskKind.FORWARD, 100, 2.0)
+    assert clock.seconds_per_unit[TaskKind.FORWARD] > clock.seconds_per_unit[TaskKind.INFERENCE]
+
+
+def test_task_pool_shares_between_peers_not_requests():
+    """Issue 12 #9: another peer's step runs next to a 50-session flood, not behind all of it."""
+    pool = TaskPool()
+    pool.clock = FairClock(seconds_per_unit=0.01)  # what a step costs here, as learned from earlier steps
+    pool.start()
+    try:
+        gate = threading.Event()
+        order = []
+        blocker = pool.submit(gate.wait, kind=TaskKind.INFERENCE, peer="flood")
+        time.sleep(0.05)
+        futures = [
+            pool.submit(order.append, f"flood-{i}", kind=TaskKind.INFERENCE, peer="flood") for i in range(50)
+        ]
+        futures.append(pool.submit(order.append, "honest", kind=TaskKind.INFERENCE, peer="honest"))
+        gate.set()
+        for future in (blocker, *futures):
+            future.result(5)
+        assert order.index("honest") <= 2, order[:5]
+        assert [name for name in order if name != "honest"] == [f"flood-{i}" for i in range(50)]
+    finally:
+        pool.stop()
 
 
 def test_task_pool_stop_fails_queued_tasks():
