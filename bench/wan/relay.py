@@ -141,7 +141,9 @@ class Relay:
             self._tasks.discard(task)
             return
         try:
-            await asyncio.gather(_pipe(reader, up_writer, self._link()), _pipe(up_reader, writer, self._link()))
+            await asyncio.gather(
+                _pipe(reader, up_writer, self._link()), _pipe(up_reader, writer, self._link())
+            )
         finally:
             for w in (writer, up_writer):
                 with contextlib.suppress(Exception):
@@ -182,7 +184,9 @@ async def _serve(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("routes", nargs="+", type=parse_route, help="LISTEN_PORT:TARGET_PORT")
     parser.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay per direction")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="extra delay, uniform in [0, jitter]")

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from engine.client.sampling import SamplingParams, find_stop, next_tokens
+from engine.client.speculative import SpeculationConfig, SpeculationStats, speculative_rounds
 
 
 class SessionLike(Protocol):
@@ -53,8 +54,14 @@ def stream_generate(
     session: SessionLike | None = None,
     tokenizer: Any = None,
     attention_mask: torch.Tensor | None = None,
+    speculation: SpeculationConfig | None = None,
+    stats: SpeculationStats | None = None,
 ) -> Iterator[GenerationStep]:
     """Yield one `GenerationStep` per new token as soon as the swarm computes it.
+
+    With `speculation` (batch 1, a model with `session_logits_all`), tokens come from speculative rounds
+    (engine.client.speculative): same greedy tokens, same sampling distribution, fewer trips through the
+    swarm; `stats` then counts rounds and accepted draft tokens.
 
     `input_ids` [batch, tokens] is the prompt, or (with a `session` that already ran) the new tokens of
     the next turn; None continues from the session's last token. Without a `session`, one is opened with
@@ -93,7 +100,13 @@ def stream_generate(
                 f"session too short: {session.position} cached + {pending.shape[1]} new + "
                 f"{params.max_new_tokens} to generate needs max_length >= {needed}, has {session.max_length}"
             )
-        yield from _decode_loop(model, session, history, pending, params, tokenizer)
+        if speculation is not None and history.shape[0] == 1 and hasattr(model, "session_logits_all"):
+            stats = stats if stats is not None else SpeculationStats()
+            yield from _speculative_loop(
+                model, session, history, pending, params, tokenizer, speculation, stats
+            )
+        else:
+            yield from _decode_loop(model, session, history, pending, params, tokenizer)
 
 
 @contextlib.contextmanager
@@ -104,43 +117,88 @@ def _closing(session):
         session.close()
 
 
-def _decode_loop(model, session, history, pending, params, tokenizer) -> Iterator[GenerationStep]:
-    batch = history.shape[0]
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator().manual_seed(params.seed)
-    finished = torch.zeros(batch, dtype=torch.bool)
-    eos = torch.tensor(params.eos_ids, dtype=torch.int64)
-    prompt_length = history.shape[1]
-    texts = [""] * batch
-    session.output_ids = history
-    for index in range(params.max_new_tokens):
-        logits = model.session_logits(session, pending)
-        tokens = next_tokens(logits, history, params, generator)
-        tokens = torch.where(finished, torch.full_like(tokens, params.pad_id), tokens)
-        history = torch.cat([history, tokens[:, None]], dim=1)
-        session.output_ids = history  # before yielding: a consumer that stops here leaves it consistent
-        if eos.numel():
-            finished = finished | torch.isin(tokens, eos)
+class _Emitter:
+    """Turns each round's tokens into GenerationSteps: history, eos, stop strings, incremental text."""
+
+    def __init__(self, session, history, params, tokenizer):
+        self.session, self.history, self.params, self.tokenizer = session, history, params, tokenizer
+        batch = history.shape[0]
+        self.finished = torch.zeros(batch, dtype=torch.bool)
+        self.eos = torch.tensor(params.eos_ids, dtype=torch.int64)
+        self.prompt_length = history.shape[1]
+        self.texts = [""] * batch
+        self.count = 0
+        session.output_ids = history
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finished.all()) or self.count >= self.params.max_new_tokens
+
+    def emit(self, tokens: torch.Tensor) -> GenerationStep:
+        params, tokenizer = self.params, self.tokenizer
+        tokens = torch.where(self.finished, torch.full_like(tokens, params.pad_id), tokens)
+        self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+        self.session.output_ids = self.history  # before yielding: a consumer that stops leaves it consistent
+        self.count += 1
+        if self.eos.numel():
+            self.finished = self.finished | torch.isin(tokens, self.eos)
         new_text = None
         if tokenizer is not None:
-            decoded = [tokenizer.decode(row[prompt_length:], skip_special_tokens=True) for row in history]
+            start = self.prompt_length
+            decoded = [tokenizer.decode(row[start:], skip_special_tokens=True) for row in self.history]
             if params.stop:
                 stopped = [find_stop(text, params.stop) is not None for text in decoded]
-                finished = finished | torch.tensor(stopped)
-            final = index == params.max_new_tokens - 1 or bool(finished.all())
+                self.finished = self.finished | torch.tensor(stopped)
+            final = self.count == params.max_new_tokens or bool(self.finished.all())
             new_text = []
             for row, text in enumerate(decoded):
                 if text.endswith("\ufffd") and not final:
                     new_text.append("")  # half of a multi-byte character: wait for the rest
                 else:
-                    new_text.append(text[len(texts[row]) :] if text.startswith(texts[row]) else text)
-                    texts[row] = text
+                    previous = self.texts[row]
+                    new_text.append(text[len(previous) :] if text.startswith(previous) else text)
+                    self.texts[row] = text
             new_text = tuple(new_text)
-        yield GenerationStep(tokens=tokens, finished=finished.clone(), text=new_text)
-        if bool(finished.all()):
-            return
-        pending = tokens[:, None]
+        return GenerationStep(tokens=tokens, finished=self.finished.clone(), text=new_text)
+
+
+def _decode_loop(model, session, history, pending, params, tokenizer) -> Iterator[GenerationStep]:
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    emitter = _Emitter(session, history, params, tokenizer)
+    while not emitter.done:
+        logits = model.session_logits(session, pending)
+        tokens = next_tokens(logits, emitter.history, params, generator)
+        step = emitter.emit(tokens)
+        yield step
+        pending = step.tokens[:, None]
+
+
+def _speculative_loop(
+    model, session, history, pending, params, tokenizer, speculation, stats
+) -> Iterator[GenerationStep]:
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    emitter = _Emitter(session, history, params, tokenizer)
+    rounds = speculative_rounds(
+        model,
+        session,
+        history,
+        pending,
+        params,
+        speculation,
+        stats,
+        max_new_tokens=params.max_new_tokens,
+        generator=generator,
+    )
+    for new in rounds:
+        for token in new:
+            stats.tokens += 1
+            yield emitter.emit(torch.tensor([token], dtype=torch.int64))
+            if emitter.done:
+                return
 
 
 def generate(
@@ -151,13 +209,22 @@ def generate(
     session: SessionLike | None = None,
     tokenizer: Any = None,
     attention_mask: torch.Tensor | None = None,
+    speculation: SpeculationConfig | None = None,
+    stats: SpeculationStats | None = None,
 ) -> torch.Tensor:
     """Prompt plus generated tokens [batch, prompt + new], like transformers' `generate`.
 
     With a `session` reused across turns, the result holds this turn's input and its new tokens only.
     """
     steps = stream_generate(
-        model, input_ids, params, session=session, tokenizer=tokenizer, attention_mask=attention_mask
+        model,
+        input_ids,
+        params,
+        session=session,
+        tokenizer=tokenizer,
+        attention_mask=attention_mask,
+        speculation=speculation,
+        stats=stats,
     )
     tokens = [step.tokens for step in steps]
     prompt = torch.as_tensor(input_ids, dtype=torch.int64) if input_ids is not None else None

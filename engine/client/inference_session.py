@@ -5,6 +5,15 @@ for a new route over the failed span's blocks, replays that history (plus the cu
 servers, which rebuilds their KV caches, and goes on. The replay recomputes exactly what the failed server
 held, so generation continues with the same outputs. (Petals 2.x asserts on a history length mismatch at
 this point and cannot recover; see petals issue #587.)
+
+Server-to-server push (Petals' `next_servers`): each step asks its server to hand the outputs straight to
+the servers after it, so the step moves down the chain without coming back to us between hops. The client
+still sends every server its own copy (the servers keep whichever arrives first, by step_id), which keeps
+the history needed for failover and costs no wait: the pushed reply is already there when we ask.
+
+Rollback (`start_from_position`): a step may start at an earlier cache position, dropping what follows (the
+rejected tokens of speculative decoding). Servers that announce it cut their caches; any other server's
+stream is reopened and the kept prefix replayed, so every route can roll back (slowly where unsupported).
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ class _SpanStream:
         self._queue: asyncio.Queue | None = None
         self._replies: AsyncIterator | None = None
         self._compression = runtime_pb2.CompressionType.NONE
+        self.supports_rollback = False
+        self.replay_prefix: torch.Tensor | None = None  # inputs to replay first, when reopened by a rollback
         self.closed = False
 
     @property
@@ -51,9 +62,13 @@ class _SpanStream:
         return 0 if self.history is None else self.history.shape[1]
 
     def open(self) -> None:
-        info = self.manager.rpc_info(self.hop.peer_id, self.hop.start)
-        self._compression = protocol.schema_compression(info, "inference_schema")
+        self.configure(self.manager.rpc_info(self.hop.peer_id, self.hop.start))
         RemoteExpertWorker.run_coroutine(self._open())
+
+    def configure(self, info: dict) -> None:
+        """Take what the server's rpc_info says: its compression, whether it can roll back."""
+        self._compression = protocol.schema_compression(info, "inference_schema")
+        self.supports_rollback = protocol.supports_start_from_position(info)
 
     async def _open(self) -> None:
         self._queue = asyncio.Queue()
@@ -71,14 +86,34 @@ class _SpanStream:
                 return  # the empty message ends the session
 
     def step(
-        self, inputs: torch.Tensor, *, step_id: str, hypo_ids: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        *,
+        step_id: str,
+        hypo_ids: torch.Tensor | None = None,
+        start_from_position: int | None = None,
+        next_servers: list | None = None,
     ) -> torch.Tensor:
-        """Send `inputs` [batch, tokens, hidden] (the whole prefix to a new server); return its outputs."""
+        """Send `inputs` [batch, tokens, hidden] (the whole prefix to a new server); return its outputs.
+
+        `start_from_position` < position first cuts the server's cache (and our history) back to it; only
+        for a server that supports it. `next_servers` [(peer_id, session_id, start, end), ...] asks the
+        server to push its outputs on down the chain.
+        """
         if self.closed:
             raise SessionClosedError(f"stream to {self.hop.peer_id} is closed")
         metadata = dict(session_id=self.session_id, step_id=step_id)
+        history = self.history
         if self.history is None:
             metadata.update(max_length=self.max_length, **self.manager.request_metadata())
+        else:
+            if start_from_position is not None and start_from_position < self.position:
+                if not self.supports_rollback:
+                    raise AssertionError(f"{self.hop.peer_id} cannot roll back: reopen it instead")  # a bug
+                metadata["start_from_position"] = start_from_position
+                history = history[:, :start_from_position]
+            if next_servers:
+                metadata["next_servers"] = next_servers
         request = protocol.inference_request(
             self.uid, inputs, metadata=metadata, compression=self._compression, hypo_ids=hypo_ids
         )
@@ -95,11 +130,14 @@ class _SpanStream:
                 f"for inputs of shape {tuple(inputs.shape)}"
             )
         self.manager.report_usage(self.hop, inputs.shape[0] * inputs.shape[1], elapsed)
-        history = self.history
         if history is not None and hypo_ids is not None:
             history = history[hypo_ids]  # the server reorders its cache before the step
         self.history = inputs if history is None else torch.cat([history, inputs], dim=1)
         return outputs
+
+    def next_server_entry(self) -> tuple[str, str, int, int]:
+        """How the previous server names this stream when it pushes to it (Petals' next_servers item)."""
+        return (self.hop.peer_id, self.session_id, self.hop.start, self.hop.end)
 
     async def _exchange(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         await self._queue.put(request)
@@ -163,6 +201,19 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         return [stream.hop for stream in self._streams]
 
+    @property
+    def can_roll_back(self) -> bool:
+        """True when every server of the current route cuts its cache itself (see `step`)."""
+        self.open_route()
+        return all(stream.supports_rollback for stream in self._streams)
+
+    def open_route(self) -> None:
+        """Choose the route and open its streams now (the first step does it otherwise)."""
+        if self._closed:
+            raise SessionClosedError("this inference session is closed")
+        if not self._streams:
+            self._reroute(0, self.start)
+
     def __enter__(self) -> InferenceSession:
         if self._closed:
             raise SessionClosedError("this inference session is closed")
@@ -184,18 +235,36 @@ class InferenceSession:
         with contextlib.suppress(Exception):
             self.close()
 
-    def step(self, inputs: torch.Tensor, *, hypo_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run `inputs` [batch, n, hidden] through blocks [start, end); return outputs [batch, n, hidden]."""
+    def step(
+        self,
+        inputs: torch.Tensor,
+        *,
+        hypo_ids: torch.Tensor | None = None,
+        start_from_position: int | None = None,
+    ) -> torch.Tensor:
+        """Run `inputs` [batch, n, hidden] through blocks [start, end); return outputs [batch, n, hidden].
+
+        With `start_from_position` (<= position), the servers first forget every token from there on.
+        """
         if self._closed:
             raise SessionClosedError("this inference session is closed")
         if inputs.ndim != 3:
             raise ValueError(f"inputs must be [batch, tokens, hidden], got shape {tuple(inputs.shape)}")
+        if start_from_position is not None:
+            if not 0 <= start_from_position <= self._position:
+                raise ValueError(
+                    f"start_from_position must be in [0, {self._position}], got {start_from_position}"
+                )
+            if hypo_ids is not None and start_from_position < self._position:
+                raise ValueError("a step cannot both reorder (hypo_ids) and roll back (start_from_position)")
+            self._roll_back(start_from_position)
         n_tokens = inputs.shape[1]
         if self._position + n_tokens > self.max_length:
             raise ValueError(
                 f"session length exceeded: {self._position} tokens in cache + {n_tokens} new "
                 f"> max_length {self.max_length}"
             )
+        rollback = start_from_position
         device, dtype = inputs.device, inputs.dtype
         inputs = inputs.detach().cpu()
         step_id = str(uuid.uuid4())
@@ -212,11 +281,21 @@ class InferenceSession:
                     culprit = stream.hop.peer_id
                     if stream.position == 0 and self._position > 0:
                         # A new server: x carries the whole prefix so that it rebuilds the cache.
+                        if stream.replay_prefix is not None and x.shape[1] == n_tokens:
+                            x = torch.cat([stream.replay_prefix, x], dim=1)
                         if x.shape[1] != self._position + n_tokens:
                             raise AssertionError("replay input lost its prefix")  # a bug, never retried
                         out = stream.step(x, step_id=step_id)
                     else:
-                        out = stream.step(x[:, -n_tokens:], step_id=step_id, hypo_ids=hypo_ids)
+                        if stream.position > self._position and not stream.supports_rollback:
+                            raise AssertionError("a stream that cannot roll back was not reopened")  # a bug
+                        out = stream.step(
+                            x[:, -n_tokens:],
+                            step_id=step_id,
+                            hypo_ids=hypo_ids,
+                            start_from_position=rollback,
+                            next_servers=self._next_servers(index),
+                        )
                     self.manager.on_request_success(stream.hop.peer_id)
                     x, index, block = out, index + 1, stream.hop.end
                     break
@@ -231,7 +310,8 @@ class InferenceSession:
                         stream.abort()
                         if stream.history is not None:
                             # Rebuild this span's input prefix so that its replacement can replay it.
-                            history = stream.history if hypo_ids is None else stream.history[hypo_ids]
+                            history = stream.history[:, : self._position]  # minus rolled-back tokens
+                            history = history if hypo_ids is None else history[hypo_ids]
                             x = torch.cat([history, x[:, -n_tokens:]], dim=1)
                     if self.manager.gives_up(attempt_no):
                         self.close()
@@ -244,6 +324,32 @@ class InferenceSession:
                     time.sleep(delay)
         self._position += n_tokens
         return x[:, -n_tokens:].to(device=device, dtype=dtype)
+
+    def _roll_back(self, position: int) -> None:
+        """Forget tokens from `position` on: servers that cannot cut their cache get a fresh stream."""
+        if position == self._position:
+            return
+        for index, stream in enumerate(self._streams):
+            if stream.closed or stream.supports_rollback or stream.history is None:
+                continue
+            # Same server, new session; the next step replays the kept prefix into it.
+            replacement = _SpanStream(self.manager, stream.hop, max_length=self.max_length)
+            replacement.open()
+            stream.close()
+            replacement.replay_prefix = stream.history[:, :position]
+            self._streams[index] = replacement
+        self._position = position
+
+    def _next_servers(self, index: int) -> list | None:
+        """The stepped streams right after `index`, for the server at `index` to push to (Petals' rule)."""
+        if not self.manager.config.server_to_server:
+            return None
+        entries = []
+        for stream in self._streams[index + 1 :]:
+            if stream.closed or stream.history is None:
+                break
+            entries.append(stream.next_server_entry())
+        return entries or None
 
     def _reroute(self, index: int, block: int) -> None:
         """Replace the stream at `index` (failed or missing) with new streams from `block` to its end."""

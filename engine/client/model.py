@@ -13,6 +13,7 @@ from engine.client.inference_session import InferenceSession
 from engine.client.remote_sequential import RemoteSequential
 from engine.client.sampling import SamplingParams
 from engine.client.sequence_manager import ClientConfig, SequenceManager, UsageObserver
+from engine.client.speculative import SpeculationConfig, SpeculationStats
 
 
 class DistributedModelForCausalLM:
@@ -124,6 +125,18 @@ class DistributedModelForCausalLM:
             hidden = session.step(hidden)
             return self.head.logits(hidden[:, -1:])[:, -1]
 
+    def session_logits_all(
+        self, session: InferenceSession, input_ids: torch.Tensor, *, start_from_position: int | None = None
+    ) -> torch.Tensor:
+        """Feed new tokens (cutting the caches back to `start_from_position` first); logits at each."""
+        with torch.no_grad():
+            hidden = session.step(self.head.embed(input_ids), start_from_position=start_from_position)
+            return self.head.logits(hidden)
+
+    def can_roll_back(self, session: InferenceSession) -> bool:
+        """Whether every server of the session's route cuts its cache itself (speculation pays off there)."""
+        return session.can_roll_back
+
     def generate_stream(
         self,
         input_ids: torch.Tensor | None = None,
@@ -131,13 +144,25 @@ class DistributedModelForCausalLM:
         *,
         session: InferenceSession | None = None,
         attention_mask: torch.Tensor | None = None,
+        speculation: SpeculationConfig | None = None,
+        stats: SpeculationStats | None = None,
         **sampling: Any,
     ) -> Iterator[GenerationStep]:
-        """Yield tokens as the swarm makes them; without `params`, `sampling` fields build SamplingParams."""
+        """Yield tokens as the swarm makes them; without `params`, `sampling` fields build SamplingParams.
+
+        `speculation` turns on speculative decoding (batch 1); `stats` counts its rounds and acceptance.
+        """
         params = params or self._params(sampling)
         tokenizer = self.tokenizer if params.stop or self._tokenizer_path is not None else None
         return stream_generate(
-            self, input_ids, params, session=session, tokenizer=tokenizer, attention_mask=attention_mask
+            self,
+            input_ids,
+            params,
+            session=session,
+            tokenizer=tokenizer,
+            attention_mask=attention_mask,
+            speculation=speculation,
+            stats=stats,
         )
 
     def generate(
@@ -147,13 +172,22 @@ class DistributedModelForCausalLM:
         *,
         session: InferenceSession | None = None,
         attention_mask: torch.Tensor | None = None,
+        speculation: SpeculationConfig | None = None,
+        stats: SpeculationStats | None = None,
         **sampling: Any,
     ) -> torch.Tensor:
         """Input ids plus generated ids [batch, tokens + new] (see `generate_stream` for the arguments)."""
         params = params or self._params(sampling)
         tokenizer = self.tokenizer if params.stop else None
         return generate(
-            self, input_ids, params, session=session, tokenizer=tokenizer, attention_mask=attention_mask
+            self,
+            input_ids,
+            params,
+            session=session,
+            tokenizer=tokenizer,
+            attention_mask=attention_mask,
+            speculation=speculation,
+            stats=stats,
         )
 
     def _params(self, sampling: dict[str, Any]) -> SamplingParams:

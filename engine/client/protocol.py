@@ -132,6 +132,15 @@ def schema_compression(rpc_info: dict, key: str) -> int:
         return runtime_pb2.CompressionType.NONE
 
 
+def supports_start_from_position(rpc_info: dict) -> bool:
+    """Whether a server announces that its inference steps may start at an earlier cache position.
+
+    Petals 2.2 servers do not (they would ignore the field and append), so they are never sent it.
+    """
+    features = rpc_info.get("pollinate_features")
+    return isinstance(features, list | tuple) and "start_from_position" in features
+
+
 def serialize_tensors(tensors: Sequence[torch.Tensor], compression: int) -> list[runtime_pb2.Tensor]:
     return [serialize_torch_tensor(t.detach().cpu(), compression) for t in tensors]
 

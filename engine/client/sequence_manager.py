@@ -54,6 +54,7 @@ class ClientConfig:
     active_adapter: str | None = None  # LoRA adapter name the servers should apply (None: none)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     show_route: bool = False  # log each inference route at INFO
+    server_to_server: bool = True  # ask each server to push its outputs to the next one (Petals' mode)
 
 
 class SequenceManager:

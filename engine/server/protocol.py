@@ -32,6 +32,11 @@ MAX_STRUCTURE_DEPTH = 8
 MAX_ID_LENGTH = 256  # session ids and step ids are uuid4 strings in Petals
 # Petals advertises (batch, 2048, hidden) in every schema; clients read only dtype and compression.
 SCHEMA_MAX_LENGTH = 2048
+# rpc_info key listing the extensions this server implements beyond Petals 2.2. "start_from_position": an
+# inference step may say where in the cache it starts (the cache is cut back there first), which rolls back
+# rejected speculative tokens. Petals 2.2 servers ignore that field, so clients use it only where announced.
+FEATURES_KEY = "pollinate_features"
+FEATURES = ("start_from_position",)
 
 
 class RequestError(ValueError):
@@ -339,14 +344,16 @@ def rpc_info(
 ) -> dict[str, Any]:
     """The dict Petals' rpc_info returns (msgpack'ed by the caller).
 
-    Server keys: version, dht_client_mode, cache_tokens_available. Block keys (when a uid was asked for, as
-    Petals clients do): forward_schema = ((hidden,), {}), outputs_schema = (hidden,), keyword_names = (),
-    inference_schema = ((hidden, prompts, hypo_ids), {}). Clients take dtype and compression from them.
+    Server keys: version, dht_client_mode, cache_tokens_available, and our FEATURES_KEY. Block keys (when a
+    uid was asked for, as Petals clients do): forward_schema = ((hidden,), {}), outputs_schema = (hidden,),
+    keyword_names = (), inference_schema = ((hidden, prompts, hypo_ids), {}). Clients take dtype and
+    compression from them.
     """
     info: dict[str, Any] = {
         "version": version,
         "dht_client_mode": bool(dht_client_mode),
         "cache_tokens_available": int(cache_tokens_available),
+        FEATURES_KEY: list(FEATURES),
     }
     if with_block_info:
         hidden = BatchTensorDescriptor(

@@ -85,12 +85,15 @@ def reference(x: torch.Tensor, start: int = 0, end: int = NUM_BLOCKS) -> torch.T
 
 
 class FakeServer:
-    def __init__(self, peer_id: str, start: int, end: int, *, fail_at_step: int | None = None):
+    def __init__(
+        self, peer_id: str, start: int, end: int, *, fail_at_step: int | None = None, rollback: bool = True
+    ):
         self.peer_id, self.start, self.end = peer_id, start, end
         self.fail_at_step = fail_at_step  # the n-th step (over all sessions) kills this server
+        self.rollback = rollback  # announces start_from_position (a Petals 2.2 server does not)
         self.steps = 0
         self.alive = True
-        self.sessions: dict[str, dict] = {}
+        self.sessions: dict[str, torch.Tensor] = {}  # session id -> every input it consumed
         self.messages: list[dict] = []
 
     def handle(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
@@ -106,15 +109,17 @@ class FakeServer:
         (hidden, _prompts, hypo_ids), _ = protocol.unpack_args_kwargs(flat, metadata["args_structure"])
         blocks = [int(uid.split(".")[1]) for uid in request.uid.split(" ")]
         assert blocks == list(range(blocks[0], blocks[-1] + 1))
-        session = self.sessions.setdefault(metadata["session_id"], {"position": 0, "states": {}})
-        if session["position"] == 0:
+        inputs = self.sessions.get(metadata["session_id"])
+        if inputs is None:
             assert "max_length" in metadata  # the first message opens the session
+            inputs = hidden[:, :0]
         if hypo_ids.numel():
-            session["states"] = {k: v[hypo_ids] for k, v in session["states"].items()}
-        x = hidden
-        for index in blocks:
-            x, session["states"][index] = block_fn(index, x, session["states"].get(index))
-        session["position"] += hidden.shape[1]
+            inputs = inputs[hypo_ids]
+        if self.rollback and metadata.get("start_from_position") is not None:
+            inputs = inputs[:, : metadata["start_from_position"]]
+        inputs = self.sessions[metadata["session_id"]] = torch.cat([inputs, hidden], dim=1)
+        # The blocks are causal: recomputing the whole history gives what a KV cache would.
+        x = reference(inputs, blocks[0], blocks[-1] + 1)[:, -hidden.shape[1] :]
         return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(x)])
 
 
@@ -142,7 +147,7 @@ class FakeManager(SequenceManager):
     def rpc_info(self, peer_id, block_index=0):
         if not self.servers[peer_id].alive:
             raise ConnectionError(f"{peer_id} is dead")
-        return {}
+        return {"pollinate_features": ["start_from_position"]} if self.servers[peer_id].rollback else {}
 
     @property
     def p2p(self):
@@ -157,6 +162,7 @@ def fake_streams(monkeypatch):
         server = self.manager.servers[self.hop.peer_id]
         if not server.alive:
             raise ConnectionError("refused")
+        self.configure(self.manager.rpc_info(self.hop.peer_id))
         self._replies = object()
 
     async def exchange(self, request):
@@ -190,7 +196,11 @@ def test_session_steps_match_reference(fake_streams):
     torch.testing.assert_close(out, reference(x))
     first, later = servers[0].messages[0], servers[0].messages[1]
     assert {"session_id", "step_id", "max_length", "points", "active_adapter", "args_structure"} == set(first)
-    assert set(later) == {"session_id", "step_id", "args_structure"}
+    # Later steps ask A to push its outputs on to B (server-to-server), naming B's session.
+    assert set(later) == {"session_id", "step_id", "args_structure", "next_servers"}
+    b_session = servers[1].messages[0]["session_id"]
+    assert [list(entry) for entry in later["next_servers"]] == [["B", b_session, 3, 6]]
+    assert "next_servers" not in servers[1].messages[1]  # the last server has no one to push to
     assert first["max_length"] == 16 and first["step_id"] != later["step_id"]
 
 
@@ -336,3 +346,58 @@ def test_sequence_manager_bans_failing_peers():
     manager.on_request_success(first)
     assert not manager.bans.is_banned(first)
     assert manager.request_metadata() == {"points": 0.0, "active_adapter": None}
+
+
+# --- rollback (start_from_position) ---
+
+
+def _rolled_back_run(servers, **config):
+    """Prefill 5, a 3-token speculative step, then keep 1 of those 3 and go on with 2 new tokens."""
+    x = torch.randn(1, 10, HIDDEN)
+    with InferenceSession(FakeManager(servers, **config), max_length=16) as session:
+        session.step(x[:, :5])
+        session.step(x[:, 5:8])
+        assert session.position == 8
+        out = session.step(x[:, 8:10], start_from_position=6)
+        assert session.position == 8
+        more = session.step(x[:, 5:6], start_from_position=8)  # no-op rollback: just a step
+    kept = torch.cat([x[:, :6], x[:, 8:10], x[:, 5:6]], dim=1)
+    torch.testing.assert_close(torch.cat([out, more], dim=1), reference(kept)[:, 6:])
+    return session
+
+
+def test_rollback_cuts_the_servers_caches(fake_streams):
+    servers = [FakeServer("A", 0, 3), FakeServer("B", 3, 6)]
+    _rolled_back_run(servers)
+    for server in servers:
+        assert len(server.sessions) == 1  # same sessions throughout: the servers cut their caches
+        assert [m.get("start_from_position") for m in server.messages] == [None, None, 6, None]
+
+
+def test_rollback_reopens_a_server_that_cannot_cut_its_cache(fake_streams):
+    # B stands for a Petals 2.2 server: it is never sent start_from_position; a fresh session replays.
+    servers = [FakeServer("A", 0, 3), FakeServer("B", 3, 6, rollback=False)]
+    _rolled_back_run(servers)
+    assert len(servers[0].sessions) == 1
+    assert len(servers[1].sessions) == 2
+    assert all("start_from_position" not in m for m in servers[1].messages)
+    replay = servers[1].messages[2]
+    assert "max_length" in replay  # a new session's first message
+
+
+def test_server_dying_mid_speculation_is_replaced_with_the_kept_prefix(fake_streams):
+    # A dies on the rolled-back step; C replays A's history minus the rejected tokens.
+    servers = [FakeServer("A", 0, 3, fail_at_step=3), FakeServer("B", 3, 6), FakeServer("C", 0, 3)]
+    _rolled_back_run(servers)
+    assert not servers[0].alive
+    (c_inputs,) = servers[2].sessions.values()
+    assert c_inputs.shape[1] == 9  # 6 kept + 2 new + 1
+
+
+def test_can_roll_back_reports_the_route(fake_streams):
+    with InferenceSession(FakeManager([FakeServer("A", 0, 6)]), max_length=8) as session:
+        assert session.can_roll_back
+    with InferenceSession(FakeManager([FakeServer("A", 0, 6, rollback=False)]), max_length=8) as session:
+        assert not session.can_roll_back
+        with pytest.raises(ValueError, match="start_from_position must be in"):
+            session.step(torch.randn(1, 1, HIDDEN), start_from_position=3)

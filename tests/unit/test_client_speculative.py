@@ -1,0 +1,197 @@
+"""Speculative decoding: drafters, the acceptance rule, draft length, and the loop against a local model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.client.generation import generate
+from engine.client.sampling import SamplingParams
+from engine.client.speculative import (
+    SpeculationConfig,
+    SpeculationStats,
+    accept_draft,
+    accept_greedy,
+    best_draft_length,
+    expected_tokens,
+    prompt_lookup,
+)
+
+# --- drafters ---
+
+
+def test_prompt_lookup_copies_what_followed_the_latest_match():
+    history = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7]
+    assert prompt_lookup(history, 3) == [2, 3, 5]  # the later "5 6 7" wins
+    assert prompt_lookup(history, 10) == [2, 3, 5, 6, 7]  # as much as there is
+    assert prompt_lookup([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert prompt_lookup([4, 9, 4], 2) == [9, 4]  # a 1-gram match when longer ones fail
+    assert prompt_lookup([7], 2) == []
+
+
+# --- acceptance ---
+
+
+def test_accept_greedy_keeps_the_agreeing_prefix_and_adds_the_models_token():
+    assert accept_greedy([4, 5, 6, 7], [4, 5, 9]) == (2, 6)
+    assert accept_greedy([4, 5, 6, 7], [4, 5, 6]) == (3, 7)  # all kept: a bonus token
+    assert accept_greedy([4], []) == (0, 4)
+    assert accept_greedy([1, 2], [3]) == (0, 1)
+
+
+def _first_token_histogram(p, q, trials, seed=0, point_mass=False):
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(p.shape[1])
+    for _ in range(trials):
+        if point_mass:
+            draft, draft_probs = [int(q)], None
+        else:
+            draft = [int(torch.multinomial(q[0], 1, generator=generator))]
+            draft_probs = q
+        kept, token = accept_draft(p, draft, draft_probs, generator)
+        counts[draft[0] if kept else token] += 1
+    return counts / trials
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    # Target p and a rather different draft q over 5 tokens: the first emitted token must follow p.
+    p = torch.tensor([[0.05, 0.40, 0.25, 0.20, 0.10], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    q = torch.tensor([[0.50, 0.05, 0.05, 0.30, 0.10]])
+    observed = _first_token_histogram(p, q, trials=20000)
+    assert torch.allclose(observed, p[0], atol=0.015), observed
+    # The draft itself (q) is far from p: the test would catch a rule that just keeps the draft.
+    assert (q[0] - p[0]).abs().max() > 0.3
+
+
+def test_speculative_sampling_with_a_deterministic_drafter_keeps_the_target_distribution():
+    p = torch.tensor([[0.1, 0.6, 0.3], [1 / 3, 1 / 3, 1 / 3]])
+    for drafted in (0, 1, 2):
+        observed = _first_token_histogram(p, drafted, trials=12000, seed=drafted, point_mass=True)
+        assert torch.allclose(observed, p[0], atol=0.02), (drafted, observed)
+
+
+def test_accept_draft_bonus_token_and_shape_check():
+    p = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert accept_draft(p, [1], None) == (1, 0)  # kept for sure, then the bonus from the last row
+    with pytest.raises(ValueError, match="need 2 target distributions"):
+        accept_draft(p[:1], [1], None)
+
+
+# --- draft length ---
+
+
+def test_draft_length_follows_the_acceptance_rate():
+    config = SpeculationConfig(min_draft=1, max_draft=8, token_cost=0.05)
+    assert best_draft_length(0.0, config) == 1
+    assert best_draft_length(0.3, config) <= 2
+    assert best_draft_length(0.9, config) >= 6
+    assert best_draft_length(1.0, config) == 8
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    with pytest.raises(ValueError):
+        SpeculationConfig(min_draft=3, initial_draft=2)
+
+
+# --- the loop, against a local transformers model with a rollback-capable cache ---
+
+
+class RollbackSession:
+    def __init__(self, max_length: int):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        self.position = 0
+        self.max_length = max_length
+        self.output_ids = None
+        self.steps: list[tuple[int, int | None]] = []  # (tokens sent, start_from_position)
+
+    def close(self):
+        pass
+
+
+class RollbackModel:
+    def __init__(self, hf):
+        self.hf = hf
+
+    def inference_session(self, *, max_length: int) -> RollbackSession:
+        return RollbackSession(max_length)
+
+    def session_logits(self, session, input_ids):
+        return self.session_logits_all(session, input_ids)[:, -1]
+
+    def session_logits_all(self, session, input_ids, *, start_from_position=None):
+        if start_from_position is not None:
+            assert start_from_position <= session.position
+            if start_from_position < session.position:
+                session.cache.crop(start_from_position - session.position)  # negative: tokens to drop
+            session.position = start_from_position
+        assert session.position + input_ids.shape[1] <= session.max_length
+        session.steps.append((input_ids.shape[1], start_from_position))
+        with torch.no_grad():
+            out = self.hf(input_ids=input_ids, past_key_values=session.cache, use_cache=True)
+        session.position += input_ids.shape[1]
+        return out.logits
+
+    def can_roll_back(self, session):
+        return True
+
+
+class OracleDrafter:
+    """Proposes the true continuation, with every `wrong_every`-th proposal corrupted."""
+
+    def __init__(self, truth: list[int], prompt_length: int, wrong_every: int):
+        self.truth, self.prompt_length, self.wrong_every = truth, prompt_length, wrong_every
+        self.calls = 0
+
+    def draft(self, history, k):
+        self.calls += 1
+        done = len(history) - self.prompt_length
+        proposal = list(self.truth[done : done + k])
+        if proposal and self.calls % self.wrong_every == 0:
+            proposal[len(proposal) // 2] = (proposal[len(proposal) // 2] + 1) % 512
+        return proposal, None
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint_factory("llama", num_layers=2)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("wrong_every", [1, 2, 1000])
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_greedy_speculation_equals_plain_greedy(hf, wrong_every, penalty):
+    ids = torch.randint(5, hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7))
+    params = SamplingParams(max_new_tokens=20, repetition_penalty=penalty)
+    plain = generate(RollbackModel(hf), ids, params)
+    truth = plain[0, 6:].tolist()
+    stats = SpeculationStats()
+    drafter = OracleDrafter(truth, 6, wrong_every)
+    model = RollbackModel(hf)
+    spec = generate(model, ids, params, speculation=SpeculationConfig(drafter=drafter), stats=stats)
+    assert spec.tolist() == plain.tolist()
+    assert stats.tokens == 20
+    if wrong_every == 1000:
+        assert stats.rounds < 10 and stats.acceptance == 1.0  # most tokens came several per round
+    if wrong_every == 1:
+        assert stats.accepted < stats.drafted  # rollbacks happened, and the output is still the same
+
+
+def test_speculation_with_prompt_lookup_on_a_repetitive_prompt(hf):
+    ids = torch.tensor([[11, 12, 13, 14, 15, 11, 12, 13, 14, 15, 11, 12]])
+    params = SamplingParams(max_new_tokens=16)
+    plain = generate(RollbackModel(hf), ids, params)
+    stats = SpeculationStats()
+    spec = generate(RollbackModel(hf), ids, params, speculation=SpeculationConfig(), stats=stats)
+    assert spec.tolist() == plain.tolist()
+    assert stats.rounds <= 16 and stats.drafted > 0
+
+
+def test_sampled_speculation_runs_and_is_reproducible(hf):
+    ids = torch.tensor([[11, 12, 13, 11, 12, 13, 11]])
+    params = SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=50, seed=3)
+    config = SpeculationConfig()
+    first = generate(RollbackModel(hf), ids, params, speculation=config)
+    second = generate(RollbackModel(hf), ids, params, speculation=config)
+    assert first.tolist() == second.tolist() and first.shape == (1, 19)
