@@ -71,3 +71,57 @@ def test_kill_9_mid_generation_gives_identical_output(swarm, tiny_checkpoint_fac
         assert remote.manager.bans.is_banned(victim)
     assert torch.equal(torch.cat([ids, torch.stack(tokens, dim=1)], dim=1), expected)
     assert recovery < 20, f"recovering from the killed server took {recovery:.1f} s"
+
+
+def test_kill_9_mid_speculation_gives_identical_output(swarm, tiny_checkpoint_factory):
+    """A server dies while speculative rounds run (drafts partly rejected): the replacement replays the
+    kept prefix only, and the output is still local greedy's."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.client.speculative import SpeculationConfig, SpeculationStats
+
+    peers, client_dht = swarm
+    path = tiny_checkpoint_factory("llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(5, local.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = local.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False
+        )
+    truth = expected[0, 9:].tolist()
+
+    class HalfRightDrafter:
+        calls = 0
+
+        def draft(self, history, k):
+            self.calls += 1
+            done = len(history) - 9
+            proposal = list(truth[done : done + k])
+            if proposal and self.calls % 2:
+                proposal[-1] = (proposal[-1] + 1) % 512  # rejected: the caches must roll back
+            return proposal, None
+
+    prefix = "kill9-spec"
+    args = ("--blocks", "0:4", "--dht-prefix", prefix)
+    stats = SpeculationStats()
+    with (
+        running_server_process(path, peers, *args) as first,
+        running_server_process(path, peers, *args) as second,
+        DistributedModelForCausalLM.from_pretrained(
+            str(path), dht=client_dht, dht_prefix=prefix, client_config=ClientConfig(request_timeout=30.0)
+        ) as remote,
+        remote.inference_session(max_length=40) as session,
+    ):
+        servers = {first.peer_id: first, second.peer_id: second}
+        tokens = []
+        config = SpeculationConfig(drafter=HalfRightDrafter())
+        for step in remote.generate_stream(
+            ids, max_new_tokens=24, session=session, speculation=config, stats=stats
+        ):
+            tokens.append(step.tokens)
+            if len(tokens) >= 8 and len(servers) == 2:
+                (victim,) = [hop.peer_id for hop in session.route]
+                servers.pop(victim).kill()
+        assert [hop.peer_id for hop in session.route] == list(servers)
+    assert torch.equal(torch.cat([ids, torch.stack(tokens, dim=1)], dim=1), expected)
+    assert 0 < stats.accepted < stats.drafted

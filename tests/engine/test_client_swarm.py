@@ -257,3 +257,40 @@ def test_rpc_info_is_fetched_once_per_server(models, monkeypatch):
     remote.generate(ids, max_new_tokens=3)
     remote.generate(ids, max_new_tokens=3)
     assert len(calls) == 3 and len(set(calls)) == 3
+
+
+class _OracleDrafter:
+    """Drafts the true greedy continuation, corrupting every other proposal (so rollbacks happen too)."""
+
+    def __init__(self, truth: list[int], prompt_length: int):
+        self.truth, self.prompt_length, self.calls = truth, prompt_length, 0
+
+    def draft(self, history, k):
+        self.calls += 1
+        done = len(history) - self.prompt_length
+        proposal = list(self.truth[done : done + k])
+        if proposal and self.calls % 2 == 0:
+            proposal[-1] = (proposal[-1] + 1) % 512
+        return proposal, None
+
+
+@pytest.mark.parametrize("drafter", ["oracle", "prompt-lookup"])
+def test_speculative_greedy_with_push_matches_transformers(models, drafter):
+    """Speculation through a 3-server chain (push on, caches rolled back) gives local greedy's tokens."""
+    from engine.client.speculative import SpeculationConfig, SpeculationStats
+
+    remote, local = models("llama", "3servers")
+    ids = torch.tensor([[7, 8, 9, 10, 7, 8, 9, 10, 7, 8]])
+    expected = local_generate(local, ids, max_new_tokens=20)
+    config = SpeculationConfig()
+    if drafter == "oracle":
+        config = SpeculationConfig(drafter=_OracleDrafter(expected[0, 10:].tolist(), 10))
+    stats = SpeculationStats()
+    with remote.inference_session(max_length=40) as session:
+        assert session.can_roll_back  # our servers announce start_from_position
+        output = remote.generate(ids, max_new_tokens=20, session=session, speculation=config, stats=stats)
+    assert torch.equal(output, expected)
+    assert stats.tokens == 20
+    if drafter == "oracle":
+        assert 0 < stats.accepted < stats.drafted  # some drafts kept, some rolled back
+        assert stats.rounds < 20

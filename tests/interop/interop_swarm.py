@@ -217,6 +217,8 @@ def client_args(
         args += ["--dht-prefix", opts["dht_prefix"]]
     if opts.get("backward"):
         args.append("--backward")
+    if opts.get("speculate"):
+        args.append("--speculate")
     return list(map(str, args))
 
 
@@ -249,7 +251,16 @@ def petals_generate(
 
 
 def pollinate_generate(
-    model, peers, prompt, max_new_tokens: int, *, log: Path, home: Path, dht_prefix=None, backward=False
+    model,
+    peers,
+    prompt,
+    max_new_tokens: int,
+    *,
+    log: Path,
+    home: Path,
+    dht_prefix=None,
+    backward=False,
+    speculate=False,
 ) -> dict:
     """Greedy generation and one forward pass by Pollinate's client (our venv)."""
     args = [
@@ -262,6 +273,7 @@ def pollinate_generate(
             max_new_tokens,
             dht_prefix=dht_prefix,
             backward=backward,
+            speculate=speculate,
         ),
     ]
     return run_client("Pollinate client", args, log=log, home=home)

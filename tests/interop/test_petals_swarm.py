@@ -76,17 +76,25 @@ def mixed_chain(petals_python, interop_checkpoint, tmp_path_factory):
             yield peers, home
 
 
-@pytest.mark.parametrize("client", ["petals", "pollinate"])
+@pytest.mark.parametrize("client", ["petals", "pollinate", "pollinate-speculative"])
 def test_mixed_chain(client, mixed_chain, petals_python, interop_checkpoint, reference, tmp_path):
     """Either client runs blocks 0:2 on a Petals server and blocks 2:4 on a Pollinate server.
 
-    Besides inference and forward, the client backpropagates through both servers (rpc_backward).
+    Besides inference and forward, the client backpropagates through both servers (rpc_backward). Our
+    client asks the Petals server to push to ours; with speculation on, it sees that the Petals server
+    cannot roll its cache back and falls back to one-token steps.
     """
     peers, home = mixed_chain
     opts = dict(log=tmp_path / f"{client}-client.log", home=home, dht_prefix=PREFIX, backward=True)
     if client == "petals":
         result = petals_generate(petals_python, interop_checkpoint, peers, PROMPT, MAX_NEW_TOKENS, **opts)
     else:
-        result = pollinate_generate(interop_checkpoint, peers, PROMPT, MAX_NEW_TOKENS, **opts)
+        speculate = client == "pollinate-speculative"
+        result = pollinate_generate(
+            interop_checkpoint, peers, PROMPT, MAX_NEW_TOKENS, speculate=speculate, **opts
+        )
+        if speculate:
+            counters = result["speculation"]
+            assert counters["drafted"] == 0 and counters["fallback_rounds"] == counters["rounds"] > 0
     assert "embeds_grad" in result
     assert_matches_reference(result, reference)
