@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from app import autostart, paths
 from app.api_client import ApiClient, ApiError, EventFeed, describe_error
-from app.engine_backend import EngineBackend
+from app.engine_backend import EngineBackend, default_backend
 from app.engine_process import RESTARTING, RUNNING, EngineProcess, engine_args
 from app.history import ChatHistory
 from app.qt import QApplication, QMessageBox, QObject, Signal
@@ -75,7 +75,7 @@ class AppController(QObject):
             engine_command_factory or self._engine_command,
             env_factory=self._engine_env,
             manage=manage_engine,
-            backend=engine_backend,
+            backend=engine_backend or default_backend(self.data_dir),
             parent=self,
         )
         self.dashboard_model = DashboardModel(self.client, self._hosting_options, self)

@@ -70,3 +70,23 @@ class EngineBackend(ABC):
 
         Only a process that is provably the engine (our child, or one matching `info`) is ever signalled.
         """
+
+
+def default_backend(data_dir) -> EngineBackend:
+    """WSL2 on Windows (hivemind's p2p daemon runs on Linux and macOS only), else a local child process.
+
+    POLLINATE_ENGINE_BACKEND=local|wsl overrides the choice (wsl on Linux: tests with a fake wsl.exe).
+    """
+    import os
+    import sys
+
+    choice = os.environ.get("POLLINATE_ENGINE_BACKEND") or ("wsl" if sys.platform == "win32" else "local")
+    if choice == "wsl":
+        from app.wsl_backend import WslBackend
+
+        return WslBackend()
+    if choice != "local":
+        raise ValueError(f"POLLINATE_ENGINE_BACKEND must be 'local' or 'wsl', not {choice!r}")
+    from app.engine_process import LocalBackend
+
+    return LocalBackend(data_dir)

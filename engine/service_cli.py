@@ -50,6 +50,12 @@ def add_commands(subparsers) -> None:
         default=None,
         help="exit (gracefully) when the process with this id ends (the desktop app passes its own)",
     )
+    run.add_argument(
+        "--exit-on-stdin-eof",
+        action="store_true",
+        help="exit (gracefully) when standard input closes: the app on Windows holds it open through "
+        "wsl.exe, where --parent-pid cannot see its process",
+    )
     run.set_defaults(handler=run_service)
 
 
@@ -126,6 +132,23 @@ def _parent_gone(pid: int | None) -> bool:
         return True
 
 
+def _watch_stdin(stop: threading.Event, closed: threading.Event) -> None:
+    """Set `closed` (and `stop`) once standard input reaches end of file (the app holding it ended)."""
+
+    def read() -> None:
+        # os.read on the descriptor, not sys.stdin: a thread blocked inside sys.stdin holds its lock, and a
+        # forked child (multiprocessing closes sys.stdin at start) would wait for that lock forever.
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        closed.set()
+        stop.set()
+
+    threading.Thread(target=read, name="pollinate-stdin", daemon=True).start()
+
+
 def _start_api(app, port: int | None):
     from engine.api.server import ApiServer
 
@@ -183,6 +206,9 @@ def run_service(args: argparse.Namespace) -> int:
     write_state(data_dir, state)
     print(f"engine API on {server.base_url} (state file {state_file_path(data_dir)})", flush=True)
     parent_pid = getattr(args, "parent_pid", None)
+    stdin_closed = threading.Event()
+    if getattr(args, "exit_on_stdin_eof", False):
+        _watch_stdin(stop, stdin_closed)
     try:
         service.start()
         while not stop.wait(1.0):
@@ -192,6 +218,8 @@ def run_service(args: argparse.Namespace) -> int:
             if _parent_gone(parent_pid):
                 logger.info("the parent process %d ended; stopping", parent_pid)
                 break
+        if stdin_closed.is_set():
+            logger.info("standard input closed (the app ended); stopping")
     finally:
         print("stopping the engine", flush=True)
         remove_state(data_dir)

@@ -432,18 +432,29 @@ def main(argv: list[str] | None = None) -> int:
         "--fail-start", action="store_true", help="exit at once with an error, like a broken engine"
     )
     parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--data-dir", default=None, help="like the engine's; default POLLINATE_DATA_DIR")
+    parser.add_argument("--exit-on-stdin-eof", action="store_true", help="like the engine's")
     args, _unknown = parser.parse_known_args(argv)
     if args.fail_start:
         print("RuntimeError: CUDA driver too old (fake)", file=sys.stderr, flush=True)
         return 3
     time.sleep(args.startup_delay)
-    data_dir = Path(os.environ["POLLINATE_DATA_DIR"])
+    data_dir = Path(args.data_dir or os.environ["POLLINATE_DATA_DIR"])
     fake = FakeEngine()
     fake.start()
     state = fake.write_state_file(data_dir)
     print(f"fake engine serving on {fake.base_url}", flush=True)
+    stdin_closed = threading.Event()
+    if args.exit_on_stdin_eof:
+
+        def watch() -> None:
+            while os.read(0, 4096):
+                pass
+            stdin_closed.set()
+
+        threading.Thread(target=watch, daemon=True).start()
     try:
-        while True:
+        while not stdin_closed.is_set():
             time.sleep(0.2)
             fake.add_stats(tokens=1)
     except KeyboardInterrupt:

@@ -145,3 +145,9 @@ def test_live_state_needs_the_same_process_not_just_its_pid(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_run_accepts_exit_on_stdin_eof():
+    """The app on Windows ties the engine in WSL to itself through wsl.exe's stdin (no shared pids)."""
+    assert build_parser().parse_args(["run", "--exit-on-stdin-eof"]).exit_on_stdin_eof
+    assert not build_parser().parse_args(["run"]).exit_on_stdin_eof

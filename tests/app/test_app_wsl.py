@@ -1,0 +1,249 @@
+"""The WSL2 engine backend: pure parts, then wsl.exe faked by tests/helpers/fake_wsl.py (no Windows needed).
+
+The fake runs `--exec` commands as local children with the distribution's own environment, so the backend's
+command lines, WSLENV, output decoding, state/token reading and stopping are exercised for real.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from app import wsl
+from app.engine_process import FAILED, RUNNING, EngineProcess
+from app.wsl_backend import WslBackend, WslConfig
+from tests.helpers import fake_wsl
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE_ENGINE = str(Path(__file__).with_name("fake_engine.py"))
+GPU_LINE = "NVIDIA GeForce RTX 4090, 24564, 560.94"
+
+
+# ---- pure parts
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "WSL version: 2.3.26.0\r\n".encode("utf-16-le"),
+        b"\xff\xfe" + "WSL version: 2.3.26.0\r\n".encode("utf-16-le"),
+        b"WSL version: 2.3.26.0\n",
+    ],
+)
+def test_wsl_output_is_decoded_in_either_encoding(raw):
+    assert wsl.parse_version(wsl.decode_output(raw)) == (2, 3, 26, 0)
+
+
+def test_version_parsing_any_language_and_minimum():
+    assert wsl.parse_version("WSL-Version: 2.0.9.0\nKernelversion: 5.15.133.1-1") == (2, 0, 9, 0)
+    assert wsl.parse_version("Version de WSL : 1.2.5.0") == (1, 2, 5, 0)
+    assert wsl.parse_version("Invalid command line argument: --version") is None
+    assert wsl.version_problem((2, 3, 26, 0)) == ""
+    problem = wsl.version_problem((1, 2, 5, 0))
+    assert "wsl --update" in problem and "1.2.5.0" in problem
+    assert "the old built-in WSL" in wsl.version_problem(None)
+
+
+def test_distribution_list_parsing():
+    text = (
+        "  NAME            STATE           VERSION\n"
+        "* Ubuntu-22.04    Running         2\n"
+        "  Pollinate       Stopped         2\n"
+        "  Legacy          Stopped         1\n"
+    )
+    found = wsl.parse_distributions(text)
+    assert [(d.name, d.state, d.version, d.default) for d in found] == [
+        ("Ubuntu-22.04", "Running", 2, True),
+        ("Pollinate", "Stopped", 2, False),
+        ("Legacy", "Stopped", 1, False),
+    ]
+    assert wsl.parse_distributions("Windows Subsystem for Linux has no installed distributions.") == []
+
+
+def test_nvidia_smi_parsing():
+    gpus = wsl.parse_nvidia_smi(GPU_LINE + "\nNVIDIA GeForce RTX 3060, 12288, 560.94\n")
+    assert gpus[0] == wsl.Gpu("NVIDIA GeForce RTX 4090", 24564, "560.94") and len(gpus) == 2
+    assert wsl.parse_nvidia_smi("NVIDIA-SMI has failed because it couldn't communicate with the driver") == []
+
+
+@pytest.mark.parametrize(
+    "windows, linux",
+    [
+        ("C:\\Users\\Ann\\HF cache", "/mnt/c/Users/Ann/HF cache"),
+        ("D:\\", "/mnt/d"),
+        ("e:/models/", "/mnt/e/models"),
+        ("\\\\wsl$\\Pollinate\\home\\pollinate\\x", "/home/pollinate/x"),
+        ("\\\\wsl.localhost\\Pollinate", "/"),
+    ],
+)
+def test_windows_to_wsl_path(windows, linux):
+    assert wsl.windows_to_wsl_path(windows) == linux
+
+
+def test_path_translation_back_and_errors():
+    assert wsl.wsl_to_windows_path("/mnt/c/Users/Ann") == "C:\\Users\\Ann"
+    assert (
+        wsl.wsl_to_windows_path("/home/pollinate/.local")
+        == "\\\\wsl.localhost\\Pollinate\\home\\pollinate\\.local"
+    )
+    with pytest.raises(ValueError, match="not an absolute Windows path"):
+        wsl.windows_to_wsl_path("models\\x")
+    with pytest.raises(ValueError, match="not an absolute Linux path"):
+        wsl.wsl_to_windows_path("relative/x")
+
+
+def test_command_lines():
+    assert wsl.exec_command("wsl.exe", "Pollinate", ["nvidia-smi"]) == [
+        "wsl.exe", "-d", "Pollinate", "--exec", "nvidia-smi"
+    ]  # fmt: skip
+    assert wsl.exec_command("wsl.exe", "P", ["id"], user="root")[3:6] == ["-u", "root", "--exec"]
+    assert wsl.wslenv(["HF_TOKEN", "FOO"], "FOO/p:BAR") == "FOO/p:BAR:HF_TOKEN"
+    backend = WslBackend()
+    tied = backend.engine_command(["run", "--port", "0", "--swarm", "public"], tie_to_app=True)
+    assert tied[:5] == ["wsl.exe", "-d", "Pollinate", "--exec", "/opt/pollinate/venv/bin/python"]
+    assert tied[5:9] == ["-m", "engine.cli", "run", "--port"]
+    assert tied[tied.index("--data-dir") + 1] == "/home/pollinate/.local/share/pollinate"
+    assert tied[-1] == "--exit-on-stdin-eof" and "--parent-pid" not in tied
+    assert "--exit-on-stdin-eof" not in backend.engine_command(["run"], tie_to_app=False)
+
+
+# ---- the backend against a fake wsl.exe
+
+
+@pytest.fixture
+def wsl_bin(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return bin_dir
+
+
+def gpu_tools(tmp_path) -> str:
+    """A directory with an `nvidia-smi` like the one WSL maps in from the Windows driver."""
+    tools = tmp_path / "gpu-tools"
+    tools.mkdir()
+    script = tools / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\necho '{GPU_LINE}'\n")
+    script.chmod(0o755)
+    return str(tools)
+
+
+def backend_for(tmp_path) -> WslBackend:
+    return WslBackend(WslConfig(python=sys.executable, data_dir=str(tmp_path / "inside-data")))
+
+
+def test_preflight_without_wsl_gives_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no wsl.exe at all
+    check = backend_for(tmp_path).preflight()
+    assert not check.ready and "wsl --install --no-distribution" in check.message
+
+
+@pytest.mark.parametrize(
+    "mode, version, expected",
+    [
+        ("not-installed", "2.3.26.0", "wsl --install --no-distribution"),
+        ("inbox", "", "wsl --update"),
+        ("installed", "1.2.5.0", "needs WSL 2.0.0 or newer (this PC has 1.2.5.0)"),
+    ],
+)
+def test_preflight_explains_the_one_step(tmp_path, wsl_bin, mode, version, expected):
+    fake_wsl.install(wsl_bin, mode=mode, version=version, honours_utf8=False)  # UTF-16 output, decoded
+    check = backend_for(tmp_path).preflight()
+    assert not check.ready and expected in check.message
+
+
+def test_preflight_distribution_missing_or_wsl1(tmp_path, wsl_bin):
+    fake = fake_wsl.install(wsl_bin, distributions={"Ubuntu": {"state": "Running", "version": 2}})
+    backend = backend_for(tmp_path)
+    check = backend.preflight()
+    assert not check.ready and "no distribution named Pollinate" in check.message
+    assert backend.missing_distribution
+    fake.set_distribution("Pollinate", "Stopped", 1)
+    check = backend.preflight()
+    assert not check.ready and "wsl --set-version Pollinate 2" in check.message
+
+
+def test_preflight_on_a_stopped_distribution_checks_the_gpu(tmp_path, wsl_bin):
+    fake = fake_wsl.install(wsl_bin, distributions={"Pollinate": {"state": "Stopped", "version": 2}})
+    backend = backend_for(tmp_path)
+    check = backend.preflight()
+    assert check.ready and check.message == wsl.NO_GPU_NOTE and backend.gpus == []
+    assert fake.state()["distributions"]["Pollinate"]["state"] == "Running"  # the check started it
+    fake.update(environment={**fake.state()["environment"], "PATH": gpu_tools(tmp_path) + ":/usr/bin:/bin"})
+    check = backend.preflight()
+    assert check.ready and check.message == ""
+    assert backend.gpus == [wsl.Gpu("NVIDIA GeForce RTX 4090", 24564, "560.94")]
+    assert fake.calls()[-1][:5] == ["-d", "Pollinate", "--exec", "sh", "-c"]
+
+
+def fake_engine_process(tmp_path, backend, qapp) -> EngineProcess:
+    data_dir = tmp_path / "app-data"
+    data_dir.mkdir(exist_ok=True)
+
+    def command() -> list[str]:
+        argv = [sys.executable, FAKE_ENGINE, "--data-dir", backend.config.data_dir, "--exit-on-stdin-eof"]
+        return wsl.exec_command("wsl.exe", "Pollinate", argv)
+
+    return EngineProcess(data_dir, command, backend=backend, backoff_s=(0.1,))
+
+
+def test_engine_through_wsl_starts_reads_token_and_stops(qtbot, tmp_path, wsl_bin):
+    fake = fake_wsl.install(
+        wsl_bin,
+        distributions={"Pollinate": {"state": "Stopped", "version": 2}},
+        environment={"PYTHONPATH": str(ROOT)},
+    )
+    backend = backend_for(tmp_path)
+    engine = fake_engine_process(tmp_path, backend, qtbot)
+    notes = []
+    engine.notice.connect(notes.append)
+    try:
+        with qtbot.waitSignal(
+            engine.endpoint_changed, timeout=20000, check_params_cb=lambda e: e is not None
+        ):
+            engine.start()
+        assert engine.state == RUNNING and engine.owned
+        assert engine.info.token == "fake-token"  # read inside WSL, from the 0600 file
+        assert notes == [wsl.NO_GPU_NOTE]
+        wsl_exe = psutil.Process(engine._process.pid)
+        assert engine.pid != wsl_exe.pid and psutil.Process(engine.pid).ppid() == wsl_exe.pid
+        assert fake.state()["distributions"]["Pollinate"]["state"] == "Running"
+        inside = engine.pid
+    finally:
+        engine.stop(timeout_s=10)
+    assert not psutil.pid_exists(inside) or psutil.Process(inside).status() == psutil.STATUS_ZOMBIE
+    assert engine._process.poll() is not None
+
+
+def test_the_engine_in_wsl_ends_with_the_app(qtbot, tmp_path, wsl_bin):
+    """The app dies without stopping anything: its end of wsl.exe's stdin closes, the engine stops."""
+    fake_wsl.install(
+        wsl_bin,
+        distributions={"Pollinate": {"state": "Running", "version": 2}},
+        environment={"PYTHONPATH": str(ROOT)},
+    )
+    backend = backend_for(tmp_path)
+    engine = fake_engine_process(tmp_path, backend, qtbot)
+    try:
+        with qtbot.waitSignal(
+            engine.endpoint_changed, timeout=20000, check_params_cb=lambda e: e is not None
+        ):
+            engine.start()
+        inside = psutil.Process(engine.pid)
+        engine._process.stdin.close()  # what Windows does to the pipe when the app's process ends
+        inside.wait(timeout=10)
+        assert engine._process.wait(timeout=10) == 0
+        assert backend.read_state() is None  # it removed its state on the way out
+    finally:
+        engine.stop(timeout_s=5)
+
+
+def test_engine_without_its_distribution_fails_with_the_step(qtbot, tmp_path, wsl_bin):
+    fake_wsl.install(wsl_bin, distributions={})
+    engine = fake_engine_process(tmp_path, backend_for(tmp_path), qtbot)
+    engine.start()
+    assert engine.state == FAILED and "no distribution named Pollinate" in engine.message
