@@ -21,6 +21,7 @@ from app.qt import (
     Signal,
 )
 from app.sse import SseEvent, SseParser
+from contract import Stats, Status
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,8 @@ class EventFeed(QObject):
     """Follows /api/events: emits `status(dict)`, `stats(dict)`; reconnects with backoff while connected.
 
     On each (re)connection it also fetches /api/status and /api/stats, so views start from a full picture.
+    Both are read through the contract's records: every field is present (an older engine's missing ones
+    take their defaults), so views never guess.
     """
 
     status = Signal(object)
@@ -337,10 +340,10 @@ class EventFeed(QObject):
 
     # Bound methods (not signal.emit) so a deleted feed is disconnected, never called.
     def _status_reply(self, data: dict) -> None:
-        self.status.emit(data)
+        self.status.emit(Status.from_dict(data).to_dict())
 
     def _stats_reply(self, data: dict) -> None:
-        self.stats.emit(data)
+        self.stats.emit(Stats.from_dict(data).to_dict())
 
     def _opened(self) -> None:
         self._failures = 0
@@ -353,9 +356,9 @@ class EventFeed(QObject):
             log.warning("event %s with non-JSON data", event.event)
             return
         if event.event == "status":
-            self.status.emit(data)
+            self._status_reply(data)
         elif event.event == "stats":
-            self.stats.emit(data)
+            self._stats_reply(data)
 
     def _lost(self, stream: ApiStream) -> None:
         if stream is not self._stream:

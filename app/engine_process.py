@@ -25,12 +25,10 @@ import psutil
 from app.api_client import ApiClient, EngineEndpoint
 from app.engine_backend import EngineBackend
 from app.qt import QObject, QTimer, Signal
+from contract import KEYRING_SERVICE, KEYRING_TOKEN_USER, STATE_FILE
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "engine-state.json"
-KEYRING_SERVICE = "pollinate"
-KEYRING_TOKEN_USER = "engine-api-token"
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 MAX_FAST_FAILURES = 6
 HEALTHY_RUN_RESETS_S = 60.0

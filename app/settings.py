@@ -11,18 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app import paths
+from contract import KEYRING_HF_USER, KEYRING_SERVICE, Quant, Swarm
 
 log = logging.getLogger(__name__)
 
-SWARMS = ("local", "public", "private")
+SWARMS = tuple(Swarm)
 SWARM_LABELS = {
     "local": "Local demo swarm (this computer only)",
     "public": "Public Petals swarm",
     "private": "Private swarm (my own peers)",
 }
-QUANTS = ("auto", "none", "int8", "nf4")
-KEYRING_SERVICE = "pollinate"
-KEYRING_HF_USER = "huggingface-token"
+QUANTS = tuple(Quant)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ import threading
 import time
 from pathlib import Path
 
+from contract import STATE_FILE
+
 logger = logging.getLogger(__name__)
 
-STATE_FILE_NAME = "engine-state.json"
+STATE_FILE_NAME = STATE_FILE
 DEFAULT_PORT = 8765  # taken -> a free port is used instead (the state file says which)
 
 

@@ -165,7 +165,7 @@ class ChatModel(QObject):
 
     def on_status(self, status: dict) -> None:
         """An engine status (event or reply): list the models again once the engine has joined the swarm."""
-        joined = bool(status.get("ready", True))
+        joined = bool(status.get("ready"))
         if joined and self._swarm_joined is False and self.engine_ready:
             self.refresh_models()
         self._swarm_joined = joined

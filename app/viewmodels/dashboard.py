@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from app.api_client import ApiClient, ApiError
 from app.qt import QObject, QTimer, Signal
+from contract import QUANT_WORDS
 
-QUANT_WORDS = {"none": "full precision", "int8": "int8", "nf4": "nf4 (4-bit)"}
 HISTORY_POINTS = 900  # 15 minutes of once-a-second stats
 
 
@@ -219,13 +219,13 @@ class DashboardModel(QObject):
     def on_status(self, status: dict) -> None:
         previous = (self.snapshot.status or {}).get("state")
         self._replace(with_status(self.snapshot, status, time.time()))
-        if self._start_when_ready and status.get("ready", True) and status.get("state") == "idle":
+        if self._start_when_ready and status.get("ready") and status.get("state") == "idle":
             self._start_when_ready = False
             self.set_sharing(True)
         if status.get("state") != previous:
             self.refresh_swarm()
         # The plan needs a ready engine (503 engine_not_ready before), and it changes once hosting starts.
-        if status.get("ready", True) and (self.snapshot.plan is None or status.get("state") != previous):
+        if status.get("ready") and (self.snapshot.plan is None or status.get("state") != previous):
             self.refresh_plan()
 
     def on_stats(self, stats: dict) -> None:

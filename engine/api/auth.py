@@ -14,13 +14,13 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract import KEYRING_SERVICE, KEYRING_TOKEN_USER, TOKEN_FILE
 from engine.api.errors import error_response
 
 logger = logging.getLogger(__name__)
 
-KEYRING_SERVICE = "pollinate"
-KEYRING_USER = "engine-api-token"
-TOKEN_FILE_NAME = "engine-api-token"
+KEYRING_USER = KEYRING_TOKEN_USER
+TOKEN_FILE_NAME = TOKEN_FILE
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 PUBLIC_PATHS = frozenset({"/api/health"})
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from contract import Quant
 from engine.api.events import sse_comment, sse_event
 from engine.api.hardware import probe_hardware
 from engine.api.schemas import (
@@ -51,8 +52,13 @@ def build_router() -> APIRouter:
     @router.get(
         "/hosting/plan", response_model=HostingPlan, responses=MODEL_ERRORS, summary="What hosting would use"
     )
-    async def hosting_plan(request: Request, model: str | None = ModelQuery):
-        return await run_in_threadpool(request.app.state.service.hosting_plan, model)
+    async def hosting_plan(
+        request: Request,
+        model: str | None = ModelQuery,
+        quant: Quant | None = None,
+        memory_fraction: float | None = Query(default=None, gt=0.0, le=1.0),
+    ):
+        return await run_in_threadpool(request.app.state.service.hosting_plan, model, quant, memory_fraction)
 
     @router.post(
         "/hosting/start",

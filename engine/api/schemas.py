@@ -6,15 +6,22 @@ what the engine honours; the control models are strict, so a typo in a field nam
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-# Bounds that keep one request from asking for absurd work; the service checks the model's own limits.
-MAX_TOKENS_LIMIT = 32768
-MAX_STOP_SEQUENCES = 4
-MAX_STOP_LENGTH = 256
-SEED_RANGE = 2**63 - 1
+import contract
+from contract import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, SEED_RANGE, Quant
+
+
+def _from_record(record: type) -> type[BaseModel]:
+    """The response model of a contract record: the same fields, all present in every answer."""
+    hints = typing.get_type_hints(record)
+    docs = contract.field_docs(record)
+    fields = {f.name: (hints[f.name], Field(description=docs[f.name])) for f in dataclasses.fields(record)}
+    return create_model(record.__name__, __doc__=record.__doc__, **fields)
 
 
 class _Strict(BaseModel):
@@ -166,11 +173,7 @@ class Completion(BaseModel):
     usage: Usage
 
 
-class PollinateModelFacts(BaseModel):
-    label: str
-    demo: bool
-    num_blocks: int
-    missing_blocks: list[int]
+PollinateModelFacts = _from_record(contract.ModelFacts)
 
 
 class ModelEntry(BaseModel):
@@ -226,19 +229,7 @@ class Hardware(BaseModel):
     disk: DiskInfo
 
 
-class HostingPlan(BaseModel):
-    model: str
-    dht_prefix: str
-    start_block: int
-    end_block: int
-    num_blocks: int
-    total_blocks: int
-    quant: str
-    dtype: str
-    device: str
-    weights_bytes: int
-    cache_bytes: int
-    total_bytes: int
+HostingPlan = _from_record(contract.HostingPlan)
 
 
 class HostingStartRequest(_Strict):
@@ -248,7 +239,7 @@ class HostingStartRequest(_Strict):
     blocks: str | None = Field(
         default=None, pattern=r"^(auto|\d{1,6}:\d{1,6})$", description='"auto" or "A:B"'
     )
-    quant: Literal["auto", "none", "int8", "nf4"] | None = None
+    quant: Quant | None = None
     memory_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @field_validator("blocks")
@@ -265,26 +256,8 @@ class HostingStopRequest(_Strict):
     grace_seconds: float | None = Field(default=None, ge=0.0, le=3600.0)
 
 
-class Status(BaseModel):
-    state: Literal["idle", "loading", "serving", "draining", "error"]
-    progress: float | None
-    message: str | None
-    model: str | None
-    blocks: list[int] | None = Field(description="[start, end) of the hosted span")
-    swarm: Literal["local", "public", "private"]
-    ready: bool = Field(description="the engine has joined the swarm (and started the demo server if local)")
-
-
-class Stats(BaseModel):
-    tokens_served: int
-    requests_served: int
-    uptime_seconds: float
-    hosting_seconds: float
-    sessions_active: int
-    points: float
-    priority: float
-    tokens_generated: int = Field(description="tokens this engine generated for its own API clients")
-    requests_generated: int = Field(description="completions this engine ran for its own API clients")
+Status = _from_record(contract.Status)
+Stats = _from_record(contract.Stats)
 
 
 class BlockCoverage(BaseModel):
@@ -309,7 +282,7 @@ class SwarmServer(BaseModel):
     public_name: str | None
     start_block: int
     end_block: int
-    state: Literal["offline", "joining", "online"]
+    state: contract.ServerState
     throughput: float
     version: str | None
     observed_contribution: ObservedContribution | None = None

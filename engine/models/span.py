@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -178,11 +179,12 @@ def load_block_span(
     device: torch.device | str = "cpu",
     quant: str = "none",
     token: str | None = None,
+    on_block: Callable[[int], None] | None = None,
 ) -> BlockSpan:
     """Load blocks [start, end) of the checkpoint at `path`, reading only those blocks' tensors.
 
     `quant` is "none", "int8" or "nf4" (bitsandbytes, on CUDA or CPU). `token` is used only when a shard of a
-    hub checkpoint still has to be downloaded.
+    hub checkpoint still has to be downloaded. `on_block(n)` is called after each block with the count loaded.
     """
     check_quant(quant)
     config = prepare_config(load_config(path))
@@ -192,10 +194,11 @@ def load_block_span(
             f"block span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
         )
     reader = CheckpointReader(path, token=token)
-    blocks = [
-        load_block(reader, family, config, index, dtype=dtype, device=device, quant=quant)
-        for index in range(start, end)
-    ]
+    blocks = []
+    for index in range(start, end):
+        blocks.append(load_block(reader, family, config, index, dtype=dtype, device=device, quant=quant))
+        if on_block is not None:
+            on_block(len(blocks))
     span = BlockSpan(config, family, start, blocks, dtype=dtype, device=device, quant=quant)
     span.load_stats = reader.stats
     return span

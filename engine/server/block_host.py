@@ -23,6 +23,7 @@ import torch
 from hivemind import DHT
 from hivemind.p2p import P2P
 
+from contract import LoadPhase
 from engine.models.checkpoint import load_config, resolve_checkpoint
 from engine.models.registry import family_for
 from engine.models.span import load_block_span
@@ -70,7 +71,9 @@ class HostInfo:
 
     state: HostState
     model: str
-    message: str | None = None
+    phase: LoadPhase | None = None  # the step of start() while loading
+    phase_fraction: float = 0.0  # how far through that step (0..1)
+    error: str | None = None  # why start() failed
     dht_prefix: str | None = None
     start_block: int | None = None
     end_block: int | None = None
@@ -106,13 +109,17 @@ class BlockHost:
         priority_fn: PriorityFn | None = None,
         usage_fn: UsageFn | None = None,
         points_fn: Callable[[], float] | None = None,
+        on_progress: Callable[[LoadPhase, float], None] | None = None,
     ):
         self.config = config
         self._given_dht = dht
         self.priority_fn, self.usage_fn, self.points_fn = priority_fn, usage_fn, points_fn
         self.dht: DHT | None = None
         self.state = HostState.IDLE
-        self.message: str | None = None
+        self.on_progress = on_progress
+        self.phase: LoadPhase | None = None
+        self.phase_fraction = 0.0
+        self.error: str | None = None
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self._model_config = None
@@ -143,17 +150,34 @@ class BlockHost:
         try:
             self._start()
         except BaseException as error:
-            self.message = f"{type(error).__name__}: {error}"
-            logger.error("block server failed to start: %s", self.message)
+            self.error = f"{type(error).__name__}: {error}"
+            logger.error("block server failed to start: %s", self.error)
             self._shutdown(grace_seconds=0.0)
             self.state = HostState.ERROR
             raise
         self.state = HostState.SERVING
         self._ready.set()
 
+    def _enter(self, phase: LoadPhase) -> None:
+        # Fraction first: a reader that sees the new phase never sees the old phase's fraction with it.
+        self.phase_fraction = 0.0
+        self.phase = phase
+        self._report()
+
+    def _loaded(self, done: int, total: int) -> None:
+        self.phase_fraction = done / total
+        self._report()
+
+    def _report(self) -> None:
+        if self.on_progress is not None and self.phase is not None:
+            try:
+                self.on_progress(self.phase, self.phase_fraction)
+            except Exception:  # a broken listener must not break the start
+                logger.warning("progress listener failed", exc_info=True)
+
     def _start(self) -> None:
         config = self.config
-        self.message = "resolving the checkpoint"
+        self._enter(LoadPhase.RESOLVING)
         path = resolve_checkpoint(config.model)
         model_config = self._model_config = load_config(path)
         family = family_for(model_config)
@@ -165,7 +189,7 @@ class BlockHost:
         quant = self._quant = placement.resolve_quant(config.quant, device)
         total = model_config.num_hidden_layers
 
-        self.message = "joining the swarm"
+        self._enter(LoadPhase.JOINING)
         self.dht = self._given_dht or start_dht(
             config.initial_peers,
             host=config.host,
@@ -212,11 +236,19 @@ class BlockHost:
         self._announcer.start(wait=True)
         logger.info("announced blocks %d:%d of %s as joining", start, end, dht_prefix)
 
-        self.message = f"loading blocks {start}:{end}"
-        span = load_block_span(path, start, end, dtype=dtype, device=device, quant=quant)
+        self._enter(LoadPhase.LOADING_BLOCKS)
+        span = load_block_span(
+            path,
+            start,
+            end,
+            dtype=dtype,
+            device=device,
+            quant=quant,
+            on_block=lambda done: self._loaded(done, end - start),
+        )
         self._hosted = HostedSpan(span)
 
-        self.message = "measuring throughput"
+        self._enter(LoadPhase.MEASURING)
         rates: dict[str, float] = {}
         if config.throughput is None:
             rates = throughput.get_throughput_info(span, config.model)
@@ -224,7 +256,7 @@ class BlockHost:
         else:
             self._throughput = float(config.throughput)
 
-        self.message = "starting the RPC handlers"
+        self._enter(LoadPhase.STARTING)
         self._pool = TaskPool()
         self._pool.start()
         self._handler = TransformerConnectionHandler(
@@ -258,7 +290,7 @@ class BlockHost:
             k: float(v) for k, v in rates.items() if k in ("inference_rps", "forward_rps", "network_rps")
         }
         self._announcer.update(state=ServerState.ONLINE, throughput=self._throughput, wait=True, **extra)
-        self.message = None
+        self.phase, self.phase_fraction = None, 0.0
         logger.info("serving blocks %d:%d of %s (throughput %.1f)", start, end, dht_prefix, self._throughput)
 
     def stop(self, grace_seconds: float = 0.0) -> None:
@@ -313,7 +345,9 @@ class BlockHost:
         return HostInfo(
             state=self.state,
             model=self.config.model,
-            message=self.message,
+            phase=self.phase,
+            phase_fraction=self.phase_fraction,
+            error=self.error,
             dht_prefix=self._dht_prefix,
             start_block=start,
             end_block=end,

@@ -5,16 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SWARM_CHOICES = ("local", "public", "private")
+from contract import DEFAULT_CONTEXT_TOKENS, Swarm
+
+SWARM_CHOICES = tuple(Swarm)
 SWARM_INDEX_TTL = 5.0  # seconds a read of the swarm's model index is reused
 SWARM_MODELS_TTL = 30.0  # seconds the coverage of every indexed model is reused (a read per model)
-HOSTING_PROGRESS = (  # BlockHost.message prefixes -> progress of a hosting start
-    ("resolving", 0.05),
-    ("joining", 0.1),
-    ("loading", 0.2),
-    ("measuring", 0.8),
-    ("starting", 0.9),
-)
 
 
 @dataclass(frozen=True)
@@ -33,7 +28,7 @@ class ServiceConfig:
     # Seconds a stopping host waits for running sessions when the request gives no grace period.
     grace_seconds: float = 30.0
     # Longest context the engine asks servers for (prompt + new tokens).
-    max_context: int = 2048
+    max_context: int = DEFAULT_CONTEXT_TOKENS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

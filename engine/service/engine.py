@@ -14,10 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from contract import HostingState, Stats, Status, Swarm
 from engine.service.config import ModelRef, ServiceConfig
 from engine.service.errors import EngineNotReadyError
 from engine.service.generation import GenerationMixin
 from engine.service.hosting import HostingMixin
+from engine.service.lifetime import FIELDS as LIFETIME_FIELDS
+from engine.service.lifetime import LifetimeCounters
 from engine.service.models import CatalogMixin
 
 logger = logging.getLogger(__name__)
@@ -49,20 +52,13 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         self._swarm_dht = None  # the local swarm's bootstrap peer (swarm "local" only)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str, Any], None]] = []
-        self._status: dict[str, Any] = dict(
-            state="idle",
-            progress=None,
-            message=None,
-            model=None,
-            blocks=None,
-            swarm=config.swarm,
-            ready=False,
-        )
+        self._status = Status(swarm=Swarm(config.swarm))
         self._catalog: dict[str, ModelRef] = {}
         self._clients: dict[str, Any] = {}
         self._client_locks: dict[str, threading.Lock] = {}
         self._swarm_index: tuple[float, dict[str, Any]] = (0.0, {})
         self._models_coverage: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        self._context_lengths: dict[str, int] = {}
         self._demo_host = None
         self._host = None  # the user's BlockHost while hosting
         self._stop_requested = False
@@ -73,6 +69,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         self._sessions = 0
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.lifetime = LifetimeCounters(config.data_dir)  # totals over every run, kept in the data dir
         self.ledger = None  # engine.ledger.Ledger once started: points, priority, observed contributions
         self._auditor = None  # probes the servers next to the user's hosting while it serves
 
@@ -91,20 +88,20 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
 
     def _set_status(self, **changes: Any) -> dict[str, Any]:
         with self._lock:
-            if all(self._status.get(k) == v for k, v in changes.items()):
-                return dict(self._status)
-            self._status.update(changes)
-            status = dict(self._status)
+            if all(getattr(self._status, k) == v for k, v in changes.items()):
+                return self._status.to_dict()
+            self._status = self._status.replace(**changes)
+            status = self._status.to_dict()
         self._emit("status", status)
         return status
 
     def status(self) -> dict[str, Any]:
-        """The hosting state machine's position, as /api/status reports it."""
+        """The hosting state machine's position, as /api/status reports it (a contract.Status)."""
         with self._lock:
-            return dict(self._status)
+            return self._status.to_dict()
 
     def stats(self) -> dict[str, Any]:
-        """Counters for /api/stats."""
+        """Counters for /api/stats (a contract.Stats)."""
         with self._lock:
             host = self._host
             hosting = self._hosting_seconds
@@ -114,23 +111,35 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
             generated = dict(self._generated)
         info = host.info() if host is not None else None
         ledger = self.ledger.summary() if self.ledger is not None else dict(points=0.0, priority=1.0)
-        return dict(
+        run = dict(
             tokens_served=served["tokens"] + (info.tokens_served if info else 0),
             requests_served=served["requests"] + (info.requests_served if info else 0),
-            uptime_seconds=round(time.time() - self.started_at, 3),
             hosting_seconds=round(hosting, 3),
+        )
+        lifetime = self.lifetime.totals(run)
+        return Stats(
+            **run,
+            uptime_seconds=round(time.time() - self.started_at, 3),
             sessions_active=info.sessions_open if info else 0,
             points=float(ledger["points"]),
             priority=float(ledger["priority"]),
             tokens_generated=generated["tokens"],
             requests_generated=generated["requests"],
-        )
+            lifetime_tokens_served=int(lifetime["tokens_served"]),
+            lifetime_requests_served=int(lifetime["requests_served"]),
+            lifetime_hosting_seconds=round(lifetime["hosting_seconds"], 3),
+        ).to_dict()
+
+    def _save_lifetime(self) -> None:
+        stats = self.stats()
+        self.lifetime.save({name: stats[name] for name in LIFETIME_FIELDS})
 
     def _stats_loop(self) -> None:
         """Push stats when they change, at most once a second (uptime alone is no change)."""
         last = None
         while not self._closing.wait(1.0):
             stats = self.stats()
+            self.lifetime.save({name: stats[name] for name in LIFETIME_FIELDS})
             key = {k: v for k, v in stats.items() if k not in ("uptime_seconds", "hosting_seconds")}
             if key != last:
                 last = key
@@ -181,7 +190,9 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
             self._set_status(ready=True, message=None)
         except Exception as exc:
             logger.exception("the engine could not start")
-            self._set_status(state="error", message=f"The engine could not start: {exc}", ready=False)
+            self._set_status(
+                state=HostingState.ERROR, message=f"The engine could not start: {exc}", ready=False
+            )
 
     def _open_ledger(self, peer_id: str) -> None:
         from engine.ledger import Ledger, default_ledger_path
@@ -240,6 +251,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         an idle engine stops in a few seconds.
         """
         self._closing.set()
+        self._save_lifetime()  # while the host's counters are still in stats()
         with self._lock:
             host, self._host = self._host, None
             demo, self._demo_host = self._demo_host, None

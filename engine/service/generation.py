@@ -77,9 +77,7 @@ class GenerationMixin:
         client = self._client(ref)
         tokenizer = client.tokenizer
         ids = self._prompt_ids(tokenizer, request)
-        context = min(
-            self.config.max_context, getattr(client.config, "max_position_embeddings", 2048) or 2048
-        )
+        context = self.context_length(ref)
         if len(ids) >= context:
             raise InvalidRequestError(
                 f"The prompt has {len(ids)} tokens; {ref.name} takes at most {context - 1}."

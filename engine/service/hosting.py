@@ -10,11 +10,11 @@ import ctypes
 import gc
 import logging
 import sys
-import threading
 import time
 from typing import Any
 
-from engine.service.config import HOSTING_PROGRESS, ModelRef
+from contract import HostingPlan, HostingState, LoadPhase, hosting_progress
+from engine.service.config import ModelRef
 from engine.service.errors import InvalidRequestError, WrongStateError
 
 logger = logging.getLogger(__name__)
@@ -74,12 +74,12 @@ class HostingMixin:
             device = placement.resolve_device(config.device)
             dtype = placement.resolve_dtype(config.dtype, model_config, device)
             quant_name = placement.resolve_quant(config.quant, device)
-            free = int(placement.free_memory_bytes(device) * (memory_fraction or 1.0))
+            budget = int(placement.free_memory_bytes(device) * (memory_fraction or 1.0))
             throughputs = None if span else self._snapshot(ref).block_throughputs()
             plan = placement.plan_span(
                 config,
                 model_config,
-                free_bytes=free,
+                free_bytes=budget,
                 dtype=dtype,
                 quant=quant_name,
                 block_throughputs=throughputs,
@@ -87,7 +87,7 @@ class HostingMixin:
         except placement.PlacementError as exc:
             raise InvalidRequestError(str(exc)) from exc
         config = config.replace(start_block=plan.start, end_block=plan.end)
-        facts = dict(
+        facts = HostingPlan(
             model=ref.name,
             dht_prefix=ref.dht_prefix,
             start_block=plan.start,
@@ -97,69 +97,73 @@ class HostingMixin:
             quant=quant_name,
             dtype=str(dtype).removeprefix("torch."),
             device=device.type,
+            # Where the blocks live: a GPU's own memory, or main memory (CPU; Apple's unified memory).
+            memory_kind="gpu" if device.type == "cuda" else "ram",
+            budget_bytes=budget,
             weights_bytes=int(plan.weights_bytes),
             cache_bytes=int(plan.cache_bytes),
             total_bytes=int(plan.weights_bytes + plan.cache_bytes),
-        )
+        ).to_dict()
         return config, facts
 
-    def hosting_plan(self, model: str | None) -> dict[str, Any]:
-        """/api/hosting/plan: which blocks hosting `model` would take and the memory it would use."""
-        return self._plan(self._find_model(model), None, None, None)[1]
+    def hosting_plan(self, model: str | None, quant: str | None = None, memory_fraction: float | None = None):
+        """/api/hosting/plan: which blocks hosting `model` would take and the memory it would use, for the
+        quantization and memory share the user chose (a contract.HostingPlan)."""
+        return self._plan(self._find_model(model), None, quant, memory_fraction)[1]
 
     def start_hosting(self, model=None, blocks=None, quant=None, memory_fraction=None) -> dict[str, Any]:
         """Start sharing blocks; returns at once with state "loading" (progress follows in events)."""
         from engine.server.block_host import BlockHost
 
         with self._lock:
-            if self._status["state"] not in ("idle", "error"):
+            if self._status.state not in (HostingState.IDLE, HostingState.ERROR):
                 raise WrongStateError(
-                    f"Hosting is already {self._status['state']}; stop it before starting again."
+                    f"Hosting is already {self._status.state}; stop it before starting again."
                 )
         ref = self._find_model(model)
         config, facts = self._plan(ref, blocks, quant, memory_fraction)
         with self._lock:
-            if self._status["state"] not in ("idle", "error"):
-                raise WrongStateError(f"Hosting is already {self._status['state']}.")
-            host = self._host = BlockHost(config, **self.host_hooks())
+            if self._status.state not in (HostingState.IDLE, HostingState.ERROR):
+                raise WrongStateError(f"Hosting is already {self._status.state}.")
+            host = self._host = BlockHost(config, on_progress=self._hosting_progress, **self.host_hooks())
             self._stop_requested = False
         status = self._set_status(
-            state="loading",
+            state=HostingState.LOADING,
             progress=0.0,
-            message="Preparing",
+            phase=LoadPhase.PREPARING,
+            message=LoadPhase.PREPARING.words,
             model=ref.name,
             blocks=[facts["start_block"], facts["end_block"]],
         )
         self._spawn(lambda: self._run_host(host), "pollinate-hosting")
         return status
 
+    def _hosting_progress(self, phase: LoadPhase, fraction: float) -> None:
+        """BlockHost's report of where its start is (called from its thread)."""
+        if self._status.state == HostingState.LOADING:
+            self._set_status(phase=phase, progress=hosting_progress(phase, fraction), message=phase.words)
+
     def _run_host(self, host) -> None:
-        done = threading.Event()
-
-        def watch_progress() -> None:  # BlockHost reports its step as a message; map it to a fraction
-            while not done.wait(0.2):
-                message = host.message or ""
-                progress = next((p for prefix, p in HOSTING_PROGRESS if message.startswith(prefix)), None)
-                if progress is not None and self.status()["state"] == "loading":
-                    self._set_status(progress=progress, message=message[:1].upper() + message[1:])
-
-        self._spawn(watch_progress, "pollinate-hosting-progress")
         try:
             host.start()
         except Exception as exc:
-            done.set()
             logger.warning("hosting failed to start: %s", exc)
             with self._lock:
                 self._host = None
             _release_memory()
-            self._set_status(state="error", progress=None, message=f"Hosting failed: {exc}", blocks=None)
+            self._set_status(
+                state=HostingState.ERROR,
+                progress=None,
+                phase=None,
+                message=f"Hosting failed: {exc}",
+                blocks=None,
+            )
             return
-        done.set()
         self._start_auditor(host)
         with self._lock:
             self._hosting_since = time.time()
             stop_now = self._stop_requested
-        self._set_status(state="serving", progress=None, message=None)
+        self._set_status(state=HostingState.SERVING, progress=None, phase=None, message=None)
         if stop_now:  # stop was asked for while loading
             self._drain(host, 0.0)
 
@@ -178,25 +182,34 @@ class HostingMixin:
         """Stop sharing: announce OFFLINE, let sessions finish within the grace period, free memory."""
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         with self._lock:
-            state, host = self._status["state"], self._host
-            if state == "error":  # nothing runs: acknowledge the error and go back to idle
-                self._status.update(state="idle", progress=None, message=None, model=None, blocks=None)
-            elif state in ("idle", "draining"):
+            state, host = self._status.state, self._host
+            if state == HostingState.ERROR:  # nothing runs: acknowledge the error and go back to idle
+                self._status = self._status.replace(
+                    state=HostingState.IDLE, progress=None, phase=None, message=None, model=None, blocks=None
+                )
+            elif state in (HostingState.IDLE, HostingState.DRAINING):
                 raise WrongStateError(f"Hosting is {state}; there is nothing to stop.")
-            elif state == "loading":
+            elif state == HostingState.LOADING:
                 self._stop_requested = True
-        if state == "error":
+        if state == HostingState.ERROR:
             status = self.status()
             self._emit("status", status)
             return status
-        status = self._set_status(state="draining", progress=None, message="Letting running sessions finish")
-        if state == "serving":
+        status = self._set_status(
+            state=HostingState.DRAINING, progress=None, phase=None, message="Letting running sessions finish"
+        )
+        if state == HostingState.SERVING:
             self._spawn(lambda: self._drain(host, grace), "pollinate-draining")
         return status
 
     def _drain(self, host, grace: float) -> None:
-        if self.status()["state"] != "draining":
-            self._set_status(state="draining", progress=None, message="Letting running sessions finish")
+        if self._status.state != HostingState.DRAINING:
+            self._set_status(
+                state=HostingState.DRAINING,
+                progress=None,
+                phase=None,
+                message="Letting running sessions finish",
+            )
         with self._lock:
             auditor, self._auditor = self._auditor, None
         if auditor is not None:
@@ -219,4 +232,6 @@ class HostingMixin:
                 self._host = None
         del host, info
         _release_memory()
-        self._set_status(state="idle", progress=None, message=None, model=None, blocks=None)
+        self._set_status(
+            state=HostingState.IDLE, progress=None, phase=None, message=None, model=None, blocks=None
+        )

@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from contract import DEFAULT_CONTEXT_TOKENS, ModelFacts
 from engine.service.config import SWARM_INDEX_TTL, SWARM_MODELS_TTL, ModelRef
 from engine.service.errors import ModelNotFoundError
 
@@ -65,6 +66,23 @@ class CatalogMixin:
         with self._lock:
             return self._catalog.setdefault(ref.name, ref)
 
+    def context_length(self, ref: ModelRef) -> int:
+        """Longest prompt + reply (tokens) the engine runs for `ref`: its position limit, capped by config."""
+        from engine.models import load_config, resolve_checkpoint
+
+        with self._lock:
+            known = self._context_lengths.get(ref.name)
+        if known is None:
+            try:
+                config = load_config(resolve_checkpoint(ref.source))
+                known = int(getattr(config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_TOKENS)
+            except Exception as exc:  # an unreadable config: assume the common default, say so in the log
+                logger.warning("could not read the context length of %s: %s", ref.name, exc)
+                known = DEFAULT_CONTEXT_TOKENS
+            with self._lock:
+                self._context_lengths[ref.name] = known
+        return min(self.config.max_context, known)
+
     def _demo_name(self) -> str:
         from engine.demo import DEMO_MODEL_NAME
 
@@ -88,9 +106,13 @@ class CatalogMixin:
         for ref in sorted(by_prefix.values(), key=lambda r: (not r.demo, r.name)):
             missing = self._snapshot(ref).missing_blocks()
             if ref.demo or not missing:
-                facts = dict(
-                    label=ref.label, demo=ref.demo, num_blocks=ref.num_blocks, missing_blocks=missing
-                )
+                facts = ModelFacts(
+                    label=ref.label,
+                    demo=ref.demo,
+                    num_blocks=ref.num_blocks,
+                    missing_blocks=missing,
+                    context_length=self.context_length(ref),
+                ).to_dict()
                 entries.append(dict(id=ref.name, created=0, owned_by="pollinate-swarm", pollinate=facts))
         return entries
 

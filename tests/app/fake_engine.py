@@ -17,7 +17,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+# Run as a script, this file's folder leads sys.path: the repository root holds the contract.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import psutil
+
+from contract import STATE_FILE, HostingPlan, ModelFacts, Stats, Status
 
 TOKEN = "fake-token"
 DEMO_ID = "pollinate-demo-tiny-llama"
@@ -37,23 +41,8 @@ class FakeEngine:
         self.reply_text: str | None = None  # streamed word by word instead of the echo
         self.chat_error: tuple[int, dict] | None = None  # (status, error object) for the next chats
         self.hosting_error: tuple[int, dict] | None = None
-        self.status = {
-            "state": "idle",
-            "progress": None,
-            "message": None,
-            "model": None,
-            "blocks": None,
-            "swarm": "local",
-        }
-        self.stats = {
-            "tokens_served": 0,
-            "requests_served": 0,
-            "uptime_seconds": 0.0,
-            "hosting_seconds": 0.0,
-            "sessions_active": 0,
-            "points": 0.0,
-            "priority": 0.0,
-        }
+        self.status = Status(ready=True).to_dict()
+        self.stats = Stats().to_dict()
         self.hardware = {
             "gpus": [
                 {
@@ -79,23 +68,20 @@ class FakeEngine:
                 "id": "meta-llama/Llama-3.1-8B-Instruct",
                 "object": "model",
                 "owned_by": "swarm",
-                "pollinate": {
-                    "label": "Llama 3.1 8B Instruct",
-                    "demo": False,
-                    "num_blocks": 32,
-                    "missing_blocks": [],
-                },
+                "pollinate": ModelFacts(
+                    label="Llama 3.1 8B Instruct", num_blocks=32, context_length=8192
+                ).to_dict(),
             },
             {
                 "id": DEMO_ID,
                 "object": "model",
                 "owned_by": "pollinate",
-                "pollinate": {
-                    "label": "Demo model (tiny, random weights: its replies are gibberish)",
-                    "demo": True,
-                    "num_blocks": num_blocks,
-                    "missing_blocks": [],
-                },
+                "pollinate": ModelFacts(
+                    label="Demo model (tiny, random weights: its replies are gibberish)",
+                    demo=True,
+                    num_blocks=num_blocks,
+                    context_length=512,
+                ).to_dict(),
             },
         ]
         self.servers_per_block = [1] * num_blocks
@@ -155,7 +141,7 @@ class FakeEngine:
             "version": "0.1.0-fake",
             "started_at": time.time(),
         }
-        path = data_dir / "engine-state.json"
+        path = data_dir / STATE_FILE
         path.write_text(json.dumps(state))
         return path
 
@@ -247,22 +233,26 @@ class FakeEngine:
             ],
         }
 
-    def plan(self) -> dict:
+    def plan(self, quant: str | None = None, memory_fraction: float | None = None) -> dict:
+        """Like the engine: the quantization asked for (auto: nf4 on the GPU) and the memory share."""
         half = self.num_blocks // 2
-        return {
-            "model": DEMO_ID,
-            "dht_prefix": "pollinate-demo-tiny-llama-hf",
-            "start_block": 0,
-            "end_block": half,
-            "num_blocks": half,
-            "total_blocks": self.num_blocks,
-            "quant": "none",
-            "dtype": "float32",
-            "device": "cuda:0",
-            "weights_bytes": 3 * 1024**2,
-            "cache_bytes": 16 * 1024**2,
-            "total_bytes": 19 * 1024**2,
-        }
+        quant = "nf4" if quant in (None, "auto") else quant
+        return HostingPlan(
+            model=DEMO_ID,
+            dht_prefix="pollinate-demo-tiny-llama-hf",
+            start_block=0,
+            end_block=half,
+            num_blocks=half,
+            total_blocks=self.num_blocks,
+            quant=quant,
+            dtype="float16",
+            device="cuda",
+            memory_kind="gpu",
+            budget_bytes=int(21 * GiB * (memory_fraction or 1.0)),
+            weights_bytes=3 * 1024**2,
+            cache_bytes=16 * 1024**2,
+            total_bytes=19 * 1024**2,
+        ).to_dict()
 
 
 def error_body(status: int, kind: str, message: str, **extra) -> dict:
@@ -313,21 +303,23 @@ class FakeHandler(BaseHTTPRequestHandler):
             return self._json(200, {"status": "ok", "version": "0.1.0-fake", "pid": os.getpid()})
         if not self._authorized():
             return None
+        query = parse_qs(url.query)
         routes = {
             "/api/status": lambda: fake.status,
             "/api/stats": lambda: fake.stats,
             "/api/hardware": lambda: fake.hardware,
-            "/api/hosting/plan": fake.plan,
+            "/api/hosting/plan": lambda: fake.plan(
+                query.get("quant", [None])[0], float(query.get("memory_fraction", ["1"])[0])
+            ),
             "/api/swarm": fake.swarm,
             "/v1/models": lambda: {"object": "list", "data": fake.models},
         }
         if url.path == "/api/events":
             return self._events()
-        if url.path != "/api/status" and url.path in routes and not fake.status.get("ready", True):
+        if url.path != "/api/status" and url.path in routes and not fake.status["ready"]:
             message = "The engine is still starting (Joining the swarm); try again in a moment."
             return self._json(503, error_body(503, "engine_not_ready", message))
         if url.path in routes:
-            parse_qs(url.query)
             return self._json(200, routes[url.path]())
         return self._json(404, error_body(404, "not_found", f"No route {url.path}"))
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract import LoadPhase
+
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -306,15 +308,21 @@ def test_events_report_progress(engine, hosted_model):
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     time.sleep(0.5)
-    assert (
-        engine.post("/api/hosting/start", json={"model": str(hosted_model), "blocks": "2:6"}).status_code
-        == 202
-    )
+    started = engine.post("/api/hosting/start", json={"model": str(hosted_model), "blocks": "2:6"})
+    assert started.status_code == 202 and started.json()["phase"] == LoadPhase.PREPARING
     listener.join(60)
     statuses = [d for k, d in seen if k == "status"]
     assert statuses[0]["state"] == "idle"
     loading = [s for s in statuses if s["state"] == "loading"]
     assert loading and all(0.0 <= s["progress"] <= 1.0 for s in loading)
+    # Typed phases, in the order a start goes through them, and progress that never goes back.
+    phases = [LoadPhase(s["phase"]) for s in loading]
+    assert phases  # (a listener gets the newest event of each kind: phases may be skipped, never reordered)
+    order = [list(LoadPhase).index(p) for p in phases]
+    assert order == sorted(order)
+    assert [s["progress"] for s in loading] == sorted(s["progress"] for s in loading)
+    assert all(s["message"] == LoadPhase(s["phase"]).words for s in loading)
     assert statuses[-1]["state"] == "serving" and statuses[-1]["blocks"] == [2, 6]
+    assert statuses[-1]["phase"] is None and statuses[-1]["progress"] is None
     assert engine.post("/api/hosting/stop", json={"grace_seconds": 0}).status_code == 202
     _wait_state(engine, "idle")

@@ -12,6 +12,7 @@ from hivemind.compression import serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
+from contract import LoadPhase
 from engine.models.span import load_block_span
 from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import get_block_infos
@@ -326,8 +327,28 @@ def test_duplicate_session_id_is_refused(client):
 
 def test_graceful_stop_announces_offline(checkpoint, swarm):
     dht, peers = swarm
-    with running_server(checkpoint, peers, start_block=2, end_block=4, dht_prefix="life") as host:
+    reports: list[tuple[LoadPhase, float]] = []
+    with running_server(
+        checkpoint,
+        peers,
+        start_block=2,
+        end_block=4,
+        dht_prefix="life",
+        on_progress=lambda *r: reports.append(r),
+    ) as host:
         me = host.info().peer_id
+        # The start reported typed phases in order, with each loaded block as a fraction (not prose).
+        assert [phase for phase, _ in reports] == [
+            LoadPhase.RESOLVING,
+            LoadPhase.JOINING,
+            LoadPhase.LOADING_BLOCKS,
+            LoadPhase.LOADING_BLOCKS,
+            LoadPhase.LOADING_BLOCKS,
+            LoadPhase.MEASURING,
+            LoadPhase.STARTING,
+        ]
+        assert [f for p, f in reports if p == LoadPhase.LOADING_BLOCKS] == [0.0, 0.5, 1.0]
+        assert host.info().phase is None and host.info().error is None
 
         def state_of_block_3():
             record = get_block_infos(dht, "life", 4)[3].get(me)

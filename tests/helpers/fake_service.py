@@ -13,6 +13,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from contract import (
+    DEFAULT_CONTEXT_TOKENS,
+    HostingPlan,
+    HostingState,
+    LoadPhase,
+    ModelFacts,
+    Stats,
+    Status,
+    hosting_progress,
+)
 from engine.service import (
     Finished,
     GenerationRequest,
@@ -26,7 +36,7 @@ from engine.service import (
 
 FAKE_MODELS = {"fake-model": (4, []), "fake-broken": (4, [2, 3])}
 FAKE_REPLY = "Hello from the fake engine , this is a canned reply ."
-CONTEXT_TOKENS = 2048
+CONTEXT_TOKENS = DEFAULT_CONTEXT_TOKENS
 
 
 class FakeEngineService:
@@ -44,9 +54,7 @@ class FakeEngineService:
         self.sessions_closed = 0
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str, Any], None]] = []
-        self._status: dict[str, Any] = dict(
-            state="idle", progress=None, message=None, model=None, blocks=None, swarm="local", ready=True
-        )
+        self._status = Status(ready=True)
         self._tokens = 0
         self._requests = 0
 
@@ -57,18 +65,18 @@ class FakeEngineService:
 
     def _set_status(self, **changes) -> dict[str, Any]:
         with self._lock:
-            self._status.update(changes)
-            status = dict(self._status)
+            self._status = self._status.replace(**changes)
+            status = self._status.to_dict()
         for listener in self._listeners:
             listener("status", status)
         return status
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self._status)
+            return self._status.to_dict()
 
     def stats(self) -> dict[str, Any]:
-        return dict(
+        return Stats(
             tokens_served=0,
             requests_served=0,
             uptime_seconds=time.time() - self.started_at,
@@ -78,7 +86,7 @@ class FakeEngineService:
             priority=1.0,
             tokens_generated=self._tokens,
             requests_generated=self._requests,
-        )
+        ).to_dict()
 
     # ---- models and swarm ------------------------------------------------------------------------------
 
@@ -92,7 +100,12 @@ class FakeEngineService:
 
     def list_models(self) -> list[dict[str, Any]]:
         return [
-            dict(id=name, pollinate=dict(label=name, demo=False, num_blocks=n, missing_blocks=missing))
+            dict(
+                id=name,
+                pollinate=ModelFacts(
+                    label=name, num_blocks=n, missing_blocks=missing, context_length=CONTEXT_TOKENS
+                ).to_dict(),
+            )
             for name, (n, missing) in FAKE_MODELS.items()
         ]
 
@@ -122,56 +135,65 @@ class FakeEngineService:
             missing_blocks=missing,
         )
 
-    def hosting_plan(self, model: str | None) -> dict[str, Any]:
+    def hosting_plan(self, model: str | None, quant=None, memory_fraction=None) -> dict[str, Any]:
         name, total, _ = self._model(model)
-        return dict(
+        return HostingPlan(
             model=name,
             dht_prefix=name + "-hf",
             start_block=0,
             end_block=total,
             num_blocks=total,
             total_blocks=total,
-            quant="none",
+            quant="none" if quant in (None, "auto") else str(quant),
             dtype="float32",
             device="cpu",
+            memory_kind="ram",
+            budget_bytes=int(10_000 * (memory_fraction or 1.0)),
             weights_bytes=1000,
             cache_bytes=100,
             total_bytes=1100,
-        )
+        ).to_dict()
 
     # ---- hosting ---------------------------------------------------------------------------------------
 
     def start_hosting(self, model=None, blocks=None, quant=None, memory_fraction=None) -> dict[str, Any]:
         name, total, _ = self._model(model)
         with self._lock:
-            if self._status["state"] not in ("idle", "error"):
-                raise WrongStateError(f"Hosting is {self._status['state']}; stop it first.")
-            self._status["state"] = "loading"
+            if self._status.state not in (HostingState.IDLE, HostingState.ERROR):
+                raise WrongStateError(f"Hosting is {self._status.state}; stop it first.")
+            self._status = self._status.replace(state=HostingState.LOADING)
         span = [0, total] if blocks in (None, "auto") else [int(x) for x in blocks.split(":")]
         if span[1] > total:
-            self._set_status(state="idle")
+            self._set_status(state=HostingState.IDLE)
             raise InvalidRequestError(f"{name} has {total} blocks; {blocks} is out of range.")
         status = self._set_status(
-            state="loading", progress=0.0, message="Loading blocks", model=name, blocks=span
+            state=HostingState.LOADING,
+            progress=hosting_progress(LoadPhase.LOADING_BLOCKS),
+            phase=LoadPhase.LOADING_BLOCKS,
+            message=LoadPhase.LOADING_BLOCKS.words,
+            model=name,
+            blocks=span,
         )
 
         def finish():
             time.sleep(self.hosting_delay)
-            self._set_status(state="serving", progress=None, message=None)
+            self._set_status(state=HostingState.SERVING, progress=None, phase=None, message=None)
 
         threading.Thread(target=finish, daemon=True).start()
         return status
 
     def stop_hosting(self, grace_seconds: float | None = None) -> dict[str, Any]:
         with self._lock:
-            if self._status["state"] in ("idle", "error", "draining"):
-                raise WrongStateError(f"Hosting is {self._status['state']}; there is nothing to stop.")
-            self._status["state"] = "draining"
-        status = self._set_status(state="draining", message="Letting sessions finish")
+            if self._status.state in (HostingState.IDLE, HostingState.ERROR, HostingState.DRAINING):
+                raise WrongStateError(f"Hosting is {self._status.state}; there is nothing to stop.")
+            self._status = self._status.replace(state=HostingState.DRAINING)
+        status = self._set_status(state=HostingState.DRAINING, message="Letting sessions finish")
 
         def finish():
             time.sleep(self.hosting_delay)
-            self._set_status(state="idle", progress=None, message=None, model=None, blocks=None)
+            self._set_status(
+                state=HostingState.IDLE, progress=None, phase=None, message=None, model=None, blocks=None
+            )
 
         threading.Thread(target=finish, daemon=True).start()
         return status

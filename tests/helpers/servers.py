@@ -32,7 +32,12 @@ from engine.server.config import ServerConfig
 
 @contextlib.contextmanager
 def running_server(
-    model: str | Path, initial_peers: Sequence[str] = (), *, new_swarm: bool = False, **config_fields
+    model: str | Path,
+    initial_peers: Sequence[str] = (),
+    *,
+    new_swarm: bool = False,
+    on_progress=None,
+    **config_fields,
 ) -> Iterator[BlockHost]:
     """A started in-process BlockHost on 127.0.0.1 (fixed throughput 1.0 unless given), stopped on exit."""
     config_fields.setdefault("host", "127.0.0.1")
@@ -42,7 +47,7 @@ def running_server(
     config = ServerConfig(
         model=str(model), initial_peers=tuple(initial_peers), new_swarm=new_swarm, **config_fields
     )
-    host = BlockHost(config)
+    host = BlockHost(config, on_progress=on_progress)
     try:
         host.start()
         yield host

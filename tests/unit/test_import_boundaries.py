@@ -55,6 +55,14 @@ def test_every_app_module_imports_without_the_ml_stack():
     assert not loaded & {"torch", "transformers", "hivemind", "engine"}
 
 
+def test_contract_imports_only_the_standard_library():
+    """The app and the engine share `contract`: it may load nothing but the standard library."""
+    modules, loaded = _import_all("contract", [])
+    _, interpreter = _import_all("json", [])  # what any interpreter here loads (site hooks, __main__)
+    assert "contract.records" in modules
+    assert loaded - interpreter - set(sys.stdlib_module_names) == {"contract"}
+
+
 def test_engine_never_imports_qt():
     modules, loaded = _import_all("engine", ["PySide6", "shiboken6"])
     assert len(modules) > 5, modules

@@ -1,0 +1,9 @@
+"""Limits shared by the API's validation, the engine and the app's controls."""
+
+# Most new tokens one request may ask for (the API's bound; the model's context usually binds first).
+MAX_TOKENS_LIMIT = 32768
+# Longest context (prompt + new tokens) the engine asks servers for, unless configured otherwise.
+DEFAULT_CONTEXT_TOKENS = 2048
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+SEED_RANGE = 2**63 - 1
