@@ -168,6 +168,7 @@ def run_service(args: argparse.Namespace) -> int:
     from engine import paths
     from engine.api.app import create_app
     from engine.api.auth import load_or_create_token
+    from engine.lifetime import guard_children
     from engine.service import EngineService, ServiceConfig
 
     data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir()
@@ -178,6 +179,7 @@ def run_service(args: argparse.Namespace) -> int:
             f"error: an engine already runs for {data_dir} (pid {running['pid']}, {running.get('base_url')})"
         )
         return 1
+    guard_children()  # before anything forks: no helper outlives the engine, however it ends
     try:
         config = ServiceConfig(
             data_dir=data_dir,

@@ -120,9 +120,11 @@ def _print_address(peer_id: str, multiaddrs) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Host blocks until SIGINT/SIGTERM; returns the exit code."""
+    from engine.lifetime import guard_children
     from engine.server.block_host import BlockHost
 
     config = config_from_args(args)
+    guard_children()  # no DHT process or p2p daemon outlives this server, even after a kill -9
     host = BlockHost(config)
     try:
         host.start()
@@ -146,8 +148,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_dht(args: argparse.Namespace) -> int:
     """Run a DHT peer until SIGINT/SIGTERM."""
+    from engine.lifetime import guard_children
     from engine.swarm.dht_node import start_dht
 
+    guard_children()
     dht = start_dht(args.initial_peers, host=args.host, port=args.port, new_swarm=not args.initial_peers)
     try:
         _print_address(dht.peer_id.to_base58(), [str(a) for a in dht.get_visible_maddrs()])

@@ -73,6 +73,13 @@ def declare_model(dht: DHT, dht_prefix: str, model_info: ModelInfo, expiration_t
     )
 
 
+def _dht_alive(dht) -> bool:
+    try:
+        return bool(dht.is_alive())
+    except (AssertionError, ValueError, AttributeError):  # not our child, or closed: cannot tell, assume so
+        return True
+
+
 class Announcer:
     """Keeps a span of blocks announced: re-declares every ``update_period`` seconds from a daemon thread.
 
@@ -151,9 +158,13 @@ class Announcer:
             self._info = self._info.replace(state=ServerState.OFFLINE, next_pings=None)
             self._stopping = True
         self._wakeup.set()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            self._thread.join(0.1)
+            if not _dht_alive(self.dht):  # it went with a group signal: nobody is left to announce through
+                break
         if self._thread.is_alive():
-            logger.warning("Announcer did not stop within %.1f s", timeout)
+            logger.warning("Announcer did not stop (its DHT peer is gone or it took over %.1f s)", timeout)
         self._thread = None
 
     def _wait_for(self, target: int, timeout: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import multiprocessing as mp
@@ -12,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from engine.cli import build_parser
 from engine.service_cli import _parent_gone
+from tests.helpers.servers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,3 +154,128 @@ def test_run_accepts_exit_on_stdin_eof():
     """The app on Windows ties the engine in WSL to itself through wsl.exe's stdin (no shared pids)."""
     assert build_parser().parse_args(["run", "--exit-on-stdin-eof"]).exit_on_stdin_eof
     assert not build_parser().parse_args(["run"]).exit_on_stdin_eof
+
+
+def _ready_engine(tmp_path: Path, **popen) -> tuple[subprocess.Popen, dict]:
+    """A `pollinate-engine run` child that is ready (demo server and DHT peers running)."""
+    env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--data-dir", str(tmp_path)]
+    engine = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
+    )
+    state = _wait_for_state(tmp_path, engine)
+    token = (tmp_path / "engine-api-token").read_text().strip()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        connection = http.client.HTTPConnection("127.0.0.1", state["port"], timeout=10)
+        connection.request("GET", "/api/status", headers={"Authorization": f"Bearer {token}"})
+        if json.loads(connection.getresponse().read())["ready"]:
+            return engine, state
+        time.sleep(0.5)
+    raise TimeoutError("the engine did not become ready")
+
+
+def _left_running(known: dict[int, float]) -> list[str]:
+    left = []
+    for pid, started in known.items():
+        try:
+            process = psutil.Process(pid)
+            if process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {process.name()}")
+        except psutil.Error:
+            pass
+    return left
+
+
+def _kill_all(known: dict[int, float]) -> None:
+    for pid, started in known.items():
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            if process.create_time() == started:
+                process.kill()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_engine_leaves_no_process(tmp_path):
+    """Issue 12 #3: DHT processes, p2p daemons and every other child go when the engine is killed."""
+    engine, _state = _ready_engine(tmp_path)
+    children = {p.pid: p.create_time() for p in psutil.Process(engine.pid).children(recursive=True)}
+    try:
+        names = sorted(psutil.Process(pid).name() for pid in children)
+        assert any("p2pd" in name for name in names), names
+        time.sleep(1.0)  # the reaper looks twice a second
+        engine.kill()
+        engine.wait()
+        deadline = time.monotonic() + 5.0
+        while _left_running(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _left_running(children), f"still running 5 s after kill -9: {_left_running(children)}"
+    finally:
+        _kill_all(children)
+
+
+@pytest.mark.slow
+def test_group_sigterm_stops_everything_within_10_s(tmp_path):
+    """Issue 12 #5: what `timeout`, systemd and `docker stop` send: SIGTERM to the whole process group."""
+    engine, _state = _ready_engine(tmp_path, start_new_session=True)
+    children = {p.pid: p.create_time() for p in psutil.Process(engine.pid).children(recursive=True)}
+    try:
+        began = time.monotonic()
+        os.killpg(engine.pid, signal.SIGTERM)
+        engine.wait(timeout=15)
+        deadline = began + 10.0
+        while _left_running(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert time.monotonic() - began < 10.0 and not _left_running(children), _left_running(children)
+    finally:
+        if engine.poll() is None:
+            os.killpg(engine.pid, signal.SIGKILL)
+            engine.wait()
+        _kill_all(children)
+
+
+_FAMILY = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from engine.lifetime import guard_children, install_fork_hooks
+signal.signal(signal.SIGTERM, lambda *_: None)  # like the engine: a handler that only sets a flag
+guard_children()
+pid = os.fork()
+if pid == 0:
+    if os.fork() == 0:
+        time.sleep(120)  # a grandchild, like the p2p daemon of a DHT process
+    time.sleep(120)
+print(pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_reaper_ends_what_a_killed_process_left_and_spares_reused_pids():
+    from engine.reaper import still_ours
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _FAMILY, str(ROOT)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    family: dict[int, float] = {}
+    try:
+        int(parent.stdout.readline())
+        time.sleep(1.0)  # the reaper notes descendants twice a second
+        family = {p.pid: p.create_time() for p in psutil.Process(parent.pid).children(recursive=True)}
+        assert len(family) == 3, family  # reaper, child, grandchild
+        forked = [pid for pid in family if "engine.reaper" not in " ".join(psutil.Process(pid).cmdline())]
+        os.kill(forked[0], signal.SIGTERM)  # a forked child no longer runs the parent's handler
+        assert wait_for(lambda: not still_ours({forked[0]: family[forked[0]]}), timeout=5)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5.0
+        while _left_running(family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _left_running(family), _left_running(family)
+        me = psutil.Process()
+        assert still_ours({me.pid: me.create_time()}) == [me]
+        assert still_ours({me.pid: me.create_time() - 100}) == []  # same pid, another process: never touched
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        _kill_all(family)
