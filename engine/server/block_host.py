@@ -2,9 +2,10 @@
 
 The constructor only stores its arguments. `start()` does the work in Petals' order: resolve the checkpoint,
 choose the span, announce JOINING, load the blocks, measure throughput (once per machine, cached), register
-the RPC handlers on the DHT's p2p daemon, announce ONLINE. `stop()` announces OFFLINE first (clients drop
-us at once), lets open sessions finish within a grace period, then stops handlers and the compute loop and
-frees the memory.
+the RPC handlers on the DHT's p2p daemon, announce ONLINE. `drain()` steps aside politely (announce OFFLINE,
+refuse new work, let open sessions finish for a grace period, end the rest so clients replay elsewhere),
+then either frees everything (RELEASE, what `stop()` does) or keeps the weights for a quick `resume()`
+(HOLD, what `pause()` does); engine/server/drain.py describes the steps.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from engine.models.span import load_block_span
 from engine.server import placement, throughput
 from engine.server.compute import HostedSpan, run_forward
 from engine.server.config import ServerConfig
+from engine.server.drain import DrainMode, DrainReport
 from engine.server.handler import HandlerLimits, PriorityFn, TransformerConnectionHandler, UsageFn
 from engine.server.memory_cache import MemoryCache
 from engine.server.protocol import compression_type
@@ -42,6 +44,9 @@ from engine.swarm.keys import validate_dht_prefix
 from engine.swarm.records import ModelInfo, ServerInfo, ServerState
 
 logger = logging.getLogger(__name__)
+
+PAUSING_MESSAGE = "this server is pausing (its owner needs the machine); use another server"
+END_WAIT_SECONDS = 10.0  # after the grace period, how long a drain waits for a computing step to finish
 
 
 def pollinate_version() -> str:
@@ -61,6 +66,7 @@ class HostState(enum.Enum):
     LOADING = "loading"
     SERVING = "serving"
     DRAINING = "draining"
+    PAUSED = "paused"  # drained with DrainMode.HOLD: weights loaded, no work accepted
     STOPPED = "stopped"
     ERROR = "error"
 
@@ -294,24 +300,99 @@ class BlockHost:
         logger.info("serving blocks %d:%d of %s (throughput %.1f)", start, end, dht_prefix, self._throughput)
 
     def stop(self, grace_seconds: float = 0.0) -> None:
-        """Announce OFFLINE, let open sessions finish for up to `grace_seconds`, then free everything."""
+        """Drain with DrainMode.RELEASE: announce OFFLINE, let sessions finish, end the rest, free all."""
+        self.drain(grace_seconds, DrainMode.RELEASE)
+
+    def pause(self, grace_seconds: float = 0.0) -> DrainReport:
+        """Drain with DrainMode.HOLD: stop accepting work but keep the weights loaded (see resume())."""
+        return self.drain(grace_seconds, DrainMode.HOLD)
+
+    def drain(self, grace_seconds: float, mode: DrainMode = DrainMode.RELEASE) -> DrainReport:
+        """Step aside without breaking anyone's chat (the steps: engine/server/drain.py).
+
+        Announces OFFLINE and refuses new requests, lets open inference sessions run for up to
+        `grace_seconds`, then ends the rest (our client replays them elsewhere with the same tokens).
+        RELEASE then frees weights, caches and handlers (state STOPPED); HOLD keeps the weights (state
+        PAUSED, `resume()` serves again). Thread-safe; blocks until done.
+        """
+        started = time.monotonic()
         with self._lock:
-            if self.state in (HostState.STOPPED, HostState.IDLE):
-                self.state = HostState.STOPPED
-                return
+            if self.state in (HostState.STOPPED, HostState.IDLE) or (
+                self.state == HostState.PAUSED and mode == DrainMode.HOLD
+            ):
+                if self.state == HostState.IDLE:
+                    self.state = HostState.STOPPED
+                return DrainReport(mode, grace_seconds, 0, 0, 0.0, 0.0)
+            if self.state == HostState.DRAINING:
+                raise RuntimeError("the block server is already draining")
+            was_serving = self.state in (HostState.SERVING, HostState.PAUSED)
             self.state = HostState.DRAINING
-        self._shutdown(grace_seconds)
-        self.state = HostState.STOPPED
-        self._ready.clear()
+            self._ready.clear()
+        at_start = ended = 0
+        if was_serving:
+            at_start, ended = self._drain_sessions(grace_seconds)
+        quiet = time.monotonic() - started
+        if mode == DrainMode.HOLD:
+            self.state = HostState.PAUSED
+        else:
+            self._shutdown(grace_seconds=0.0)
+            self.state = HostState.STOPPED
+        report = DrainReport(mode, grace_seconds, at_start, ended, quiet, time.monotonic() - started)
+        logger.info("drained (%s): %s", mode.value, report)
+        return report
+
+    def resume(self) -> None:
+        """Serve again after pause(): accept work and announce ONLINE (one DHT round, about a second)."""
+        with self._lock:
+            if self.state != HostState.PAUSED:
+                raise RuntimeError(f"BlockHost.resume() needs a paused host, not {self.state.value}")
+            self.state = HostState.LOADING
+        self._on_loop(self._handler.accept_work)
+        self._announcer.update(state=ServerState.ONLINE, wait=True)
+        self.state = HostState.SERVING
+        self._ready.set()
+
+    def _drain_sessions(self, grace_seconds: float) -> tuple[int, int]:
+        """Announce OFFLINE, refuse new work, wait up to the grace period, end what is left.
+
+        Returns (sessions open at the start, sessions ended by us).
+        """
+        handler = self._handler
+        at_start = 0
+        if handler is not None:
+            handler.refuse_new_work(PAUSING_MESSAGE)
+            at_start = handler.stats.sessions_open
+        if self._announcer is not None:
+            _guard("announce OFFLINE", lambda: self._announcer.update(state=ServerState.OFFLINE, wait=True))
+        if handler is None:
+            return 0, 0
+        deadline = time.monotonic() + grace_seconds
+        while handler.stats.sessions_open > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ended = handler.stats.sessions_open
+        if ended:
+            _guard("end the open sessions", lambda: self._on_loop(handler.end_open_sessions))
+            # A session ends at its next step boundary; a step already computing finishes first.
+            deadline = time.monotonic() + END_WAIT_SECONDS
+            while handler.stats.sessions_open > 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return at_start, ended
+
+    def _on_loop(self, action) -> None:
+        if self._loop is None:
+            return
+
+        async def call():
+            action()
+
+        self._run(call(), timeout=10)
 
     def _shutdown(self, grace_seconds: float) -> None:
         # Each step is guarded: a failure in one must not keep the others (and the memory) from being freed.
         if self._announcer is not None:
             _guard("announce OFFLINE", self._announcer.stop)
         if self._handler is not None and grace_seconds > 0:
-            deadline = time.monotonic() + grace_seconds
-            while self._handler.stats.sessions_open > 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            self._drain_sessions(grace_seconds)
         if self._loop is not None:
             _guard("remove RPC handlers", lambda: self._run(self._unregister_handlers(), timeout=10))
             _guard("stop the handler loop", self._stop_loop)
@@ -339,7 +420,7 @@ class BlockHost:
         stats = self._handler.stats if self._handler is not None else None
         cache = self._memory_cache
         peer_id = multiaddrs = None
-        if self.dht is not None and self.state == HostState.SERVING:
+        if self.dht is not None and self.state in (HostState.SERVING, HostState.PAUSED):
             peer_id = self.dht.peer_id.to_base58()
             multiaddrs = tuple(str(a) for a in self.dht.get_visible_maddrs())
         return HostInfo(

@@ -95,6 +95,31 @@ class TransformerConnectionHandler(ServicerBase):
         self._p2p: P2P | None = None
         self._session_queues: dict[str, asyncio.Queue] = {}
         self._background: set[asyncio.Task] = set()
+        # Drain (engine/server/drain.py): a paused handler refuses new work; `_leaving` ends open sessions.
+        self._refusal: str | None = None
+        self._leaving = asyncio.Event()
+
+    # --- drain ---------------------------------------------------------------------------------------------
+
+    def refuse_new_work(self, reason: str) -> None:
+        """From now on every new request fails at once with `reason` (clients then try another server)."""
+        self._refusal = reason
+
+    def end_open_sessions(self) -> None:
+        """Make every open inference session fail at its next step boundary (call on the handler's loop).
+
+        The client sees an error, bans us and replays its history to another server (same tokens).
+        """
+        self._leaving.set()
+
+    def accept_work(self) -> None:
+        """Undo refuse_new_work / end_open_sessions (call on the handler's loop)."""
+        self._refusal = None
+        self._leaving.clear()
+
+    def _check_accepting(self) -> None:
+        if self._refusal is not None:
+            raise RequestError(self._refusal)
 
     async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
         """Register the rpc_* methods on `p2p` (and keep it for server-to-server pushes)."""
@@ -162,6 +187,7 @@ class TransformerConnectionHandler(ServicerBase):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
 
     async def _forward(self, uid: str, flat, raw_metadata: bytes, context: P2PContext) -> list:
+        self._check_accepting()
         start, end = self._parse_span(uid)
         metadata = protocol.parse_metadata(raw_metadata)
         points = protocol.read_number(metadata, "points", 0.0)
@@ -201,6 +227,7 @@ class TransformerConnectionHandler(ServicerBase):
         return protocol.serialize([outputs], self.hosted.dtype, compressions)
 
     async def _backward(self, uid: str, flat, raw_metadata: bytes, context: P2PContext) -> list:
+        self._check_accepting()
         start, end = self._parse_span(uid)
         metadata = protocol.parse_metadata(raw_metadata)
         points = protocol.read_number(metadata, "points", 0.0)
@@ -279,6 +306,7 @@ class TransformerConnectionHandler(ServicerBase):
             first = await asyncio.wait_for(anext(requests), self.limits.step_timeout)
         except (StopAsyncIteration, TimeoutError):
             return
+        self._check_accepting()
         start, end = self._parse_span(first.uid)
         metadata = protocol.parse_metadata(first.metadata)
         max_length = protocol.read_max_length(metadata, self.limits.inference_max_length)
@@ -361,9 +389,11 @@ class TransformerConnectionHandler(ServicerBase):
     async def _iterate_steps(self, first, requests, pushes: asyncio.Queue | None, session, deadline, context):
         """Steps of a session, from the client or pushed by the previous server; each step_id once."""
         request = first
-        next_request = next_push = None
+        next_request = next_push = leaving = None
         try:
             while request.tensors:
+                if self._leaving.is_set():
+                    raise RequestError(self._refusal or "this server is leaving the swarm")
                 metadata = protocol.parse_metadata(request.metadata)
                 step_id = protocol.read_id(metadata, "step_id")
                 if step_id is None or step_id not in session.processed_step_ids:
@@ -379,7 +409,9 @@ class TransformerConnectionHandler(ServicerBase):
                     )
                 if next_request is None:
                     next_request = asyncio.ensure_future(anext(requests))
-                waiting = {next_request}
+                if leaving is None:
+                    leaving = asyncio.ensure_future(self._leaving.wait())
+                waiting = {next_request, leaving}
                 if pushes is not None:
                     if next_push is None:
                         next_push = asyncio.ensure_future(pushes.get())
@@ -393,6 +425,9 @@ class TransformerConnectionHandler(ServicerBase):
                     next_request = None
                 elif next_push is not None and next_push in done:
                     request, next_push = next_push.result(), None
+                elif leaving in done:
+                    # Drain: the grace period is over. Failing the step makes the client replay elsewhere.
+                    raise RequestError(self._refusal or "this server is leaving the swarm")
                 else:
                     self._log(
                         "rpc_inference.step", session.view.start, session.view.end, context, "timed out"
@@ -401,7 +436,7 @@ class TransformerConnectionHandler(ServicerBase):
                         f"no inference step for {self.limits.step_timeout:g} s: the session was closed"
                     )
         finally:
-            for task in (next_request, next_push):
+            for task in (next_request, next_push, leaving):
                 if task is not None:
                     task.cancel()
 

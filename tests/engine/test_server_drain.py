@@ -1,0 +1,102 @@
+"""BlockHost.drain on a real host: announce OFFLINE, refuse work, grace period, end sessions, hold/release."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.models.span import load_block_span
+from engine.server.drain import DrainMode
+from engine.server.testing import WireClient, running_server, wait_for
+from engine.swarm.dht_node import start_dht
+from engine.swarm.discovery import get_block_infos
+from engine.swarm.records import ServerState
+
+PREFIX = "drain"
+UIDS = "drain.0 drain.1"
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory("llama", num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    dht = start_dht(None, host="127.0.0.1", new_swarm=True)
+    try:
+        yield dht, [str(a) for a in dht.get_visible_maddrs()]
+    finally:
+        dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def host(checkpoint, swarm):
+    with running_server(checkpoint, swarm[1], start_block=0, end_block=2, dht_prefix=PREFIX) as host:
+        yield host
+
+
+@pytest.fixture(scope="module")
+def client(host):
+    with WireClient(list(host.info().multiaddrs)) as wire:
+        yield wire
+
+
+def _record_state(dht, peer_id):
+    record = get_block_infos(dht, PREFIX, 2)[0].get(peer_id)
+    return record.state if record is not None else None
+
+
+def test_hold_ends_open_sessions_after_grace_refuses_new_work_and_resumes(host, client, swarm, checkpoint):
+    dht = swarm[0]
+    me = host.info().peer_id
+    assert wait_for(lambda: _record_state(dht, me) == ServerState.ONLINE, timeout=20)
+    with client.inference(UIDS, max_length=8) as session:
+        session.step(torch.randn(1, 2, HIDDEN))
+        report = host.pause(grace_seconds=0.3)  # the session stays idle: the drain must end it
+        assert (report.mode, report.sessions_at_start, report.sessions_ended) == (DrainMode.HOLD, 1, 1)
+        # The server ended the stream with its reason; the client sees that or the closed pipe.
+        with pytest.raises(Exception, match=r"pausing|pipe|closed"):
+            session.step(torch.randn(1, 1, HIDDEN))
+    assert host.info().state.value == "paused" and host.info().sessions_open == 0
+    assert wait_for(lambda: _record_state(dht, me) == ServerState.OFFLINE, timeout=20)
+    with pytest.raises(Exception, match="pausing"):
+        client.forward(UIDS, torch.randn(1, 2, HIDDEN))
+    with client.inference(UIDS, max_length=8) as refused, pytest.raises(Exception, match="pausing"):
+        refused.step(torch.randn(1, 2, HIDDEN))
+
+    host.resume()
+    assert host.info().state.value == "serving"
+    assert wait_for(lambda: _record_state(dht, me) == ServerState.ONLINE, timeout=20)
+    hidden = torch.randn(1, 3, HIDDEN)
+    expected = load_block_span(checkpoint, 0, 2).forward(hidden)
+    with client.inference(UIDS, max_length=8) as session:
+        assert torch.allclose(session.step(hidden), expected, atol=1e-5)
+
+
+def test_a_session_that_finishes_within_grace_is_not_ended(host, client):
+    with client.inference(UIDS, max_length=8) as session:
+        session.step(torch.randn(1, 2, HIDDEN))
+        reports = []
+        drain = threading.Thread(target=lambda: reports.append(host.pause(grace_seconds=30.0)))
+        drain.start()
+        assert wait_for(lambda: host.info().state.value == "draining", timeout=10)
+        session.step(torch.randn(1, 1, HIDDEN))  # a running session keeps working during the grace period
+    drain.join(30)
+    (report,) = reports
+    assert (report.sessions_at_start, report.sessions_ended) == (1, 0)
+    assert report.quiet_seconds < 30.0
+    host.resume()
+
+
+def test_release_frees_the_span_and_stops(checkpoint, swarm):
+    with running_server(checkpoint, swarm[1], start_block=0, end_block=2, dht_prefix="drain-release") as host:
+        report = host.drain(0.0, DrainMode.RELEASE)
+        assert report.mode == DrainMode.RELEASE and report.sessions_at_start == 0
+        assert host.info().state.value == "stopped"
+        assert host._hosted is None and host._handler is None  # the weights are no longer referenced
+        with pytest.raises(RuntimeError, match="paused host"):
+            host.resume()
