@@ -11,8 +11,8 @@ import torch
 from engine.client.model import DistributedModelForCausalLM
 from engine.client.sequence_manager import ClientConfig
 from engine.server.drain import DrainMode
-from engine.server.testing import running_server, wait_for
 from engine.swarm.dht_node import start_dht
+from tests.helpers.servers import running_server, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import torch
 
 from engine.models.span import load_block_span
 from engine.server.drain import DrainMode
-from engine.server.testing import WireClient, running_server, wait_for
 from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import get_block_infos
 from engine.swarm.records import ServerState
+from tests.helpers.servers import WireClient, running_server, wait_for
 
 PREFIX = "drain"
 UIDS = "drain.0 drain.1"
