@@ -81,6 +81,11 @@ class Status(_Record):
     blocks: list[int] | None = _doc("[start, end) of the hosted span")
     swarm: Swarm = _doc("the swarm the engine joined", Swarm.LOCAL)
     ready: bool = _doc("the engine has joined the swarm (and started the demo server if local)", False)
+    reachability: dict[str, Any] | None = _doc(
+        "the hosted server's dial-back check, or null while not hosting or not checked yet: "
+        '{"state": "reachable"/"relayed"/"unreachable"/"unknown", "advice": the one thing to do or null, '
+        '"port", "helpers_asked", "helpers_answered", "dialled_back", "checked_at"}'
+    )
 
 
 @dataclass(frozen=True)

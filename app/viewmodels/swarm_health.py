@@ -53,3 +53,21 @@ def model_lines(swarm: dict | None) -> list[str]:
             f"{name}: {covered}/{total} blocks served by {model.get('servers', 0)} server(s), {state}"
         )
     return lines
+
+
+REACHABILITY_HEADLINES = {
+    "reachable": "Other peers can connect to this computer directly.",
+    "relayed": "Behind NAT: other peers reach this computer through a relay.",
+    "unreachable": "Other peers cannot connect to this computer.",
+    "unknown": "Whether other peers can connect to this computer is not known yet (no peer could check).",
+}
+
+
+def reachability_text(status: dict | None) -> str:
+    """The hosted server's reachability in a sentence, with the one thing to do about it ("": unchecked)."""
+    report = (status or {}).get("reachability") or {}
+    state = report.get("state")
+    if state not in REACHABILITY_HEADLINES:
+        return ""
+    advice = report.get("advice")
+    return REACHABILITY_HEADLINES[state] + (f" {advice}" if advice else "")

@@ -32,6 +32,7 @@ from app.viewmodels.dashboard import (
     rate_series,
     share_control,
 )
+from app.viewmodels.swarm_health import reachability_text
 from app.windows.swarm_health import SwarmHealthView
 from app.windows.widgets import BlockMap, TimePlot
 
@@ -114,6 +115,9 @@ class DashboardWindow(QMainWindow):
         self.progress.setRange(0, 1000)
         self.progress.setFormat("Loading blocks… %p%")
         layout.addWidget(self.progress)
+        self.reachability_label = QLabel()  # only while hosting, once the dial-back check has answered
+        self.reachability_label.setWordWrap(True)
+        layout.addWidget(self.reachability_label)
 
         hardware_box = QGroupBox("Your hardware")
         self.hardware_label = QLabel()
@@ -193,6 +197,12 @@ class DashboardWindow(QMainWindow):
         self.progress.setVisible(control.progress is not None)
         if control.progress is not None:
             self.progress.setValue(int(control.progress * 1000))
+        reach = reachability_text(snap.status) if snap.engine_state == "running" else ""
+        self.reachability_label.setText(reach)
+        self.reachability_label.setVisible(bool(reach))
+        state = ((snap.status or {}).get("reachability") or {}).get("state")
+        warn = state in ("unreachable", "relayed")
+        self.reachability_label.setStyleSheet("color: #b3261e;" if warn else "color: #1b7a3a;")
         self.hardware_label.setText("\n".join(hardware_lines(snap.hardware)))
         self.plan_label.setText(plan_text(snap.plan))
         self.block_map.set_cells(coverage(snap), planned_blocks(snap))

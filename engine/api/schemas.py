@@ -289,8 +289,8 @@ class SwarmServer(BaseModel):
     cache_tokens_left: int | None = Field(default=None, description="KV-cache tokens it can still hold")
     quant_type: str | None = None
     torch_dtype: str | None = None
-    reachability: Literal["direct", "relayed", "unknown"] = Field(
-        default="unknown", description="from the server's own record: dialled directly or through a relay"
+    reachability: Literal["direct", "relayed", "unreachable", "unknown"] = Field(
+        default="unknown", description="from the server's own record: dialled directly, via a relay, or not"
     )
     points: float | None = Field(default=None, description="points the server announces (Pollinate servers)")
 

@@ -41,6 +41,7 @@ from engine.swarm.announce import Announcer
 from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import fetch_snapshot
 from engine.swarm.keys import validate_dht_prefix
+from engine.swarm.reachability import Reachability, ReachabilityService
 from engine.swarm.records import ModelInfo, ServerInfo, ServerState
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class HostInfo:
     sessions_open: int = 0
     requests_served: int = 0
     tokens_served: int = 0
+    reachability: Reachability | None = None
 
 
 class BlockHost:
@@ -142,6 +144,8 @@ class BlockHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._p2p: P2P | None = None
+        self._reachability: ReachabilityService | None = None
+        self.reachability: Reachability | None = None  # the last dial-back check's verdict
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -196,11 +200,15 @@ class BlockHost:
         total = model_config.num_hidden_layers
 
         self._enter(LoadPhase.JOINING)
+        auto_relay = config.use_auto_relay
+        if auto_relay is None:
+            auto_relay = config.host not in ("127.0.0.1", "::1", "localhost")
         self.dht = self._given_dht or start_dht(
             config.initial_peers,
             host=config.host,
             port=config.port,
             new_swarm=config.new_swarm,
+            use_auto_relay=auto_relay,  # behind NAT, p2pd finds a relay and announces /p2p-circuit addresses
             **({"announce_maddrs": list(config.announce_maddrs)} if config.announce_maddrs else {}),
         )
         throughputs = None
@@ -297,7 +305,30 @@ class BlockHost:
         }
         self._announcer.update(state=ServerState.ONLINE, throughput=self._throughput, wait=True, **extra)
         self.phase, self.phase_fraction = None, 0.0
+        # Peers that check their own reachability ask us to dial them back (Petals' rpc_check).
+        self._reachability = ReachabilityService(self.dht).start()
+        if config.check_reachability:
+            threading.Thread(
+                target=self.check_reachability, name="pollinate-reachability-check", daemon=True
+            ).start()
         logger.info("serving blocks %d:%d of %s (throughput %.1f)", start, end, dht_prefix, self._throughput)
+
+    def check_reachability(self) -> Reachability | None:
+        """Ask other peers to dial us back, keep the verdict and announce it (None if not serving)."""
+        service, announcer = self._reachability, self._announcer
+        if service is None or announcer is None:
+            return None
+        try:
+            verdict = service.check()
+        except Exception:
+            logger.warning("the reachability check failed", exc_info=True)
+            return None
+        self.reachability = verdict
+        if self.state == HostState.SERVING:
+            announcer.update(reachability=verdict.state, using_relay=verdict.state == "relayed")
+        if verdict.advice:
+            logger.warning("%s", verdict.advice)
+        return verdict
 
     def stop(self, grace_seconds: float = 0.0) -> None:
         """Drain with DrainMode.RELEASE: announce OFFLINE, let sessions finish, end the rest, free all."""
@@ -393,6 +424,9 @@ class BlockHost:
             _guard("announce OFFLINE", self._announcer.stop)
         if self._handler is not None and grace_seconds > 0:
             self._drain_sessions(grace_seconds)
+        if self._reachability is not None:
+            _guard("stop the reachability service", self._reachability.stop)
+            self._reachability = None
         if self._loop is not None:
             _guard("remove RPC handlers", lambda: self._run(self._unregister_handlers(), timeout=10))
             _guard("stop the handler loop", self._stop_loop)
@@ -422,7 +456,10 @@ class BlockHost:
         peer_id = multiaddrs = None
         if self.dht is not None and self.state in (HostState.SERVING, HostState.PAUSED):
             peer_id = self.dht.peer_id.to_base58()
-            multiaddrs = tuple(str(a) for a in self.dht.get_visible_maddrs())
+            try:
+                multiaddrs = tuple(str(a) for a in self.dht.get_visible_maddrs())
+            except ValueError:  # a daemon that does not listen (reached through relays only) has none
+                multiaddrs = ()
         return HostInfo(
             state=self.state,
             model=self.config.model,
@@ -445,6 +482,7 @@ class BlockHost:
             sessions_open=stats.sessions_open if stats else 0,
             requests_served=stats.requests if stats else self._final_counts[0],
             tokens_served=stats.tokens if stats else self._final_counts[1],
+            reachability=self.reachability,
         )
 
     def run_local_forward(

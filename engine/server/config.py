@@ -94,6 +94,11 @@ class ServerConfig:
     compression: str = "none"
     # Extra multiaddrs to announce (e.g. a public address behind NAT); empty announces what the daemon sees.
     announce_maddrs: tuple[str, ...] = field(default=())
+    # After going ONLINE, ask other peers to dial us back and announce the verdict (swarm/reachability.py).
+    check_reachability: bool = True
+    # Look for a libp2p relay when nobody can dial us (hivemind's use_auto_relay); None: on unless we listen
+    # on loopback only (a local swarm needs no relay).
+    use_auto_relay: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():

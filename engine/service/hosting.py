@@ -160,12 +160,23 @@ class HostingMixin:
             )
             return
         self._start_auditor(host)
+        self._spawn(lambda: self._report_reachability(host), "pollinate-reachability")
         with self._lock:
             self._hosting_since = time.time()
             stop_now = self._stop_requested
         self._set_status(state=HostingState.SERVING, progress=None, phase=None, message=None)
         if stop_now:  # stop was asked for while loading
             self._drain(host, 0.0)
+
+    def _report_reachability(self, host, timeout: float = 120.0) -> None:
+        """Put the host's dial-back verdict into the status once its check finished."""
+        deadline = time.monotonic() + timeout
+        while host.reachability is None and time.monotonic() < deadline and not self._closing.is_set():
+            time.sleep(0.5)
+        with self._lock:
+            current = self._host is host
+        if current and host.reachability is not None:
+            self._set_status(reachability=host.reachability.to_dict())
 
     def _start_auditor(self, host) -> None:
         """Probe the servers next to our span while we serve (engine.ledger: verified contribution)."""
@@ -233,5 +244,11 @@ class HostingMixin:
         del host, info
         _release_memory()
         self._set_status(
-            state=HostingState.IDLE, progress=None, phase=None, message=None, model=None, blocks=None
+            state=HostingState.IDLE,
+            progress=None,
+            phase=None,
+            message=None,
+            model=None,
+            blocks=None,
+            reachability=None,
         )

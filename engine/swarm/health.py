@@ -13,14 +13,15 @@ from typing import Any
 from engine.swarm.records import ModelInfo, RemoteSpanInfo, ServerInfo, ServerState
 from engine.swarm.snapshot import SwarmSnapshot
 
-REACHABILITY_LABELS = ("direct", "relayed", "unknown")
+REACHABILITY_LABELS = ("direct", "relayed", "unreachable", "unknown")
 
 
 def server_reachability(info: ServerInfo) -> str:
-    """How clients reach a server, from its own record: through a libp2p relay, directly, or not said.
-
-    Petals servers set `using_relay` when they found that nobody could dial them and took a relay.
-    """
+    """How clients reach a server, from its own record: directly, through a libp2p relay, not at all, or
+    not said. Pollinate servers announce their dial-back check; Petals servers set `using_relay` when
+    nobody could dial them and they took a relay."""
+    if info.reachability is not None and info.reachability != "unknown":
+        return "direct" if info.reachability == "reachable" else info.reachability
     if info.using_relay is None:
         return "unknown"
     return "relayed" if info.using_relay else "direct"

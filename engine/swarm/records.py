@@ -50,7 +50,8 @@ PETALS_EXTRA_FIELDS = (
     "next_pings",
 )
 # Pollinate's extensions, written only when set so Petals records stay byte-for-byte the same shape.
-POLLINATE_EXTRA_FIELDS = ("pollinate_protocol", "points")
+POLLINATE_EXTRA_FIELDS = ("pollinate_protocol", "points", "reachability")
+REACHABILITY_STATES = ("reachable", "relayed", "unreachable", "unknown")
 
 
 def _number(name: str, value: Any, *, allow_inf: bool = False) -> float:
@@ -86,6 +87,12 @@ def _optional_text(name: str, value: Any) -> str | None:
         raise InvalidRecordError(f"{name} must be a string, got {type(value).__name__}")
     if len(value) > MAX_TEXT_LENGTH:
         raise InvalidRecordError(f"{name} is longer than {MAX_TEXT_LENGTH} characters")
+    return value
+
+
+def _optional_choice(name: str, value: Any, choices: tuple[str, ...]) -> str | None:
+    if value is not None and value not in choices:
+        raise InvalidRecordError(f"{name} must be one of {', '.join(choices)}, got {value!r:.80}")
     return value
 
 
@@ -152,6 +159,7 @@ class ServerInfo:
 
     pollinate_protocol: int | None = None
     points: float | None = None
+    reachability: str | None = None  # the server's own dial-back check (engine.swarm.reachability)
 
     def __post_init__(self) -> None:
         state = self.state
@@ -179,6 +187,7 @@ class ServerInfo:
             "next_pings": _pings(self.next_pings),
             "pollinate_protocol": _optional_count("pollinate_protocol", self.pollinate_protocol),
             "points": _optional_number("points", self.points),
+            "reachability": _optional_choice("reachability", self.reachability, REACHABILITY_STATES),
         }
         start, end = checked["start_block"], checked["end_block"]
         if start is not None and end is not None and end <= start:
@@ -219,6 +228,8 @@ class ServerInfo:
             raise InvalidRecordError(f"server record extra must be a dict, got {type(extra).__name__}")
         known = PETALS_EXTRA_FIELDS + POLLINATE_EXTRA_FIELDS
         fields = {key: value for key, value in extra.items() if isinstance(key, str) and key in known}
+        if fields.get("reachability") not in REACHABILITY_STATES:  # a state of a later version: not said
+            fields.pop("reachability", None)
         try:
             return cls(state=raw[0], throughput=raw[1], **fields)
         except InvalidRecordError:

@@ -68,3 +68,14 @@ def test_view_fills_the_table(qtbot):
     )
     view.show_swarm({"model": "m", "servers": [], "models": []})
     assert view.table.rowCount() == 0 and "index is empty" in view.models_label.text()
+
+
+def test_reachability_sentence_carries_the_advice():
+    from app.viewmodels.swarm_health import reachability_text
+
+    advice = "Other peers cannot connect ...: forward TCP port 31337 from your router to this computer."
+    status = {"reachability": {"state": "unreachable", "advice": advice, "port": 31337}}
+    assert reachability_text(status) == "Other peers cannot connect to this computer. " + advice
+    reachable = {"reachability": {"state": "reachable", "advice": None}}
+    assert reachability_text(reachable).startswith("Other peers can")
+    assert reachability_text({"reachability": None}) == "" and reachability_text(None) == ""

@@ -217,6 +217,11 @@ def test_hosting_lifecycle_and_stop_while_serving(engine, hosted_model):
     assert second.status_code == 409 and second.json()["error"]["type"] == "wrong_state"
     status = _wait_state(engine, "serving")
     assert status["blocks"] == [0, 8] and status["model"] == model
+    # Once serving, the host asks the swarm (here the demo server) to dial it back.
+    deadline = time.monotonic() + 60
+    while (reach := engine.get("/api/status").json()["reachability"]) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert reach is not None and reach["state"] == "reachable" and reach["advice"] is None, reach
 
     # A long completion runs through our host while we stop it: it finishes, whole and correct.
     from transformers import AutoTokenizer
@@ -266,6 +271,7 @@ def test_hosting_lifecycle_and_stop_while_serving(engine, hosted_model):
     # Every token but the last went through our host (the last one is never fed back).
     assert stats["tokens_served"] >= usage[0]["total_tokens"] - 1 and stats["hosting_seconds"] > 0
     assert engine.post("/api/hosting/stop").status_code == 409
+    assert engine.get("/api/status").json()["reachability"] is None  # nothing hosted, nothing to reach
 
 
 def test_hosting_cycles_return_memory(engine, hosted_model):

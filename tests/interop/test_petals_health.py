@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from interop_swarm import HERE, REPO_ROOT, base_env, petals_server, pollinate_server, run_client
@@ -16,11 +17,13 @@ PREFIX = "tiny-health"
 
 def test_health_views_of_a_mixed_swarm(petals_python, interop_checkpoint, tmp_path):
     opts = dict(home=tmp_path, dht_prefix=PREFIX)
-    with pollinate_server(interop_checkpoint, (0, 2), log=tmp_path / "a.log", **opts) as first:
+    with petals_server(petals_python, interop_checkpoint, (2, 4), log=tmp_path / "a.log", **opts) as first:
         peers = first.multiaddrs
-        with petals_server(
-            petals_python, interop_checkpoint, (2, 4), log=tmp_path / "b.log", initial_peers=peers, **opts
+        with pollinate_server(
+            interop_checkpoint, (0, 2), log=tmp_path / "b.log", initial_peers=peers, **opts
         ):
+            # Our server asks the swarm to dial it back: the Petals server's rpc_check does (wire-compatible).
+            assert _wait_for_line(tmp_path / "b.log", "reachability: reachable (1 of 1 helpers dialled back)")
             args = [petals_python, HERE / "petals_health_script.py", "--initial-peers", *peers]
             args += ["--dht-prefix", PREFIX, "--num-blocks", "4"]
             view = run_client(
@@ -67,6 +70,15 @@ def test_health_views_of_a_mixed_swarm(petals_python, interop_checkpoint, tmp_pa
         assert server["reachability"] == "direct"
     assert f"{PREFIX}): 4/4 blocks covered, complete, 2 servers" in text
     assert "2.2.0.post1" in text and petals["peer_id"][-8:] in text and pollinate["peer_id"][-8:] in text
+
+
+def _wait_for_line(log, line: str, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if line in log.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _run_text(args, home) -> str:
