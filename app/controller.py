@@ -17,6 +17,7 @@ from app.tray import Tray, state_icon
 from app.viewmodels.chat import ChatModel, Sampling
 from app.viewmodels.dashboard import DashboardModel, share_control
 from app.viewmodels.status import tray_state, tray_tooltip
+from contract import stores
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,14 @@ class AppController(QObject):
         if show_window or not self.tray.available:
             self.show_dashboard()
         self.engine.start()
+        self.tell_set_aside()
+
+    def tell_set_aside(self) -> None:
+        """Tell the user, once, about every store found damaged and set aside (by the app or the engine)."""
+        records = stores.pending(self.data_dir)
+        if records:
+            self.presenter.show(" ".join(record.message() for record in records), True)
+            stores.acknowledge(self.data_dir, records)
 
     def _engine_state(self, state: str, message: str) -> None:
         self.dashboard_model.on_engine_state(state, message)
@@ -152,6 +161,7 @@ class AppController(QObject):
             if self._engine_was_running:
                 self.presenter.show("The engine restarted and is running again.")
             self._engine_was_running = True
+            self.tell_set_aside()  # the engine checks its stores (ledger, state, models) as it starts
             if self.settings.sharing_enabled:
                 self.dashboard_model.set_sharing(True)  # resume: the user turned sharing on earlier
         elif state == RESTARTING or state == "failed":

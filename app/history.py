@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.stores import SetAside, open_store
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id INTEGER PRIMARY KEY,
@@ -27,6 +29,42 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
+COLUMNS = {
+    "conversations": {"id", "title", "model", "system_prompt", "created", "updated"},
+    "messages": {"id", "conversation_id", "role", "content", "created", "tokens", "seconds"},
+}
+SIDECARS = ("-journal", "-wal", "-shm")  # SQLite's files beside the database move aside with it
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection to a sound history database at `path` (made if missing); sqlite3.DatabaseError if not.
+
+    Checked at open, so that a damaged file is found now and not when a chat opens: not a database,
+    damaged pages (quick_check), or tables of another shape.
+    """
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder")
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA foreign_keys = ON")
+        verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise sqlite3.DatabaseError(f"damaged database: {verdict}")
+        db.executescript(SCHEMA)
+        for table, expected in COLUMNS.items():
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if not expected <= columns:
+                raise sqlite3.DatabaseError(f"table {table} lacks {', '.join(sorted(expected - columns))}")
+        db.commit()
+    except sqlite3.OperationalError as error:
+        db.close()
+        if "locked" in str(error) or "busy" in str(error):
+            raise RuntimeError(f"the chat history {path} is in use by another program: {error}") from None
+        raise
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 @dataclass(frozen=True)
@@ -57,13 +95,14 @@ class ChatHistory:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
+        self.set_aside: SetAside | None = None  # a damaged history found at open, renamed aside
 
     def open(self) -> ChatHistory:
+        """Open (or create) the database; a damaged one is set aside (`self.set_aside`) and a new one made."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.executescript(SCHEMA)
-        self._db.commit()
+        self._db, self.set_aside = open_store(
+            self.path, _connect, store="chat history", notices=self.path.parent, companions=SIDECARS
+        )
         return self
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from app import paths
 from contract import KEYRING_HF_USER, KEYRING_SERVICE, Quant, Swarm
+from contract.stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +69,25 @@ def settings_file() -> Path:
 
 
 def load_settings(path: Path | None = None) -> Settings:
-    """Read settings; a missing or broken file gives the defaults (a broken one is kept aside as .bad)."""
-    path = path or settings_file()
+    """Read settings (defaults if missing); a damaged file is set aside (contract.stores): defaults then."""
+    settings, _aside = open_store(
+        path or settings_file(), _read_settings, store="settings", notices=paths.data_dir()
+    )
+    return settings
+
+
+def _read_settings(path: Path) -> Settings:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return Settings()
-    except (OSError, ValueError) as exc:
-        log.warning("settings file %s unreadable (%s); using defaults", path, exc)
-        with contextlib.suppress(OSError):
-            path.replace(path.with_suffix(".bad"))
-        return Settings()
     if not isinstance(raw, dict):
-        return Settings()
+        raise ValueError("not a JSON object")
     known = {f.name for f in dataclasses.fields(Settings)} - {"extra"}
     values = {k: v for k, v in raw.items() if k in known}
     if "initial_peers" in values:
         values["initial_peers"] = tuple(values["initial_peers"] or ())
-    try:
-        return Settings(**values).validated()
-    except (TypeError, ValueError) as exc:
-        log.warning("settings file %s has bad values (%s); using defaults", path, exc)
-        return Settings()
+    return Settings(**values).validated()  # TypeError / ValueError: bad values, set aside too
 
 
 def save_settings(settings: Settings, path: Path | None = None) -> None:

@@ -6,6 +6,8 @@ STATE_FILE = "engine-state.json"
 TOKEN_FILE = "engine-api-token"
 # Lifetime counters (tokens served, sharing time, ...), kept across engine restarts; only ever grow.
 LIFETIME_STATS_FILE = "lifetime-stats.json"
+# Stores found damaged and renamed aside (contract/stores.py); the app tells the user about each once.
+SET_ASIDE_FILE = "set-aside.json"
 
 KEYRING_SERVICE = "pollinate"
 KEYRING_TOKEN_USER = "engine-api-token"  # the engine's API bearer token

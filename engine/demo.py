@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from contract.stores import open_store
 from engine import paths
 from engine.models.tiny import DEMO_MODEL_LABEL, DEMO_MODEL_NAME, build_tiny_checkpoint, is_tiny_checkpoint
 
@@ -26,11 +27,24 @@ def demo_model_path(data_dir: Path | None = None) -> Path:
     return (data_dir or paths.data_dir()) / "models" / DEMO_MODEL_NAME
 
 
+def _read_facts(path: Path) -> dict | None:
+    """The demo folder's facts file; None if there is no folder; ValueError if it is damaged."""
+    if not path.exists():
+        return None
+    if not is_tiny_checkpoint(path) or not any(path.glob("*.safetensors")):
+        raise ValueError("the model folder is incomplete")
+    json.loads((path / "config.json").read_text())
+    facts = json.loads((path / "pollinate_tiny.json").read_text())
+    if not isinstance(facts, dict):
+        raise ValueError("the model's facts file is not a JSON object")
+    return facts
+
+
 def ensure_demo_model(data_dir: Path | None = None) -> Path:
     """Return the demo checkpoint's folder, building it (a few seconds, no network) if missing or stale."""
     path = demo_model_path(data_dir)
-    marker = path / "pollinate_tiny.json"
-    if is_tiny_checkpoint(path) and json.loads(marker.read_text()).get("recipe") == DEMO_RECIPE_VERSION:
+    facts, _aside = open_store(path, _read_facts, store="demo model", notices=path.parent.parent)
+    if facts is not None and facts.get("recipe") == DEMO_RECIPE_VERSION:
         return path
     # Build beside the target and move it in place, so a crash mid-build never leaves a half model.
     staging = path.with_name(path.name + ".partial")

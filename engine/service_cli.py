@@ -103,6 +103,16 @@ def read_live_state(data_dir: Path) -> dict | None:
         return None
 
 
+def _read_state_file(path: Path) -> dict | None:
+    """The state file's content; None if there is none; ValueError (and the like) if it is damaged."""
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    return state
+
+
 def write_state(data_dir: Path, state: dict) -> Path:
     """Write engine-state.json atomically (readers never see half a file)."""
     path = state_file_path(data_dir)
@@ -165,6 +175,7 @@ def _start_api(app, port: int | None):
 
 def run_service(args: argparse.Namespace) -> int:
     """Run the engine until SIGINT/SIGTERM; returns the exit code."""
+    from contract.stores import open_store
     from engine import paths
     from engine.api.app import create_app
     from engine.api.auth import load_or_create_token
@@ -173,6 +184,8 @@ def run_service(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir) if args.data_dir else paths.data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
+    # A damaged state file (a folder, garbage) would stop us writing ours: set it aside first.
+    open_store(state_file_path(data_dir), _read_state_file, store="engine state file", notices=data_dir)
     running = read_live_state(data_dir)
     if running:
         print(

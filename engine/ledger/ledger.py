@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from contract.stores import open_store
 from engine.ledger import store
 from engine.ledger.accounts import Decaying, PeerAccount, PeerContribution, Usage
 from engine.ledger.priority import (
@@ -75,21 +76,27 @@ class Ledger:
     ) -> Ledger:
         """Load the ledger saved at `path` (a new one if there is none).
 
-        A damaged file is renamed to `*.corrupt-<timestamp>` and the ledger starts clean, with a warning.
+        A damaged file (bad JSON, nested too deeply, a folder, bad values) is renamed to
+        `*.corrupt-<timestamp>`, recorded for the app to tell the user (contract.stores), and the ledger
+        starts clean, with a warning.
         """
-        ledger = cls(policy, path=path, clock=clock)
-        try:
-            body = store.load(path)
+
+        def opener(where: Path) -> Ledger:
+            ledger = cls(policy, path=where, clock=clock)
+            body = store.load(where)
             if body is not None:
                 ledger._restore(body)
-        except (store.LedgerFileError, ValueError, TypeError, KeyError) as error:
-            ledger._clear()
-            aside = store.set_aside(path, clock())
+            return ledger
+
+        ledger, aside = open_store(
+            Path(path), opener, store="contribution ledger (points)", notices=Path(path).parent
+        )
+        if aside is not None:
             logger.warning(
                 "the contribution ledger %s was damaged (%s): set aside as %s, starting clean",
                 path,
-                error,
-                aside.name,
+                aside.reason,
+                Path(aside.moved_to).name,
             )
         return ledger
 

@@ -1,4 +1,4 @@
-"""The ledger file: versioned, checksummed JSON, written atomically; a damaged file is set aside.
+"""The ledger file: versioned, checksummed JSON, written atomically (Ledger.open sets a damaged one aside).
 
 Layout: {"format": "pollinate-ledger", "version": 1, "sha256": <hex of the canonical body>, "body": {...}}.
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the old file, so
@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +75,3 @@ def load(path: Path) -> dict[str, Any] | None:
     if hashlib.sha256(_canonical(body)).hexdigest() != document.get("sha256"):
         raise LedgerFileError("checksum mismatch")
     return body
-
-
-def set_aside(path: Path, now: float | None = None) -> Path:
-    """Rename a damaged ledger file to `<name>.corrupt-<timestamp>` (kept); returns the new path."""
-    path = Path(path)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() if now is None else now))
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    counter = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{counter}")
-        counter += 1
-    os.replace(path, target)
-    return target

@@ -145,7 +145,8 @@ def test_settings_roundtrip_and_broken_file(app_dirs):
     assert str(settings_file()).startswith(str(app_dirs["config"]))
     settings_file().write_text("{not json")
     assert load_settings() == Settings()
-    assert settings_file().with_suffix(".bad").exists()
+    (aside,) = settings_file().parent.glob("settings.json.corrupt-*")
+    assert aside.read_text() == "{not json"
 
 
 def test_autostart_entry_created_and_removed(app_dirs):

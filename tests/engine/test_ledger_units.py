@@ -325,3 +325,24 @@ def test_every_own_peer_id_is_self():
     assert ledger.summary()["points"] == 0
     ledger.record_served("someone-else", "inference", tokens=1000, blocks=4, seconds=1.0)
     assert ledger.summary()["points"] > 0
+
+
+@pytest.mark.parametrize("damage", ["nested", "directory"])
+def test_ledgers_that_blocked_start_up_are_set_aside_and_reported(tmp_path, damage):
+    """Issue 12 #8: deeply nested JSON and a folder named ledger.json kept the engine in error for good."""
+    from contract.stores import pending
+
+    path = tmp_path / "ledger.json"
+    if damage == "nested":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        (path / "inside").mkdir(parents=True)
+    ledger = Ledger.open(path)
+    assert ledger.contributions() == []
+    ledger.record_consumed("someone", 10, 1)
+    ledger.save()  # a fresh ledger file where the damaged one was
+    assert json.loads(path.read_text())["format"] == "pollinate-ledger"
+    (aside,) = tmp_path.glob("ledger.json.corrupt-*")
+    (notice,) = pending(tmp_path)  # for the app to tell the user
+    assert notice.moved_to == str(aside) and notice.path == str(path)
+    assert "contribution ledger" in notice.message() and str(aside) in notice.message()

@@ -197,8 +197,24 @@ def _kill_all(known: dict[int, float]) -> None:
 
 @pytest.mark.slow
 def test_kill_9_of_the_engine_leaves_no_process(tmp_path):
-    """Issue 12 #3: DHT processes, p2p daemons and every other child go when the engine is killed."""
+    """Issue 12 #3: DHT processes, p2p daemons and every other child go when the engine is killed.
+
+    It starts from damaged stores (issue 12 #8): each is set aside, recorded for the app, and started anew.
+    """
+    from contract.stores import pending
+    from engine.demo import demo_model_path
+
+    (tmp_path / "engine-state.json").mkdir()  # a folder where the state file goes
+    (tmp_path / "ledger.json").write_text("[" * 100_000 + "]" * 100_000)  # nested too deeply
+    demo = demo_model_path(tmp_path)
+    demo.mkdir(parents=True)
+    (demo / "pollinate_tiny.json").write_text("{half a fi")
     engine, _state = _ready_engine(tmp_path)
+    assert {notice.store for notice in pending(tmp_path)} == {
+        "engine state file",
+        "contribution ledger (points)",
+        "demo model",
+    }
     children = {p.pid: p.create_time() for p in psutil.Process(engine.pid).children(recursive=True)}
     try:
         names = sorted(psutil.Process(pid).name() for pid in children)
