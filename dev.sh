@@ -40,7 +40,7 @@ ensure_env() {
   else
     "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION"
   fi
-  "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[dev,bundle]"
   echo "$wanted" >"$stamp"
 }
 

@@ -15,7 +15,9 @@ RUN_KEY = r"Software\Microsoft\Windows\CurrentVersion\Run"
 
 
 def launch_command() -> list[str]:
-    """The command that starts the app the way it runs now (the same interpreter and package)."""
+    """The command that starts the app the way it runs now (the same interpreter and package, or bundle)."""
+    if getattr(sys, "frozen", False):  # a PyInstaller bundle: its executable is the app
+        return [sys.executable, "--minimized"]
     return [sys.executable, "-m", "app", "--minimized"]
 
 

@@ -22,8 +22,9 @@ from typing import IO
 
 import psutil
 
+from app import paths
 from app.api_client import ApiClient, EngineEndpoint
-from app.engine_backend import EngineBackend
+from app.engine_backend import EngineBackend, Preflight
 from app.qt import QObject, QTimer, Signal
 from contract import KEYRING_SERVICE, KEYRING_TOKEN_USER, STATE_FILE
 
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 MAX_FAST_FAILURES = 6
 HEALTHY_RUN_RESETS_S = 60.0
+
+NO_ENGINE_STEP = (
+    "The engine is not installed beside the app (no engine-venv folder). Run the Pollinate installer again; "
+    "or set POLLINATE_ENGINE_PYTHON to a Python that has Pollinate installed."
+)
 
 # EngineProcess.state values
 STOPPED, STARTING, RUNNING, RESTARTING, FAILED = "stopped", "starting", "running", "restarting", "failed"
@@ -156,11 +162,17 @@ class LocalBackend(EngineBackend):
 
     name = "local"
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, python: Path | None = None):
         self.data_dir = Path(data_dir)
+        self.python = python or paths.engine_python()
+
+    def preflight(self) -> Preflight:
+        if self.python is None:
+            return Preflight(False, NO_ENGINE_STEP)
+        return Preflight(True)
 
     def engine_command(self, engine_args: list[str], *, tie_to_app: bool) -> list[str]:
-        command = [sys.executable, "-m", "engine.cli", *engine_args]
+        command = [str(self.python or sys.executable), "-m", "engine.cli", *engine_args]
         return command + (["--parent-pid", str(os.getpid())] if tie_to_app else [])
 
     def spawn(self, command: list[str], env: dict[str, str], log_file: IO[bytes]) -> subprocess.Popen:

@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-onboarding", action="store_true", help=argparse.SUPPRESS)
     # For bench/app_startup.py: print timing and memory once the window is shown, then quit.
     parser.add_argument("--report-startup", action="store_true", help=argparse.SUPPRESS)
+    # For the bundle smoke test (installers/): wait up to N s for the engine to run or fail, report, quit.
+    parser.add_argument("--report-engine", type=float, default=0.0, metavar="N", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         controller.settings = settings_now
         controller.start(show_window=not args.minimized)
 
-    if settings.onboarded or args.skip_onboarding or args.report_startup:
+    if settings.onboarded or args.skip_onboarding or args.report_startup or args.report_engine:
         begin(settings)
     else:
         from app.windows.onboarding import OnboardingDialog
@@ -83,23 +85,38 @@ def main(argv: list[str] | None = None) -> int:
         dialog.rejected.connect(lambda: begin(settings))
         dialog.show()
 
-    if args.report_startup:
+    if args.report_startup or args.report_engine:
+        shown_at, reported = [], []
 
         def report() -> None:
             import psutil
 
-            shown = controller.dashboard.isVisible()
-            print(
-                json.dumps(
-                    {"shown": shown, "shown_at": time.time(), "rss_bytes": psutil.Process().memory_info().rss}
-                ),
-                flush=True,
-            )
+            if reported:
+                return
+            reported.append(True)
+            report = {
+                "shown": controller.dashboard.isVisible(),
+                "shown_at": shown_at[0] if shown_at else time.time(),
+                "rss_bytes": psutil.Process().memory_info().rss,
+            }
+            if args.report_engine:
+                report.update(engine_state=controller.engine.state, engine_message=controller.engine.message)
+                report.update(engine_at=time.time(), headline=controller.dashboard.headline.text())
+            print(json.dumps(report), flush=True)
             controller.confirm_quit = False
             controller.shutdown()
             app.quit()
 
-        QTimer.singleShot(0, report)
+        def shown() -> None:
+            shown_at.append(time.time())
+            if not args.report_engine or controller.engine.state in ("running", "failed"):
+                report()
+            else:
+                done = lambda state, _message: state in ("running", "failed") and report()  # noqa: E731
+                controller.engine.state_changed.connect(done)
+                QTimer.singleShot(int(args.report_engine * 1000), report)
+
+        QTimer.singleShot(0, shown)
 
     code = app.exec()
     instance.release()

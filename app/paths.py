@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 APP_NAME = "pollinate"
@@ -44,3 +45,26 @@ def huggingface_cache_dir() -> Path:
 def resource_path(name: str) -> Path:
     """A file shipped in app/resources (icons)."""
     return Path(__file__).with_name("resources") / name
+
+
+ENGINE_VENV = "engine-venv"  # where installers put the engine's virtual environment
+
+
+def engine_python() -> Path | None:
+    """The Python that runs the engine (`-m engine.cli`) as a local process; None when there is none.
+
+    POLLINATE_ENGINE_PYTHON if set; from source, this interpreter; in a frozen bundle (which holds no engine),
+    the `engine-venv` an installer made beside the bundle or in the user data directory.
+    """
+    if os.environ.get("POLLINATE_ENGINE_PYTHON"):
+        return Path(os.environ["POLLINATE_ENGINE_PYTHON"])
+    if not getattr(sys, "frozen", False):
+        return Path(sys.executable)
+    from platformdirs import user_data_path
+
+    relative = Path("Scripts", "python.exe") if sys.platform == "win32" else Path("bin", "python")
+    bundle = Path(sys.executable).resolve().parent
+    for root in (bundle.parent, bundle, user_data_path(APP_NAME, appauthor=False)):
+        if (root / ENGINE_VENV / relative).exists():
+            return root / ENGINE_VENV / relative
+    return None

@@ -26,7 +26,7 @@ fi
 
 mkdir -p "$(dirname "$launcher")" "$(dirname "$desktop_file")"
 ln -sf "$prefix/bin/pollinate" "$launcher"
-icon=$("$prefix/bin/python" -c 'import app, pathlib; print(pathlib.Path(app.__file__).parent / "resources" / "pollinate.png")')
+icon=$("$prefix/bin/python" -c 'import app, pathlib; print(pathlib.Path(app.__file__).parent / "resources" / "pollinate.svg")')
 sed -e "s#@LAUNCHER@#$prefix/bin/pollinate#" -e "s#@ICON@#$icon#" \
   "$source_dir/installers/linux/pollinate.desktop.in" >"$desktop_file"
 echo "Pollinate installed: run 'pollinate' or open it from your application menu."
