@@ -33,6 +33,14 @@ COLUMNS = {
     "conversations": {"id", "title", "model", "system_prompt", "created", "updated"},
     "messages": {"id", "conversation_id", "role", "content", "created", "tokens", "seconds"},
 }
+# Columns added after the first release: (name, declaration); added to older files on open.
+ADDED_COLUMNS = {
+    "conversations": (
+        ("temperature", "REAL"),  # the conversation's own options (NULL: the defaults)
+        ("top_p", "REAL"),
+        ("max_tokens", "INTEGER"),
+    ),
+}
 SIDECARS = ("-journal", "-wal", "-shm")  # SQLite's files beside the database move aside with it
 
 
@@ -55,6 +63,11 @@ def _connect(path: Path) -> sqlite3.Connection:
             columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
             if not expected <= columns:
                 raise sqlite3.DatabaseError(f"table {table} lacks {', '.join(sorted(expected - columns))}")
+        for table, added in ADDED_COLUMNS.items():
+            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in added:
+                if name not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
         db.commit()
     except sqlite3.OperationalError as error:
         db.close()
@@ -76,6 +89,9 @@ class Conversation:
     model: str
     system_prompt: str
     updated: float
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,9 @@ class Message:
     content: str
     tokens: int | None = None
     seconds: float | None = None
+
+
+CONVERSATION_COLUMNS = "id, title, model, system_prompt, updated, temperature, top_p, max_tokens"
 
 
 class ChatHistory:
@@ -133,14 +152,13 @@ class ChatHistory:
     def conversations(self) -> list[Conversation]:
         """All conversations, most recently updated first."""
         rows = self.db.execute(
-            "SELECT id, title, model, system_prompt, updated FROM conversations"
-            " ORDER BY updated DESC, id DESC"
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations ORDER BY updated DESC, id DESC"
         )
         return [Conversation(*row) for row in rows]
 
     def conversation(self, conversation_id: int) -> Conversation | None:
         row = self.db.execute(
-            "SELECT id, title, model, system_prompt, updated FROM conversations WHERE id = ?",
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
             (conversation_id,),
         ).fetchone()
         return Conversation(*row) if row else None
@@ -159,6 +177,16 @@ class ChatHistory:
             self._write(
                 "UPDATE conversations SET system_prompt = ? WHERE id = ?", (system_prompt, conversation_id)
             )
+
+    def set_options(self, conversation_id: int, temperature: float, top_p: float, max_tokens: int) -> None:
+        """Save the conversation's sampling options (used again when it is reopened)."""
+        self._write(
+            "UPDATE conversations SET temperature = ?, top_p = ?, max_tokens = ? WHERE id = ?",
+            (temperature, top_p, max_tokens, conversation_id),
+        )
+
+    def delete_message(self, message_id: int) -> None:
+        self._write("DELETE FROM messages WHERE id = ?", (message_id,))
 
     def delete(self, conversation_id: int) -> None:
         self._write("DELETE FROM conversations WHERE id = ?", (conversation_id,))

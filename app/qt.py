@@ -5,6 +5,7 @@ from __future__ import annotations
 from PySide6.QtCore import (
     QByteArray,
     QElapsedTimer,
+    QEvent,
     QObject,
     QPointF,
     QProcess,
@@ -98,6 +99,7 @@ __all__ = [
     "QDialogButtonBox",
     "QDoubleSpinBox",
     "QElapsedTimer",
+    "QEvent",
     "QFileDialog",
     "QFont",
     "QFormLayout",

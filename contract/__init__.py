@@ -21,7 +21,7 @@ from contract.names import (
     STATE_FILE,
     TOKEN_FILE,
 )
-from contract.records import HostingPlan, ModelFacts, Stats, Status, field_docs
+from contract.records import ContextFit, HostingPlan, ModelFacts, Stats, Status, field_docs
 from contract.states import (
     QUANT_WORDS,
     HostingState,
@@ -45,6 +45,7 @@ __all__ = [
     "SEED_RANGE",
     "STATE_FILE",
     "TOKEN_FILE",
+    "ContextFit",
     "HostingPlan",
     "HostingState",
     "LoadPhase",

@@ -127,6 +127,16 @@ class HostingPlan(_Record):
 
 
 @dataclass(frozen=True)
+class ContextFit(_Record):
+    """How a chat request was fitted into the model's context (`pollinate` of a chat completion)."""
+
+    prompt_tokens: int = _doc("tokens of the prompt as sent to the model", 0)
+    context_length: int = _doc("the longest prompt + reply the engine runs for this model", 0)
+    max_tokens: int = _doc("new tokens the reply may use", 0)
+    dropped_messages: int = _doc("oldest turns left out to fit (only with `pollinate.fit_context`)", 0)
+
+
+@dataclass(frozen=True)
 class ModelFacts(_Record):
     """Pollinate's facts about a model in /v1/models (`pollinate` of each entry)."""
 

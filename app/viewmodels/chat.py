@@ -11,6 +11,7 @@ from app.api_client import ApiClient, ApiError, ApiStream, describe_error
 from app.history import ChatHistory, Message
 from app.qt import QObject, Signal
 from app.sse import SseEvent
+from contract import DEFAULT_CONTEXT_TOKENS, ContextFit, ModelFacts
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ModelChoice:
     label: str
     demo: bool
     missing_blocks: tuple[int, ...] = ()
+    context_length: int = DEFAULT_CONTEXT_TOKENS  # prompt + reply, in tokens
 
     @property
     def display(self) -> str:
@@ -46,26 +48,32 @@ class ReplyProgress:
     first_piece: float | None = None
     completion_tokens: int | None = None  # from `usage`, when the engine sends it
     finish_reason: str | None = None
+    fit: ContextFit | None = None  # how the engine fitted the request into the context (first chunk)
 
 
 def model_choices(payload: dict) -> list[ModelChoice]:
     """Parse /v1/models into picker entries: servable models first, the demo last."""
     choices = []
     for entry in payload.get("data") or []:
-        extra = entry.get("pollinate") or {}
+        facts = ModelFacts.from_dict(entry.get("pollinate"))
         choices.append(
             ModelChoice(
                 id=str(entry.get("id")),
-                label=str(extra.get("label") or entry.get("id")),
-                demo=bool(extra.get("demo")),
-                missing_blocks=tuple(extra.get("missing_blocks") or ()),
+                label=str(facts.label or entry.get("id")),
+                demo=bool(facts.demo),
+                missing_blocks=tuple(facts.missing_blocks or ()),
+                context_length=int(facts.context_length or DEFAULT_CONTEXT_TOKENS),
             )
         )
     return sorted(choices, key=lambda c: (c.demo, bool(c.missing_blocks)))
 
 
 def build_request(model: str, system_prompt: str, messages: list[Message], sampling: Sampling) -> dict:
-    """The body of POST /v1/chat/completions for a conversation so far."""
+    """The body of POST /v1/chat/completions for a conversation so far.
+
+    The engine fits it into the model's context (`fit_context`): the oldest turns go, the system prompt
+    stays, and max_tokens shrinks to what is left; the first chunk says what it did (see `fit_notice`).
+    """
     turns = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
     turns += [{"role": m.role, "content": m.content} for m in messages if m.role in ("user", "assistant")]
     return {
@@ -75,7 +83,25 @@ def build_request(model: str, system_prompt: str, messages: list[Message], sampl
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "max_tokens": sampling.max_tokens,
+        "pollinate": {"fit_context": True},
     }
+
+
+def fit_notice(fit: ContextFit, asked_max_tokens: int) -> str:
+    """What a person should know about how the request was fitted into the context ("" when nothing)."""
+    notes = []
+    if fit.dropped_messages:
+        notes.append(
+            f"This conversation is longer than the model reads ({fit.context_length} tokens): the "
+            f"{fit.dropped_messages} oldest message{'s' if fit.dropped_messages != 1 else ''} "
+            "were left out of this reply."
+        )
+    if fit.max_tokens and fit.max_tokens < asked_max_tokens:
+        notes.append(
+            f"Max tokens lowered to {fit.max_tokens} so the reply fits the model's context of "
+            f"{fit.context_length} tokens."
+        )
+    return " ".join(notes)
 
 
 def apply_chunk(progress: ReplyProgress, data: str, now: float) -> ReplyProgress:
@@ -88,8 +114,10 @@ def apply_chunk(progress: ReplyProgress, data: str, now: float) -> ReplyProgress
         delta_text += (choice.get("delta") or {}).get("content") or ""
         finish = choice.get("finish_reason") or finish
     usage = chunk.get("usage") or {}
+    fit = ContextFit.from_dict(chunk["pollinate"]) if isinstance(chunk.get("pollinate"), dict) else None
     return dataclasses.replace(
         progress,
+        fit=fit or progress.fit,
         text=progress.text + delta_text,
         pieces=progress.pieces + (1 if delta_text else 0),
         first_piece=progress.first_piece if progress.first_piece or not delta_text else now,
@@ -123,6 +151,10 @@ def transcript_markdown(messages: list[Message], streaming: str | None = None) -
     return "\n\n---\n\n".join(parts)
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 class ChatModel(QObject):
     """Conversations and the reply in progress; windows read its attributes after `changed`."""
 
@@ -142,6 +174,8 @@ class ChatModel(QObject):
         self.sampling = Sampling()
         self.system_prompt = ""
         self.notice = ""
+        self.notice_is_error = False  # errors look like errors; a Stop you chose or a note does not
+        self.failed_text: str | None = None  # the message whose reply failed: Retry sends it again
         self.last_speed: float | None = None
         self.engine_ready = False
         self._engine_notice = ""  # the notice set from the engine's state, cleared once it runs
@@ -160,7 +194,7 @@ class ChatModel(QObject):
         else:
             fallback = "The engine is not running; chat will work again when it is back."
             self._engine_notice = message or fallback
-            self._set_notice(self._engine_notice)
+            self._set_notice(self._engine_notice, error=True)
         self.changed.emit()
 
     def on_status(self, status: dict) -> None:
@@ -183,7 +217,7 @@ class ChatModel(QObject):
                 self._swarm_joined = False
             return
         if self.engine_ready and not error.unreachable:  # engine down: its own notice says so already
-            self._set_notice(describe_error(error, "list the models"))
+            self._set_notice(describe_error(error, "list the models"), error=True)
 
     def _models_loaded(self, payload: dict) -> None:
         self.models = model_choices(payload)
@@ -217,12 +251,32 @@ class ChatModel(QObject):
         self.system_prompt = conversation.system_prompt
         if conversation.model:
             self.model_id = conversation.model
+        defaults = Sampling()
+        self.sampling = Sampling(
+            temperature=_or(conversation.temperature, defaults.temperature),
+            top_p=_or(conversation.top_p, defaults.top_p),
+            max_tokens=_or(conversation.max_tokens, defaults.max_tokens),
+        )
+        # Notices and a failed message belong to the conversation they came from.
+        self.failed_text = None
+        if self.notice != self._engine_notice:
+            self._set_notice("")
         self.changed.emit()
 
     def new_conversation(self) -> int:
+        sampling = self.sampling  # a new chat starts with the options last used
         conversation_id = self.history.create_conversation("New chat", self.model_id, self.system_prompt)
+        self.history.set_options(conversation_id, sampling.temperature, sampling.top_p, sampling.max_tokens)
         self.open_conversation(conversation_id)
         return conversation_id
+
+    def set_sampling(self, sampling: Sampling) -> None:
+        """The conversation's options; saved with it."""
+        self.sampling = sampling
+        if self.conversation_id is not None:
+            self.history.set_options(
+                self.conversation_id, sampling.temperature, sampling.top_p, sampling.max_tokens
+            )
 
     def rename_conversation(self, conversation_id: int, title: str) -> None:
         self.history.rename(conversation_id, title)
@@ -253,7 +307,7 @@ class ChatModel(QObject):
         if not text or self.streaming:
             return False
         if not self.model_id:
-            self._set_notice("No model to chat with yet: the engine has not listed any.")
+            self._set_notice("No model to chat with yet: the engine has not listed any.", error=True)
             return False
         if self.conversation_id is None:
             self.new_conversation()
@@ -262,6 +316,29 @@ class ChatModel(QObject):
             self.history.rename(self.conversation_id, text.splitlines()[0][:48])
         self.history.add_message(self.conversation_id, "user", text)
         self.messages = self.history.messages(self.conversation_id)
+        self.failed_text = None
+        self._request_reply()
+        return True
+
+    def retry(self) -> bool:
+        """Send the message whose reply failed again (the window also offers it for editing)."""
+        text, self.failed_text = self.failed_text, None
+        return self.send(text) if text else False
+
+    def can_regenerate(self) -> bool:
+        return not self.streaming and bool(self.messages) and self.messages[-1].role == "assistant"
+
+    def regenerate(self) -> bool:
+        """Replace the last reply with a new one for the same conversation."""
+        if not self.can_regenerate() or not self.model_id:
+            return False
+        assert self.conversation_id is not None
+        self.history.delete_message(self.messages[-1].id)
+        self.messages = self.history.messages(self.conversation_id)
+        self._request_reply()
+        return True
+
+    def _request_reply(self) -> None:
         body = build_request(self.model_id, self.system_prompt, self.messages, self.sampling)
         self.reply = ReplyProgress(started=time.monotonic())
         self._set_notice("")
@@ -271,15 +348,17 @@ class ChatModel(QObject):
         stream.finished.connect(self._finished)
         stream.failed.connect(self._failed)
         self.changed.emit()
-        return True
 
     def _chunk(self, event: SseEvent) -> None:
         if self.reply is None:
             return
+        had_fit = self.reply.fit is not None
         try:
             self.reply = apply_chunk(self.reply, event.data, time.monotonic())
         except (ValueError, AttributeError, TypeError):
             return
+        if not had_fit and self.reply.fit is not None:
+            self._set_notice(fit_notice(self.reply.fit, self.sampling.max_tokens))
         self.last_speed = tokens_per_second(self.reply, time.monotonic()) or self.last_speed
         self.changed.emit()
 
@@ -308,7 +387,11 @@ class ChatModel(QObject):
         if stopped:
             self._set_notice("Reply stopped.")
         elif reply.finish_reason == "length":
-            self._set_notice("The reply reached the token limit (Max tokens in the chat settings).")
+            limit = reply.fit.max_tokens if reply.fit and reply.fit.max_tokens else self.sampling.max_tokens
+            self._set_notice(
+                f"The reply reached its limit of {limit} tokens (Max tokens in Options). "
+                "Regenerate, or ask it to go on."
+            )
         self.changed.emit()
 
     def _failed(self, error: ApiError) -> None:
@@ -316,15 +399,23 @@ class ChatModel(QObject):
         if reply is not None and reply.text and self.conversation_id is not None:
             self.history.add_message(self.conversation_id, "assistant", reply.text + "\n\n*(interrupted)*")
             self.messages = self.history.messages(self.conversation_id)
+        elif self.messages and self.messages[-1].role == "user" and self.conversation_id is not None:
+            # No reply at all: take the message back out of the conversation (it would otherwise be sent
+            # again, silently, with the next one) and offer it to retry or edit.
+            self.failed_text = self.messages[-1].content
+            self.history.delete_message(self.messages[-1].id)
+            self.messages = self.history.messages(self.conversation_id)
         if error.unreachable:
             self._set_notice(
-                "The engine stopped or is restarting: the reply was cut off. Send again when it is back."
+                "The engine stopped or is restarting: the reply was cut off. Retry when it is back.",
+                error=True,
             )
         else:
-            self._set_notice(describe_error(error, "get a reply"))
+            self._set_notice(describe_error(error, "get a reply"), error=True)
         self.changed.emit()
 
-    def _set_notice(self, text: str) -> None:
-        if text != self.notice:
+    def _set_notice(self, text: str, error: bool = False) -> None:
+        if text != self.notice or error != self.notice_is_error:
             self.notice = text
+            self.notice_is_error = error
             self.notice_changed.emit(text)

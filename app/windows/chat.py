@@ -1,4 +1,5 @@
-"""Chat window: conversation list; model picker, Markdown transcript, input, Stop and copy."""
+"""Chat window: conversation list; model picker, Markdown transcript, input (Enter sends, Shift+Enter adds a
+line), Stop, Retry, Regenerate and copy; options per conversation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from app.qt import (
     QCloseEvent,
     QComboBox,
     QDoubleSpinBox,
+    QEvent,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
@@ -19,6 +21,7 @@ from app.qt import (
     QListWidgetItem,
     QMainWindow,
     QMessageBox,
+    QObject,
     QPlainTextEdit,
     QPushButton,
     QShortcut,
@@ -30,6 +33,25 @@ from app.qt import (
     QWidget,
 )
 from app.viewmodels.chat import ChatModel, transcript_markdown
+from contract import MAX_TOKENS_LIMIT
+
+ERROR_STYLE = "background:#fde2e1; color:#7a1410; padding:6px; border-radius:4px;"
+NOTE_STYLE = "background:#e8eef7; color:#1d3557; padding:6px; border-radius:4px;"
+
+
+class _EnterSends(QObject):
+    """Enter sends the message, Shift+Enter adds a line (the convention of chat apps)."""
+
+    def __init__(self, send, parent: QObject):
+        super().__init__(parent)
+        self._send = send
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        enter = event.type() == QEvent.Type.KeyPress and event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+        if enter and not event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
+            self._send()
+            return True
+        return False
 
 
 class ChatWindow(QMainWindow):
@@ -96,13 +118,16 @@ class ChatWindow(QMainWindow):
         self.top_p.setRange(0.01, 1.0)
         self.top_p.setSingleStep(0.05)
         self.max_tokens = QSpinBox()
-        self.max_tokens.setRange(1, 8192)
+        # Any count may be typed; what the model's context cannot hold is lowered per reply, with a note.
+        self.max_tokens.setRange(1, MAX_TOKENS_LIMIT)
         for widget in (self.temperature, self.top_p, self.max_tokens):
             widget.valueChanged.connect(self._sampling_changed)
+        self.context_label = QLabel()
         form.addRow("System prompt", self.system_prompt)
         form.addRow("Temperature", self.temperature)
         form.addRow("Top-p", self.top_p)
         form.addRow("Max tokens", self.max_tokens)
+        form.addRow("Context", self.context_label)
         self.options.setVisible(False)
         self.options_button.toggled.connect(self.options.setVisible)
         layout.addWidget(self.options)
@@ -110,26 +135,36 @@ class ChatWindow(QMainWindow):
         self.transcript = QTextBrowser()
         self.transcript.setOpenExternalLinks(True)
         layout.addWidget(self.transcript, 1)
+        notice_row = QHBoxLayout()
         self.notice = QLabel()
         self.notice.setWordWrap(True)
-        self.notice.setStyleSheet("background:#fde2e1; color:#7a1410; padding:6px; border-radius:4px;")
-        layout.addWidget(self.notice)
+        self.notice.setStyleSheet(ERROR_STYLE)
+        self.retry_button = QPushButton("Retry")
+        self.retry_button.setToolTip("Send the message that failed again (or edit it below and press Enter)")
+        self.retry_button.clicked.connect(self.retry)
+        notice_row.addWidget(self.notice, 1)
+        notice_row.addWidget(self.retry_button)
+        layout.addLayout(notice_row)
 
         self.input = QPlainTextEdit()
-        self.input.setPlaceholderText("Message the swarm… (Ctrl+Enter to send)")
+        self.input.setPlaceholderText("Message the swarm… (Enter sends, Shift+Enter adds a line)")
         self.input.setMaximumHeight(90)
+        self.input.installEventFilter(_EnterSends(self.send, self.input))
         layout.addWidget(self.input)
         bottom = QHBoxLayout()
         self.speed_label = QLabel("")
         self.copy_button = QPushButton("Copy reply")
+        self.regenerate_button = QPushButton("Regenerate")
         self.stop_button = QPushButton("Stop")
         self.send_button = QPushButton("Send")
         self.send_button.setDefault(True)
         self.copy_button.clicked.connect(self.copy_last_reply)
+        self.regenerate_button.clicked.connect(self.model.regenerate)
         self.stop_button.clicked.connect(self.model.stop)
         self.send_button.clicked.connect(self.send)
         bottom.addWidget(self.speed_label, 1)
         bottom.addWidget(self.copy_button)
+        bottom.addWidget(self.regenerate_button)
         bottom.addWidget(self.stop_button)
         bottom.addWidget(self.send_button)
         layout.addLayout(bottom)
@@ -151,6 +186,15 @@ class ChatWindow(QMainWindow):
 
     def send(self) -> None:
         if self.model.send(self.input.toPlainText()):
+            self.input.clear()
+
+    def retry(self) -> None:
+        # An edited message in the input wins over the one that failed.
+        edited = self.input.toPlainText().strip()
+        if edited and edited != (self.model.failed_text or ""):
+            self.model.failed_text = None
+            self.send()
+        elif self.model.retry():
             self.input.clear()
 
     def copy_last_reply(self) -> None:
@@ -185,18 +229,25 @@ class ChatWindow(QMainWindow):
         self.model.select_model(self.model_picker.itemData(index))
 
     def _sampling_changed(self) -> None:
-        self.model.sampling = dataclasses.replace(
+        sampling = dataclasses.replace(
             self.model.sampling,
             temperature=self.temperature.value(),
             top_p=self.top_p.value(),
             max_tokens=self.max_tokens.value(),
         )
+        if sampling != self.model.sampling:
+            self.model.set_sampling(sampling)
 
     def set_sampling_widgets(self) -> None:
         sampling = self.model.sampling
-        self.temperature.setValue(sampling.temperature)
-        self.top_p.setValue(sampling.top_p)
-        self.max_tokens.setValue(sampling.max_tokens)
+        for widget, value in (
+            (self.temperature, sampling.temperature),
+            (self.top_p, sampling.top_p),
+            (self.max_tokens, sampling.max_tokens),
+        ):
+            widget.blockSignals(True)
+            widget.setValue(value)
+            widget.blockSignals(False)
 
     # ---- showing the model
 
@@ -233,12 +284,23 @@ class ChatWindow(QMainWindow):
             self.system_prompt.blockSignals(False)
         choice = model.current_model()
         self.demo_label.setVisible(bool(choice and choice.demo))
+        self.set_sampling_widgets()
+        self.context_label.setText(
+            f"{choice.context_length} tokens (prompt and reply); older messages are left out to fit"
+            if choice
+            else ""
+        )
         index = self.model_picker.findData(model.model_id)
         if index >= 0 and index != self.model_picker.currentIndex():
             self.model_picker.setCurrentIndex(index)
         streaming = model.streaming
         self.send_button.setEnabled(not streaming and model.engine_ready and bool(model.model_id))
         self.stop_button.setEnabled(streaming)
+        self.regenerate_button.setEnabled(model.can_regenerate() and model.engine_ready)
+        self.retry_button.setVisible(bool(model.failed_text) and not streaming)
+        self.retry_button.setEnabled(model.engine_ready)
+        if model.failed_text and not self.input.toPlainText().strip():
+            self.input.setPlainText(model.failed_text)  # there to edit, or to Retry as it is
         self.model_picker.setEnabled(not streaming)
         self.rename_button.setEnabled(model.conversation_id is not None)
         self.delete_button.setEnabled(model.conversation_id is not None)
@@ -254,6 +316,7 @@ class ChatWindow(QMainWindow):
 
     def _show_notice(self, text: str) -> None:
         self.notice.setText(text)
+        self.notice.setStyleSheet(ERROR_STYLE if self.model.notice_is_error else NOTE_STYLE)
         self.notice.setVisible(bool(text))
 
     def closeEvent(self, event: QCloseEvent) -> None:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from contract import ContextFit
 from engine.api.errors import service_error_body
 from engine.api.events import sse_event
 from engine.api.schemas import (
@@ -69,10 +70,16 @@ class _Completer:
     async def run(self, generation: GenerationRequest, stream: bool, include_usage: bool):
         events = GenerationStream(lambda cancel: self.service.generate(generation, cancel))
         try:
-            await events.start()
+            started = await events.start()
         except BaseException:
             events.close()
             raise
+        self.fit = ContextFit(
+            prompt_tokens=started.prompt_tokens,
+            context_length=started.context_length,
+            max_tokens=started.max_tokens,
+            dropped_messages=started.dropped_messages,
+        ).to_dict()
         if stream:
             return StreamingResponse(
                 self._sse(events, generation.model, include_usage),
@@ -104,7 +111,7 @@ class _Completer:
         else:
             choice = {"index": 0, "text": text, "finish_reason": finished.finish_reason, "logprobs": None}
             kind = "text_completion"
-        return {
+        answer = {
             "id": self.id,
             "object": kind,
             "created": self.created,
@@ -112,6 +119,9 @@ class _Completer:
             "choices": [choice],
             "usage": _usage(finished),
         }
+        if self.chat:
+            answer["pollinate"] = self.fit
+        return answer
 
     def _chunk(self, model: str, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
         if self.chat:
@@ -129,8 +139,8 @@ class _Completer:
 
     async def _sse(self, events: GenerationStream, model: str, include_usage: bool) -> AsyncIterator[bytes]:
         try:
-            if self.chat:
-                yield sse_event(None, self._chunk(model, "", None, first=True))
+            if self.chat:  # the first chunk also says how the request fits the model's context
+                yield sse_event(None, {**self._chunk(model, "", None, first=True), "pollinate": self.fit})
             while (event := await events.next()) is not None:
                 if isinstance(event, TextDelta) and event.text:
                     yield sse_event(None, self._chunk(model, event.text, None))
@@ -174,7 +184,8 @@ def build_router() -> APIRouter:
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = tuple((message.role, message.text()) for message in body.messages)
-        generation = GenerationRequest(messages=messages, **_sampling(body))
+        fit = bool(body.pollinate and body.pollinate.fit_context)
+        generation = GenerationRequest(messages=messages, fit_context=fit, **_sampling(body))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _Completer(request, chat=True).run(generation, body.stream, include_usage)
 

@@ -111,11 +111,22 @@ class _SamplingFields(_Lenient):
         return [s for s in stops if s]
 
 
+class ChatOptions(_Strict):
+    """Pollinate's own options of a chat request (other clients leave them out)."""
+
+    fit_context: bool = Field(
+        default=False,
+        description="leave out the oldest turns (never the system prompt nor the last message) and lower "
+        "max_tokens to fit the model's context, instead of answering 400",
+    )
+
+
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    pollinate: ChatOptions | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -144,8 +155,12 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
+ContextFit = _from_record(contract.ContextFit)
+
+
 class ChatCompletion(BaseModel):
-    """Non-streaming answer of /v1/chat/completions (streaming sends `chat.completion.chunk` events)."""
+    """Non-streaming answer of /v1/chat/completions (streaming sends `chat.completion.chunk` events; the
+    first one carries `pollinate` too)."""
 
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -153,6 +168,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    pollinate: ContextFit | None = None
 
 
 class CompletionChoice(BaseModel):

@@ -5,6 +5,7 @@ A mixin of EngineService (engine/service/engine.py).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 
@@ -59,6 +60,31 @@ class GenerationMixin:
         # The template already holds any special tokens the model expects (such as BOS).
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _fitted_prompt(self, tokenizer, request: GenerationRequest, context: int) -> tuple[list[int], int]:
+        """The prompt's token ids and how many of the oldest turns were left out to fit `context`.
+
+        With `fit_context`, turns are dropped oldest first (the system prompt and the last message stay;
+        the kept turns start with a user turn, as chat templates expect) until the prompt leaves room for
+        the reply: `max_tokens`, but at most a quarter of the context, so a long answer asked for does not
+        wipe out the conversation.
+        """
+        ids = self._prompt_ids(tokenizer, request)
+        if not request.fit_context or request.messages is None:
+            return ids, 0
+        reserve = min(request.max_tokens or context // 4, context // 4)
+        system = [m for m in request.messages if m[0] in ("system", "developer")]
+        turns = [m for m in request.messages if m[0] not in ("system", "developer")]
+        dropped = 0
+        while len(ids) + reserve > context and len(turns) > 1:
+            turns.pop(0)
+            dropped += 1
+            while len(turns) > 1 and turns[0][0] != "user":
+                turns.pop(0)
+                dropped += 1
+            fitted = dataclasses.replace(request, messages=(*system, *turns))
+            ids = self._prompt_ids(tokenizer, fitted)
+        return ids, dropped
+
     def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[GenerationEvent]:
         """Run one completion through the swarm; yields Started, TextDeltas, then Finished.
 
@@ -76,13 +102,16 @@ class GenerationMixin:
             raise unavailable(ref.name, missing)
         client = self._client(ref)
         tokenizer = client.tokenizer
-        ids = self._prompt_ids(tokenizer, request)
         context = self.context_length(ref)
+        ids, dropped = self._fitted_prompt(tokenizer, request, context)
         if len(ids) >= context:
             raise InvalidRequestError(
-                f"The prompt has {len(ids)} tokens; {ref.name} takes at most {context - 1}."
+                f"The prompt has {len(ids)} tokens; {ref.name} reads at most {context} tokens (prompt and "
+                "reply together): shorten it, or start a new conversation."
             )
         max_new = request.max_tokens or context - len(ids)
+        if request.fit_context:
+            max_new = min(max_new, context - len(ids))
         if len(ids) + max_new > context:
             raise InvalidRequestError(
                 f"The prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the context of "
@@ -111,7 +140,7 @@ class GenerationMixin:
                     for step in steps:
                         if not started:  # the prefill went through: from here on errors are in-band
                             started = True
-                            yield Started(len(ids))
+                            yield Started(len(ids), context, max_new, dropped)
                         produced += 1
                         token = int(step.tokens[0])
                         if token in params.eos_ids:
@@ -127,7 +156,7 @@ class GenerationMixin:
                         if cancel.is_set():
                             return
                     if not started:
-                        yield Started(len(ids))
+                        yield Started(len(ids), context, max_new, dropped)
                 finally:
                     steps.close()
             tail = text.feed(decoder.finish(new_ids))[0] + text.flush()

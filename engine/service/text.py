@@ -17,6 +17,9 @@ class GenerationRequest:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Fit the model's context: leave out the oldest turns (never the system prompt nor the last message)
+    # and lower max_tokens to what remains, instead of refusing the request. Started says what was done.
+    fit_context: bool = False
 
     def __post_init__(self) -> None:
         assert (self.messages is None) != (self.prompt is None), "give messages or prompt"
@@ -27,6 +30,9 @@ class Started:
     """The inference session is open; generation follows."""
 
     prompt_tokens: int
+    context_length: int = 0  # the longest prompt + reply the engine runs for this model
+    max_tokens: int = 0  # new tokens this request may produce (after fitting the context)
+    dropped_messages: int = 0  # oldest turns left out to fit the context (fit_context only)
 
 
 @dataclass(frozen=True)

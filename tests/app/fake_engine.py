@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import psutil
 
-from contract import STATE_FILE, HostingPlan, ModelFacts, Stats, Status
+from contract import STATE_FILE, ContextFit, HostingPlan, ModelFacts, Stats, Status
 
 TOKEN = "fake-token"
 DEMO_ID = "pollinate-demo-tiny-llama"
@@ -89,6 +89,7 @@ class FakeEngine:
         self.chats_started = 0
         self.chats_cancelled = 0
         self.chats_completed = 0
+        self.fits: list[ContextFit] = []  # how each chat request fitted the model's context
         self._subscribers: list[queue.Queue] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -255,6 +256,38 @@ class FakeEngine:
         ).to_dict()
 
 
+def prompt_tokens(messages: list[dict]) -> int:
+    """The fake's tokenizer: a word is a token, and each message costs 4 more (its template)."""
+    return sum(len(str(m.get("content") or "").split()) + 4 for m in messages)
+
+
+def fit_context(body: dict, context: int) -> ContextFit | str:
+    """What the engine does with a chat request: refuse what does not fit (the error message), or with
+    `pollinate.fit_context` leave out the oldest turns and lower max_tokens."""
+    messages = list(body["messages"])
+    asked = int(body.get("max_tokens") or context)
+    dropped = 0
+    if (body.get("pollinate") or {}).get("fit_context"):
+        reserve = min(asked, context // 4)
+        while prompt_tokens(messages) + reserve > context and len(messages) > 2:
+            first = next(i for i, m in enumerate(messages) if m["role"] != "system")
+            if first >= len(messages) - 1:
+                break
+            messages.pop(first)
+            dropped += 1
+        used = prompt_tokens(messages)
+        if used >= context:
+            return f"The prompt has {used} tokens; the model reads at most {context} tokens."
+        return ContextFit(used, context, min(asked, context - used), dropped)
+    used = prompt_tokens(messages)
+    if used + asked > context:
+        return (
+            f"The prompt ({used} tokens) plus max_tokens ({asked}) exceeds the context of {context} tokens; "
+            f"ask for at most {context - used} new tokens."
+        )
+    return ContextFit(used, context, asked, 0)
+
+
 def error_body(status: int, kind: str, message: str, **extra) -> dict:
     return {"error": {"message": message, "type": kind, "code": status, **extra}}
 
@@ -377,7 +410,12 @@ class FakeHandler(BaseHTTPRequestHandler):
             return self._json(fake.chat_error[0], {"error": fake.chat_error[1]})
         if body.get("model") not in [m["id"] for m in fake.models]:
             return self._json(404, error_body(404, "model_not_found", f"Unknown model {body.get('model')}"))
+        model = next(m for m in fake.models if m["id"] == body["model"])
+        fitted = fit_context(body, model["pollinate"]["context_length"])
+        if isinstance(fitted, str):
+            return self._json(400, error_body(400, "invalid_request", fitted))
         fake.chats_started += 1
+        fake.fits.append(fitted)
         last = body["messages"][-1]["content"]
         words = [f"word{i}" for i in range(fake.words)]
         words[0] = f"You said **{last}**:"
@@ -397,6 +435,8 @@ class FakeHandler(BaseHTTPRequestHandler):
                         {"index": 0, "delta": {"content": (" " if i else "") + word}, "finish_reason": None}
                     ],
                 }
+                if i == 0:
+                    chunk["pollinate"] = fitted.to_dict()
                 self._sse(json.dumps(chunk))
             final = {
                 "id": "chatcmpl-fake",

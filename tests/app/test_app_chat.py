@@ -7,7 +7,7 @@ from fake_engine import DEMO_ID
 
 from app.api_client import ApiClient, EngineEndpoint
 from app.history import ChatHistory
-from app.qt import QApplication, QInputDialog
+from app.qt import QApplication, QInputDialog, Qt
 from app.viewmodels.chat import ChatModel
 from app.windows.chat import ChatWindow
 
@@ -163,4 +163,130 @@ def test_engine_notice_goes_once_the_engine_runs(qtbot, chat):
     chat.model.set_engine_ready(False, "Starting the engine…")
     assert chat.notice.text() == "Starting the engine…"
     chat.model.set_engine_ready(True)
+    assert chat.notice.isHidden()
+
+
+# ---- chat that never hits the wall (issue 11) ------------------------------------------------------------
+
+
+def pick_demo(chat) -> None:
+    index = chat.model_picker.findData(DEMO_ID)
+    chat.model_picker.setCurrentIndex(index)
+    chat.model_picker.activated.emit(index)
+
+
+def wait_reply(qtbot, chat, count: int) -> None:
+    qtbot.waitUntil(lambda: not chat.model.streaming and len(chat.model.messages) == count, timeout=5000)
+
+
+def test_ten_turn_chat_on_a_small_context_never_fails(qtbot, chat, fake_engine):
+    """The demo reads 512 tokens: with the default Max tokens (256) the 2nd message used to be refused."""
+    pick_demo(chat)
+    chat.options_button.click()
+    assert "512 tokens" in chat.context_label.text()
+    for turn in range(10):
+        send(qtbot, chat, f"turn {turn} " + "blah " * 60)
+        wait_reply(qtbot, chat, 2 * (turn + 1))
+        assert not chat.model.notice_is_error, chat.notice.text()
+    # The engine was asked to fit each request; later ones left the oldest turns out, and the app said so.
+    request = [r for r in fake_engine.requests if r[1] == "/v1/chat/completions"][-1][2]
+    assert request["pollinate"] == {"fit_context": True}
+    assert fake_engine.fits[-1].dropped_messages > 0
+    assert "oldest messages were left out" in chat.notice.text() and "512 tokens" in chat.notice.text()
+    assert chat.notice.isVisible() and not chat.model.notice_is_error
+
+
+def test_max_tokens_takes_any_count_and_is_lowered_with_a_note(qtbot, chat, fake_engine):
+    pick_demo(chat)
+    chat.options_button.click()
+    chat.max_tokens.clear()
+    qtbot.keyClicks(chat.max_tokens, "9000")
+    chat.max_tokens.interpretText()
+    assert chat.max_tokens.value() == 9000  # (the box used to stop at 8192: typing 9000 gave 900)
+    send(qtbot, chat, "hello")
+    wait_reply(qtbot, chat, 2)
+    assert fake_engine.fits[-1].max_tokens < 512
+    assert f"Max tokens lowered to {fake_engine.fits[-1].max_tokens}" in chat.notice.text()
+
+
+def test_failed_message_is_offered_to_retry_not_resent(qtbot, chat, fake_engine):
+    fake_engine.chat_error = (400, {"message": "nope", "type": "invalid_request", "code": 400})
+    send(qtbot, chat, "first try")
+    qtbot.waitUntil(lambda: chat.retry_button.isVisible(), timeout=5000)
+    assert chat.model.notice_is_error and "nope" in chat.notice.text()
+    # The failed message left the conversation and waits in the input, to edit or retry.
+    assert chat.model.messages == [] and chat.input.toPlainText() == "first try"
+    fake_engine.chat_error = None
+    chat.retry_button.click()
+    wait_reply(qtbot, chat, 2)
+    request = [r for r in fake_engine.requests if r[1] == "/v1/chat/completions"][-1][2]
+    assert [m["content"] for m in request["messages"]] == ["first try"]
+    assert not chat.retry_button.isVisible() and chat.input.toPlainText() == ""
+    # A failure, then a different message: only the new one is sent.
+    fake_engine.chat_error = (400, {"message": "nope", "type": "invalid_request", "code": 400})
+    send(qtbot, chat, "second")
+    qtbot.waitUntil(lambda: chat.retry_button.isVisible(), timeout=5000)
+    fake_engine.chat_error = None
+    chat.input.setPlainText("second, edited")
+    chat.retry_button.click()
+    wait_reply(qtbot, chat, 4)
+    request = [r for r in fake_engine.requests if r[1] == "/v1/chat/completions"][-1][2]
+    users = [m["content"] for m in request["messages"] if m["role"] == "user"]
+    assert users == ["first try", "second, edited"]
+
+
+def test_enter_sends_and_shift_enter_adds_a_line(qtbot, chat):
+    chat.input.setFocus()
+    qtbot.keyClicks(chat.input, "line one")
+    qtbot.keyClick(chat.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    qtbot.keyClicks(chat.input, "line two")
+    assert chat.input.toPlainText() == "line one\nline two" and not chat.model.streaming
+    qtbot.keyClick(chat.input, Qt.Key.Key_Return)
+    assert chat.model.streaming and chat.input.toPlainText() == ""
+    wait_reply(qtbot, chat, 2)
+    assert chat.model.messages[0].content == "line one\nline two"
+
+
+def test_regenerate_replaces_the_last_reply(qtbot, chat, fake_engine):
+    assert not chat.regenerate_button.isEnabled()
+    send(qtbot, chat, "tell me")
+    wait_reply(qtbot, chat, 2)
+    assert chat.regenerate_button.isEnabled()
+    fake_engine.reply_text = "another answer"
+    chat.regenerate_button.click()
+    wait_reply(qtbot, chat, 2)
+    assert [m.content for m in chat.model.messages] == ["tell me", "another answer"]
+    request = [r for r in fake_engine.requests if r[1] == "/v1/chat/completions"][-1][2]
+    assert [m["role"] for m in request["messages"]] == ["user"]
+
+
+def test_options_belong_to_each_conversation_and_are_saved(qtbot, chat, app_dirs):
+    chat.options_button.click()
+    send(qtbot, chat, "first chat")
+    wait_reply(qtbot, chat, 2)
+    chat.max_tokens.setValue(64)
+    chat.temperature.setValue(0.1)
+    first = chat.model.conversation_id
+    chat.new_button.click()
+    chat.max_tokens.setValue(300)
+    second = chat.model.conversation_id
+    chat.model.open_conversation(first)
+    assert chat.max_tokens.value() == 64 and chat.temperature.value() == pytest.approx(0.1)
+    chat.model.open_conversation(second)
+    assert chat.max_tokens.value() == 300
+    # Saved: a new app session (same history file) reads them back.
+    history = ChatHistory(app_dirs["data"] / "chat-history.sqlite3").open()
+    saved = history.conversation(first)
+    assert (saved.max_tokens, saved.temperature) == (64, pytest.approx(0.1))
+    history.close()
+
+
+def test_notices_stay_with_their_conversation_and_stop_is_not_an_error(qtbot, chat, fake_engine):
+    fake_engine.words, fake_engine.word_delay = 200, 0.03
+    send(qtbot, chat, "long story")
+    qtbot.waitUntil(lambda: "word2" in chat.transcript.toPlainText(), timeout=5000)
+    chat.stop_button.click()
+    assert "stopped" in chat.notice.text() and not chat.model.notice_is_error
+    assert "fde2e1" not in chat.notice.styleSheet()  # not the error colour
+    chat.new_button.click()
     assert chat.notice.isHidden()

@@ -173,6 +173,30 @@ def test_completions_and_stop(engine):
     assert sampled[0] == sampled[1]
 
 
+def test_chat_fits_the_context(engine):
+    """A long conversation: refused as is; with fit_context the oldest turns go and max_tokens shrinks."""
+    demo = next(m for m in engine.get("/v1/models").json()["data"] if m["pollinate"]["demo"])
+    context = demo["pollinate"]["context_length"]
+    long = "hello " * (context // 20)  # about a tenth of the context per turn (two tokens per word)
+    messages = [{"role": "system", "content": "Be brief."}]
+    for turn in range(6):
+        messages += [{"role": "user", "content": f"{turn} {long}"}, {"role": "assistant", "content": long}]
+    messages.append({"role": "user", "content": "And now?"})
+    body = {"model": demo["id"], "messages": messages, "max_tokens": context // 2, "temperature": 0}
+    refused = engine.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400 and f"at most {context} tokens" in refused.json()["error"]["message"]
+    answer = engine.post("/v1/chat/completions", json={**body, "pollinate": {"fit_context": True}})
+    assert answer.status_code == 200, answer.text
+    fit = answer.json()["pollinate"]
+    # Whole user/assistant pairs went (the kept turns start with a user turn); the system prompt stayed.
+    assert fit["dropped_messages"] > 0 and fit["dropped_messages"] % 2 == 0
+    assert fit["context_length"] == context and fit["prompt_tokens"] + fit["max_tokens"] <= context
+    # ... and only as many as needed: the reply keeps a quarter of the context, the last pair stays.
+    assert fit["max_tokens"] == min(context // 2, context - fit["prompt_tokens"]) >= context // 4
+    assert fit["dropped_messages"] < 12 and fit["prompt_tokens"] > context // 4
+    assert answer.json()["usage"]["prompt_tokens"] == fit["prompt_tokens"]
+
+
 def test_real_service_errors(engine):
     body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
     response = engine.post("/v1/chat/completions", json=body)

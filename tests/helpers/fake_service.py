@@ -207,9 +207,21 @@ class FakeEngineService:
             raise SwarmUnavailableError(
                 f"The swarm cannot serve {name}: blocks {shown} have no server.", missing
             )
-        prompt = request.prompt if request.prompt is not None else " ".join(c for _, c in request.messages)
+        # A word is a token here; fitting drops the oldest non-system turns, like the engine.
+        messages, dropped = list(request.messages or ()), 0
+        if request.fit_context:
+            while sum(len(c.split()) for _, c in messages) + 1 > CONTEXT_TOKENS // 2 and len(messages) > 1:
+                index = next(i for i, (role, _) in enumerate(messages) if role != "system")
+                if index == len(messages) - 1:
+                    break
+                messages.pop(index)
+                dropped += 1
+        prompt = request.prompt if request.prompt is not None else " ".join(c for _, c in messages)
         prompt_tokens = len(prompt.split()) + 1
-        if request.max_tokens is not None and prompt_tokens + request.max_tokens > CONTEXT_TOKENS:
+        max_tokens = request.max_tokens
+        if request.fit_context and max_tokens is not None:
+            max_tokens = min(max_tokens, CONTEXT_TOKENS - prompt_tokens)
+        if max_tokens is not None and prompt_tokens + max_tokens > CONTEXT_TOKENS:
             raise InvalidRequestError(
                 f"The prompt ({prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) exceeds "
                 f"the model's context of {CONTEXT_TOKENS} tokens."
@@ -217,9 +229,11 @@ class FakeEngineService:
         self.sessions_open += 1
         produced, text, reason = 0, "", "stop"
         try:
-            yield Started(prompt_tokens)
+            yield Started(
+                prompt_tokens, CONTEXT_TOKENS, max_tokens or CONTEXT_TOKENS - prompt_tokens, dropped
+            )
             for word in FAKE_REPLY.split():
-                if request.max_tokens is not None and produced >= request.max_tokens:
+                if max_tokens is not None and produced >= max_tokens:
                     reason = "length"
                     break
                 if cancel.is_set():
