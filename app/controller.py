@@ -90,6 +90,7 @@ class AppController(QObject):
         self.dashboard.hide_on_close = self.tray.available
         self._chat_window = None
         self._engine_was_running = False
+        self.wsl_setup = None  # app.wsl_setup.WslSetup while the first run sets up WSL
 
         self.engine.endpoint_changed.connect(self.client.set_endpoint)
         self.engine.state_changed.connect(self._engine_state)
@@ -164,9 +165,42 @@ class AppController(QObject):
             self.tell_set_aside()  # the engine checks its stores (ledger, state, models) as it starts
             if self.settings.sharing_enabled:
                 self.dashboard_model.set_sharing(True)  # resume: the user turned sharing on earlier
+        elif state == "failed" and self._set_up_wsl():
+            pass  # the engine's WSL distribution is missing: made now, with progress on the dashboard
         elif state == RESTARTING or state == "failed":
             self.presenter.show(message, True)
         self._update_tray()
+
+    def _set_up_wsl(self) -> bool:
+        """First run on Windows: create the engine's WSL distribution from the installer's payload."""
+        backend = self.engine.backend
+        if not getattr(backend, "missing_distribution", False) or self.wsl_setup is not None:
+            return False
+        from app.wsl_setup import WslSetup, find_payload
+
+        payload = find_payload()
+        if payload is None:
+            return False
+        self.wsl_setup = WslSetup(
+            payload,
+            self.data_dir / "wsl-distribution",
+            self.data_dir / "logs" / "wsl-setup.log",
+            wsl_exe=backend.config.wsl,
+            distribution=backend.config.distribution,
+            parent=self,
+        )
+        self.wsl_setup.progress.connect(lambda text: self.dashboard_model.on_engine_state("starting", text))
+        self.wsl_setup.finished.connect(self._wsl_set_up)
+        self.wsl_setup.start()
+        return True
+
+    def _wsl_set_up(self, ok: bool, message: str) -> None:
+        if ok:
+            self.presenter.show(message)
+            self.engine.start()
+        else:
+            self.dashboard_model.on_engine_state("failed", message)
+            self.presenter.show(message, True)
 
     def _remember_sharing(self, on: bool) -> None:
         if on != self.settings.sharing_enabled:
@@ -282,6 +316,8 @@ class AppController(QObject):
         self.quitting.emit()
         self.chat_model.stop()
         self.feed.stop()
+        if self.wsl_setup is not None and self.wsl_setup.running:
+            self.wsl_setup.cancel()
         if self.quit_plan() == "keep":
             self.engine.detach()
         else:

@@ -247,3 +247,103 @@ def test_engine_without_its_distribution_fails_with_the_step(qtbot, tmp_path, ws
     engine = fake_engine_process(tmp_path, backend_for(tmp_path), qtbot)
     engine.start()
     assert engine.state == FAILED and "no distribution named Pollinate" in engine.message
+
+
+# ---- first run: the distribution is made from the installer's payload, with progress
+
+
+def setup_payload(tmp_path, script_body: str) -> Path:
+    """A payload like the installer's; the script is a stand-in for installers/windows/setup-engine.sh
+    (which needs apt-get and PyPI) that speaks the same progress protocol."""
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    (payload / "rootfs.tar.gz").write_bytes(b"not a real root file system")
+    (payload / "pollinate-0.1.0-py3-none-any.whl").write_bytes(b"")
+    (payload / "setup-engine.sh").write_text(script_body)
+    return payload
+
+
+def wsl_controller(tmp_path, backend):
+    from app.controller import AppController
+    from app.settings import Settings
+
+    def command() -> list[str]:
+        argv = [sys.executable, FAKE_ENGINE, "--data-dir", backend.config.data_dir, "--exit-on-stdin-eof"]
+        return wsl.exec_command("wsl.exe", "Pollinate", argv)
+
+    ctl = AppController(
+        Settings(onboarded=True),
+        engine_backend=backend,
+        engine_command_factory=command,
+        use_system_tray=False,
+    )
+    ctl.confirm_quit = False
+    ctl.quit_app = lambda: None
+    shown = []
+    original = ctl.dashboard_model.on_engine_state
+    ctl.dashboard_model.on_engine_state = lambda state, text: (shown.append(text), original(state, text))
+    return ctl, shown
+
+
+def test_first_run_sets_up_the_distribution_with_progress(qtbot, tmp_path, wsl_bin, monkeypatch):
+    marker = tmp_path / "installed-wheel"
+    fake = fake_wsl.install(wsl_bin, distributions={}, environment={"MARKER": str(marker)})
+    script = (
+        'echo "POLLINATE-STEP 1/2 Installing Python"\n'
+        'echo "POLLINATE-STEP 2/2 Installing Pollinate"\n'
+        'echo "$1" > "$MARKER"\n'
+    )
+    payload = setup_payload(tmp_path, script)
+    monkeypatch.setenv("POLLINATE_WSL_PAYLOAD", str(payload))
+    ctl, shown = wsl_controller(tmp_path, backend_for(tmp_path))
+    try:
+        ctl.start()
+        qtbot.waitUntil(lambda: ctl.engine.state == RUNNING, timeout=30000)
+        assert "Setting up the engine in WSL (1/2): Installing Python…" in shown
+        assert "Setting up the engine in WSL (2/2): Installing Pollinate…" in shown
+        calls = fake.calls()
+        install_dir = str(ctl.data_dir / "wsl-distribution")
+        assert [
+            "--import",
+            "Pollinate",
+            install_dir,
+            str(payload / "rootfs.tar.gz"),
+            "--version",
+            "2",
+        ] in calls
+        wheel = str(payload / "pollinate-0.1.0-py3-none-any.whl")
+        assert [
+            "-d",
+            "Pollinate",
+            "-u",
+            "root",
+            "--exec",
+            "sh",
+            str(payload / "setup-engine.sh"),
+            wheel,
+            "",
+        ] in calls
+        assert ["--terminate", "Pollinate"] in calls
+        assert marker.read_text().strip() == wheel
+        assert "POLLINATE-STEP 2/2" in (ctl.data_dir / "logs" / "wsl-setup.log").read_text()
+    finally:
+        ctl.shutdown()
+
+
+def test_failed_setup_explains_and_removes_the_half_made_distribution(qtbot, tmp_path, wsl_bin, monkeypatch):
+    fake = fake_wsl.install(wsl_bin, distributions={})
+    payload = setup_payload(
+        tmp_path, 'echo "POLLINATE-STEP 1/6 Installing Python"\necho "E: no network" >&2\nexit 1\n'
+    )
+    monkeypatch.setenv("POLLINATE_WSL_PAYLOAD", str(payload))
+    ctl, shown = wsl_controller(tmp_path, backend_for(tmp_path))
+    try:
+        ctl.start()
+        qtbot.waitUntil(lambda: "failed" in (shown[-1] if shown else ""), timeout=30000)
+        assert (
+            "Installing the engine in WSL failed (exit code 1)" in shown[-1] and "wsl-setup.log" in shown[-1]
+        )
+        assert "E: no network" in (ctl.data_dir / "logs" / "wsl-setup.log").read_text()
+        qtbot.waitUntil(lambda: "Pollinate" not in fake.state()["distributions"], timeout=10000)
+    finally:
+        ctl.shutdown()

@@ -44,17 +44,23 @@ class FakeWsl:
     def state(self) -> dict:
         return json.loads(self.state_path.read_text())
 
+    def write(self, state: dict) -> None:
+        """Replace the state atomically: a wsl.exe call that reads it meanwhile never sees half a file."""
+        temporary = self.state_path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(state))
+        os.replace(temporary, self.state_path)
+
     def update(self, **changes) -> None:
         with _locked(self.state_path):
             state = self.state()
             state.update(changes)
-            self.state_path.write_text(json.dumps(state))
+            self.write(state)
 
     def set_distribution(self, name: str, state: str = "Stopped", version: int = 2) -> None:
         with _locked(self.state_path):
             current = self.state()
             current["distributions"][name] = {"state": state, "version": version}
-            self.state_path.write_text(json.dumps(current))
+            self.write(current)
 
     def calls(self) -> list[list[str]]:
         if not self.calls_path.exists():
@@ -163,14 +169,14 @@ def main(argv: list[str], state_path: str) -> int:
                 del current["distributions"][argv[1]]
             else:
                 current["distributions"][argv[1]]["state"] = "Stopped"
-            fake.state_path.write_text(json.dumps(current))
+            fake.write(current)
         return 0
     if argv[:1] == ["--shutdown"]:
         with _locked(fake.state_path):
             current = fake.state()
             for info in current["distributions"].values():
                 info["state"] = "Stopped"
-            fake.state_path.write_text(json.dumps(current))
+            fake.write(current)
         return 0
     return _run_inside(fake, argv)
 
