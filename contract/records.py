@@ -74,13 +74,15 @@ class Status(_Record):
     """Where the hosting state machine is (/api/status and `status` events)."""
 
     state: HostingState = _doc("idle, loading, serving, draining or error", HostingState.IDLE)
-    progress: float | None = _doc("0..1 while loading, else null")
+    progress: float | None = _doc(
+        "0..1 while loading, or before ready while the engine prepares the demo model; else null"
+    )
     phase: LoadPhase | None = _doc("the step of a hosting start while loading, else null")
     message: str | None = _doc("what is happening or what went wrong, for a person")
     model: str | None = _doc("the hosted model")
     blocks: list[int] | None = _doc("[start, end) of the hosted span")
     swarm: Swarm = _doc("the swarm the engine joined", Swarm.LOCAL)
-    ready: bool = _doc("the engine has joined the swarm (and started the demo server if local)", False)
+    ready: bool = _doc("the engine has joined the swarm (and started the demo servers if local)", False)
     reachability: dict[str, Any] | None = _doc(
         "the hosted server's dial-back check, or null while not hosting or not checked yet: "
         '{"state": "reachable"/"relayed"/"unreachable"/"unknown", "advice": the one thing to do or null, '
@@ -141,7 +143,8 @@ class ModelFacts(_Record):
     """Pollinate's facts about a model in /v1/models (`pollinate` of each entry)."""
 
     label: str = _doc("a name for people", "")
-    demo: bool = _doc("the local demo model (random weights)", False)
+    demo: bool = _doc("hosted by the local swarm's demo servers", False)
+    random_weights: bool = _doc("a tiny random model: its replies are gibberish (say so)", False)
     num_blocks: int = _doc("transformer blocks of the model", 0)
     missing_blocks: list[int] = _doc("blocks no server holds now", factory=list)
     context_length: int = _doc(

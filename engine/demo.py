@@ -1,7 +1,8 @@
-"""The embedded demo model: a tiny Llama with random weights, built offline on first use.
+"""The local swarm's tiny demo model (random weights, built offline on first use) and how demo servers split.
 
-It lets a new user see the whole product (a local swarm, hosting, chat) without downloading anything.
-Its replies are gibberish by design, and every place that shows it says so (DEMO_MODEL_LABEL).
+The local swarm serves SmolLM2-135M-Instruct by default (engine/smollm2.py); this tiny Llama is the fast
+alternative (`--demo-model tiny`) that tests use. Its replies are gibberish by design, and every place that
+shows it says so (DEMO_MODEL_LABEL).
 """
 
 from __future__ import annotations
@@ -19,7 +20,20 @@ DEMO_RECIPE_VERSION = 1
 DEMO_NUM_BLOCKS = 8
 DEMO_HIDDEN_SIZE = 128
 
-__all__ = ["DEMO_MODEL_LABEL", "DEMO_MODEL_NAME", "demo_model_path", "ensure_demo_model"]
+__all__ = ["DEMO_MODEL_LABEL", "DEMO_MODEL_NAME", "demo_model_path", "demo_spans", "ensure_demo_model"]
+
+
+def demo_spans(num_blocks: int, servers: int) -> list[tuple[int, int]]:
+    """Split blocks 0..num_blocks into `servers` contiguous spans of near-equal size (earlier ones larger)."""
+    if not 1 <= servers <= num_blocks:
+        raise ValueError(f"cannot split {num_blocks} blocks among {servers} servers")
+    size, extra = divmod(num_blocks, servers)
+    spans, start = [], 0
+    for index in range(servers):
+        end = start + size + (1 if index < extra else 0)
+        spans.append((start, end))
+        start = end
+    return spans
 
 
 def demo_model_path(data_dir: Path | None = None) -> Path:

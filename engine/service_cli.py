@@ -40,6 +40,13 @@ def add_commands(subparsers) -> None:
         help="local: a new swarm on this machine with the demo model (default); public: the Petals swarm; "
         "private: your own swarm (needs --initial-peers)",
     )
+    run.add_argument(
+        "--demo-model",
+        choices=("smollm2", "tiny"),
+        default="smollm2",
+        help="the local swarm's model: smollm2 (SmolLM2-135M-Instruct, a small real model, default) or tiny "
+        "(random weights, instant, gibberish replies)",
+    )
     run.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers in the swarm")
     run.add_argument("--model", default=None, help="default chat and hosting model (default: the demo model)")
     run.add_argument("--data-dir", type=Path, default=None, help="where state, token and demo model live")
@@ -199,6 +206,7 @@ def run_service(args: argparse.Namespace) -> int:
             swarm=args.swarm,
             initial_peers=tuple(args.initial_peers),
             default_model=args.model,
+            demo_model=args.demo_model,
             grace_seconds=args.grace_seconds,
         )
     except ValueError as exc:

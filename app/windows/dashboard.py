@@ -53,6 +53,8 @@ def headline(model: DashboardModel) -> str:
         return snap.engine_message or "The engine is not running."
     status = snap.status or {}
     state = status.get("state", "idle")
+    if status.get("ready") is False and state == "idle" and status.get("message"):
+        return status["message"]  # e.g. joining the swarm, preparing the demo model (first start)
     if state == "serving" and status.get("blocks"):
         start, end = status["blocks"]
         return f"Sharing: serving blocks {start}–{end - 1} of {status.get('model')}"
@@ -113,7 +115,7 @@ class DashboardWindow(QMainWindow):
         layout.addLayout(top)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
-        self.progress.setFormat("Loading blocks… %p%")
+        self.progress.setFormat("%p%")
         layout.addWidget(self.progress)
         self.reachability_label = QLabel()  # only while hosting, once the dial-back check has answered
         self.reachability_label.setWordWrap(True)

@@ -29,7 +29,8 @@ INTRO = (
 )
 
 SWARM_HELP = {
-    "local": "Try everything on this computer with a tiny demo model (its replies are gibberish).",
+    "local": "Try everything on this computer with a small real model (SmolLM2-135M-Instruct) served by "
+    "two demo servers: quick, simple answers, no download.",
     "public": "Join the public Petals swarm and help serve open models to everyone.",
     "private": "Join your own swarm; add your peers' addresses later in Settings.",
 }

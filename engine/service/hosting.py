@@ -49,8 +49,9 @@ class HostingMixin:
                 initial_peers=self._peer_addresses(),
                 host="127.0.0.1" if local else "0.0.0.0",
                 quant=quant or "auto",
-                # Tiny random checkpoints are for demos and tests: measuring them would only cost time.
-                throughput=1.0 if is_tiny_checkpoint(ref.source) else None,
+                # Tiny random checkpoints are for tests, and the demo swarm is this one machine: measuring
+                # would only cost time.
+                throughput=1.0 if ref.demo or is_tiny_checkpoint(ref.source) else None,
             )
         except ConfigError as exc:
             raise InvalidRequestError(str(exc)) from exc

@@ -84,9 +84,13 @@ class CatalogMixin:
         return min(self.config.max_context, known)
 
     def _demo_name(self) -> str:
-        from engine.demo import DEMO_MODEL_NAME
+        if self.config.demo_model == "tiny":
+            from engine.demo import DEMO_MODEL_NAME
 
-        return DEMO_MODEL_NAME
+            return DEMO_MODEL_NAME
+        from engine.smollm2 import SMOLLM2_MODEL_NAME
+
+        return SMOLLM2_MODEL_NAME
 
     def _snapshot(self, ref: ModelRef):
         from engine.swarm.discovery import fetch_snapshot
@@ -109,6 +113,7 @@ class CatalogMixin:
                 facts = ModelFacts(
                     label=ref.label,
                     demo=ref.demo,
+                    random_weights=ref.random_weights,
                     num_blocks=ref.num_blocks,
                     missing_blocks=missing,
                     context_length=self.context_length(ref),

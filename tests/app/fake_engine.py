@@ -79,6 +79,7 @@ class FakeEngine:
                 "pollinate": ModelFacts(
                     label="Demo model (tiny, random weights: its replies are gibberish)",
                     demo=True,
+                    random_weights=True,
                     num_blocks=num_blocks,
                     context_length=512,
                 ).to_dict(),

@@ -162,6 +162,17 @@ def test_share_while_engine_joins_starts_once_ready(qtbot, controller, fake_engi
     qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
 
 
+def test_dashboard_shows_the_demo_model_being_prepared(qtbot, controller, fake_engine):
+    message = "Preparing the demo model SmolLM2-135M-Instruct (first start only): dequantizing the weights"
+    fake_engine.set_status(ready=False, progress=0.25, message=message)
+    window = controller.dashboard
+    qtbot.waitUntil(lambda: window.progress.isVisible() and window.progress.value() == 250, timeout=3000)
+    assert window.headline.text() == message and not window.share_button.isEnabled()
+    assert "Preparing" in window.share_button.text()
+    fake_engine.set_status(ready=True, progress=None, message=None)
+    qtbot.waitUntil(lambda: window.share_button.isEnabled() and not window.progress.isVisible(), timeout=3000)
+
+
 def test_chat_lists_models_once_the_engine_is_ready(qtbot, controller, fake_engine):
     fake_engine.set_status(ready=False)
     qtbot.waitUntil(lambda: not controller.dashboard.share_button.isEnabled(), timeout=3000)

@@ -122,12 +122,15 @@ def test_chat_reducers():
     choices = model_choices(
         {
             "data": [
-                {"id": "demo", "pollinate": {"label": "Demo", "demo": True}},
+                {"id": "demo", "pollinate": {"label": "Demo", "demo": True, "random_weights": True}},
+                {"id": "smol", "pollinate": {"label": "Smol (small real model)", "demo": True}},
                 {"id": "real", "pollinate": {"label": "Real", "demo": False}},
             ]
         }
     )
-    assert [c.id for c in choices] == ["real", "demo"] and "random weights" in choices[1].display
+    # Random-weight demos go last; a real model on the demo swarm is an ordinary choice, not "gibberish".
+    assert [c.id for c in choices] == ["smol", "real", "demo"] and "random weights" in choices[2].display
+    assert "random" not in choices[0].display and "local demo swarm" in choices[0].display
     assert "writing" in transcript_markdown([], streaming="x")
 
 

@@ -6,12 +6,8 @@ server covers the demo model, and hosting tests share a tiny checkpoint of their
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,59 +16,17 @@ import httpx
 import pytest
 
 from contract import LoadPhase
+from tests.helpers.engine_run import engine_process
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RSS_MARGIN_BYTES = 150 * 2**20  # a start/stop cycle of the ~75 MB test model must give its memory back
-
-
-@contextlib.contextmanager
-def engine_process(data_dir: Path, *args: str, timeout: float = 90.0):
-    """`pollinate-engine run` in a new process group; yields (process, state, client); always killed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"  # never touch the developer's keyring
-    command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--data-dir", str(data_dir), *args]
-    log = open(data_dir / "engine.log", "w")  # noqa: SIM115 - closed below, after the process ends
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    state_path = data_dir / "engine-state.json"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert process.poll() is None, (data_dir / "engine.log").read_text()
-            assert time.monotonic() < deadline, (
-                "engine did not become ready: " + (data_dir / "engine.log").read_text()
-            )
-            if state_path.exists():
-                state = json.loads(state_path.read_text())
-                token = Path(state["token_file"]).read_text().strip()
-                client = httpx.Client(
-                    base_url=state["base_url"], headers={"Authorization": f"Bearer {token}"}
-                )
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get("/api/status").json()["ready"]:
-                        break
-                client.close()
-            time.sleep(0.2)
-        client.token = token
-        yield process, state, client
-        client.close()
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
-        assert not state_path.exists(), "a clean shutdown removes the state file"
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("engine")
-    with engine_process(data_dir) as (_process, state, client):
+    with engine_process(data_dir, "--demo-model", "tiny") as (_process, state, client):
         client.data_dir = data_dir
         client.state = state
         yield client

@@ -110,6 +110,7 @@ def test_engine_exits_when_its_parent_dies(tmp_path):
 def test_sigterm_stops_an_idle_engine_quickly(tmp_path):
     env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
     command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--data-dir", str(tmp_path)]
+    command += ["--demo-model", "tiny"]
     engine = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         state = _wait_for_state(tmp_path, engine)

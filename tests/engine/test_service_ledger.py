@@ -29,7 +29,7 @@ def _chat(service: EngineService, max_tokens: int = 6) -> Finished:
 
 
 def test_stats_show_ledger_points_after_serving_another_peer(tmp_path):
-    first = EngineService(ServiceConfig(data_dir=tmp_path / "first", swarm="local"))
+    first = EngineService(ServiceConfig(data_dir=tmp_path / "first", swarm="local", demo_model="tiny"))
     second = None
     try:
         first.start(wait=True)
@@ -57,6 +57,7 @@ def test_stats_show_ledger_points_after_serving_another_peer(tmp_path):
                 swarm="private",
                 initial_peers=first._peer_addresses(),
                 demo_server=False,
+                demo_model="tiny",
             )
         )
         second.start(wait=True)

@@ -1,0 +1,88 @@
+"""Turning a GGUF file into an ordinary Hugging Face checkpoint folder (sharded safetensors + tokenizer).
+
+transformers reads GGUF (through the `gguf` package) and dequantizes it, but refuses to save a model it
+loaded that way; so the model is rebuilt from its config without the GGUF quantization settings and given
+the dequantized weights, which it then saves like any other checkpoint. The rest of the engine only ever
+sees the saved folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.models.errors import CheckpointError
+
+Progress = Callable[[float, str], None]
+
+# Fields older readers need (Petals 2.2 pins transformers 4.34, which predates `rope_parameters`/`dtype`).
+_LEGACY_ROPE_FIELDS = ("rope_theta",)
+
+
+def convert_gguf(
+    gguf_file: Path,
+    out_dir: Path,
+    *,
+    dtype: str = "float16",
+    max_shard_size: str = "100MB",
+    extra_config: dict | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Write the model in `gguf_file` to `out_dir`: sharded safetensors, config, tokenizer, chat template.
+
+    `extra_config` entries are added to config.json (e.g. a `dht_prefix`). Takes ~20 s for a 135M model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    report = progress or (lambda _fraction, _message: None)
+    gguf_file = Path(gguf_file)
+    out_dir = Path(out_dir)
+    try:
+        report(0.05, "reading the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        report(0.25, "dequantizing the weights")
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"cannot read the GGUF file {gguf_file}: {error}") from error
+    report(0.7, "rebuilding the model")
+    config = loaded.config
+    config._name_or_path = ""  # GGUF metadata's free-text name, not a path or hub id
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = loaded.state_dict()
+    del loaded
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, assign=True, strict=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    report(0.8, "writing safetensors shards")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _patch_config(out_dir / "config.json", dtype, extra_config or {})
+    report(0.95, "checkpoint written")
+    return out_dir
+
+
+def _patch_config(path: Path, dtype: str, extra: dict) -> None:
+    """Add the legacy spellings of new config fields, so older transformers read the folder too."""
+    config = json.loads(path.read_text())
+    config.pop("quantization_config", None)
+    rope = config.get("rope_parameters") or {}
+    for field in _LEGACY_ROPE_FIELDS:
+        if field in rope and field not in config:
+            config[field] = rope[field]
+    if rope.get("rope_type", "default") == "default":
+        config.setdefault("rope_scaling", None)
+    config.setdefault("torch_dtype", dtype)
+    config.update(extra)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
