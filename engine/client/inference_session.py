@@ -54,7 +54,7 @@ class _SpanStream:
         self._replies: AsyncIterator | None = None
         self._compression = runtime_pb2.CompressionType.NONE
         self.supports_rollback = False
-        self.replay_prefix: torch.Tensor | None = None  # inputs to replay first, when reopened by a rollback
+        self.replay_prefix: torch.Tensor | None = None  # what its successor replays, when ended by a rollback
         self.closed = False
 
     @property
@@ -203,9 +203,18 @@ class InferenceSession:
 
     @property
     def can_roll_back(self) -> bool:
-        """True when every server of the current route cuts its cache itself (see `step`)."""
-        self.open_route()
-        return all(stream.supports_rollback for stream in self._streams)
+        """True when every server of the current route cuts its cache itself (see `step`).
+
+        Opens the route if there is none yet; a failure to do so answers False (the next step retries).
+        """
+        try:
+            self.open_route()
+        except SessionClosedError:
+            raise
+        except Exception as e:
+            logger.debug(f"Could not open a route to check rollback support: {e!r}")
+            return False
+        return bool(self._streams) and all(stream.supports_rollback for stream in self._streams)
 
     def open_route(self) -> None:
         """Choose the route and open its streams now (the first step does it otherwise)."""
@@ -276,13 +285,14 @@ class InferenceSession:
                 stream = culprit = None
                 try:
                     if index >= len(self._streams) or self._streams[index].closed:
+                        prefix = self._streams[index].replay_prefix if index < len(self._streams) else None
+                        if prefix is not None and x.shape[1] == n_tokens:
+                            x = torch.cat([prefix, x], dim=1)  # ended by a rollback: replay what is kept
                         self._reroute(index, block)
                     stream = self._streams[index]
                     culprit = stream.hop.peer_id
                     if stream.position == 0 and self._position > 0:
                         # A new server: x carries the whole prefix so that it rebuilds the cache.
-                        if stream.replay_prefix is not None and x.shape[1] == n_tokens:
-                            x = torch.cat([stream.replay_prefix, x], dim=1)
                         if x.shape[1] != self._position + n_tokens:
                             raise AssertionError("replay input lost its prefix")  # a bug, never retried
                         out = stream.step(x, step_id=step_id)
@@ -329,15 +339,12 @@ class InferenceSession:
         """Forget tokens from `position` on: servers that cannot cut their cache get a fresh stream."""
         if position == self._position:
             return
-        for index, stream in enumerate(self._streams):
+        for stream in self._streams:
             if stream.closed or stream.supports_rollback or stream.history is None:
                 continue
-            # Same server, new session; the next step replays the kept prefix into it.
-            replacement = _SpanStream(self.manager, stream.hop, max_length=self.max_length)
-            replacement.open()
-            stream.close()
-            replacement.replay_prefix = stream.history[:, :position]
-            self._streams[index] = replacement
+            # End its session; the next step opens a new one for these blocks and replays the kept prefix.
+            stream.replay_prefix = stream.history[:, :position]
+            stream.abort()
         self._position = position
 
     def _next_servers(self, index: int) -> list | None:

@@ -1,0 +1,447 @@
+"""Decode speed over a WAN: a chain of servers, each behind a delaying relay, Petals vs Pollinate.
+
+Builds (per model) a chain of --servers servers holding equal shares of the blocks, each listening on its own
+port and announcing a relay's port instead (bench/wan/relay.py adds --delay-ms one way, both directions), so
+every peer that dials a server, client or server, pays the delay; the DHT bootstrap peer stays direct. Then
+measures, in one run, greedy generation of batch 1 by:
+
+  (a) the Petals 2.2 client through Petals 2.2 servers (the interop venv, built on first use),
+  (b) the Petals 2.2 client through Pollinate servers (it asks them to push to each other),
+  (c) Pollinate's client through Pollinate servers: hop by hop (no push), with push, and with push and
+      speculative decoding (prompt lookup),
+
+each as one warm-up and --repeats timed generations in one client process. Every row's tokens are checked
+against local transformers' greedy tokens (same weights, same prompt). Beside each measure, a prediction:
+hop by hop, H servers x RTT + C; with push, (H + 1) x one-way delay + C (each hop once, then the way back);
+with speculation, that divided by the measured tokens per round; TTFT, H x RTT + prefill (a first step is
+never pushed). C and the prefill are local transformers' times for the whole model, measured here.
+
+    python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
+        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rows a b c-hop c-push c-spec] [--logs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent / "wan"
+SERVER_START_TIMEOUT = 300.0
+CLIENT_TIMEOUT = 900.0
+# ~100M parameters in 8 blocks (hidden 1024), the tiny tokenizer's 512-token vocabulary: the blocks hold
+# almost all of it, as they would for a big model; random weights (prompt lookup is mostly rejected there).
+SYNTHETIC = dict(num_layers=8, hidden_size=1024, intermediate_size=2816, num_attention_heads=16)
+CHAT_PROMPT = (
+    "Here is a list of fruits: apple, banana, cherry, date, elderberry, fig, grape. "
+    "Write the list again in the same order, one fruit per line, each line starting with '- '."
+)
+ROWS = {
+    "a": ("Petals client, Petals servers", "petals", "petals", {}),
+    "b": ("Petals client, Pollinate servers", "petals", "pollinate", {}),
+    "c-hop": ("Pollinate client, no push", "pollinate", "pollinate", {"no_push": True}),
+    "c-push": ("Pollinate client, push", "pollinate", "pollinate", {}),
+    "c-spec": ("Pollinate client, push + speculation", "pollinate", "pollinate", {"speculate": True}),
+}
+_MADDR = re.compile(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+")
+
+
+# --- processes ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(home: Path) -> dict[str, str]:
+    """Offline hub, caches under `home`, one compute thread per process (2 shared cores), no internet."""
+    env = dict(os.environ)
+    env.update(
+        HF_HOME=str(home / "hf"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PETALS_CACHE=str(home / "petals-cache"),
+        HTTP_PROXY="http://127.0.0.1:9",  # Petals servers ask PyPI for the latest version: fail at once
+        HTTPS_PROXY="http://127.0.0.1:9",
+        NO_PROXY="",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+@contextlib.contextmanager
+def spawn(name: str, args: Sequence, env: dict, log: Path, ready: str) -> Iterator[str]:
+    """Start a process in its own group; yield its log text once `ready` (a regex) appears in it."""
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            list(map(str, args)), stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + SERVER_START_TIMEOUT
+            while not re.search(ready, text := log.read_text(errors="replace"), re.M):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = "\n".join(text.splitlines()[-30:])
+                    raise RuntimeError(f"{name} did not start (see {log}):\n{tail}")
+                time.sleep(0.5)
+            yield text
+        finally:
+            _kill_group(process)
+
+
+def run_client(name: str, args: Sequence, env: dict, log: Path) -> dict:
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            list(map(str, args)), stdout=subprocess.PIPE, stderr=log_file, env=env, cwd=ROOT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            stdout, _ = process.communicate(timeout=CLIENT_TIMEOUT)
+        finally:
+            _kill_group(process)
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+    raise RuntimeError(f"{name} gave no result (exit {process.returncode}; see {log}):\n{tail}")
+
+
+def petals_python() -> Path:
+    sys.path.insert(0, str(ROOT / "tests" / "interop"))
+    from petals_env import ensure_petals_env
+
+    return ensure_petals_env()
+
+
+# --- the swarm ---
+
+
+@dataclass
+class Chain:
+    """Where the servers of one kind listen and which relay port each announces."""
+
+    spans: list[tuple[int, int]]
+    ports: list[int] = field(default_factory=list)
+    relay_ports: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.ports = [free_port() for _ in self.spans]
+        self.relay_ports = [free_port() for _ in self.spans]
+
+
+def split_blocks(num_blocks: int, servers: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(servers)]
+
+
+@contextlib.contextmanager
+def servers(kind: str, chain: Chain, model: Path, prefix: str, boot: list[str], home: Path, logs: Path):
+    with contextlib.ExitStack() as stack:
+        for index, ((start, end), port, relay) in enumerate(
+            zip(chain.spans, chain.ports, chain.relay_ports, strict=True)
+        ):
+            announce = f"/ip4/127.0.0.1/tcp/{relay}"
+            log = logs / f"{prefix}-server{index}.log"
+            if kind == "petals":
+                args = [
+                    petals_python(), "-m", "petals.cli.run_server", model, "--device", "cpu",
+                    "--torch_dtype", "float32", "--quant_type", "none", "--throughput", "1",
+                    "--block_indices", f"{start}:{end}", "--host_maddrs", f"/ip4/127.0.0.1/tcp/{port}",
+                    "--announce_maddrs", announce, "--no_auto_relay", "--skip_reachability_check",
+                    "--num_handlers", "2", "--update_period", "10", "--dht_prefix", prefix,
+                    "--initial_peers", *boot,
+                ]  # fmt: skip
+                ready = r"\] Started$"
+            else:
+                args = [
+                    sys.executable, "-m", "engine.cli", "serve", model, "--blocks", f"{start}:{end}",
+                    "--host", "127.0.0.1", "--port", port, "--announce-maddrs", announce,
+                    "--device", "cpu", "--dtype", "float32", "--quant", "none", "--throughput", "1",
+                    "--update-period", "10", "--dht-prefix", prefix, "--initial-peers", *boot,
+                ]  # fmt: skip
+                ready = r"^ready"
+            stack.enter_context(spawn(f"{kind} server {index}", args, base_env(home), log, ready))
+        yield
+
+
+# --- local reference ---
+
+
+@dataclass(frozen=True)
+class Local:
+    tokens: list[int]
+    prefill_s: float
+    step_s: float
+
+
+def local_reference(model: Path, ids: torch.Tensor, new_tokens: int, repeats: int) -> Local:
+    """Greedy tokens of local transformers (1 thread, like every server) and its prefill and step times."""
+    from transformers import AutoModelForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        prefills, steps = [], []
+        for _ in range(repeats + 1):
+            with torch.no_grad():
+                started = time.perf_counter()
+                out = hf(input_ids=ids, use_cache=True)
+                prefills.append(time.perf_counter() - started)
+                cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                tokens = [token]
+                started = time.perf_counter()
+                for _ in range(new_tokens - 1):
+                    out = hf(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                    cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                    tokens.append(token)
+                steps.append((time.perf_counter() - started) / max(new_tokens - 1, 1))
+        return Local(tokens, statistics.median(prefills[1:]), statistics.median(steps[1:]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- models ---
+
+
+def make_petals_compatible(path: Path) -> Path:
+    """Legacy config fields transformers 4.34 (Petals 2.2) reads: rope_theta, torch_dtype."""
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    config.setdefault("torch_dtype", config.get("dtype", "float32"))
+    config_path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def prepare_model(name: str, tmp: Path) -> tuple[Path, torch.Tensor]:
+    """The checkpoint folder and the prompt ids for model `name`."""
+    if name == "synthetic":
+        from engine.models.tiny import build_tiny_checkpoint
+
+        path = build_tiny_checkpoint(tmp / "synthetic", "llama", max_shard_size="200MB", **SYNTHETIC)
+        # A prompt with repeats, so prompt lookup has something to propose (it is still mostly rejected).
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+        pattern = torch.randint(5, vocab, (8,), generator=torch.Generator().manual_seed(0))
+        return make_petals_compatible(path), torch.cat([pattern, pattern, pattern[:4]])[None]
+    if name == "smollm2":
+        try:
+            from engine.smollm2 import ensure_smollm2
+        except ImportError:
+            raise SystemExit("smollm2: this checkout cannot prepare SmolLM2 (no engine.smollm2)") from None
+        from transformers import AutoTokenizer
+
+        path = Path(ensure_smollm2())
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHAT_PROMPT}], tokenize=False, add_generation_prompt=True
+        )
+        return path, torch.tensor([tokenizer(text)["input_ids"]])
+    path = Path(name)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--models takes synthetic, smollm2 or a checkpoint folder; got {name!r}")
+    return path, torch.tensor([[1, 30, 12, 45, 88, 30, 12, 45]])
+
+
+def num_blocks_of(path: Path) -> int:
+    return int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+
+
+# --- one model ---
+
+
+@dataclass
+class Row:
+    model: str
+    key: str
+    label: str
+    runs: list[dict]
+    speculation: dict | None
+    tokens_ok: bool
+    predicted_step_s: float
+    predicted_ttft_s: float
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(r["step_s"] for r in self.runs)
+
+    @property
+    def ttft_s(self) -> float:
+        return statistics.median(r["ttft"] for r in self.runs)
+
+
+def predict(key: str, hops: int, delay: float, local: Local, speculation: dict | None) -> tuple[float, float]:
+    """(decode step seconds, TTFT seconds) the simple latency model expects for row `key`."""
+    hop_by_hop = hops * 2 * delay + local.step_s
+    pushed = (hops + 1) * delay + local.step_s
+    step = hop_by_hop if key == "c-hop" else pushed
+    if key == "c-spec" and speculation and speculation.get("tokens_per_round"):
+        step /= speculation["tokens_per_round"]
+    return step, hops * 2 * delay + local.prefill_s
+
+
+def _run_rows(name, args, path, ids, local, chains, tmp, logs, boot) -> list[Row]:
+    env = base_env(tmp)
+    common = [
+        path, "--initial-peers", *boot, "--input-ids", ",".join(map(str, ids[0].tolist())),
+        "--new-tokens", args.new_tokens, "--repeats", args.repeats,
+    ]  # fmt: skip
+    rows = []
+    for kind in ("petals", "pollinate"):
+        keys = [k for k in args.rows if ROWS[k][2] == kind]
+        if not keys:
+            continue
+        prefix = f"wan-{name}-{kind}".replace("_", "-")
+        with servers(kind, chains[kind], path, prefix, boot, tmp, logs):
+            time.sleep(2)  # let the last announcement reach the bootstrap peer
+            for key in keys:
+                label, client, _, opts = ROWS[key]
+                log = logs / f"{prefix}-{key}-client.log"
+                if client == "petals":
+                    cmd = [petals_python(), HERE / "petals_client.py", *common, "--dht-prefix", prefix]
+                else:
+                    cmd = [sys.executable, HERE / "pollinate_client.py", *common, "--dht-prefix", prefix]
+                    cmd += ["--no-push"] if opts.get("no_push") else []
+                    cmd += ["--speculate"] if opts.get("speculate") else []
+                print(f"[{name}] {label} ...", flush=True)
+                result = run_client(label, cmd, env, log)
+                ok = all(run["tokens"] == local.tokens for run in result["runs"])
+                step, ttft = predict(key, args.servers, args.delay_ms / 1e3, local, result["speculation"])
+                rows.append(Row(name, key, label, result["runs"], result["speculation"], ok, step, ttft))
+                print(f"[{name}] {label}: {format_row(rows[-1], rows[0])}", flush=True)
+    return rows
+
+
+# --- report ---
+
+HEADER = (
+    f"{'model':10} {'setup':38} {'ms/token':>9} {'pred':>6} {'tok/s':>6} {'x (a)':>6} "
+    f"{'TTFT ms':>8} {'pred':>6} {'accept':>7} {'tok/rnd':>7}  tokens"
+)
+
+
+def format_row(row: Row, base: Row) -> str:
+    spec = row.speculation or {}
+    acceptance = spec.get("acceptance")
+    per_round = spec.get("tokens_per_round")
+    base_rate = 1 / base.step_s if base.key == "a" else float("nan")
+    return (
+        f"{row.model:10} {row.label:38} {row.step_s * 1e3:9.1f} {row.predicted_step_s * 1e3:6.0f} "
+        f"{1 / row.step_s:6.2f} {(1 / row.step_s) / base_rate:6.2f} {row.ttft_s * 1e3:8.0f} "
+        f"{row.predicted_ttft_s * 1e3:6.0f} "
+        f"{'-' if acceptance is None else f'{acceptance:.0%}':>7} "
+        f"{'-' if per_round is None else f'{per_round:.2f}':>7}"
+        f"  {'same' if row.tokens_ok else 'DIFFER'}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["synthetic"], help="synthetic, smollm2 or a folder")
+    parser.add_argument("--servers", type=int, default=4)
+    parser.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay in front of each server")
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    parser.add_argument("--mbit", type=float, default=0.0, help="bandwidth cap per direction (0: none)")
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--logs", type=Path, default=None, help="keep the process logs here")
+    args = parser.parse_args(argv)
+    if args.servers < 1 or args.new_tokens < 2 or args.repeats < 1:
+        parser.error("need --servers >= 1, --new-tokens >= 2, --repeats >= 1")
+
+    with tempfile.TemporaryDirectory(prefix="pollinate-wan-") as tmp_name:
+        tmp = Path(tmp_name)
+        logs = args.logs or tmp / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        rows: list[Row] = []
+        env = base_env(tmp)
+        with spawn(
+            "bootstrap peer", [sys.executable, "-m", "engine.cli", "dht", "--host", "127.0.0.1"], env,
+            logs / "bootstrap.log", r"^ready",
+        ) as text:  # fmt: skip
+            boot = list(dict.fromkeys(_MADDR.findall(text)))
+            for model in args.models:
+                rows += bench_model(model, args, tmp, logs, boot, env)
+        print()
+        print(
+            f"{args.servers} servers x {args.delay_ms:g} ms one way (RTT {2 * args.delay_ms:g} ms)"
+            f"{f', jitter {args.jitter_ms:g} ms' if args.jitter_ms else ''}"
+            f"{f', {args.mbit:g} Mbit/s' if args.mbit else ''}; {args.new_tokens} new tokens, "
+            f"median of {args.repeats} runs after a warm-up"
+        )
+        print(HEADER)
+        print("-" * len(HEADER))
+        for row in rows:
+            base = next((r for r in rows if r.model == row.model and r.key == "a"), row)
+            print(format_row(row, base))
+    return 1 if any(not row.tokens_ok for row in rows) else 0
+
+
+def bench_model(model: str, args, tmp: Path, logs: Path, boot: list[str], env: dict) -> list[Row]:
+    """Every row for one model: local reference, then one relay in front of both chains of servers."""
+    path, ids = prepare_model(model, tmp)
+    blocks = num_blocks_of(path)
+    spans = split_blocks(blocks, args.servers)
+    local = local_reference(path, ids, args.new_tokens, args.repeats)
+    print(
+        f"[{model}] {blocks} blocks over {args.servers} servers {spans}; prompt {ids.shape[1]} tokens; "
+        f"local step {local.step_s * 1e3:.1f} ms, prefill {local.prefill_s * 1e3:.1f} ms",
+        flush=True,
+    )
+    chains = {kind: Chain(spans) for kind in ("petals", "pollinate")}
+    routes = [
+        f"{relay}:{port}"
+        for chain in chains.values()
+        for relay, port in zip(chain.relay_ports, chain.ports, strict=True)
+    ]
+    relay = [
+        sys.executable, "-m", "bench.wan.relay", "--delay-ms", args.delay_ms, "--jitter-ms", args.jitter_ms,
+        "--mbit", args.mbit, *routes,
+    ]  # fmt: skip
+    with spawn("relay", relay, env, logs / f"relay-{Path(model).name}.log", r"^relay ready"):
+        return _run_rows(Path(model).name, args, path, ids, local, chains, tmp, logs, boot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
