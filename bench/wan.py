@@ -63,6 +63,7 @@ ROWS = {
     "c-push": ("Pollinate client, push", "pollinate", "pollinate", {}),
     "c-spec": ("Pollinate client, push + speculation", "pollinate", "pollinate", {"speculate": True}),
 }
+THREADS = 2  # compute threads per process (--threads): one server computes at a time in a chain
 _MADDR = re.compile(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+")
 
 
@@ -76,7 +77,7 @@ def free_port() -> int:
 
 
 def base_env(home: Path) -> dict[str, str]:
-    """Offline hub, caches under `home`, one compute thread per process (2 shared cores), no internet."""
+    """Offline hub, caches under `home`, THREADS compute threads per process, no internet."""
     env = dict(os.environ)
     env.update(
         HF_HOME=str(home / "hf"),
@@ -87,8 +88,8 @@ def base_env(home: Path) -> dict[str, str]:
         HTTPS_PROXY="http://127.0.0.1:9",
         NO_PROXY="",
         PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
+        OMP_NUM_THREADS=str(THREADS),
+        MKL_NUM_THREADS=str(THREADS),
         OMP_WAIT_POLICY="PASSIVE",
         PYTHONPATH=str(ROOT),
     )
@@ -191,7 +192,7 @@ def servers(kind: str, chain: Chain, model: Path, prefix: str, boot: list[str], 
                 ready = r"\] Started$"
             else:
                 args = [
-                    sys.executable, "-m", "engine.cli", "serve", model, "--blocks", f"{start}:{end}",
+                    sys.executable, "-m", "engine.cli", *(["-v"] if os.environ.get("WAN_DEBUG") else []), "serve", model, "--blocks", f"{start}:{end}",
                     "--host", "127.0.0.1", "--port", port, "--announce-maddrs", announce,
                     "--device", "cpu", "--dtype", "float32", "--quant", "none", "--throughput", "1",
                     "--update-period", "10", "--dht-prefix", prefix, "--initial-peers", *boot,
@@ -212,11 +213,11 @@ class Local:
 
 
 def local_reference(model: Path, ids: torch.Tensor, new_tokens: int, repeats: int) -> Local:
-    """Greedy tokens of local transformers (1 thread, like every server) and its prefill and step times."""
+    """Greedy tokens of local transformers (THREADS threads, like every server); its prefill and step times."""
     from transformers import AutoModelForCausalLM
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     try:
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         prefills, steps = [], []
@@ -262,6 +263,11 @@ def prepare_model(name: str, tmp: Path) -> tuple[Path, torch.Tensor]:
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         pattern = torch.randint(5, vocab, (8,), generator=torch.Generator().manual_seed(0))
         return make_petals_compatible(path), torch.cat([pattern, pattern, pattern[:4]])[None]
+    if name == "tiny":
+        from engine.models.tiny import build_tiny_checkpoint
+
+        path = make_petals_compatible(build_tiny_checkpoint(tmp / "tiny", "llama", num_layers=8))
+        return path, torch.tensor([[1, 30, 12, 45, 88, 30, 12, 45, 88, 30]])
     if name == "smollm2":
         try:
             from engine.smollm2 import ensure_smollm2
@@ -385,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--threads", type=int, default=THREADS, help="compute threads per process")
     parser.add_argument("--logs", type=Path, default=None, help="keep the process logs here")
     args = parser.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
     if args.servers < 1 or args.new_tokens < 2 or args.repeats < 1:
         parser.error("need --servers >= 1, --new-tokens >= 2, --repeats >= 1")
 

@@ -54,6 +54,11 @@ def add_commands(subparsers) -> None:
         "--grace-seconds", type=float, default=30.0, help="how long stopping waits for running sessions"
     )
     run.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help="decode one token per trip through the swarm (no speculative decoding)",
+    )
+    run.add_argument(
         "--parent-pid",
         type=int,
         default=None,
@@ -208,6 +213,7 @@ def run_service(args: argparse.Namespace) -> int:
             default_model=args.model,
             demo_model=args.demo_model,
             grace_seconds=args.grace_seconds,
+            speculation=not args.no_speculation,
         )
     except ValueError as exc:
         print(f"error: {exc}")

@@ -118,6 +118,7 @@ class _Completer:
             "model": model,
             "choices": [choice],
             "usage": _usage(finished),
+            **({"timings": finished.timings} if finished.timings else {}),
         }
         if self.chat:
             answer["pollinate"] = self.fit
@@ -151,6 +152,7 @@ class _Completer:
                             **self._chunk(model, None, None),
                             "choices": [],
                             "usage": _usage(event),
+                            **({"timings": event.timings} if event.timings else {}),
                         }
                         yield sse_event(None, usage_chunk)
         except ServiceError as exc:

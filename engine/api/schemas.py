@@ -144,6 +144,26 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class SpeculationCounters(BaseModel):
+    rounds: int = Field(description="trips through the swarm")
+    drafted: int = Field(description="draft tokens sent for verification")
+    accepted: int = Field(description="draft tokens the full model agreed with")
+    acceptance: float | None = Field(description="accepted / drafted")
+    tokens_per_round: float | None = Field(description="tokens produced per trip through the swarm")
+
+
+class Timings(BaseModel):
+    """Speed of one completion (names as in llama.cpp's server); in the answer and the usage chunk."""
+
+    prompt_ms: float | None = Field(description="request start to the first new token")
+    predicted_n: int = Field(description="tokens generated")
+    predicted_ms: float | None = Field(description="from the first new token to the last")
+    predicted_per_second: float | None = Field(description="decode rate after the first token")
+    speculation: SpeculationCounters | None = Field(
+        default=None, description="speculative decoding's counters (absent when it is off)"
+    )
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -169,6 +189,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     pollinate: ContextFit | None = None
+    timings: Timings | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -187,6 +208,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    timings: Timings | None = None
 
 
 PollinateModelFacts = _from_record(contract.ModelFacts)

@@ -34,6 +34,8 @@ class ServiceConfig:
     grace_seconds: float = 30.0
     # Longest context the engine asks servers for (prompt + new tokens).
     max_context: int = DEFAULT_CONTEXT_TOKENS
+    # Speculative decoding (prompt lookup) where every server of the route can roll its cache back.
+    speculation: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 
 from engine.service.config import ModelRef
@@ -95,6 +96,7 @@ class GenerationMixin:
 
         from engine.client.routing import MissingBlocksError
         from engine.client.sampling import SamplingParams
+        from engine.client.speculative import SpeculationConfig, SpeculationStats
 
         ref = self._find_model(request.model)
         missing = self._snapshot(ref).missing_blocks()
@@ -130,11 +132,17 @@ class GenerationMixin:
         decoder = IncrementalDecoder(tokenizer)
         new_ids: list[int] = []
         produced, reason = 0, "length"
+        stats = SpeculationStats()
+        speculation = SpeculationConfig() if self.config.speculation else None
+        began = time.perf_counter()
+        token_times: list[float] = []
         with self._lock:
             self._sessions += 1
         try:
             with client.inference_session(max_length=len(ids) + max_new) as session:
-                steps = client.generate_stream(torch.tensor([ids]), params, session=session)
+                steps = client.generate_stream(
+                    torch.tensor([ids]), params, session=session, speculation=speculation, stats=stats
+                )
                 try:
                     started = False
                     for step in steps:
@@ -142,6 +150,7 @@ class GenerationMixin:
                             started = True
                             yield Started(len(ids), context, max_new, dropped)
                         produced += 1
+                        token_times.append(time.perf_counter())
                         token = int(step.tokens[0])
                         if token in params.eos_ids:
                             reason = "stop"
@@ -165,9 +174,34 @@ class GenerationMixin:
             with self._lock:
                 self._generated["tokens"] += produced
                 self._generated["requests"] += 1
-            yield Finished(reason, len(ids), produced)
+            yield Finished(
+                reason, len(ids), produced, timings(began, token_times, stats if speculation else None)
+            )
         except MissingBlocksError as exc:
             raise unavailable(ref.name, exc.missing_blocks) from exc
         finally:
             with self._lock:
                 self._sessions -= 1
+
+
+def timings(began: float, token_times: list[float], stats) -> dict:
+    """Speed figures of one completion, in the names llama.cpp's server uses, plus speculation counters.
+
+    prompt_ms: request start to the first new token (the prefill, through the swarm); predicted_ms: the
+    tokens after it; predicted_per_second: their rate (None with fewer than two tokens).
+    """
+    result: dict = {"prompt_ms": None, "predicted_n": len(token_times), "predicted_ms": None}
+    result["predicted_per_second"] = None
+    if token_times:
+        result["prompt_ms"] = round((token_times[0] - began) * 1e3, 1)
+        decode = token_times[-1] - token_times[0]
+        result["predicted_ms"] = round(decode * 1e3, 1)
+        if len(token_times) > 1 and decode > 0:
+            result["predicted_per_second"] = round((len(token_times) - 1) / decode, 2)
+    if stats is not None:
+        speculation = stats.as_dict()
+        for key in ("acceptance", "tokens_per_round"):
+            if speculation[key] is not None:
+                speculation[key] = round(speculation[key], 3)
+        result["speculation"] = speculation
+    return result

@@ -49,6 +49,8 @@ class Finished:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    # Speed figures (see engine.service.generation.timings): time to first token, decode rate, speculation.
+    timings: dict | None = None
 
 
 GenerationEvent = Started | TextDelta | Finished

@@ -89,11 +89,19 @@ def test_openai_stream_equals_local_greedy(engine):
     assert text == expected and text
     usage = chunks[-1].usage
     assert usage.prompt_tokens == len(prompt_ids) and 0 < usage.completion_tokens <= 24
+    # Speed figures ride along with the usage: time to first token, decode rate, speculation counters.
+    timings = chunks[-1].model_extra["timings"]
+    assert timings["predicted_n"] == usage.completion_tokens and timings["prompt_ms"] > 0
+    speculation = timings["speculation"]  # on by default: the demo servers can roll their caches back
+    assert 1 <= speculation["rounds"] <= usage.completion_tokens
+    per_round = usage.completion_tokens / speculation["rounds"]
+    assert speculation["tokens_per_round"] == pytest.approx(per_round, rel=1e-2)
 
     whole = client.chat.completions.create(
         model=DEMO_MODEL_NAME, messages=messages, temperature=0, max_tokens=24
     )
     assert whole.choices[0].message.content == expected
+    assert whole.model_extra["timings"]["predicted_n"] == whole.usage.completion_tokens
 
 
 def test_completions_and_stop(engine):
