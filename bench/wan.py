@@ -179,6 +179,7 @@ def servers(kind: str, chain: Chain, model: Path, prefix: str, boot: list[str], 
             zip(chain.spans, chain.ports, chain.relay_ports, strict=True)
         ):
             announce = f"/ip4/127.0.0.1/tcp/{relay}"
+            verbose = ["-v"] if os.environ.get("WAN_DEBUG") else []  # debug logs of our servers
             log = logs / f"{prefix}-server{index}.log"
             if kind == "petals":
                 args = [
@@ -192,7 +193,7 @@ def servers(kind: str, chain: Chain, model: Path, prefix: str, boot: list[str], 
                 ready = r"\] Started$"
             else:
                 args = [
-                    sys.executable, "-m", "engine.cli", *(["-v"] if os.environ.get("WAN_DEBUG") else []), "serve", model, "--blocks", f"{start}:{end}",
+                    sys.executable, "-m", "engine.cli", *verbose, "serve", model, "--blocks", f"{start}:{end}",
                     "--host", "127.0.0.1", "--port", port, "--announce-maddrs", announce,
                     "--device", "cpu", "--dtype", "float32", "--quant", "none", "--throughput", "1",
                     "--update-period", "10", "--dht-prefix", prefix, "--initial-peers", *boot,
@@ -213,7 +214,7 @@ class Local:
 
 
 def local_reference(model: Path, ids: torch.Tensor, new_tokens: int, repeats: int) -> Local:
-    """Greedy tokens of local transformers (THREADS threads, like every server); its prefill and step times."""
+    """Local transformers' greedy tokens, prefill and step times (THREADS threads, as every server)."""
     from transformers import AutoModelForCausalLM
 
     threads = torch.get_num_threads()
