@@ -194,7 +194,8 @@ def servers(kind: str, chain: Chain, model: Path, prefix: str, boot: list[str], 
             else:
                 args = [
                     sys.executable, "-m", "engine.cli", *verbose, "serve", model,
-                    "--blocks", f"{start}:{end}", "--host", "127.0.0.1", "--port", port, "--announce-maddrs", announce,
+                    "--blocks", f"{start}:{end}", "--host", "127.0.0.1", "--port", port,
+                    "--announce-maddrs", announce,
                     "--device", "cpu", "--dtype", "float32", "--quant", "none", "--throughput", "1",
                     "--update-period", "10", "--dht-prefix", prefix, "--initial-peers", *boot,
                 ]  # fmt: skip
