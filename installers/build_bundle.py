@@ -58,7 +58,8 @@ def smoke_run(executable: Path, timeout_s: float = 240.0, env: dict[str, str] | 
     environment.setdefault("POLLINATE_ENGINE_PYTHON", sys.executable)
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), environment.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
-        command = [str(executable), "--report-engine", str(timeout_s - 20)]
+        # The light demo model: the smoke run checks the bundle, not the swarm (it quits once the API runs).
+        command = [str(executable), "--report-engine", str(timeout_s - 20), "--engine-arg=--demo-model=tiny"]
         command += ["--data-dir", f"{tmp}/data", "--config-dir", f"{tmp}/config"]
         started = time.time()
         result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s)

@@ -38,7 +38,10 @@ def test_app_runs_the_real_engine_through_wsl(qtbot, tmp_path, monkeypatch):
     inside_data = tmp_path / "inside-data"
     backend = WslBackend(WslConfig(python=sys.executable, data_dir=str(inside_data)))
     ctl = AppController(
-        Settings(onboarded=True, swarm="local"), engine_backend=backend, use_system_tray=False
+        Settings(onboarded=True, swarm="local"),
+        engine_backend=backend,
+        engine_args=("--demo-model=tiny",),  # the light demo: this test is about the way in, not the model
+        use_system_tray=False,
     )
     ctl.confirm_quit = False
     ctl.quit_app = lambda: None
@@ -62,7 +65,7 @@ def test_app_runs_the_real_engine_through_wsl(qtbot, tmp_path, monkeypatch):
         except Exception:
             status = ctl.dashboard_model.snapshot.status
             pytest.fail(f"no models: {status} {ctl.presenter.last!r}\n{log_tail(ctl.engine.log_path, 30)}")
-        ctl.chat_model.select_model(next(m for m in ctl.chat_model.models if m.demo).id)
+        ctl.chat_model.select_model(ctl.chat_model.models[0].id)
         ctl.chat_window.max_tokens.setValue(8)
         ctl.chat_window.input.setPlainText("Hello from Windows")
         ctl.chat_window.send_button.click()

@@ -86,7 +86,11 @@ def test_linux_bundle_installs_launches_and_uninstalls(frozen, tmp_path):
 
     run_env = {**user_env, "QT_QPA_PLATFORM": "offscreen", "HF_HUB_OFFLINE": "1"}
     launched = subprocess.run(
-        [str(launcher), "--report-engine", "200"], env=run_env, capture_output=True, text=True, timeout=240
+        [str(launcher), "--report-engine", "200", "--engine-arg=--demo-model=tiny"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     reports = [line for line in launched.stdout.splitlines() if line.startswith("{")]
     assert launched.returncode == 0 and reports, launched.stderr[-3000:]
