@@ -189,7 +189,7 @@ def run_service(args: argparse.Namespace) -> int:
     """Run the engine until SIGINT/SIGTERM; returns the exit code."""
     from contract.stores import open_store
     from engine import paths
-    from engine.api.app import create_app
+    from engine.api.app import create_app, end_open_streams
     from engine.api.auth import load_or_create_token
     from engine.lifetime import guard_children
     from engine.service import EngineService, ServiceConfig
@@ -257,7 +257,7 @@ def run_service(args: argparse.Namespace) -> int:
         # The API server and the service (DHT peers, servers) stop in parallel.
         closer = threading.Thread(target=service.close, name="pollinate-close")
         closer.start()
-        app.state.events.close()  # open event streams end now instead of holding the server's shutdown
+        end_open_streams(app)  # event streams end now; chats in progress get an error event and [DONE]
         server.stop()
         closer.join()
     return 0

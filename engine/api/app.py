@@ -10,6 +10,8 @@ from engine.api import control, openai
 from engine.api.auth import PUBLIC_PATHS, SecurityMiddleware
 from engine.api.errors import install_error_handlers
 from engine.api.events import EventBus
+from engine.api.streaming import OpenStreams
+from engine.service.errors import EngineNotReadyError
 
 KEEPALIVE_SECONDS = 15.0
 
@@ -37,6 +39,16 @@ def _finish_schema(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+def end_open_streams(app: FastAPI) -> None:
+    """The engine is stopping: end event streams, and end each generation with an error event and [DONE]."""
+    app.state.events.close()
+    app.state.generations.abort_all(
+        EngineNotReadyError(
+            "The engine is shutting down, so this reply was cut short. Send it again once the engine runs."
+        )
+    )
+
+
 def create_app(service, token: str, *, keepalive_seconds: float = KEEPALIVE_SECONDS) -> FastAPI:
     """The engine's HTTP API over `service` (an EngineService or anything with its methods)."""
     app = FastAPI(
@@ -48,6 +60,7 @@ def create_app(service, token: str, *, keepalive_seconds: float = KEEPALIVE_SECO
     )
     app.state.service = service
     app.state.events = EventBus()
+    app.state.generations = OpenStreams()
     app.state.keepalive_seconds = keepalive_seconds
     service.add_listener(app.state.events.publish)
     install_error_handlers(app)

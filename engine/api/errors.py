@@ -52,7 +52,10 @@ def _describe_validation(exc: RequestValidationError) -> str:
         if error.get("type") == "json_invalid":
             return "The request body is not valid JSON."
         location = ".".join(str(x) for x in error.get("loc", ()) if x != "body")
-        parts.append(f"{location or 'body'}: {error.get('msg', 'invalid')}")
+        message = error.get("msg", "invalid")
+        if "unable to parse raw data as a unicode string" in message:  # pydantic's words for a lone surrogate
+            message = "contains a lone UTF-16 surrogate: send each character whole"
+        parts.append(f"{location or 'body'}: {message}")
     return "Invalid request: " + "; ".join(parts) if parts else "Invalid request."
 
 
@@ -82,4 +85,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"The engine hit an unexpected error: {exc!r}")
+        # Close the connection: after an unexpected failure its state cannot be trusted for the next request.
+        return error_response(
+            500,
+            "internal_error",
+            f"The engine hit an unexpected error: {exc!r}",
+            headers={"Connection": "close"},
+        )

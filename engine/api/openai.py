@@ -68,11 +68,15 @@ class _Completer:
         self.created = int(time.time())
 
     async def run(self, generation: GenerationRequest, stream: bool, include_usage: bool):
+        open_streams = self.request.app.state.generations
+        open_streams.refuse_if_closed()
         events = GenerationStream(lambda cancel: self.service.generate(generation, cancel))
+        open_streams.add(events)  # a shutdown ends it with an error event (and [DONE]) instead of a cut
         try:
             started = await events.start()
         except BaseException:
             events.close()
+            open_streams.discard(events)
             raise
         self.fit = ContextFit(
             prompt_tokens=started.prompt_tokens,
@@ -101,6 +105,7 @@ class _Completer:
         finally:
             watcher.cancel()
             events.close()
+            self.request.app.state.generations.discard(events)
         if self.chat:
             choice = {
                 "index": 0,
@@ -167,6 +172,7 @@ class _Completer:
             yield sse_event(None, body)
         finally:
             events.close()
+            self.request.app.state.generations.discard(events)
         yield sse_event(None, "[DONE]")
 
 

@@ -24,12 +24,36 @@ def _from_record(record: type) -> type[BaseModel]:
     return create_model(record.__name__, __doc__=record.__doc__, **fields)
 
 
-class _Strict(BaseModel):
+class _Checked(BaseModel):
+    """Every string field is checked for lone surrogates (the tokenizer would fail on them with a 500)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value):
+        for text in [value] if isinstance(value, str) else value if isinstance(value, list) else ():
+            if isinstance(text, str):
+                _check_unicode(text)
+        return value
+
+
+class _Strict(_Checked):
     model_config = ConfigDict(extra="forbid")
 
 
-class _Lenient(BaseModel):
+class _Lenient(_Checked):
     model_config = ConfigDict(extra="ignore")
+
+
+def _check_unicode(text: str) -> None:
+    """Refuse text with a lone UTF-16 surrogate (a JSON "\\ud800" without its pair): it is no character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        raise ValueError(
+            f"contains a lone UTF-16 surrogate (U+{code:04X}) at character {error.start}: "
+            "send each character whole (a surrogate pair, or the character itself in UTF-8)"
+        ) from None
 
 
 # ---- errors -------------------------------------------------------------------------------------------
@@ -77,7 +101,7 @@ class ChatMessage(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool = Field(default=False, strict=True)
 
 
 Stop = (
@@ -88,14 +112,17 @@ Stop = (
 
 class _SamplingFields(_Lenient):
     model: str = Field(min_length=1, max_length=1024)
-    stream: bool = False
+    # strict: OpenAI refuses "yes", "10" or true for these; quietly coercing them hides a client's bug.
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1")
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, strict=True, description="0 = greedy; default 1"
+    )
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, strict=True)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
     stop: Stop | None = None
-    seed: int | None = Field(default=None, ge=-SEED_RANGE, le=SEED_RANGE)
-    n: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+    seed: int | None = Field(default=None, ge=-SEED_RANGE, le=SEED_RANGE, strict=True)
+    n: int | None = Field(default=None, ge=1, le=1, strict=True, description="only 1 is supported")
 
     @field_validator("stop")
     @classmethod
@@ -125,7 +152,7 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
     pollinate: ChatOptions | None = None
 
 

@@ -76,6 +76,11 @@ class GenerationStream:
         """Stop generating; the worker notices before its next token and cleans up."""
         self.cancel.set()
 
+    def abort(self, error: BaseException) -> None:
+        """End the stream with `error` (raised by next()) and stop generating; thread-safe."""
+        self.cancel.set()
+        self._put(error)
+
     async def collect(self) -> tuple[str, Finished]:
         """All remaining text and the Finished event."""
         parts: list[str] = []
@@ -88,6 +93,42 @@ class GenerationStream:
         if finished is None:
             raise RuntimeError("generation stopped without finishing")
         return "".join(parts), finished
+
+
+class OpenStreams:
+    """The generations in progress, so that a shutdown can end each one with an error its client sees."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: set[GenerationStream] = set()
+        self._closed_with: BaseException | None = None
+
+    def add(self, stream: GenerationStream) -> None:
+        """Track `stream` until `discard`; after `abort_all` a new stream is ended at once."""
+        with self._lock:
+            error = self._closed_with
+            if error is None:
+                self._streams.add(stream)
+        if error is not None:
+            stream.abort(error)
+
+    def refuse_if_closed(self) -> None:
+        """Raise the shutdown's error once the streams were ended (a request that comes while stopping)."""
+        if self._closed_with is not None:
+            raise self._closed_with
+
+    def discard(self, stream: GenerationStream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def abort_all(self, error: BaseException) -> int:
+        """End every open stream (and any later one) with `error`; returns how many were open."""
+        with self._lock:
+            self._closed_with = error
+            streams, self._streams = list(self._streams), set()
+        for stream in streams:
+            stream.abort(error)
+        return len(streams)
 
 
 async def wait_for_disconnect(receive) -> None:

@@ -101,6 +101,92 @@ def test_bad_fields_are_400(api, body):
     _error(api.post("/v1/chat/completions", json=body), 400, "invalid_request")
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", "10"),
+        ("max_tokens", True),
+        ("max_tokens", 10.5),
+        ("n", "1"),
+        ("stream", "yes"),
+        ("stream", 1),
+        ("temperature", "0.5"),
+        ("temperature", False),
+        ("seed", "7"),
+        ("stream_options", {"include_usage": "yes"}),
+    ],
+)
+def test_wrong_types_are_400_not_coerced(api, field, value):
+    """Issue 12 #7: OpenAI refuses these; quietly coercing them hides a client's bug."""
+    body = {"model": "fake-model", "messages": HI, field: value}
+    message = _error(api.post("/v1/chat/completions", json=body), 400, "invalid_request")["message"]
+    assert field in message
+    assert api.post("/v1/chat/completions", json={"model": "fake-model", "messages": HI}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/v1/chat/completions", '{"model": "fake-model", "messages": [{"role": "user", "content": '
+         '"a\\ud800b"}]}'),
+        ("/v1/chat/completions", '{"model": "fake-model", "messages": [{"role": "user", "content": '
+         '[{"type": "text", "text": "\\udfff"}]}]}'),
+        ("/v1/chat/completions", '{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], '
+         '"stop": ["x", "\\ud83d"]}'),
+        ("/v1/completions", '{"model": "fake-model", "prompt": "\\ud83d"}'),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_is_a_400_and_the_connection_stays_usable(api, path, raw):
+    """Issue 12 #7: was a 500 (tokenizer TypeError) that left the keep-alive connection unusable."""
+    response = api.post(path, content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert "lone UTF-16 surrogate" in _error(response, 400, "invalid_request")["message"]
+    paired = '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    response = api.post("/v1/chat/completions", content=paired, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200  # a real pair is a character (an emoji): fine, on the same connection
+
+
+def test_an_unexpected_error_closes_its_connection(api, fake, monkeypatch):
+    def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fake, "list_models", broken)
+    response = api.get("/v1/models")
+    _error(response, 500, "internal_error")
+    assert response.headers["connection"] == "close"  # the client opens a fresh one for its next request
+    monkeypatch.undo()
+    assert api.get("/v1/models").status_code == 200
+
+
+def test_shutdown_ends_open_streams_with_an_error_event_and_done(tmp_path):
+    """Issue 12 #6: the openai client raised a bare connection error when the engine stopped mid-reply."""
+    from engine.api.app import end_open_streams
+
+    fake = FakeEngineService(tmp_path, token_delay=0.3)
+    app = create_app(fake, TOKEN)
+    with ApiServer(app) as server:
+        body = {"model": "fake-model", "messages": HI, "stream": True}
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.stream(
+            "POST", server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=10
+        ) as response:
+            lines = response.iter_lines()
+            assert json.loads(next(lines)[len("data: ") :])["choices"][0]["delta"]["role"] == "assistant"
+            end_open_streams(app)  # what `pollinate-engine run` does first when it stops
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][len("data: ") :])["error"]
+        assert error["type"] == "engine_not_ready" and "shutting down" in error["message"]
+        late = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=10)
+        assert late.status_code == 503  # a request that arrives while stopping is refused, not cut
+    deadline = time.monotonic() + 5
+    while fake.sessions_closed < fake.sessions_open and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.sessions_open == fake.sessions_closed == 1  # the generation stopped and closed its session
+
+
 def test_unknown_model_is_404(api):
     body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
     _error(api.post("/v1/chat/completions", json=body), 404, "model_not_found")
