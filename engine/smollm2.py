@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from contract.stores import set_aside
 from engine import paths
 from engine.models.errors import ModelNotFoundError
 
@@ -113,6 +114,14 @@ def ensure_smollm2(models_dir: Path | None = None, progress: Progress | None = N
     gguf = find_gguf()
     target = smollm2_path(models_dir)
     marker = read_marker(target)
+    if marker is None and (target.exists() or target.is_symlink()):
+        # Folders are swapped in whole, so one without a readable marker is damaged: keep it aside, say so.
+        set_aside(
+            target,
+            store="prepared demo model",
+            reason="its marker file is missing or unreadable",
+            notices=target.parent.parent,
+        )
     stat = _stat_facts(gguf)
     # Same size and mtime as when it was prepared: trust the recorded hash (hashing costs ~0.3 s).
     if marker and marker.get("recipe") == RECIPE_VERSION and all(marker.get(k) == v for k, v in stat.items()):

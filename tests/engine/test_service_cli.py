@@ -161,6 +161,7 @@ def _ready_engine(tmp_path: Path, **popen) -> tuple[subprocess.Popen, dict]:
     """A `pollinate-engine run` child that is ready (demo server and DHT peers running)."""
     env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
     command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--data-dir", str(tmp_path)]
+    command += ["--demo-model", "tiny"]
     engine = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
     )

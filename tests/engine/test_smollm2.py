@@ -128,6 +128,20 @@ def test_a_crash_on_first_preparation_leaves_no_folder(tmp_path, fake_source):
     assert list((tmp_path / "models").iterdir()) == []
 
 
+def test_a_damaged_prepared_folder_is_set_aside_and_prepared_again(tmp_path, fake_source):
+    """Issue 12: every store survives: a prepared model with an unreadable marker is set aside, not reused."""
+    from contract.stores import pending
+
+    _gguf, calls = fake_source
+    models = tmp_path / "data" / "models"
+    folder = ensure_smollm2(models)
+    (folder / smollm2.MARKER).write_text("{garbage")
+    assert ensure_smollm2(models) == folder and len(calls) == 2
+    (aside,) = models.glob(folder.name + ".corrupt-*")
+    (notice,) = pending(tmp_path / "data")
+    assert notice.store == "prepared demo model" and notice.moved_to == str(aside)
+
+
 # ---- the real model through a real engine (two demo servers, 0:15 and 15:30) -------------------------------
 
 PROMPTS = [
