@@ -382,6 +382,7 @@ def format_row(row: Row, base: Row) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global THREADS
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -396,7 +397,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=THREADS, help="compute threads per process")
     parser.add_argument("--logs", type=Path, default=None, help="keep the process logs here")
     args = parser.parse_args(argv)
-    global THREADS
     THREADS = args.threads
     if args.servers < 1 or args.new_tokens < 2 or args.repeats < 1:
         parser.error("need --servers >= 1, --new-tokens >= 2, --repeats >= 1")

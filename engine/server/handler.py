@@ -400,7 +400,8 @@ class TransformerConnectionHandler(ServicerBase):
                     if step_id is not None:
                         session.processed_step_ids.add(step_id)
                     yield request, metadata
-                # else: the same step arrived twice (pushed by the previous server and sent by the client)
+                else:  # the same step arrived twice (pushed by the previous server and sent by the client)
+                    logger.debug("step %s arrived again (pushed=%s)", step_id, bool(metadata.get("pushed")))
 
                 remaining = min(self.limits.step_timeout, deadline - time.monotonic())
                 if remaining <= 0:
