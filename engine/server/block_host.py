@@ -192,7 +192,7 @@ class BlockHost:
         model_config = self._model_config = load_config(path)
         family = family_for(model_config)
         dht_prefix = self._dht_prefix = validate_dht_prefix(
-            config.dht_prefix or family.default_dht_prefix(config.model)
+            config.dht_prefix or family.dht_prefix_for(model_config, config.model)
         )
         device = self._device = placement.resolve_device(config.device)
         dtype = self._dtype = placement.resolve_dtype(config.dtype, model_config, device)

@@ -57,7 +57,7 @@ class CatalogMixin:
                     return self._catalog.setdefault(ref.name, ref)
         try:
             config = load_config(resolve_checkpoint(name))
-            prefix = family_for(config).default_dht_prefix(name)
+            prefix = family_for(config).dht_prefix_for(config, name)
         except Exception as exc:  # hub and network errors come in many types; all mean "cannot use it"
             raise ModelNotFoundError(
                 f"Unknown model {name!r}: {exc}. GET /v1/models lists the models the swarm serves."

@@ -131,6 +131,16 @@ def test_default_dht_prefix_follows_petals(model_type, repo, prefix):
     assert family_for(model_type).default_dht_prefix(repo) == prefix
 
 
+def test_a_checkpoint_s_own_dht_prefix_wins(tiny_checkpoint_factory):
+    """Petals reads `dht_prefix` from config.json first (its client requires it for a local folder)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", dht_prefix="my-swarm-model")
+    assert family_for(config).dht_prefix_for(config, "/somewhere/else") == "my-swarm-model"
+    plain = AutoConfig.for_model("llama")
+    assert family_for(plain).dht_prefix_for(plain, "org/Some-Model") == "Some-Model-hf"
+
+
 def test_size_estimates_match_what_is_allocated(tiny_checkpoint_factory):
     path = tiny_checkpoint_factory("llama")
     span = load_block_span(path, 0, 2)
