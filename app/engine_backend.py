@@ -30,10 +30,13 @@ class Preflight:
 
 
 class EngineBackend(ABC):
-    """One place the engine can run. Methods are called on the Qt thread and return quickly."""
+    """One place the engine can run. Methods are called on the Qt thread unless `blocking_calls` says."""
 
     name = "engine"
     poll_interval_ms = 200  # how often EngineProcess reads the state while the engine starts
+    # preflight() and read_state() may take long (they start processes): EngineProcess runs them off the Qt
+    # thread. The other methods are quick, or (stop) documented to block.
+    blocking_calls = False
 
     def preflight(self) -> Preflight:
         """Check, before each start, that the engine can run here."""

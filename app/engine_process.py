@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -263,6 +264,7 @@ class EngineProcess(QObject):
     state_changed = Signal(str, str)
     endpoint_changed = Signal(object)
     notice = Signal(str)
+    _call_done = Signal(object)  # (generation, then, result) from a backend call run off the Qt thread
 
     def __init__(
         self,
@@ -304,6 +306,9 @@ class EngineProcess(QObject):
         self._retry = QTimer(self)
         self._retry.setSingleShot(True)
         self._retry.timeout.connect(self._launch)
+        self._generation = 0  # start/stop/detach begin a new one: results of older backend calls are dropped
+        self._in_flight: int | None = None
+        self._call_done.connect(self._finish_call)
 
     # ---- public
 
@@ -311,14 +316,28 @@ class EngineProcess(QObject):
         """Attach to a running engine if there is one, else start ours (unless manage is False)."""
         self._retry.stop()
         self.failures = 0
-        check = self.backend.preflight()
+        self._generation += 1
+        if self.backend.blocking_calls:
+            self._set_state(STARTING, "Checking where the engine runs…")
+        self._call(self._check_and_find, self._start_with)
+
+    def _check_and_find(self) -> tuple[Preflight, EngineInfo | None]:
+        try:
+            check = self.backend.preflight()
+            return check, (self.backend.read_state() if check.ready else None)
+        except Exception as exc:  # a bug or an odd system: say it instead of hanging in "starting"
+            log.exception("engine backend check failed")
+            failed = Preflight(False, f"Could not check where the engine runs ({self.backend.name}): {exc}")
+            return failed, None
+
+    def _start_with(self, found: tuple[Preflight, EngineInfo | None]) -> None:
+        check, info = found
         if not check.ready:
             self.pid = None
             self._set_state(FAILED, check.message)
             return
         if check.message:
             self.notice.emit(check.message)
-        info = self.backend.read_state()
         if info is not None:
             self.pid, self.owned, self.info = info.pid, False, info
             self._begin_wait("Connecting to the running engine…")
@@ -330,6 +349,7 @@ class EngineProcess(QObject):
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop the engine if we own it (SIGTERM, then kill after timeout); blocks up to timeout_s."""
+        self._generation += 1
         self._poll.stop()
         self._watch.stop()
         self._retry.stop()
@@ -342,6 +362,7 @@ class EngineProcess(QObject):
 
     def detach(self) -> None:
         """Leave the engine running (keep sharing in the background) and stop watching it."""
+        self._generation += 1
         self._poll.stop()
         self._watch.stop()
         self._retry.stop()
@@ -354,6 +375,36 @@ class EngineProcess(QObject):
         self.start()
 
     # ---- internals
+
+    def _call(self, work: Callable[[], object], then: Callable[[object], None]) -> None:
+        """Give work()'s result to then() on the Qt thread; work runs off it when the backend's calls block.
+
+        A result that arrives after stop(), detach() or a new start() is dropped.
+        """
+        generation = self._generation
+        if not self.backend.blocking_calls:
+            then(work())
+            return
+        if self._in_flight == generation:
+            return  # the previous call of this start has not answered yet
+        self._in_flight = generation
+
+        def run() -> None:
+            try:
+                result = work()
+            except Exception:
+                log.exception("the engine backend (%s) failed", self.backend.name)
+                result = None
+            self._call_done.emit((generation, then, result))
+
+        threading.Thread(target=run, name="pollinate-engine-backend", daemon=True).start()
+
+    def _finish_call(self, payload: tuple) -> None:
+        generation, then, result = payload
+        if self._in_flight == generation:
+            self._in_flight = None
+        if generation == self._generation:
+            then(result)
 
     def _launch(self) -> None:
         if not self.manage:
@@ -391,8 +442,11 @@ class EngineProcess(QObject):
                 self.stop(timeout_s=5)
             self._failed_attempt(f"it did not become ready within {self.startup_timeout_s:.0f} s")
             return
-        info = self.backend.read_state()
-        if info is None or self._health.endpoint is not None:
+        if self._health.endpoint is None:
+            self._call(self.backend.read_state, self._state_read)
+
+    def _state_read(self, info: EngineInfo | None) -> None:
+        if info is None or self._health.endpoint is not None or self.state not in (STARTING, RESTARTING):
             return
         if self.owned and self._process is not None:
             if not self.backend.launched(info, self._process):

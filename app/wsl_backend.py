@@ -85,6 +85,7 @@ class WslBackend(EngineBackend):
 
     name = "wsl"
     poll_interval_ms = 1000  # each state read starts a small Python inside WSL
+    blocking_calls = True  # each call starts wsl.exe (and may boot the distribution): off the Qt thread
     ALIVE_CHECK_S = 5.0  # how often an engine we attached to (not our child) is looked for inside WSL
 
     def __init__(self, config: WslConfig | None = None, call_timeout_s: float = 60.0):

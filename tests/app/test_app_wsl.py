@@ -6,8 +6,10 @@ command lines, WSLENV, output decoding, state/token reading and stopping are exe
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -15,6 +17,7 @@ import pytest
 
 from app import wsl
 from app.engine_process import FAILED, RUNNING, EngineProcess
+from app.qt import QTimer
 from app.wsl_backend import WslBackend, WslConfig
 from tests.helpers import fake_wsl
 
@@ -219,6 +222,31 @@ def test_engine_through_wsl_starts_reads_token_and_stops(qtbot, tmp_path, wsl_bi
     assert engine._process.poll() is not None
 
 
+def test_slow_wsl_calls_never_block_the_qt_thread(qtbot, tmp_path, wsl_bin):
+    """Each wsl.exe call may take seconds (booting the distribution): the window must keep responding."""
+    fake_wsl.install(
+        wsl_bin,
+        distributions={"Pollinate": {"state": "Stopped", "version": 2}},
+        environment={"PYTHONPATH": str(ROOT)},
+        delay_s=1.5,
+    )
+    engine = fake_engine_process(tmp_path, backend_for(tmp_path), qtbot)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.monotonic()))
+    timer.start(50)
+    qtbot.wait(200)  # ticking before start()
+    try:
+        with qtbot.waitSignal(engine.endpoint_changed, timeout=60000, check_params_cb=bool):
+            engine.start()
+    finally:
+        timer.stop()
+        engine.stop(timeout_s=10)
+    # Preflight alone is 3 calls of 1.5 s: run on the Qt thread, no tick would come for 4.5 s.
+    longest = max(later - earlier for earlier, later in itertools.pairwise(ticks))
+    assert longest < 1.0, f"the Qt thread stood still for {longest:.1f} s"
+
+
 def test_the_engine_in_wsl_ends_with_the_app(qtbot, tmp_path, wsl_bin):
     """The app dies without stopping anything: its end of wsl.exe's stdin closes, the engine stops."""
     fake_wsl.install(
@@ -246,7 +274,9 @@ def test_engine_without_its_distribution_fails_with_the_step(qtbot, tmp_path, ws
     fake_wsl.install(wsl_bin, distributions={})
     engine = fake_engine_process(tmp_path, backend_for(tmp_path), qtbot)
     engine.start()
-    assert engine.state == FAILED and "no distribution named Pollinate" in engine.message
+    assert engine.state == "starting"  # the checks run off the Qt thread
+    qtbot.waitUntil(lambda: engine.state == FAILED, timeout=10000)
+    assert "no distribution named Pollinate" in engine.message
 
 
 # ---- first run: the distribution is made from the installer's payload, with progress

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def install(
     distributions: dict | None = None,
     environment: dict[str, str] | None = None,
     honours_utf8: bool = True,
+    delay_s: float = 0.0,
 ) -> FakeWsl:
     """Write bin_dir/wsl.exe and its state; `environment` is what a process inside the distribution sees."""
     bin_dir = Path(bin_dir)
@@ -89,6 +91,7 @@ def install(
                 "mode": mode,
                 "version": version,
                 "honours_utf8": honours_utf8,
+                "delay_s": delay_s,  # every call answers this late (a slow or just-booting WSL)
                 "distributions": distributions if distributions is not None else {},
                 "environment": {**base, **(environment or {})},
             }
@@ -141,6 +144,7 @@ def main(argv: list[str], state_path: str) -> int:
     with open(fake.calls_path, "a") as log:
         log.write(json.dumps(argv) + "\n")
     state = fake.state()
+    time.sleep(state.get("delay_s", 0.0))
     if state["mode"] == "not-installed":
         _say(NOT_INSTALLED, state)
         return 1
