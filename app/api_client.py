@@ -25,9 +25,15 @@ from contract import Stats, Status
 
 log = logging.getLogger(__name__)
 
+# Every request has a timeout, and a request that runs out says so (ApiError type "timeout"): an engine that
+# answers /api/status but not the swarm must never leave the app waiting without a word.
 REQUEST_TIMEOUT_MS = 15_000
-# Control calls (start hosting) may wait while a busy engine builds the demo model or joins the swarm.
-POST_TIMEOUT_MS = 90_000
+# Control calls (start hosting) plan the span first, which reads the swarm.
+POST_TIMEOUT_MS = 45_000
+# Streams time out when nothing arrives for this long: events carry a keep-alive every 15 s; a chat reply
+# may wait for a slow swarm's first token.
+EVENTS_IDLE_TIMEOUT_MS = 45_000
+CHAT_IDLE_TIMEOUT_MS = 120_000
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,19 @@ class ApiError:
 
     @property
     def unreachable(self) -> bool:
-        return self.status == 0
+        """The engine could not be reached (down or restarting); a timeout is not that."""
+        return self.status == 0 and self.type != "timeout"
+
+    @property
+    def timed_out(self) -> bool:
+        return self.type == "timeout"
 
 
 ENGINE_DOWN = ApiError(0, "engine_unavailable", "The engine is not running.")
+
+
+def timeout_error(timeout_ms: int) -> ApiError:
+    return ApiError(0, "timeout", f"the engine did not answer within {timeout_ms / 1000:g} s")
 
 
 def parse_error(status: int, body: bytes, network_error: str = "") -> ApiError:
@@ -80,6 +95,11 @@ def parse_error(status: int, body: bytes, network_error: str = "") -> ApiError:
 def describe_error(error: ApiError, doing: str = "") -> str:
     """One sentence for a person: what failed and what to do (the app's single wording of errors)."""
     prefix = f"Could not {doing}: " if doing else ""
+    if error.timed_out:
+        return (
+            f"{prefix}{error.message} (it may be busy, or stuck). Try again; if this keeps happening, "
+            "restart Pollinate."
+        )
     if error.unreachable:
         return f"{prefix}the engine is not running (it may be restarting). Try again in a moment."
     if error.type == "swarm_unavailable":
@@ -102,10 +122,11 @@ class ApiCall(QObject):
     succeeded = Signal(object)
     failed = Signal(object)
 
-    def __init__(self, reply: QNetworkReply | None, pending: set, resend=None):
+    def __init__(self, reply: QNetworkReply | None, pending: set, resend=None, timeout_ms: int = 0):
         # No Qt parent: the client's `pending` set keeps it alive until done, then Python frees it.
         super().__init__()
         self.reply = reply
+        self.timeout_ms = timeout_ms
         self._pending = pending
         self._error: ApiError | None = None
         self._resend = resend  # sends the request again on a fresh connection (once)
@@ -125,7 +146,10 @@ class ApiCall(QObject):
             self.reply, self._resend = self._resend(), None
             self.reply.finished.connect(self._finished)
             return
-        if reply.error() != QNetworkReply.NetworkError.NoError and not status:
+        if reply.error() == QNetworkReply.NetworkError.TimeoutError:
+            log.warning("%s timed out after %d ms", reply.url().path(), self.timeout_ms)
+            self.failed.emit(timeout_error(self.timeout_ms))
+        elif reply.error() != QNetworkReply.NetworkError.NoError and not status:
             log.warning("%s failed: %s", reply.url().path(), reply.errorString())
             self.failed.emit(parse_error(0, b"", reply.errorString()))
         elif status >= 400:
@@ -155,9 +179,10 @@ class ApiStream(QObject):
     finished = Signal()
     failed = Signal(object)
 
-    def __init__(self, reply: QNetworkReply | None, pending: set):
+    def __init__(self, reply: QNetworkReply | None, pending: set, timeout_ms: int = 0):
         super().__init__()
         self.reply = reply
+        self.timeout_ms = timeout_ms  # of silence
         self._pending = pending
         self._error: ApiError | None = None
         pending.add(self)
@@ -196,6 +221,8 @@ class ApiStream(QObject):
             status = self._status()
             if status >= 400:
                 self.failed.emit(parse_error(status, self._error_body))
+            elif reply.error() == QNetworkReply.NetworkError.TimeoutError:
+                self.failed.emit(timeout_error(self.timeout_ms))
             elif reply.error() != QNetworkReply.NetworkError.NoError:
                 self.failed.emit(parse_error(0, b"", reply.errorString()))
             else:
@@ -229,15 +256,17 @@ class ApiClient(QObject):
         self._network = QNetworkAccessManager(self)
         self._pending: set[QObject] = set()  # calls in flight, kept alive until they finish
         self.endpoint: EngineEndpoint | None = None
+        self.request_timeout_ms = REQUEST_TIMEOUT_MS
+        self.post_timeout_ms = POST_TIMEOUT_MS
+        self.chat_idle_timeout_ms = CHAT_IDLE_TIMEOUT_MS
+        self.events_idle_timeout_ms = EVENTS_IDLE_TIMEOUT_MS
 
     def set_endpoint(self, endpoint: EngineEndpoint | None) -> None:
         if endpoint != self.endpoint:
             self.endpoint = endpoint
             self.endpoint_changed.emit(endpoint)
 
-    def _request(
-        self, path: str, *, stream: bool = False, timeout_ms: int = REQUEST_TIMEOUT_MS
-    ) -> QNetworkRequest:
+    def _request(self, path: str, *, timeout_ms: int, stream: bool = False) -> QNetworkRequest:
         assert self.endpoint is not None
         request = QNetworkRequest(QUrl(self.endpoint.base_url.rstrip("/") + path))
         if self.endpoint.token:
@@ -249,36 +278,39 @@ class ApiClient(QObject):
                 QNetworkRequest.Attribute.CacheLoadControlAttribute,
                 QNetworkRequest.CacheLoadControl.AlwaysNetwork,
             )
-        else:
-            request.setTransferTimeout(timeout_ms)
+        request.setTransferTimeout(timeout_ms)  # for a stream: the longest silence
         return request
 
     def get(self, path: str) -> ApiCall:
         if self.endpoint is None:
             return ApiCall(None, self._pending).fail_later(ENGINE_DOWN)
-        return ApiCall(self._network.get(self._request(path)), self._pending)
+        timeout = self.request_timeout_ms
+        return ApiCall(
+            self._network.get(self._request(path, timeout_ms=timeout)), self._pending, None, timeout
+        )
 
     def post(self, path: str, body: dict | None = None) -> ApiCall:
         if self.endpoint is None:
             return ApiCall(None, self._pending).fail_later(ENGINE_DOWN)
         payload = QByteArray(json.dumps(body or {}).encode())
-        request = self._request(path, timeout_ms=POST_TIMEOUT_MS)
+        request = self._request(path, timeout_ms=self.post_timeout_ms)
 
         def resend() -> QNetworkReply:
             return self._network.post(request, payload)
 
-        return ApiCall(self._network.post(request, payload), self._pending, resend)
+        return ApiCall(self._network.post(request, payload), self._pending, resend, self.post_timeout_ms)
 
-    def stream(self, path: str, body: dict | None = None) -> ApiStream:
-        """GET (body None) or POST an SSE endpoint."""
+    def stream(self, path: str, body: dict | None = None, idle_timeout_ms: int | None = None) -> ApiStream:
+        """GET (body None) or POST an SSE endpoint; fails with a timeout after idle_timeout_ms of silence."""
         if self.endpoint is None:
             return ApiStream(None, self._pending).fail_later(ENGINE_DOWN)
-        request = self._request(path, stream=True)
+        idle_timeout_ms = idle_timeout_ms or self.chat_idle_timeout_ms
+        request = self._request(path, stream=True, timeout_ms=idle_timeout_ms)
         if body is None:
             reply = self._network.get(request)
         else:
             reply = self._network.post(request, QByteArray(json.dumps(body).encode()))
-        return ApiStream(reply, self._pending)
+        return ApiStream(reply, self._pending, idle_timeout_ms)
 
 
 class EventFeed(QObject):
@@ -329,7 +361,7 @@ class EventFeed(QObject):
     def _open(self) -> None:
         if self.client.endpoint is None:
             return
-        stream = self.client.stream("/api/events")
+        stream = self.client.stream("/api/events", idle_timeout_ms=self.client.events_idle_timeout_ms)
         self._stream = stream
         stream.opened.connect(self._opened)
         stream.event.connect(self._event)

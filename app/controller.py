@@ -300,7 +300,10 @@ class AppController(QObject):
             )
         hosting = (self.dashboard_model.snapshot.status or {}).get("state") in ("loading", "serving")
         if hosting:
-            return "Quitting stops sharing your GPU and stops the engine."
+            return (
+                "Quitting stops sharing your GPU and stops the engine. Sharing stays off when you open "
+                "Pollinate again, until you turn it on."
+            )
         return "Quitting stops the engine." if self.engine.manage else "Quit Pollinate?"
 
     def quit(self) -> None:
@@ -321,6 +324,11 @@ class AppController(QObject):
         if self.quit_plan() == "keep":
             self.engine.detach()
         else:
+            # As the Quit dialog says: sharing stays off at the next start. (Sharing still resumes after a
+            # restart the user did not choose, e.g. a reboot with the app running.)
+            if self.settings.sharing_enabled:
+                self.settings = dataclasses.replace(self.settings, sharing_enabled=False)
+                save_settings(self.settings)
             self.engine.stop()
         self.history.close()
         self.tray.hide()

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,23 +140,35 @@ def engine_command(
     return command + list(extra_args)
 
 
-def log_tail(path: Path, lines: int = 12) -> str:
+def log_tail(path: Path, lines: int = 12, start: int = 0) -> str:
+    """The last `lines` lines of the log at `path`, reading nothing before byte `start` (an earlier run's)."""
     try:
         with open(path, "rb") as file:
-            file.seek(max(0, os.path.getsize(path) - 16_384))
+            file.seek(max(start, os.path.getsize(path) - 16_384))
             text = file.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def crash_reason(tail: str) -> str:
-    """The line of an engine's last output that best says why it stopped."""
+# Lines that are no reason to stop: Python warnings, and log records below ERROR.
+_NOT_A_REASON = re.compile(r"Warning\b|\bWARNING\b|\bINFO\b|\bDEBUG\b|warnings\.warn")
+_ERROR_LINE = re.compile(r"\w*(Error|Exception)\b|\berror:|\bERROR\b|Traceback|Killed")
+
+
+def crash_reason(tail: str, exit_code: int | None = None) -> str:
+    """Why an engine stopped: the last error line of this run's output (never a warning), else how it ended.
+
+    `tail` must hold only this run's output: an earlier run's error says nothing about this one.
+    """
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     for line in reversed(lines):
-        if "Error" in line or "error:" in line or "Exception" in line:
+        if _ERROR_LINE.search(line) and not _NOT_A_REASON.search(line) and not line.startswith("Traceback"):
             return line[:300]
-    return lines[-1][:300] if lines else "no output"
+    if exit_code is not None and exit_code < 0:
+        name = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else str(-exit_code)
+        return f"it was ended by signal {name}" + (" (killed)" if name == "SIGKILL" else "")
+    return "no error in its output"
 
 
 class LocalBackend(EngineBackend):
@@ -489,8 +502,9 @@ class EngineProcess(QObject):
     def _exit_reason(self) -> str:
         if not self.owned:
             return "the engine process exited"
-        reason = crash_reason(log_tail(self.log_path)) if self._log_tail_is_new() else "no output"
         code = self._process.returncode if self._process is not None else None
+        tail = log_tail(self.log_path, 40, start=self._log_offset) if self._log_tail_is_new() else ""
+        reason = crash_reason(tail, code)
         return f"exit code {code}: {reason}" if code is not None else reason
 
     def _log_tail_is_new(self) -> bool:

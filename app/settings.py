@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app import paths
-from contract import KEYRING_HF_USER, KEYRING_SERVICE, Quant, Swarm
+from contract import KEYRING_HF_USER, KEYRING_SERVICE, MAX_TOKENS_LIMIT, Quant, Swarm
 from contract.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Settings:
             quant=self.quant if self.quant in QUANTS else "auto",
             temperature=min(2.0, max(0.0, float(self.temperature))),
             top_p=min(1.0, max(0.01, float(self.top_p))),
-            max_tokens=min(8192, max(1, int(self.max_tokens))),
+            max_tokens=min(MAX_TOKENS_LIMIT, max(1, int(self.max_tokens))),
         )
 
 

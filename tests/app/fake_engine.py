@@ -90,6 +90,7 @@ class FakeEngine:
         self.chats_started = 0
         self.chats_cancelled = 0
         self.chats_completed = 0
+        self.stalled: set[str] = set()  # paths answered only when the engine stops (a wedged engine)
         self.fits: list[ContextFit] = []  # how each chat request fitted the model's context
         self._subscribers: list[queue.Queue] = []
         self._server: ThreadingHTTPServer | None = None
@@ -333,6 +334,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         fake = self.fake
         url = urlparse(self.path)
         fake.requests.append(("GET", url.path, None))
+        if url.path in fake.stalled:
+            fake.closing.wait()
+            return None
         if url.path == "/api/health":
             return self._json(200, {"status": "ok", "version": "0.1.0-fake", "pid": os.getpid()})
         if not self._authorized():
@@ -389,6 +393,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         except ValueError:
             return self._json(400, error_body(400, "invalid_request", "Malformed JSON."))
         fake.requests.append(("POST", url.path, body))
+        if url.path in fake.stalled:
+            fake.closing.wait()
+            return None
         if url.path == "/api/hosting/start":
             if fake.hosting_error:
                 return self._json(fake.hosting_error[0], {"error": fake.hosting_error[1]})

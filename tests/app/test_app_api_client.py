@@ -71,3 +71,23 @@ def test_event_feed_delivers_status_and_stats(qtbot, api_client, fake_engine):
     qtbot.waitUntil(lambda: any(s.get("state") == "loading" for s in statuses))
     qtbot.waitUntil(lambda: any(s["tokens_served"] == 5 for s in stats))
     feed.stop()
+
+
+def test_every_request_times_out_and_says_so(qtbot, api_client, fake_engine):
+    """A wedged engine (answers nothing on some paths) must not leave the app waiting without a word."""
+    fake_engine.stalled = {"/api/swarm", "/api/hosting/start", "/v1/chat/completions"}
+    api_client.request_timeout_ms = api_client.post_timeout_ms = api_client.chat_idle_timeout_ms = 400
+    calls = [
+        api_client.get("/api/swarm"),
+        api_client.post("/api/hosting/start"),
+        api_client.stream("/v1/chat/completions", {"model": "x", "messages": []}),
+    ]
+    errors: list = []
+    for call in calls:
+        call.failed.connect(errors.append)
+    qtbot.waitUntil(lambda: len(errors) == len(calls), timeout=5000)
+    for error in errors:
+        assert error.timed_out and not error.unreachable, error
+        text = describe_error(error, "show the swarm")
+        assert "did not answer within 0.4 s" in text and "not running" not in text
+    fake_engine.closing.set()  # let the stalled handlers end

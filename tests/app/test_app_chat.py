@@ -290,3 +290,13 @@ def test_notices_stay_with_their_conversation_and_stop_is_not_an_error(qtbot, ch
     assert "fde2e1" not in chat.notice.styleSheet()  # not the error colour
     chat.new_button.click()
     assert chat.notice.isHidden()
+
+
+def test_a_reply_that_never_comes_times_out_with_retry(qtbot, chat, fake_engine):
+    fake_engine.stalled = {"/v1/chat/completions"}
+    chat.model.client.chat_idle_timeout_ms = 400
+    send(qtbot, chat, "are you there?")
+    qtbot.waitUntil(lambda: chat.retry_button.isVisible(), timeout=5000)
+    assert "did not answer within 0.4 s" in chat.notice.text() and not chat.model.streaming
+    assert chat.input.toPlainText() == "are you there?"
+    fake_engine.closing.set()

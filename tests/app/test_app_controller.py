@@ -191,6 +191,16 @@ def test_quit_plan_follows_keep_sharing(qtbot, controller, fake_engine):
     assert "Quit" in controller.quit_text() or "stops" in controller.quit_text()
 
 
+def test_quitting_stops_sharing_as_the_quit_dialog_says(qtbot, controller, fake_engine):
+    """The dialog says quitting stops sharing: the next start must not turn it back on by itself."""
+    controller.dashboard_model.set_sharing(True)
+    qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
+    assert load_settings().sharing_enabled
+    assert "Sharing stays off" in controller.quit_text()
+    controller.quit()
+    assert not load_settings().sharing_enabled
+
+
 def test_app_restarts_crashed_engine_and_says_so(qtbot, app_dirs):
     ctl = AppController(
         Settings(onboarded=True),

@@ -18,6 +18,7 @@ from app.engine_process import (
     RUNNING,
     EngineProcess,
     LocalBackend,
+    crash_reason,
     engine_args,
     engine_command,
     read_state_file,
@@ -124,3 +125,31 @@ def test_local_backend_ties_the_engine_to_the_app_only_when_asked(tmp_path):
     assert tied[tied.index("--parent-pid") + 1] == str(os.getpid())
     assert "--log-level=debug" in tied
     assert "--parent-pid" not in backend.engine_command(args, tie_to_app=False)
+
+
+def test_crash_reason_is_the_last_error_of_this_run(qtbot, app_dirs, engines):
+    """An earlier run's error in the same log is no reason for this run's crash (issue 11)."""
+    log = app_dirs["data"] / "logs" / "engine.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("RuntimeError: There is no current event loop in thread 'pollinate-close'.\n")
+    engine = make_engine(app_dirs["data"], [sys.executable, FAKE])
+    engines.append(engine)
+    engine.start()
+    qtbot.waitUntil(lambda: engine.state == RUNNING, timeout=15000)
+    os.kill(engine.pid, signal.SIGKILL)
+    qtbot.waitUntil(lambda: engine.state == RESTARTING, timeout=5000)
+    assert "event loop" not in engine.message and "SIGKILL" in engine.message, engine.message
+
+
+def test_crash_reason_skips_warnings():
+    tail = "\n".join(
+        [
+            "2026-11-27 ERROR engine: CUDA out of memory while loading block 3",
+            "/x/span.py:100: FutureWarning: `past_key_values` is deprecated",
+            "  masks[kind] = build(**mask_args, past_key_values=adapter)",
+            "2026-11-27 WARNING hivemind: peer error: timed out",
+        ]
+    )
+    assert crash_reason(tail, 1) == "2026-11-27 ERROR engine: CUDA out of memory while loading block 3"
+    assert crash_reason("/x.py:1: UserWarning: something\n", 1) == "no error in its output"
+    assert "SIGTERM" in crash_reason("", -15)
