@@ -111,6 +111,8 @@ class AppController(QObject):
         self.dashboard.close_requested.connect(self.quit)
         self.dashboard.open_chat_requested.connect(self.show_chat)
         self.dashboard.settings_requested.connect(self.show_settings)
+        self.dashboard.retry_requested.connect(self.retry_swarm)
+        self.dashboard.local_demo_requested.connect(self.use_local_demo)
         self._update_tray()
 
     # ---- engine
@@ -249,10 +251,19 @@ class AppController(QObject):
     def settings_dialog(self):
         from app.windows.settings import SettingsDialog
 
-        gpus = (self.dashboard_model.snapshot.hardware or {}).get("gpus") or []
-        free = gpus[0].get("free_bytes") if gpus else None
+        hardware = self.dashboard_model.snapshot.hardware or {}
+        gpus = hardware.get("gpus") or []
+        # Hosting uses the GPU's own memory when there is a GPU, else main memory: name the one it shares.
+        if gpus:
+            free, name = gpus[0].get("free_bytes"), "GPU memory"
+        else:
+            free, name = (hardware.get("ram") or {}).get("available_bytes"), "RAM"
         return SettingsDialog(
-            self.settings, hf_token_set=get_hf_token() is not None, free_bytes=free, parent=self.dashboard
+            self.settings,
+            hf_token_set=get_hf_token() is not None,
+            free_bytes=free,
+            memory_name=name,
+            parent=self.dashboard,
         )
 
     def show_settings(self) -> None:
@@ -278,12 +289,25 @@ class AppController(QObject):
                 "Could not store the Hugging Face token: no system keyring is available.", True
             )
         restart = token_changed or any(getattr(new, f) != getattr(old, f) for f in ENGINE_FIELDS)
+        plan_fields = ("quant", "memory_fraction", "host_model")
+        if not restart and any(getattr(new, f) != getattr(old, f) for f in plan_fields):
+            self.dashboard_model.refresh_plan()  # the plan follows the chosen quantization and memory share
         hosting = (self.dashboard_model.snapshot.status or {}).get("state") in ("loading", "serving")
         if new.keep_sharing_on_close != old.keep_sharing_on_close and not hosting:
             restart = True  # --parent-pid is given at start, so the choice needs a new engine
         if restart and self.engine.manage and self.engine.state != "stopped":
             self.presenter.show("Settings changed: restarting the engine.")
             self.engine.restart()
+
+    def retry_swarm(self) -> None:
+        """Try joining the swarm again (the engine joins once, as it starts)."""
+        if self.engine.manage:
+            self.presenter.show("Joining the swarm again…")
+            self.engine.restart()
+
+    def use_local_demo(self) -> None:
+        """Switch to the local demo swarm: works without internet."""
+        self.apply_settings(dataclasses.replace(self.settings, swarm="local"))
 
     # ---- quitting
 
@@ -317,6 +341,12 @@ class AppController(QObject):
     def shutdown(self) -> None:
         """Stop or detach the engine, close history and windows; no engine is left behind unless kept."""
         self.quitting.emit()
+        # Out of sight first: stopping the engine (it announces OFFLINE, ends its peers) takes seconds.
+        self.tray.hide()
+        for window in (self.dashboard, self._chat_window):
+            if window is not None:
+                window.hide()
+        QApplication.processEvents()
         self.chat_model.stop()
         self.feed.stop()
         if self.wsl_setup is not None and self.wsl_setup.running:
@@ -331,7 +361,3 @@ class AppController(QObject):
                 save_settings(self.settings)
             self.engine.stop()
         self.history.close()
-        self.tray.hide()
-        for window in (self.dashboard, self._chat_window):
-            if window is not None:
-                window.hide()

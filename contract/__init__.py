@@ -6,6 +6,7 @@ desktop app (which must never import the engine) and the test fakes. To add a fi
 the API schema (engine/api/schemas.py) and docs follow from there.
 """
 
+from contract.addresses import peer_address_problem
 from contract.limits import (
     DEFAULT_CONTEXT_TOKENS,
     MAX_STOP_LENGTH,
@@ -57,4 +58,5 @@ __all__ = [
     "Swarm",
     "field_docs",
     "hosting_progress",
+    "peer_address_problem",
 ]

@@ -6,8 +6,9 @@ import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
+from urllib.parse import quote, urlencode
 
-from app.api_client import ApiClient, ApiError
+from app.api_client import ApiClient, ApiError, describe_error
 from app.qt import QObject, QTimer, Signal
 from contract import QUANT_WORDS
 
@@ -19,7 +20,7 @@ class BlockCell:
     """One transformer block in the coverage picture."""
 
     index: int
-    servers: int
+    servers: int | None  # None: not known yet (the swarm is still being discovered, or unreachable)
     mine: bool
 
 
@@ -48,18 +49,48 @@ class DashboardSnapshot:
     hardware: dict | None = None
     plan: dict | None = None
     swarm: dict | None = None
+    swarm_error: str | None = None  # why the last swarm read failed (the map then shows no data)
+    serving_since: float | None = None  # when hosting turned to serving (the sharing clock runs from it)
     pending: str | None = None  # "start"/"stop" while that request is in flight
     error: str | None = None
 
 
 def with_engine(snapshot: DashboardSnapshot, state: str, message: str) -> DashboardSnapshot:
-    status = snapshot.status if state == "running" else None
-    return dataclasses.replace(snapshot, engine_state=state, engine_message=message, status=status)
+    if state == "running":
+        return dataclasses.replace(snapshot, engine_state=state, engine_message=message)
+    # A stopped or restarting engine (perhaps joining another swarm next): what it said no longer holds.
+    return dataclasses.replace(
+        snapshot,
+        engine_state=state,
+        engine_message=message,
+        status=None,
+        plan=None,
+        swarm=None,
+        swarm_error=None,
+        serving_since=None,
+        history=(),
+    )
 
 
 def with_status(snapshot: DashboardSnapshot, status: dict, now: float = 0.0) -> DashboardSnapshot:
     error = status.get("message") if status.get("state") == "error" else None
-    return dataclasses.replace(snapshot, status=dict(status), status_at=now, error=error)
+    serving = status.get("state") == "serving"
+    was_serving = (snapshot.status or {}).get("state") == "serving"
+    since = (snapshot.serving_since if was_serving else now) if serving else None
+    history = snapshot.history
+    if was_serving and not serving and history:
+        # Sharing stopped: the served-tokens rate drops to zero now, not whenever the next stats arrive.
+        history = (*history, (now, *history[-1][1:]))[-HISTORY_POINTS:]
+    return dataclasses.replace(
+        snapshot, status=dict(status), status_at=now, error=error, serving_since=since, history=history
+    )
+
+
+def with_swarm(
+    snapshot: DashboardSnapshot, swarm: dict | None, error: str | None = None
+) -> DashboardSnapshot:
+    """A swarm read: its answer, or (swarm None) why it failed: then the map shows no data, not old data."""
+    return dataclasses.replace(snapshot, swarm=swarm, swarm_error=error)
 
 
 def with_stats(snapshot: DashboardSnapshot, stats: dict, now: float) -> DashboardSnapshot:
@@ -69,17 +100,29 @@ def with_stats(snapshot: DashboardSnapshot, stats: dict, now: float) -> Dashboar
 
 
 def displayed_stats(snapshot: DashboardSnapshot, now: float) -> dict | None:
-    """The last stats with the clocks moved on to `now`: uptime always, sharing time while serving."""
+    """The last stats with the clocks moved on to `now`: uptime always, sharing time while serving.
+
+    The sharing clock runs from the later of the last stats and the moment serving began (never from any
+    other status event, which made it jump back), for this run's and the lifetime total alike.
+    """
     if snapshot.stats is None:
         return None
     stats = dict(snapshot.stats)
     elapsed = max(0.0, now - snapshot.stats_at)
     stats["uptime_seconds"] = float(stats.get("uptime_seconds") or 0) + elapsed
-    if (snapshot.status or {}).get("state") == "serving":
-        # Sharing time grows only since serving began, which may be later than the last stats event.
-        serving_for = max(0.0, now - max(snapshot.stats_at, snapshot.status_at))
-        stats["hosting_seconds"] = float(stats.get("hosting_seconds") or 0) + serving_for
+    if snapshot.serving_since is not None:
+        serving_for = max(0.0, now - max(snapshot.stats_at, snapshot.serving_since))
+        for key in ("hosting_seconds", "lifetime_hosting_seconds"):
+            stats[key] = float(stats.get(key) or 0) + serving_for
     return stats
+
+
+def tokens_rate(snapshot: DashboardSnapshot, now: float, stale_after: float = 5.0) -> float | None:
+    """Tokens served per second now; 0 when not serving or when no stats came for a while."""
+    if (snapshot.status or {}).get("state") != "serving" or now - snapshot.stats_at > stale_after:
+        return 0.0 if snapshot.stats is not None else None
+    series = rate_series(snapshot.history)
+    return series[-1][1] if series else 0.0
 
 
 def rate_series(
@@ -103,6 +146,8 @@ def share_control(snapshot: DashboardSnapshot) -> ShareControl:
         return ShareControl(
             "Loading blocks…", True, True, float(progress) if progress is not None else 0.0, True
         )
+    if join_failed(snapshot):  # nothing to share with until the engine joins a swarm
+        return ShareControl("Share my GPU", False, False, None, False)
     if (snapshot.status or {}).get("ready") is False and state == "idle":
         # Before ready the engine may prepare the demo model (first start): show how far it got.
         progress = (snapshot.status or {}).get("progress")
@@ -120,11 +165,30 @@ def coverage(snapshot: DashboardSnapshot) -> list[BlockCell]:
     """Blocks of the model with servers per block and whether this computer hosts each one."""
     swarm, plan, status = snapshot.swarm or {}, snapshot.plan or {}, snapshot.status or {}
     total = int(swarm.get("total_blocks") or plan.get("total_blocks") or 0)
+    # Before the first swarm read, after a failed one, or without a swarm at all: no counts.
+    known = snapshot.swarm is not None and not join_failed(snapshot)
     servers = {int(b["index"]): int(b.get("servers") or 0) for b in swarm.get("blocks") or [] if "index" in b}
     mine = set()
     if status.get("state") in ("serving", "loading") and status.get("blocks"):
         mine = set(range(*status["blocks"]))
-    return [BlockCell(i, servers.get(i, 0), i in mine) for i in range(total)]
+    return [BlockCell(i, servers.get(i, 0) if known else None, i in mine) for i in range(total)]
+
+
+def join_failed(snapshot: DashboardSnapshot) -> bool:
+    """The engine runs but could not join its swarm (e.g. the public swarm without internet)."""
+    status = snapshot.status or {}
+    return snapshot.engine_state == "running" and status.get("state") == "error" and not status.get("ready")
+
+
+def swarm_note(snapshot: DashboardSnapshot) -> str:
+    """What the block map shows when it has no counts: discovering, or why there is no data."""
+    if join_failed(snapshot):
+        return "No data about the swarm: the engine could not join it."
+    if snapshot.swarm is not None or snapshot.engine_state != "running":
+        return ""
+    if snapshot.swarm_error:
+        return f"No data about the swarm: {snapshot.swarm_error}"
+    return "Discovering the swarm…"
 
 
 def planned_blocks(snapshot: DashboardSnapshot) -> range:
@@ -176,13 +240,18 @@ def hardware_lines(hardware: dict | None) -> list[str]:
 
 
 def plan_text(plan: dict | None) -> str:
+    """The plan in words: which blocks, at which precision, and how much of which memory (GPU memory or
+    RAM) in GB, against the share the user allowed."""
     if not plan:
         return "No hosting plan yet."
     blocks = f"blocks {plan.get('start_block')}–{int(plan.get('end_block') or 0) - 1}"
+    memory = "GPU memory" if plan.get("memory_kind") == "gpu" else "RAM"
+    budget = plan.get("budget_bytes")
+    share = f" of the {format_bytes(budget)} share you allow" if budget else ""
     return (
         f"{plan.get('model')}: {blocks} ({plan.get('num_blocks')} of {plan.get('total_blocks')}), "
-        f"{QUANT_WORDS.get(plan.get('quant'), plan.get('quant'))} on {plan.get('device')}, "
-        f"about {format_bytes(plan.get('total_bytes'))} "
+        f"{QUANT_WORDS.get(plan.get('quant'), plan.get('quant'))}, "
+        f"using about {format_bytes(plan.get('total_bytes'))} of {memory}{share} "
         f"(weights {format_bytes(plan.get('weights_bytes'))} + cache {format_bytes(plan.get('cache_bytes'))})"
     )
 
@@ -244,17 +313,31 @@ class DashboardModel(QObject):
 
     def _model_query(self) -> str:
         model = self.hosting_options().get("model") or (self.snapshot.status or {}).get("model")
-        return f"?model={model}" if model else ""
+        return f"?model={quote(model)}" if model else ""
 
     def refresh_plan(self) -> None:
-        call = self.client.get("/api/hosting/plan" + self._model_query())
+        """Ask for the plan of the chosen model, quantization and memory share (they follow Settings)."""
+        options = self.hosting_options()
+        query = {
+            "model": options.get("model") or (self.snapshot.status or {}).get("model"),
+            "quant": options.get("quant"),
+            "memory_fraction": options.get("memory_fraction"),
+        }
+        text = urlencode({k: v for k, v in query.items() if v not in (None, "")})
+        call = self.client.get("/api/hosting/plan" + (f"?{text}" if text else ""))
         call.succeeded.connect(lambda data: self._replace(dataclasses.replace(self.snapshot, plan=data)))
 
     def refresh_swarm(self) -> None:
         model = (self.snapshot.plan or {}).get("model")
-        query = f"?model={model}" if model else self._model_query()
+        query = f"?model={quote(model)}" if model else self._model_query()
         call = self.client.get("/api/swarm" + query)
-        call.succeeded.connect(lambda data: self._replace(dataclasses.replace(self.snapshot, swarm=data)))
+        call.succeeded.connect(lambda data: self._replace(with_swarm(self.snapshot, data)))
+        call.failed.connect(self._swarm_failed)
+
+    def _swarm_failed(self, error: ApiError) -> None:
+        if error.type == "engine_not_ready" or self.snapshot.engine_state != "running":
+            return  # still joining: "discovering" stays
+        self._replace(with_swarm(self.snapshot, None, describe_error(error)))
 
     def set_sharing(self, on: bool) -> None:
         """Start or stop hosting; the outcome arrives through the status events."""

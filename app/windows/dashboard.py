@@ -27,20 +27,23 @@ from app.viewmodels.dashboard import (
     displayed_stats,
     format_duration,
     hardware_lines,
+    join_failed,
     plan_text,
     planned_blocks,
     rate_series,
     share_control,
+    swarm_note,
 )
 from app.viewmodels.swarm_health import reachability_text
 from app.windows.swarm_health import SwarmHealthView
 from app.windows.widgets import BlockMap, TimePlot
 
+# Served work and sharing time add up over every run of the engine (kept by the engine; never go back).
 STAT_FIELDS = (
-    ("tokens_served", "Tokens served", lambda v: f"{int(v or 0):,}"),
-    ("requests_served", "Requests served", lambda v: f"{int(v or 0):,}"),
+    ("lifetime_tokens_served", "Tokens served", lambda v: f"{int(v or 0):,}"),
+    ("lifetime_requests_served", "Requests served", lambda v: f"{int(v or 0):,}"),
     ("uptime_seconds", "Uptime", format_duration),
-    ("hosting_seconds", "Time sharing", format_duration),
+    ("lifetime_hosting_seconds", "Time sharing", format_duration),
     ("sessions_active", "Active sessions", lambda v: f"{int(v or 0)}"),
     ("points", "Points", lambda v: f"{float(v or 0):,.1f}"),
     ("priority", "Priority", lambda v: f"{float(v or 0):.2f}"),
@@ -53,6 +56,8 @@ def headline(model: DashboardModel) -> str:
         return snap.engine_message or "The engine is not running."
     status = snap.status or {}
     state = status.get("state", "idle")
+    if join_failed(snap):  # not a hosting failure: the user may never have asked to host
+        return status.get("message") or "The engine could not join the swarm."
     if status.get("ready") is False and state == "idle" and status.get("message"):
         return status["message"]  # e.g. joining the swarm, preparing the demo model (first start)
     if state == "serving" and status.get("blocks"):
@@ -73,6 +78,8 @@ class DashboardWindow(QMainWindow):
     close_requested = Signal()
     open_chat_requested = Signal()
     settings_requested = Signal()
+    retry_requested = Signal()  # join the swarm again (restart the engine)
+    local_demo_requested = Signal()  # switch to the local demo swarm
 
     def __init__(self, model: DashboardModel, parent: QWidget | None = None):
         super().__init__(parent)
@@ -113,6 +120,17 @@ class DashboardWindow(QMainWindow):
         top.addWidget(self.settings_button)
         top.addWidget(self.share_button)
         layout.addLayout(top)
+        # When the engine cannot join its swarm: the two ways forward, next to the one-sentence reason.
+        recovery = QHBoxLayout()
+        self.retry_button = QPushButton("Retry")
+        self.retry_button.clicked.connect(self.retry_requested)
+        self.local_demo_button = QPushButton("Use the local demo")
+        self.local_demo_button.setToolTip("Switch to the demo swarm on this computer (works offline)")
+        self.local_demo_button.clicked.connect(self.local_demo_requested)
+        recovery.addStretch(1)
+        recovery.addWidget(self.retry_button)
+        recovery.addWidget(self.local_demo_button)
+        layout.addLayout(recovery)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
         self.progress.setFormat("%p%")
@@ -192,6 +210,9 @@ class DashboardWindow(QMainWindow):
     def refresh(self) -> None:
         snap = self.model.snapshot
         self.headline.setText(headline(self.model))
+        stuck = join_failed(snap)
+        self.retry_button.setVisible(stuck)
+        self.local_demo_button.setVisible(stuck and (snap.status or {}).get("swarm") != "local")
         control = share_control(snap)
         self.share_button.setText(control.text)
         self.share_button.setChecked(control.checked)
@@ -207,8 +228,8 @@ class DashboardWindow(QMainWindow):
         self.reachability_label.setStyleSheet("color: #b3261e;" if warn else "color: #1b7a3a;")
         self.hardware_label.setText("\n".join(hardware_lines(snap.hardware)))
         self.plan_label.setText(plan_text(snap.plan))
-        self.block_map.set_cells(coverage(snap), planned_blocks(snap))
-        self.swarm_label.setText(swarm_summary(snap.swarm))
+        self.block_map.set_cells(coverage(snap), planned_blocks(snap), swarm_note(snap))
+        self.swarm_label.setText(swarm_note(snap) or swarm_summary(snap.swarm))
         self.swarm_view.show_swarm(snap.swarm)
         self._refresh_stats()
         if snap.error:

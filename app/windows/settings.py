@@ -26,6 +26,8 @@ from app.qt import (
 )
 from app.settings import QUANTS, SWARM_LABELS, SWARMS, Settings
 from app.viewmodels.dashboard import format_bytes
+from contract import peer_address_problem
+from contract.addresses import EXAMPLE
 
 QUANT_LABELS = {
     "auto": "Automatic (nf4 on NVIDIA GPUs)",
@@ -47,11 +49,19 @@ def free_space(path: Path) -> str:
 
 
 class MemorySlider(QWidget):
-    """A percentage slider (5–95 %) and a label saying what it means in bytes when free memory is known."""
+    """A percentage slider (5–95 %) and a label saying which memory it shares (GPU memory or RAM) and how
+    much that is in GB, when the hardware is known."""
 
-    def __init__(self, fraction: float, free_bytes: int | None = None, parent: QWidget | None = None):
+    def __init__(
+        self,
+        fraction: float,
+        free_bytes: int | None = None,
+        parent: QWidget | None = None,
+        memory_name: str = "memory",
+    ):
         super().__init__(parent)
         self.free_bytes = free_bytes
+        self.memory_name = memory_name
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         self.slider = QSlider(Qt.Orientation.Horizontal)
@@ -68,9 +78,10 @@ class MemorySlider(QWidget):
         return self.slider.value() / 100
 
     def _update(self) -> None:
-        text = f"{self.slider.value()} % of free memory"
+        text = f"{self.slider.value()} % of free {self.memory_name}"
         if self.free_bytes:
-            text += f" (about {format_bytes(self.free_bytes * self.fraction())})"
+            shared = format_bytes(self.free_bytes * self.fraction())
+            text += f": about {shared} of {format_bytes(self.free_bytes)}"
         self.label.setText(text)
 
 
@@ -83,6 +94,7 @@ class SettingsDialog(QDialog):
         *,
         hf_token_set: bool = False,
         free_bytes: int | None = None,
+        memory_name: str = "memory",
         parent: QWidget | None = None,
     ):
         super().__init__(parent)
@@ -101,10 +113,15 @@ class SettingsDialog(QDialog):
         self.peers.setPlaceholderText("/ip4/203.0.113.5/tcp/31337/p2p/Qm… (one multiaddress per line)")
         self.peers.setMaximumHeight(60)
         self.swarm.currentIndexChanged.connect(self._swarm_changed)
+        self.peers.textChanged.connect(self._check_peers)
+        self.peers_problem = QLabel()  # what is wrong with the peers, checked as they are typed
+        self.peers_problem.setWordWrap(True)
+        self.peers_problem.setStyleSheet("color: #b3261e;")
         form.addRow("Swarm", self.swarm)
         form.addRow("Private peers", self.peers)
+        form.addRow("", self.peers_problem)
 
-        self.memory = MemorySlider(settings.memory_fraction, free_bytes)
+        self.memory = MemorySlider(settings.memory_fraction, free_bytes, memory_name=memory_name)
         form.addRow("Memory for hosting", self.memory)
         self.quant = QComboBox()
         for quant in QUANTS:
@@ -159,12 +176,30 @@ class SettingsDialog(QDialog):
         )
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
+        self.save_button = buttons.button(QDialogButtonBox.StandardButton.Save)
         layout.addWidget(buttons)
         self._swarm_changed()
         self._update_weights_free()
 
     def _swarm_changed(self) -> None:
         self.peers.setEnabled(self.swarm.currentData() == "private")
+        self._check_peers()
+
+    def peers_problem_text(self) -> str:
+        """Why the private peers cannot be used ("" when they can, or when the swarm is not private)."""
+        if self.swarm.currentData() != "private":
+            return ""
+        lines = [line.strip() for line in self.peers.toPlainText().splitlines() if line.strip()]
+        if not lines:
+            return "A private swarm needs at least one peer: paste its multiaddress, like " + EXAMPLE
+        problems = [problem for line in lines if (problem := peer_address_problem(line))]
+        return problems[0] if problems else ""
+
+    def _check_peers(self) -> None:
+        problem = self.peers_problem_text()
+        self.peers_problem.setText(problem)
+        self.peers_problem.setVisible(bool(problem))
+        self.save_button.setEnabled(not problem)
 
     def _forget_token(self) -> None:
         self._clear_token = True

@@ -10,6 +10,7 @@ from app.viewmodels.dashboard import BlockCell
 MISSING = QColor("#e0413a")
 ONE_SERVER = QColor("#f5c842")
 COVERED = QColor("#2fb35a")
+UNKNOWN = QColor("#c9ced4")
 MINE = QColor("#1f6fd1")
 
 
@@ -20,14 +21,17 @@ class BlockMap(QWidget):
         super().__init__(parent)
         self.cells: list[BlockCell] = []
         self.planned: range = range(0)
+        self.note = ""  # shown instead of counts when none are known (discovering, or no data)
         self.setFixedHeight(44)
 
-    def set_cells(self, cells: list[BlockCell], planned: range = range(0)) -> None:
-        self.cells, self.planned = cells, planned
+    def set_cells(self, cells: list[BlockCell], planned: range = range(0), note: str = "") -> None:
+        self.cells, self.planned, self.note = cells, planned, note
         self.setToolTip(self._summary())
         self.update()
 
     def _summary(self) -> str:
+        if self.note:
+            return self.note
         if not self.cells:
             return "No swarm information yet"
         missing = [c.index for c in self.cells if c.servers == 0]
@@ -52,9 +56,10 @@ class BlockMap(QWidget):
     def paintEvent(self, _event) -> None:
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        if not self.cells:
+        if not self.cells or (self.note and all(c.servers is None for c in self.cells)):
             painter.setPen(self.palette().color(self.foregroundRole()))
-            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "No swarm information yet")
+            text = self.note or "No swarm information yet"
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, text)
             return
         per_row, tile, height = self._layout()
         font = QFont(self.font())
@@ -63,7 +68,10 @@ class BlockMap(QWidget):
         for cell in self.cells:
             row, col = divmod(cell.index, per_row)
             rect = QRectF(4 + col * tile + 1, 4 + row * (height + 6), tile - 2, height)
-            color = MISSING if cell.servers == 0 else ONE_SERVER if cell.servers == 1 else COVERED
+            if cell.servers is None:
+                color = UNKNOWN
+            else:
+                color = MISSING if cell.servers == 0 else ONE_SERVER if cell.servers == 1 else COVERED
             painter.setBrush(color)
             outline = (
                 MINE if cell.mine else QColor("#555") if cell.index in self.planned else color.darker(140)
@@ -79,7 +87,8 @@ class BlockMap(QWidget):
             painter.drawRoundedRect(rect, 3, 3)
             if tile >= 16:
                 painter.setPen(QColor("#1a1a1a"))
-                painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, str(cell.servers))
+                label = "?" if cell.servers is None else str(cell.servers)
+                painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, label)
         rows = (len(self.cells) + per_row - 1) // per_row
         wanted = int(rows * (height + 6) + 8)
         if self.height() != wanted:

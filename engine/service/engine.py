@@ -189,9 +189,23 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
             self._set_status(ready=True, message=None)
         except Exception as exc:
             logger.exception("the engine could not start")
-            self._set_status(
-                state=HostingState.ERROR, message=f"The engine could not start: {exc}", ready=False
+            self._set_status(state=HostingState.ERROR, message=self._boot_failure(exc), ready=False)
+
+    def _boot_failure(self, exc: Exception) -> str:
+        """One sentence a person can act on (the details, addresses included, are in the log)."""
+        from engine.swarm.dht_node import SwarmConnectionError
+
+        if isinstance(exc, SwarmConnectionError) and "could not reach" in str(exc):
+            if self.config.swarm == "private":
+                return (
+                    "Cannot reach your private swarm: none of its peers answered. Check the peers in "
+                    "Settings and the internet connection, then Retry."
+                )
+            return (
+                f"Cannot reach the {self.config.swarm} swarm: none of its entry peers answered. "
+                "Check the internet connection, then Retry."
             )
+        return f"The engine could not join the swarm: {exc}"
 
     def _open_ledger(self, peer_id: str) -> None:
         from engine.ledger import Ledger, default_ledger_path

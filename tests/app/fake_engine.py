@@ -165,6 +165,8 @@ class FakeEngine:
         with self.lock:
             self.stats["tokens_served"] += tokens
             self.stats["requests_served"] += requests
+            self.stats["lifetime_tokens_served"] += tokens  # (no earlier runs in the fake)
+            self.stats["lifetime_requests_served"] += requests
             self.stats.update(changes)
             stats = dict(self.stats)
         self.publish("stats", stats)

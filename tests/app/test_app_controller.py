@@ -80,8 +80,8 @@ def test_stats_events_update_numbers_and_plot(qtbot, controller, fake_engine):
     for i in range(4):
         fake_engine.add_stats(tokens=10 * (i + 1), requests=1, points=2.5 * i, sessions_active=1)
         qtbot.wait(30)
-    qtbot.waitUntil(lambda: window.stat_labels["tokens_served"].text() == "100", timeout=3000)
-    assert window.stat_labels["requests_served"].text() == "4"
+    qtbot.waitUntil(lambda: window.stat_labels["lifetime_tokens_served"].text() == "100", timeout=3000)
+    assert window.stat_labels["lifetime_requests_served"].text() == "4"
     assert len(window.plot.points) >= 3
     assert "RTX 4090" in window.hardware_label.text()
     assert "every block is served" in window.swarm_label.text()
@@ -233,3 +233,28 @@ def test_app_restarts_crashed_engine_and_says_so(qtbot, app_dirs):
     import psutil
 
     assert not psutil.pid_exists(new_pid) or psutil.Process(new_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_swarm_unreachable_says_one_sentence_with_retry_and_local_demo(qtbot, controller, fake_engine):
+    """Public swarm without internet: no "Hosting failed", no raw addresses, two ways forward."""
+    window = controller.dashboard
+    controller.apply_settings(Settings(onboarded=True, swarm="public"))
+    sentence = "Cannot reach the public swarm: none of its entry peers answered. Check the connection."
+    fake_engine.set_status(state="error", ready=False, message=sentence, swarm="public")
+    qtbot.waitUntil(lambda: window.retry_button.isVisible(), timeout=3000)
+    assert window.headline.text() == sentence and "Hosting failed" not in window.headline.text()
+    assert window.local_demo_button.isVisible() and not window.share_button.isEnabled()
+    assert window.block_map.note.startswith("No data about the swarm")
+    window.local_demo_button.click()
+    assert load_settings().swarm == "local"
+
+
+def test_plan_follows_the_chosen_quantization_and_memory_share(qtbot, controller, fake_engine):
+    window = controller.dashboard
+    qtbot.waitUntil(lambda: "nf4" in window.plan_label.text(), timeout=3000)
+    assert "GPU memory" in window.plan_label.text()
+    controller.apply_settings(Settings(onboarded=True, quant="int8", memory_fraction=0.8))
+    qtbot.waitUntil(lambda: "int8" in window.plan_label.text(), timeout=3000)
+    request = [r for r in fake_engine.requests if r[1] == "/api/hosting/plan"][-1]
+    assert "16.8 GB share" in window.plan_label.text()  # 80 % of the fake GPU's 21 GB free
+    assert request[0] == "GET"

@@ -57,7 +57,11 @@ def test_ten_relaunches_answer_and_quit_promptly(qtbot, app_dirs):
     rows = []
     for launch in range(LAUNCHES):
         # Every other launch shares (and quits while sharing), as a user who turned sharing on would.
-        ctl = AppController(Settings(onboarded=True, swarm="local"), use_system_tray=False)
+        ctl = AppController(
+            Settings(onboarded=True, swarm="local"),
+            use_system_tray=False,
+            engine_args=("--demo-model", "tiny"),  # relaunching is the point, not the demo model
+        )
         ctl.confirm_quit = False
         ctl.quit_app = lambda: None
         began = time.monotonic()
@@ -102,4 +106,5 @@ def test_ten_relaunches_answer_and_quit_promptly(qtbot, app_dirs):
         )
         rows.append((launch, round(ready, 1), {k: round(v, 2) for k, v in waits.items()}, round(quit_s, 1)))
         print(rows[-1])
-        assert quit_s < 12, f"launch {launch}: quitting took {quit_s:.1f} s"
+        # Within the app's graceful-stop limit (15 s, then it kills the engine): the engine stopped itself.
+        assert quit_s < 15, f"launch {launch}: quitting took {quit_s:.1f} s"

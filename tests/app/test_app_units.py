@@ -196,3 +196,108 @@ def test_onboarding_keeps_sharing_off(qtbot, app_dirs):
     chosen = dialog.result_settings()
     assert chosen.onboarded and chosen.swarm == "public" and chosen.memory_fraction == 0.3
     assert not chosen.sharing_enabled and not chosen.autostart
+
+
+# ---- an honest dashboard (issue 11) ----------------------------------------------------------------------
+
+
+def test_block_map_says_discovering_until_the_first_swarm_read():
+    from app.viewmodels.dashboard import swarm_note, with_swarm
+
+    snap = with_engine(DashboardSnapshot(), "running", "ok")
+    snap = dataclass_replace(snap, plan={"total_blocks": 4, "start_block": 0, "end_block": 2})
+    # No red "0" on every block before anyone looked: the counts are unknown.
+    assert [c.servers for c in coverage(snap)] == [None] * 4
+    assert swarm_note(snap) == "Discovering the swarm…"
+    snap = with_swarm(snap, {"total_blocks": 4, "blocks": [{"index": i, "servers": 1} for i in range(4)]})
+    assert [c.servers for c in coverage(snap)] == [1] * 4 and swarm_note(snap) == ""
+    # A failed read shows no data (never the last swarm's picture).
+    snap = with_swarm(snap, None, "the engine did not answer within 15 s")
+    assert [c.servers for c in coverage(snap)] == [None] * 4
+    assert swarm_note(snap).startswith("No data about the swarm: the engine did not answer")
+
+
+def test_sharing_time_never_goes_back():
+    """Any status event while serving (reachability, say) used to restart the clock: 29 s -> 17 s."""
+    from app.viewmodels.dashboard import displayed_stats
+
+    snap = with_engine(DashboardSnapshot(), "running", "ok")
+    snap = with_status(snap, {"state": "serving", "blocks": [0, 2]}, now=0.0)
+    snap = with_stats(snap, {"hosting_seconds": 5, "lifetime_hosting_seconds": 105}, 5.0)
+    shown = [displayed_stats(snap, t)["hosting_seconds"] for t in (19.0,)]
+    snap = with_status(
+        snap, {"state": "serving", "blocks": [0, 2], "reachability": {"state": "direct"}}, 20.0
+    )
+    shown += [displayed_stats(snap, t)["hosting_seconds"] for t in (21.0, 22.0)]
+    assert shown == sorted(shown) and shown == [19.0, 21.0, 22.0]
+    assert displayed_stats(snap, 22.0)["lifetime_hosting_seconds"] == 122.0
+
+
+def test_stale_figures_are_cleared():
+    from app.viewmodels.dashboard import tokens_rate
+
+    snap = with_engine(DashboardSnapshot(), "running", "ok")
+    snap = with_status(snap, {"state": "serving", "blocks": [0, 2]}, now=0.0)
+    for t, tokens in ((1.0, 0), (2.0, 50)):
+        snap = with_stats(snap, {"tokens_served": tokens}, t)
+    assert tokens_rate(snap, 2.5) == 50.0
+    stopped = with_status(snap, {"state": "idle"}, now=3.0)
+    assert tokens_rate(stopped, 3.5) == 0.0 and rate_series(stopped.history)[-1] == (3.0, 0.0)
+    assert tokens_rate(snap, 60.0) == 0.0  # no stats for a minute: no claim of 50 tok/s
+    # An engine restart (maybe into another swarm) forgets what the old one said.
+    restarted = with_engine(
+        dataclass_replace(snap, swarm={"total_blocks": 2}, plan={"x": 1}), "restarting", ""
+    )
+    assert restarted.swarm is None and restarted.plan is None and restarted.history == ()
+
+
+def test_plan_text_names_the_memory_in_gb():
+    from app.viewmodels.dashboard import plan_text
+
+    plan = {
+        "model": "m",
+        "start_block": 0,
+        "end_block": 4,
+        "num_blocks": 4,
+        "total_blocks": 8,
+        "quant": "int8",
+        "memory_kind": "ram",
+        "budget_bytes": 8 * 1024**3,
+        "total_bytes": 3 * 1024**3,
+        "weights_bytes": 2 * 1024**3,
+        "cache_bytes": 1024**3,
+    }
+    text = plan_text(plan)
+    assert "int8" in text and "3.0 GB of RAM" in text and "8.0 GB share" in text
+    assert "GPU memory" in plan_text({**plan, "memory_kind": "gpu"})
+
+
+def test_join_failure_is_not_a_hosting_failure():
+    from app.viewmodels.dashboard import join_failed, swarm_note
+
+    snap = with_engine(DashboardSnapshot(), "running", "ok")
+    snap = with_status(snap, {"state": "error", "ready": False, "message": "Cannot reach the public swarm."})
+    assert join_failed(snap) and not share_control(snap).enabled
+    assert swarm_note(snap).startswith("No data about the swarm")
+    hosting_failed = with_status(snap, {"state": "error", "ready": True, "message": "out of memory"})
+    assert not join_failed(hosting_failed) and share_control(hosting_failed).enabled
+
+
+def test_settings_check_peers_as_typed_and_name_the_memory(qtbot, app_dirs):
+    from app.windows.settings import SettingsDialog
+
+    dialog = SettingsDialog(Settings(swarm="private"), free_bytes=16 * 1024**3, memory_name="RAM")
+    qtbot.addWidget(dialog)
+    assert not dialog.save_button.isEnabled() and "at least one peer" in dialog.peers_problem.text()
+    dialog.peers.setPlainText("/ip4/not-an-address/tcp/abc")
+    assert not dialog.save_button.isEnabled()
+    assert "'not-an-address' is not an IP address" in dialog.peers_problem.text()
+    dialog.peers.setPlainText(
+        "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWCNSLFe2PXo7dHyH8A27vxBMfKKuAJEa9rnvzwW5sLjEc"
+    )
+    assert dialog.save_button.isEnabled() and dialog.peers_problem.isHidden()
+    dialog.swarm.setCurrentIndex(0)  # local: peers do not matter
+    dialog.peers.setPlainText("garbage")
+    assert dialog.save_button.isEnabled()
+    dialog.memory.slider.setValue(50)
+    assert dialog.memory.label.text() == "50 % of free RAM: about 8.0 GB of 16.0 GB"
