@@ -52,7 +52,12 @@ command=${1:-app}
 shift || true
 case "$command" in
   setup) ensure_env ;;
-  app) ensure_env; exec "$VENV/bin/python" -m app "$@" ;;
+  app)
+    ensure_env
+    # Qt's X11 plugin needs system libraries pip cannot install: name them and the command, if missing.
+    "$VENV/bin/python" -m app.system_libs || exit 1
+    exec "$VENV/bin/python" -m app "$@"
+    ;;
   engine) ensure_env; exec "$VENV/bin/python" -m engine.cli "$@" ;;
   test)
     ensure_env
