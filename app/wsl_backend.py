@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import IO
@@ -93,7 +94,8 @@ class WslBackend(EngineBackend):
         self.call_timeout_s = call_timeout_s
         self.gpus: list[wsl.Gpu] | None = None  # after preflight: what nvidia-smi inside WSL sees
         self.missing_distribution = False
-        self._alive_checked = (0.0, False)
+        self._alive_checked = (0.0, None, True)  # (when, pid, answer) for an engine we did not start
+        self._alive_refreshing = False
 
     # ---- wsl.exe calls
 
@@ -212,13 +214,22 @@ class WslBackend(EngineBackend):
     def alive(self, pid: int, process: subprocess.Popen | None, info: EngineInfo | None) -> bool:
         if process is not None:
             return process.poll() is None  # wsl.exe lives exactly as long as the engine inside
-        checked_at, was_alive = self._alive_checked
-        if time.monotonic() - checked_at < self.ALIVE_CHECK_S:
-            return was_alive
-        state = self.read_state()
-        result = state is not None and state.pid == pid
-        self._alive_checked = (time.monotonic(), result)
-        return result
+        # An engine we attached to: looked for inside WSL in a thread (never on the Qt thread); until the
+        # first answer it counts as alive (it was found running a moment ago).
+        checked_at, checked_pid, answer = self._alive_checked
+        if time.monotonic() - checked_at >= self.ALIVE_CHECK_S and not self._alive_refreshing:
+            self._alive_refreshing = True
+            worker = threading.Thread(target=self._refresh_alive, args=(pid,), name="pollinate-wsl-alive")
+            worker.daemon = True
+            worker.start()
+        return answer if checked_pid == pid else True
+
+    def _refresh_alive(self, pid: int) -> None:
+        try:
+            state = self.read_state()
+            self._alive_checked = (time.monotonic(), pid, state is not None and state.pid == pid)
+        finally:
+            self._alive_refreshing = False
 
     def launched(self, info: EngineInfo, process: subprocess.Popen) -> bool:
         # Linux pids differ from wsl.exe's; an engine that ran before we started would have been attached.
@@ -227,7 +238,7 @@ class WslBackend(EngineBackend):
     def stop(
         self, pid: int, process: subprocess.Popen | None, info: EngineInfo | None, timeout_s: float
     ) -> None:
-        self._alive_checked = (0.0, False)
+        self._alive_checked = (0.0, None, True)
         if process is not None and process.stdin is not None:
             with contextlib.suppress(OSError):
                 process.stdin.close()  # end of file: a tied engine stops gracefully by itself

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -268,6 +269,48 @@ def test_the_engine_in_wsl_ends_with_the_app(qtbot, tmp_path, wsl_bin):
         assert backend.read_state() is None  # it removed its state on the way out
     finally:
         engine.stop(timeout_s=5)
+
+
+def engine_kept_in_wsl(backend) -> subprocess.Popen:
+    """An engine that a previous app run left sharing in the background (not tied to any app)."""
+    argv = [sys.executable, FAKE_ENGINE, "--data-dir", backend.config.data_dir]
+    kept = subprocess.Popen(wsl.exec_command("wsl.exe", "Pollinate", argv), stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while backend.read_state() is None:
+        assert time.monotonic() < deadline and kept.poll() is None, "the kept engine did not start"
+        time.sleep(0.2)
+    return kept
+
+
+@pytest.mark.parametrize("ending", ["quit stops it", "it dies"])
+def test_app_attaches_to_an_engine_kept_in_wsl(qtbot, tmp_path, wsl_bin, ending):
+    fake_wsl.install(
+        wsl_bin,
+        distributions={"Pollinate": {"state": "Running", "version": 2}},
+        environment={"PYTHONPATH": str(ROOT)},
+    )
+    backend = backend_for(tmp_path)
+    backend.ALIVE_CHECK_S = 1.0
+    kept = engine_kept_in_wsl(backend)
+    engine = fake_engine_process(tmp_path, backend, qtbot)
+    try:
+        with qtbot.waitSignal(engine.endpoint_changed, timeout=20000, check_params_cb=bool):
+            engine.start()
+        assert not engine.owned and engine.info.token == "fake-token"
+        inside = psutil.Process(engine.pid)
+        assert inside.ppid() == kept.pid  # found through wsl.exe: the engine the earlier run left
+        if ending == "quit stops it":
+            engine.stop(timeout_s=10)  # signalled inside WSL, after its identity was checked there
+            assert kept.wait(timeout=10) is not None and not inside.is_running()
+        else:
+            said = []
+            engine.state_changed.connect(lambda _state, message: said.append(message))
+            inside.kill()  # noticed by a look inside WSL off the Qt thread, then restarted as ours
+            qtbot.waitUntil(lambda: any("stopped unexpectedly" in message for message in said), timeout=20000)
+    finally:
+        engine.stop(timeout_s=5)
+        kept.kill()
+        kept.wait()
 
 
 def test_engine_without_its_distribution_fails_with_the_step(qtbot, tmp_path, wsl_bin):
