@@ -35,7 +35,7 @@ def tiny_checkpoint_factory(tmp_path_factory):
     return make
 
 
-@pytest.fixture(params=["llama", "mistral", "qwen2"])
+@pytest.fixture(params=["llama", "mistral", "qwen2", "qwen3", "mixtral", "falcon", "bloom"])
 def tiny_checkpoint(request, tiny_checkpoint_factory) -> Path:
     """A tiny 4-block checkpoint of each supported architecture, sharded safetensors with a tokenizer."""
     return tiny_checkpoint_factory(request.param)

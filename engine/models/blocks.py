@@ -12,14 +12,19 @@ from engine.models.registry import ModelFamily, family_for
 
 
 def prepare_config(config):
-    """Pick the attention kernel the model itself would use (SDPA) when the config leaves it unset."""
+    """Pick the attention kernel the model itself would use (SDPA, or the family's) when the config
+    leaves it unset."""
     if getattr(config, "_attn_implementation", None) is None:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = family_for(config).attn_implementation or "sdpa"
+    # Mixture-of-experts layers: the kernel transformers itself picks for a model loaded by from_pretrained.
+    if getattr(config, "_experts_implementation", "") is None:
+        config._experts_implementation = "grouped_mm"
     return config
 
 
 def empty_block(family: ModelFamily, config, index: int) -> nn.Module:
     """Block `index` with its parameters on the meta device: shapes only, no memory, no random init."""
+    prepare_config(config)  # some layers pick their attention class from the config when built (Falcon)
     with torch.device("meta"):
         return family.decoder_layer(config, layer_idx=index)
 
@@ -41,6 +46,8 @@ def load_block(
         key for key in reader.keys_with_prefix(prefix) if key[len(prefix) :] not in family.ignored_block_keys
     ]
     state = {key[len(prefix) :]: tensor.to(dtype) for key, tensor in reader.read(keys).items()}
+    if family.convert_block_state is not None:
+        state = family.convert_block_state(state, config)
     expected = set(block.state_dict())
     missing = sorted(expected - set(state))
     if missing:

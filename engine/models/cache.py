@@ -14,8 +14,14 @@ from engine.models.errors import CacheOverflowError
 
 def kv_shape(config) -> tuple[int, int]:
     """(num_key_value_heads, head_dim) of one attention layer."""
+    from engine.models.registry import family_for
+
     num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    family = family_for(config)
+    if family.kv_heads is not None:
+        num_kv_heads = family.kv_heads(config)
+    else:
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return num_kv_heads, head_dim
 

@@ -15,10 +15,13 @@ from engine.models.registry import family_for
 class ClientHead(nn.Module):
     """Embeddings in front of the remote blocks and norm + LM head after them."""
 
-    def __init__(self, config, embed_tokens: nn.Embedding, norm: nn.Module, lm_head: nn.Linear):
+    def __init__(
+        self, config, embed_tokens: nn.Embedding, norm: nn.Module, lm_head: nn.Linear, embed_norm=None
+    ):
         super().__init__()
         self.config = config
         self.embed_tokens = embed_tokens
+        self.embed_norm = embed_norm  # BLOOM normalizes the embeddings before block 0
         self.norm = norm
         self.lm_head = lm_head
         self.load_stats: LoadStats | None = None
@@ -35,7 +38,8 @@ class ClientHead(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> hidden states [B, T, H], the input of block 0."""
-        return self.embed_tokens(input_ids.to(self.device))
+        hidden = self.embed_tokens(input_ids.to(self.device))
+        return hidden if self.embed_norm is None else self.embed_norm(hidden)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Last block's output [B, T, H] -> next-token logits [B, T, vocab] (final norm, then LM head)."""
@@ -56,6 +60,10 @@ def load_client_parts(
     reader = CheckpointReader(path, token=token)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     keys = [family.embed_key, family.norm_key]
+    if family.norm_has_bias:
+        keys.append(_bias_key(family.norm_key))
+    if family.embed_norm_key is not None:
+        keys += [family.embed_norm_key, _bias_key(family.embed_norm_key)]
     if not tied:
         if not reader.has(family.lm_head_key):
             raise CheckpointError(
@@ -67,8 +75,11 @@ def load_client_parts(
     embed_weight = tensors[family.embed_key]
     vocab_size, hidden_size = embed_weight.shape
     embed_tokens = nn.Embedding(vocab_size, hidden_size, _weight=embed_weight, _freeze=True)
-    norm = family.norm(hidden_size, eps=config.rms_norm_eps)
-    norm.weight = nn.Parameter(tensors[family.norm_key], requires_grad=False)
+    norm = _load_norm(family.final_norm(config, hidden_size), tensors, family.norm_key, family.norm_has_bias)
+    embed_norm = None
+    if family.embed_norm_key is not None:
+        embed_norm = family.final_norm(config, hidden_size)
+        embed_norm = _load_norm(embed_norm, tensors, family.embed_norm_key, has_bias=True)
     lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
     # Tied: the head is the embedding matrix itself (one tensor in memory, as in the HF model).
     head_weight = (
@@ -76,8 +87,19 @@ def load_client_parts(
     )
     lm_head.weight = head_weight
 
-    head = ClientHead(config, embed_tokens, norm, lm_head).to(device)
+    head = ClientHead(config, embed_tokens, norm, lm_head, embed_norm).to(device)
     head.requires_grad_(False)
     head.eval()
     head.load_stats = reader.stats
     return head
+
+
+def _bias_key(weight_key: str) -> str:
+    return weight_key.removesuffix("weight") + "bias"
+
+
+def _load_norm(norm: nn.Module, tensors: dict, weight_key: str, has_bias: bool) -> nn.Module:
+    norm.weight = nn.Parameter(tensors[weight_key], requires_grad=False)
+    if has_bias:
+        norm.bias = nn.Parameter(tensors[_bias_key(weight_key)], requires_grad=False)
+    return norm

@@ -49,8 +49,27 @@ class ModelFamily:
     lm_head_key: str = "lm_head.weight"
     # Keys some checkpoints carry inside a block that the layer class no longer has (old saved buffers).
     ignored_block_keys: tuple[str, ...] = field(default=("self_attn.rotary_emb.inv_freq",))
+    # How blocks learn positions: "rotary" (position embeddings from rotary_emb) or "alibi" (BLOOM's bias).
+    positions: str = "rotary"
+    # The attention kernel the family needs (None: SDPA, as the model itself picks); BLOOM's alibi: "eager".
+    attn_implementation: str | None = None
+    # Keyword arguments every block call takes besides the usual ones (Falcon's layer needs alibi=None).
+    extra_layer_kwargs: tuple[tuple[str, object], ...] = ()
+    # Final norm (client side): the config field holding its epsilon, and whether it has a bias (LayerNorm).
+    norm_eps_attribute: str = "rms_norm_eps"
+    norm_has_bias: bool = False
+    # A LayerNorm the client applies right after the embeddings (BLOOM's word_embeddings_layernorm).
+    embed_norm_key: str | None = None
+    # Key/value heads of one attention layer when config.num_key_value_heads does not say (Falcon).
+    kv_heads: Callable[[object], int] | None = None
+    # Turns one block's checkpoint tensors (names without the block prefix) into the layer's own names,
+    # e.g. Mixtral's per-expert w1/w2/w3 into transformers 5's fused expert tensors.
+    convert_block_state: Callable[[dict, object], dict] | None = None
 
     def _resolve(self, name: str):
+        if "." in name:  # a fully qualified name such as "torch.nn.LayerNorm"
+            module, _, attribute = name.rpartition(".")
+            return getattr(importlib.import_module(module), attribute)
         return getattr(importlib.import_module(self.modeling_module), name)
 
     @property
@@ -65,8 +84,12 @@ class ModelFamily:
 
     @property
     def norm(self) -> type:
-        """transformers' RMSNorm class for this family (used for the client's final norm)."""
+        """The family's final norm class (RMSNorm, or LayerNorm for BLOOM/Falcon), for the client."""
         return self._resolve(self.norm_class)
+
+    def final_norm(self, config, hidden_size: int):
+        """An empty final norm as the model builds it (weights are loaded by the client head)."""
+        return self.norm(hidden_size, eps=getattr(config, self.norm_eps_attribute))
 
     def default_dht_prefix(self, repo_id: str) -> str:
         """The DHT prefix Petals 2.2 derives from a repo id (so Petals peers and we share blocks)."""

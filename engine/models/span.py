@@ -37,7 +37,9 @@ class BlockSpan(nn.Module):
         self.device = torch.device(device)
         self.quant = quant
         self.blocks = nn.ModuleList(blocks)
-        self.rotary_emb = family.rotary_embedding(config=config).to(self.device)
+        self.rotary_emb = (
+            family.rotary_embedding(config=config).to(self.device) if family.positions == "rotary" else None
+        )
         self.load_stats: LoadStats | None = None
 
     @property
@@ -99,21 +101,37 @@ class BlockSpan(nn.Module):
         for kind in {self.family.attention_kind(self.config, i) for i in range(self.start, self.end)}:
             build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             masks[kind] = build(**mask_args, past_key_values=adapter)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=positions)
+        position_args = self._position_arguments(hidden_states, positions)
+        extra = dict(self.family.extra_layer_kwargs)
         for offset, block in enumerate(self.blocks):
             if prompts is not None:
                 hidden_states = _add_prompt(hidden_states, prompts[offset])
             hidden_states = block(
                 hidden_states,
                 attention_mask=masks[self.family.attention_kind(self.config, self.start + offset)],
-                position_ids=positions,
-                position_embeddings=position_embeddings,
+                **position_args,
+                **extra,
                 **{_cache_argument(block): adapter},
             )
             # Older transformers return a tuple (hidden, ...); newer return the tensor itself.
             if isinstance(hidden_states, tuple):
                 hidden_states = hidden_states[0]
         return hidden_states
+
+    def _position_arguments(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> dict:
+        """What blocks need to know where tokens are: rotary position embeddings, or BLOOM's alibi bias."""
+        if self.family.positions == "alibi":
+            # One linear bias per head over every key position (cached ones included), as BloomModel builds it
+            # without padding: [batch * heads, 1, kv_length].
+            from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+            heads, batch = self.config.num_attention_heads, hidden_states.shape[0]
+            kv_length = int(positions[0, -1]) + 1
+            slopes = _get_alibi_slopes(heads, hidden_states.device)
+            alibi = slopes[:, None, None] * torch.arange(kv_length, device=hidden_states.device)
+            return {"alibi": alibi.repeat(batch, 1, 1).to(hidden_states.dtype)}
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=positions)
+        return {"position_ids": positions, "position_embeddings": position_embeddings}
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
@@ -152,7 +170,12 @@ def _add_prompt(hidden_states: torch.Tensor, prompt: torch.Tensor) -> torch.Tens
     return torch.cat([hidden_states[:, :prefix] + prompt, hidden_states[:, prefix:]], dim=1)
 
 
-_CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value")
+_CACHE_ARGUMENT_NAMES = (
+    "cache",
+    "past_key_values",
+    "past_key_value",
+    "layer_past",
+)  # layer_past: BLOOM, Falcon
 
 
 def _cache_argument(block: nn.Module) -> str:

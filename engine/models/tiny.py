@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "falcon", "bloom")
 
 DEMO_MODEL_NAME = "pollinate-demo-tiny-llama"
 DEMO_MODEL_LABEL = "Demo model (tiny, random weights: its replies are gibberish)"
@@ -71,20 +71,28 @@ def tiny_config(arch: str, tokenizer, *, num_layers: int = 4, hidden_size: int =
     fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
     )
-    if arch == "qwen2":
+    if arch in ("falcon", "bloom"):  # their own field names; both tie the LM head to the embeddings
+        if arch == "falcon":  # Falcon-40B's layout: grouped KV heads, two parallel LayerNorms
+            fields.update(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=False)
+    else:
+        fields.update(
+            intermediate_size=hidden_size * 2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+    if arch in ("qwen2", "qwen3"):
         fields["use_sliding_window"] = False
-    if arch == "mistral":
+    if arch in ("mistral", "mixtral"):
         fields["sliding_window"] = None
+    if arch == "mixtral":
+        fields.update(num_local_experts=4, num_experts_per_tok=2)
     fields.update(overrides)
     return AutoConfig.for_model(arch, **fields)
 

@@ -15,6 +15,9 @@ from engine.client.sampling import SamplingParams
 from tests.helpers.servers import running_server
 
 ARCHS = ("llama", "mistral", "qwen2")
+# Families added later get one lean case each, alternating the topologies (greedy tokens and logits), so
+# the suite stays short.
+MORE_ARCHS = (("qwen3", "2servers"), ("mixtral", "3servers"), ("falcon", "2servers"), ("bloom", "3servers"))
 TOPOLOGIES = {"2servers": ((0, 2), (2, 4)), "3servers": ((0, 1), (1, 3), (3, 4))}
 NEW_TOKENS = 10
 
@@ -99,6 +102,21 @@ def test_logits_match_transformers(models, arch, topology):
     torch.testing.assert_close(last, expected[:, -1], atol=1e-4, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(remote.forward(ids), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("arch", "topology"), MORE_ARCHS)
+def test_more_families_generate_and_score_like_transformers(models, arch, topology):
+    remote, local = models(arch, topology)
+    ids = random_ids(local.config.vocab_size, 2, 7, seed=27)
+    assert torch.equal(remote.generate(ids, max_new_tokens=NEW_TOKENS), local_generate(local, ids))
+    with torch.no_grad():
+        expected = local(ids).logits
+    with remote.inference_session(max_length=16) as session:
+        prefill = remote.session_logits(session, ids[:, :-1])
+        last = remote.session_logits(session, ids[:, -1:])
+        assert len(session.route) == len(TOPOLOGIES[topology])
+    torch.testing.assert_close(prefill, expected[:, -2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(last, expected[:, -1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,4 +1,4 @@
-"""Block spans and the client head reproduce the Hugging Face model exactly (llama, mistral, qwen2; fp32)."""
+"""Block spans and the client head reproduce the Hugging Face model exactly (every family; fp32)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def _reference(path):
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     outputs = []
     # Hooks capture each block's raw output: HF's hidden_states[-1] is taken after the final norm.
-    layers = model.model.layers
+    base = model.base_model
+    layers = base.layers if hasattr(base, "layers") else base.h  # BLOOM and Falcon call them "h"
     hooks = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for layer in layers]
     with torch.no_grad():
         logits = model(ids).logits

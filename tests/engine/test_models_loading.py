@@ -112,8 +112,9 @@ def test_bad_names_raise_model_not_found(model, tmp_path):
 def test_registry_and_unsupported_types():
     from transformers import AutoConfig
 
-    assert set(supported_model_types()) >= {"llama", "mistral", "qwen2"}
-    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2"):
+    families = {"bloom", "falcon", "llama", "mistral", "mixtral", "qwen2", "qwen3"}
+    assert set(supported_model_types()) >= families
+    with pytest.raises(UnsupportedModelError, match="bloom, falcon, llama, mistral, mixtral, qwen2, qwen3"):
         family_for(AutoConfig.for_model("gpt2"))
 
 
@@ -125,6 +126,10 @@ def test_registry_and_unsupported_types():
         ("llama", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "TinyLlama-1-1B-Chat-v1-0-hf"),
         ("mistral", "mistralai/Mistral-7B-Instruct-v0.2", "Mistral-7B-Instruct-v0-2"),
         ("qwen2", "Qwen/Qwen2.5-7B-Instruct", "Qwen2-5-7B-Instruct"),
+        ("qwen3", "Qwen/Qwen3-8B", "Qwen3-8B"),
+        ("falcon", "tiiuae/falcon-40b-instruct", "falcon-40b-instruct"),  # Petals: repo name only
+        ("bloom", "bigscience/bloom-7b1", "bigscience/bloom-7b1-petals"),  # Petals: owner kept, "-petals"
+        ("mixtral", "mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0-1"),
     ],
 )
 def test_default_dht_prefix_follows_petals(model_type, repo, prefix):
