@@ -23,5 +23,6 @@ BLOOM = register_family(
         norm_eps_attribute="layer_norm_epsilon",
         norm_has_bias=True,
         embed_norm_key="transformer.word_embeddings_layernorm.weight",
+        optional_prefix="transformer.",  # bigscience/bloom* repos: "h.0.", "word_embeddings.weight", ...
     )
 )

@@ -58,6 +58,7 @@ def load_client_parts(
     config = load_config(path)
     family = family_for(config)
     reader = CheckpointReader(path, token=token)
+    family = family.for_checkpoint(reader.has)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     keys = [family.embed_key, family.norm_key]
     if family.norm_has_bias:

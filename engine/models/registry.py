@@ -7,6 +7,7 @@ classes and how the checkpoint names its tensors; it registers itself here when
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 from collections.abc import Callable
@@ -65,6 +66,26 @@ class ModelFamily:
     # Turns one block's checkpoint tensors (names without the block prefix) into the layer's own names,
     # e.g. Mixtral's per-expert w1/w2/w3 into transformers 5's fused expert tensors.
     convert_block_state: Callable[[dict, object], dict] | None = None
+
+    # A prefix some checkpoints of the family leave off every key but the LM head's: BLOOM's hub repos were
+    # saved from the base model ("h.0.", "word_embeddings.weight"), transformers 5 saves "transformer.h.0.".
+    optional_prefix: str | None = None
+
+    def for_checkpoint(self, has_key: Callable[[str], bool]) -> ModelFamily:
+        """This family with its key names as the checkpoint spells them (`has_key(name)` asks it)."""
+        if self.optional_prefix is None or has_key(self.embed_key):
+            return self
+
+        def strip(key: str | None) -> str | None:
+            return None if key is None else key.removeprefix(self.optional_prefix)
+
+        return dataclasses.replace(
+            self,
+            block_prefix_template=strip(self.block_prefix_template),
+            embed_key=strip(self.embed_key),
+            norm_key=strip(self.norm_key),
+            embed_norm_key=strip(self.embed_norm_key),
+        )
 
     def _resolve(self, name: str):
         if "." in name:  # a fully qualified name such as "torch.nn.LayerNorm"

@@ -217,6 +217,7 @@ def load_block_span(
             f"block span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
         )
     reader = CheckpointReader(path, token=token)
+    family = family.for_checkpoint(reader.has)
     blocks = []
     for index in range(start, end):
         blocks.append(load_block(reader, family, config, index, dtype=dtype, device=device, quant=quant))

@@ -77,7 +77,10 @@ def tiny_config(arch: str, tokenizer, *, num_layers: int = 4, hidden_size: int =
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if arch in ("falcon", "bloom"):  # their own field names; both tie the LM head to the embeddings
+    if arch in ("falcon", "bloom"):  # their own field names
+        # Both tie the LM head to the embeddings by default; a tiny random model tied that way just repeats
+        # the last token (its residual stream is mostly that token's embedding): untied, greedy varies.
+        fields["tie_word_embeddings"] = False
         if arch == "falcon":  # Falcon-40B's layout: grouped KV heads, two parallel LayerNorms
             fields.update(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=False)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -161,3 +162,20 @@ def test_size_estimates_match_what_is_allocated(tiny_checkpoint_factory):
         load_block_span(path, 0, 1, quant="fp8")
     with pytest.raises(ValueError, match="outside"):
         load_block_span(path, 2, 5)
+
+
+def test_bloom_checkpoint_in_its_hub_layout_loads(tiny_checkpoint_factory, tmp_path):
+    """bigscience/bloom* repos name tensors without "transformer." ("h.0.", "word_embeddings.weight")."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.checkpoints import strip_key_prefix
+
+    path = strip_key_prefix(shutil.copytree(tiny_checkpoint_factory("bloom"), tmp_path / "bloom-hub-layout"))
+    assert not any(
+        k.startswith("transformer.") for k in json.loads((path / INDEX_FILE).read_text())["weight_map"]
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    head, span = load_client_parts(path), load_block_span(path, 0, 4)
+    ids = torch.tensor([[5, 9, 3, 17, 200]])
+    with torch.no_grad():
+        assert (head.logits(span(head.embed(ids))) - model(ids).logits).abs().max() < 1e-4

@@ -7,13 +7,13 @@ port forwarding) is found unreachable, gets advice, and the health view shows it
 from __future__ import annotations
 
 import pytest
-from helpers.servers import running_server, wait_for
 
 from engine.server.block_host import BlockHost
 from engine.server.config import ServerConfig
 from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import fetch_snapshot
 from engine.swarm.health import model_health
+from tests.helpers.servers import running_server, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -288,6 +288,21 @@ class Reference:
     embeds_grad: list[list[float]]
 
 
+def reference_for(checkpoint: Path) -> Reference:
+    """Greedy tokens and last logits of PROMPT by local transformers (no gradient: embeds_grad empty)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    input_ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        output = model.generate(input_ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        last_logits = model(input_ids).logits[0, -1]
+    new_tokens = output[0, len(PROMPT) :].tolist()
+    assert len(set(new_tokens)) > len(new_tokens) // 2, f"degenerate reference continuation {new_tokens}"
+    return Reference(output[0].tolist(), last_logits.tolist(), [])
+
+
 def assert_matches_reference(result: dict, reference: Reference) -> None:
     """Same greedy tokens as local transformers, and the same next-token logits up to float noise."""
     import torch
