@@ -195,6 +195,7 @@ def fake_engine_process(tmp_path, backend, qapp) -> EngineProcess:
     return EngineProcess(data_dir, command, backend=backend, backoff_s=(0.1,))
 
 
+@pytest.mark.slow  # several processes: fake wsl.exe, the fake engine behind it
 def test_engine_through_wsl_starts_reads_token_and_stops(qtbot, tmp_path, wsl_bin):
     fake = fake_wsl.install(
         wsl_bin,
@@ -223,13 +224,14 @@ def test_engine_through_wsl_starts_reads_token_and_stops(qtbot, tmp_path, wsl_bi
     assert engine._process.poll() is not None
 
 
+@pytest.mark.slow  # several processes: fake wsl.exe, the fake engine behind it
 def test_slow_wsl_calls_never_block_the_qt_thread(qtbot, tmp_path, wsl_bin):
     """Each wsl.exe call may take seconds (booting the distribution): the window must keep responding."""
     fake_wsl.install(
         wsl_bin,
         distributions={"Pollinate": {"state": "Stopped", "version": 2}},
         environment={"PYTHONPATH": str(ROOT)},
-        delay_s=1.5,
+        delay_s=0.8,
     )
     engine = fake_engine_process(tmp_path, backend_for(tmp_path), qtbot)
     ticks = []
@@ -243,11 +245,12 @@ def test_slow_wsl_calls_never_block_the_qt_thread(qtbot, tmp_path, wsl_bin):
     finally:
         timer.stop()
         engine.stop(timeout_s=10)
-    # Preflight alone is 3 calls of 1.5 s: run on the Qt thread, no tick would come for 4.5 s.
+    # Preflight alone is 3 calls of 0.8 s: run on the Qt thread, no tick would come for 2.4 s.
     longest = max(later - earlier for earlier, later in itertools.pairwise(ticks))
     assert longest < 1.0, f"the Qt thread stood still for {longest:.1f} s"
 
 
+@pytest.mark.slow  # several processes: fake wsl.exe, the fake engine behind it
 def test_the_engine_in_wsl_ends_with_the_app(qtbot, tmp_path, wsl_bin):
     """The app dies without stopping anything: its end of wsl.exe's stdin closes, the engine stops."""
     fake_wsl.install(
@@ -282,6 +285,7 @@ def engine_kept_in_wsl(backend) -> subprocess.Popen:
     return kept
 
 
+@pytest.mark.slow  # several processes: fake wsl.exe, the fake engine behind it
 @pytest.mark.parametrize("ending", ["quit stops it", "it dies"])
 def test_app_attaches_to_an_engine_kept_in_wsl(qtbot, tmp_path, wsl_bin, ending):
     fake_wsl.install(
@@ -358,6 +362,7 @@ def wsl_controller(tmp_path, backend):
     return ctl, shown
 
 
+@pytest.mark.slow  # several processes: fake wsl.exe, the fake engine behind it
 def test_first_run_sets_up_the_distribution_with_progress(qtbot, tmp_path, wsl_bin, monkeypatch):
     marker = tmp_path / "installed-wheel"
     fake = fake_wsl.install(wsl_bin, distributions={}, environment={"MARKER": str(marker)})
