@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.models.errors import UnsupportedModelError
 
+# The dht_prefix rules live with the other DHT key conventions (engine/swarm/keys.py): one rule for the
+# registry and the swarm layer. Re-exported for the family modules.
+from engine.swarm.keys import (  # noqa: F401
+    generic_dht_prefix,
+    hf_suffixed_dht_prefix,
+    owner_kept_dht_prefix,
+)
+
 _FAMILIES: dict[str, ModelFamily] = {}
-
-
-def generic_dht_prefix(repo_id: str) -> str:
-    """Petals' rule for most families: the repo name without its owner, with "." replaced by "-"."""
-    name = str(repo_id).rstrip("/").split("/")[-1]
-    # "." separates prefix from block index and " " separates uids in a chain: neither may appear in a prefix.
-    return re.sub(r"\s+", "-", name.replace(".", "-"))
-
-
-def hf_suffixed_dht_prefix(repo_id: str) -> str:
-    """Petals' Llama rule: the generic prefix plus "-hf" (unless already there), e.g. Llama-2-70b-chat-hf."""
-    prefix = generic_dht_prefix(repo_id)
-    return prefix if prefix.endswith("-hf") else prefix + "-hf"
 
 
 @dataclass(frozen=True)

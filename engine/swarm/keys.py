@@ -6,6 +6,7 @@ several blocks names them joined by a space (Petals' ``CHAIN_DELIMITER``), e.g. 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 MODELS_INDEX_KEY = "_petals.models"  # subkey = dht_prefix, value = ModelInfo.to_dict()
@@ -89,6 +90,37 @@ def split_uids(chain: str) -> list[str]:
     return uids
 
 
+# The dht_prefix rules, in one place (the model families in engine/models name the rule they follow).
+
+
+def _safe(name: str) -> str:
+    # "." separates prefix from block index and whitespace separates uids in a chain: neither may remain.
+    return re.sub(r"\s+", "-", name.replace(".", "-"))
+
+
+def generic_dht_prefix(repo_id: str) -> str:
+    """Petals' rule for most families: the repo name without its owner, "." (and spaces) -> "-"."""
+    return validate_dht_prefix(_safe(str(repo_id).rstrip("/").split("/")[-1]))
+
+
+def hf_suffixed_dht_prefix(repo_id: str) -> str:
+    """Petals' Llama rule: the generic prefix plus "-hf" (unless already there), e.g. Llama-2-70b-chat-hf."""
+    prefix = generic_dht_prefix(repo_id)
+    return prefix if prefix.endswith("-hf") else validate_dht_prefix(prefix + "-hf")
+
+
+def owner_kept_dht_prefix(repo_id: str, suffix: str = "") -> str:
+    """Petals' Bloom ("-petals" suffix) and Mixtral rule: the whole repo id, owner included."""
+    return validate_dht_prefix(_safe(str(repo_id).rstrip("/") + suffix))
+
+
+DHT_PREFIX_RULES = {
+    "llama": hf_suffixed_dht_prefix,
+    "bloom": lambda repo_id: owner_kept_dht_prefix(repo_id, "-petals"),
+    "mixtral": owner_kept_dht_prefix,
+}
+
+
 def default_dht_prefix(repo_id: str, family: str) -> str:
     """The dht_prefix Petals derives from a hub repo id, so our blocks join theirs.
 
@@ -96,11 +128,4 @@ def default_dht_prefix(repo_id: str, family: str) -> str:
     the suffix. Bloom: owner kept, plus "-petals". Mixtral: owner kept. Families Petals does not serve
     (mistral, qwen2, ...) use the Falcon rule, so servers under different accounts merge.
     """
-    if family == "bloom":
-        return validate_dht_prefix((repo_id + "-petals").replace(".", "-"))
-    if family == "mixtral":
-        return validate_dht_prefix(repo_id.replace(".", "-"))
-    prefix = repo_id.rstrip("/").split("/")[-1].replace(".", "-")
-    if family == "llama" and not prefix.endswith("-hf"):
-        prefix += "-hf"
-    return validate_dht_prefix(prefix)
+    return DHT_PREFIX_RULES.get(family, generic_dht_prefix)(repo_id)

@@ -69,3 +69,18 @@ def test_default_dht_prefix_matches_petals_rules():
 
 def test_private_prefix():
     assert is_private_prefix("_secret") and not is_private_prefix("public-hf")
+
+
+def test_one_dht_prefix_rule_for_the_registry_and_the_swarm_layer():
+    """engine.models' families and engine.swarm.keys used to disagree (whitespace, bloom, mixtral)."""
+    from engine.models import family_for
+
+    repos = {
+        "llama": ["meta-llama/Llama-2-70b-hf", "someone/My Model 3.1"],
+        "mistral": ["mistralai/Mistral-7B-v0.1", "x/name with  spaces"],
+        "qwen2": ["Qwen/Qwen2.5-7B"],
+    }
+    for family, names in repos.items():
+        for repo in names:
+            assert family_for(family).default_dht_prefix(repo) == default_dht_prefix(repo, family)
+            assert " " not in default_dht_prefix(repo, family) and "." not in default_dht_prefix(repo, family)
