@@ -28,11 +28,11 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, MAX_UNARY_PAYLOAD_SIZE
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor  # noqa: F401  (registers its msgpack type)
 
 from engine.swarm.keys import join_uids
+from engine.tensor_packing import pack_args_kwargs, unpack_args_kwargs  # noqa: F401  (the client's packing)
 
 DUMMY = torch.empty(0)  # stands for "no deep prompts"
 DUMMY_INT64 = torch.empty(0, dtype=torch.int64)  # stands for "no hypo_ids"
@@ -91,36 +91,6 @@ def get_stub(p2p: P2P, peer_id: str | PeerID):
     if isinstance(peer_id, str):
         peer_id = PeerID.from_base58(peer_id)
     return TransformerConnectionHandler.get_stub(p2p, peer_id)
-
-
-def pack_args_kwargs(*args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], Any]:
-    """Flatten tensors out of (args, kwargs) and mark their places with b"__T{i}" (Petals' packing).
-
-    The same tensor object passed twice is sent once and referenced twice, as in Petals.
-    """
-    flat_tensors: list[torch.Tensor] = []
-    index_by_id: dict[int, int] = {}
-    masked = []
-    for value in nested_flatten((args, kwargs)):
-        if isinstance(value, torch.Tensor):
-            index = index_by_id.setdefault(id(value), len(flat_tensors))
-            if index == len(flat_tensors):
-                flat_tensors.append(value)
-            masked.append(b"__T" + str(index).encode())
-        else:
-            masked.append(value)
-    return flat_tensors, nested_pack(masked, (args, kwargs))
-
-
-def unpack_args_kwargs(flat_tensors: Sequence[torch.Tensor], args_structure: Any) -> Any:
-    """Inverse of pack_args_kwargs: (args, kwargs) with the tensors back in place."""
-
-    def restore(value):
-        if isinstance(value, bytes) and value.startswith(b"__T"):
-            return flat_tensors[int(value[3:])]
-        return value
-
-    return nested_pack((restore(v) for v in nested_flatten(args_structure)), args_structure)
 
 
 def schema_compression(rpc_info: dict, key: str) -> int:

@@ -26,9 +26,8 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from engine.swarm.keys import CHAIN_DELIMITER, InvalidUidError, parse_block_uid
+from engine.tensor_packing import PackingError, unpack_peer_args
 
-MAX_STRUCTURE_ITEMS = 64  # a packed argument structure has a handful of entries; more is an attack or a bug
-MAX_STRUCTURE_DEPTH = 8
 MAX_ID_LENGTH = 256  # session ids and step ids are uuid4 strings in Petals
 # Petals advertises (batch, 2048, hidden) in every schema; clients read only dtype and compression.
 SCHEMA_MAX_LENGTH = 2048
@@ -157,46 +156,12 @@ def serialize(tensors: Sequence[torch.Tensor], dtype: torch.dtype, compressions:
     ]
 
 
-def _is_tensor_marker(item: Any) -> bool:
-    return isinstance(item, bytes) and item.startswith(b"__T")
-
-
 def unpack_args(flat: Sequence[torch.Tensor], args_structure: Any) -> list[torch.Tensor]:
-    """Positional tensor arguments of a request, restored from Petals' pack_args_kwargs structure.
-
-    Without a structure (older clients) the tensors are the arguments in order. Keyword arguments are
-    accepted and ignored, as Petals 2.2 does.
-    """
-    if args_structure is None:
-        return list(flat)
-    if not isinstance(args_structure, list | tuple) or len(args_structure) != 2:
-        raise RequestError("args_structure must be a pair (args, kwargs)")
-    args, kwargs = args_structure
-    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
-        raise RequestError("args_structure must be a pair (args tuple, kwargs dict)")
-    counter = [0]
-    unpacked = [_unpack_item(item, flat, counter, depth=1) for item in args]
-    _unpack_item(kwargs, flat, counter, depth=1)  # validated, then dropped
-    return unpacked
-
-
-def _unpack_item(item: Any, flat: Sequence[torch.Tensor], counter: list[int], *, depth: int) -> Any:
-    counter[0] += 1
-    if counter[0] > MAX_STRUCTURE_ITEMS or depth > MAX_STRUCTURE_DEPTH:
-        raise RequestError("args_structure is too large or too deeply nested")
-    if _is_tensor_marker(item):
-        try:
-            index = int(item[3:])
-        except ValueError:
-            raise RequestError(f"bad tensor reference {item!r:.40} in args_structure") from None
-        if not 0 <= index < len(flat):
-            raise RequestError(f"args_structure refers to tensor {index}, but the request has {len(flat)}")
-        return flat[index]
-    if isinstance(item, list | tuple):
-        return type(item)(_unpack_item(x, flat, counter, depth=depth + 1) for x in item)
-    if isinstance(item, dict):
-        return {k: _unpack_item(v, flat, counter, depth=depth + 1) for k, v in item.items()}
-    return item
+    """Positional tensor arguments of a request, restored from Petals' pack_args_kwargs structure."""
+    try:
+        return unpack_peer_args(flat, args_structure)
+    except PackingError as error:
+        raise RequestError(str(error)) from None
 
 
 def _tensor_arg(args: list, index: int, name: str) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ import torch
 
 from engine.server.block_host import BlockHost
 from engine.server.config import ServerConfig
+from engine.tensor_packing import pack_args_kwargs
 
 # --- servers ---
 
@@ -154,15 +155,7 @@ DUMMY_INT64 = torch.empty(0, dtype=torch.int64)
 
 def pack_args(*args: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
     """Petals' pack_args_kwargs for positional tensors: the tensors and ((b"__T0", ...), {})."""
-    flat: list[torch.Tensor] = []
-    index_of: dict[int, int] = {}
-    markers = []
-    for tensor in args:
-        index = index_of.setdefault(id(tensor), len(flat))
-        if index == len(flat):
-            flat.append(tensor)
-        markers.append(b"__T" + str(index).encode())
-    return flat, (tuple(markers), {})
+    return pack_args_kwargs(*args)
 
 
 class WireClient:
