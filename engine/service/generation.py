@@ -104,7 +104,7 @@ class GenerationMixin:
             raise unavailable(ref.name, missing)
         client = self._client(ref)
         tokenizer = client.tokenizer
-        context = self.context_length(ref)
+        context = self.context_length(ref, client.config)
         ids, dropped = self._fitted_prompt(tokenizer, request, context)
         if len(ids) >= context:
             raise InvalidRequestError(

@@ -16,6 +16,29 @@ from engine.service.errors import ModelNotFoundError
 logger = logging.getLogger(__name__)
 
 
+def _cached_position_limit(source: str) -> int | None:
+    """max_position_embeddings from a checkpoint's config.json on disk (a folder, or the hub cache)."""
+    import json
+    from pathlib import Path
+
+    path = Path(source).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # not a hub id, or no cache
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 class CatalogMixin:
     """Find models by name, list them (/v1/models) and describe a model's swarm (/api/swarm)."""
 
@@ -66,21 +89,20 @@ class CatalogMixin:
         with self._lock:
             return self._catalog.setdefault(ref.name, ref)
 
-    def context_length(self, ref: ModelRef) -> int:
-        """Longest prompt + reply (tokens) the engine runs for `ref`: its position limit, capped by config."""
-        from engine.models import load_config, resolve_checkpoint
+    def context_length(self, ref: ModelRef, model_config=None) -> int:
+        """Longest prompt + reply (tokens) the engine runs for `ref`: its position limit, capped by config.
 
+        Never goes to the network (listing models must stay fast offline): a hub model's config is read
+        only from the local cache, else the default holds until its client (which loads the config) exists.
+        """
         with self._lock:
             known = self._context_lengths.get(ref.name)
-        if known is None:
-            try:
-                config = load_config(resolve_checkpoint(ref.source))
-                known = int(getattr(config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_TOKENS)
-            except Exception as exc:  # an unreadable config: assume the common default, say so in the log
-                logger.warning("could not read the context length of %s: %s", ref.name, exc)
-                known = DEFAULT_CONTEXT_TOKENS
-            with self._lock:
-                self._context_lengths[ref.name] = known
+        if model_config is not None:
+            known = int(getattr(model_config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_TOKENS)
+        elif known is None:
+            known = _cached_position_limit(ref.source) or DEFAULT_CONTEXT_TOKENS
+        with self._lock:
+            self._context_lengths[ref.name] = known
         return min(self.config.max_context, known)
 
     def _demo_name(self) -> str:
