@@ -19,19 +19,19 @@ ENGINE_DATA_DIR = f"/home/{ENGINE_USER}/.local/share/pollinate"
 
 INSTALL_STEP = (
     "Pollinate's engine runs in WSL2, which is not installed. Open PowerShell as administrator, run "
-    "`wsl --install --no-distribution`, restart Windows, then start Pollinate again."
+    '"wsl --install --no-distribution", restart Windows, then start Pollinate again.'
 )
 UPDATE_STEP = (
     "Pollinate's engine needs WSL {need} or newer (this PC has {have}). Open PowerShell, run "
-    "`wsl --update`, then start Pollinate again."
+    '"wsl --update", then start Pollinate again.'
 )
 SETUP_STEP = (
-    "Pollinate's engine is not set up in WSL yet (no distribution named {name}). Reinstall Pollinate, or run "
-    '`"{setup}"` once.'
+    "Pollinate's engine is not set up in WSL yet (no distribution named {name}), and the files to set it up "
+    "are missing. Run the Pollinate installer again, then start Pollinate."
 )
 WSL1_STEP = (
     "The {name} distribution runs on WSL 1, which cannot run the engine. Open PowerShell, run "
-    "`wsl --set-version {name} 2`, then start Pollinate again."
+    '"wsl --set-version {name} 2", then start Pollinate again.'
 )
 NO_GPU_NOTE = (
     "No NVIDIA GPU is visible inside WSL: chat works, but sharing would run on the CPU. Install the current "

@@ -71,7 +71,6 @@ class WslConfig:
     data_dir: str = wsl.ENGINE_DATA_DIR
     user: str | None = None  # None: the distribution's default user (the setup makes it `pollinate`)
     wsl: str = "wsl.exe"
-    setup_command: str = "pollinate-wsl-setup"  # named in the advice when the distribution is missing
 
 
 def _no_window() -> dict:
@@ -152,7 +151,7 @@ class WslBackend(EngineBackend):
         ours = [d for d in listed if d.name.lower() == name.lower()]
         if not ours:
             self.missing_distribution = True
-            return Preflight(False, wsl.SETUP_STEP.format(name=name, setup=self.config.setup_command))
+            return Preflight(False, wsl.SETUP_STEP.format(name=name))
         if ours[0].version != 2:
             return Preflight(False, wsl.WSL1_STEP.format(name=name))
         self.gpus = self.gpu_check()
