@@ -22,11 +22,13 @@ from contract.names import (
     STATE_FILE,
     TOKEN_FILE,
 )
-from contract.records import ContextFit, HostingPlan, ModelFacts, Stats, Status, field_docs
+from contract.records import ContextFit, HostingPlan, ModelFacts, Pause, Stats, Status, field_docs
 from contract.states import (
     QUANT_WORDS,
     HostingState,
     LoadPhase,
+    PauseMode,
+    PauseSource,
     Quant,
     ServerState,
     Swarm,
@@ -51,6 +53,9 @@ __all__ = [
     "HostingState",
     "LoadPhase",
     "ModelFacts",
+    "Pause",
+    "PauseMode",
+    "PauseSource",
     "Quant",
     "ServerState",
     "Stats",

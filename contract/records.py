@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from contract.limits import DEFAULT_CONTEXT_TOKENS
-from contract.states import HostingState, LoadPhase, Swarm
+from contract.states import HostingState, LoadPhase, PauseMode, PauseSource, Swarm
 
 
 def _doc(text: str, default: Any = None, factory: Any = None) -> Any:
@@ -44,6 +44,8 @@ class _Record:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, _Record):
+        return value.to_dict()
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, tuple | list):
@@ -56,6 +58,8 @@ def _coerce(hint: Any, value: Any) -> Any:
     if value is None:
         return None
     for kind in typing.get_args(hint) or (hint,):
+        if isinstance(kind, type) and issubclass(kind, _Record) and isinstance(value, dict):
+            return kind.from_dict(value)
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             try:
                 return kind(value)
@@ -70,10 +74,22 @@ def field_docs(record: type) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Pause(_Record):
+    """Why sharing is paused and until when (Status.pause)."""
+
+    reason: str = _doc('a code: "user", "fullscreen", "exclusive_app", "gpu_busy", "cpu_busy", ...', "user")
+    message: str = _doc("the reason, for a person", "")
+    since: float = _doc("when the pause began (epoch seconds)", 0.0)
+    until: float | None = _doc("when it ends by itself (epoch seconds); null: when its cause clears")
+    mode: PauseMode = _doc("hold: weights kept loaded; release: weights and caches freed", PauseMode.RELEASE)
+    source: PauseSource = _doc("user or policy", PauseSource.USER)
+
+
+@dataclass(frozen=True)
 class Status(_Record):
     """Where the hosting state machine is (/api/status and `status` events)."""
 
-    state: HostingState = _doc("idle, loading, serving, draining or error", HostingState.IDLE)
+    state: HostingState = _doc("idle, loading, serving, draining, paused or error", HostingState.IDLE)
     progress: float | None = _doc(
         "0..1 while loading, or before ready while the engine prepares the demo model; else null"
     )
@@ -88,6 +104,7 @@ class Status(_Record):
         '{"state": "reachable"/"relayed"/"unreachable"/"unknown", "advice": the one thing to do or null, '
         '"port", "helpers_asked", "helpers_answered", "dialled_back", "checked_at"}'
     )
+    pause: Pause | None = _doc("why sharing is paused and until when: set while paused or draining to pause")
 
 
 @dataclass(frozen=True)

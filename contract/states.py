@@ -27,13 +27,29 @@ class Swarm(StrEnum):
 
 
 class HostingState(StrEnum):
-    """The hosting state machine: idle -> loading -> serving -> draining -> idle, or error."""
+    """The hosting state machine: idle -> loading -> serving -> draining -> idle, or error; and
+    serving -> draining -> paused -> serving (weights held) or loading (weights freed)."""
 
     IDLE = "idle"
     LOADING = "loading"
     SERVING = "serving"
     DRAINING = "draining"
+    PAUSED = "paused"  # stepped aside for the machine's owner (Status.pause says why and until when)
     ERROR = "error"
+
+
+class PauseMode(StrEnum):
+    """What a pause keeps: HOLD keeps the weights loaded (resume in about a second), RELEASE frees them."""
+
+    HOLD = "hold"
+    RELEASE = "release"
+
+
+class PauseSource(StrEnum):
+    """Who paused: the user (ends at its end time or by the user) or a politeness policy (ends by itself)."""
+
+    USER = "user"
+    POLICY = "policy"
 
 
 class ServerState(StrEnum):

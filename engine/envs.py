@@ -33,3 +33,17 @@ def prefer_passive_openmp_threads() -> None:
     a 2-server decode step on 2 cores took 15 ms spinning, 8 ms passive).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def polite_cpu_watch() -> str | None:
+    """POLLINATE_POLITE_CPU_WATCH: count only processes whose command line contains this text as "other
+    CPU use" (benches and tests on a shared machine watch their own load generator; unset: all others)."""
+    return os.environ.get("POLLINATE_POLITE_CPU_WATCH") or None
+
+
+def polite_interval() -> float:
+    """POLLINATE_POLITE_INTERVAL: seconds between two reads of the politeness detectors (default 2)."""
+    try:
+        return max(0.1, float(os.environ.get("POLLINATE_POLITE_INTERVAL", "2")))
+    except ValueError:
+        return 2.0

@@ -16,6 +16,9 @@ from engine.api.schemas import (
     HostingPlan,
     HostingStartRequest,
     HostingStopRequest,
+    PauseRequest,
+    PolicyInfo,
+    PolicySettingsBody,
     Stats,
     Status,
     SwarmInfo,
@@ -91,7 +94,42 @@ def build_router() -> APIRouter:
         status = await run_in_threadpool(request.app.state.service.stop_hosting, body.grace_seconds)
         return JSONResponse(status, status_code=202)
 
-    @router.get("/status", response_model=Status, summary="Hosting state and progress")
+    @router.post(
+        "/hosting/pause",
+        response_model=Status,
+        status_code=202,
+        responses=STATE_ERRORS,
+        summary="Pause sharing for a while (or until resumed): drain, then free or hold the weights",
+    )
+    async def hosting_pause(request: Request, body: PauseRequest | None = OptionalBody):
+        body = body or PauseRequest()
+        status = await run_in_threadpool(
+            request.app.state.service.pause_for, body.seconds, body.until, body.release, body.grace_seconds
+        )
+        return JSONResponse(status, status_code=202)
+
+    @router.post(
+        "/hosting/resume",
+        response_model=Status,
+        status_code=202,
+        responses=STATE_ERRORS,
+        summary="End a pause: serve again (loading the weights again if the pause freed them)",
+    )
+    async def hosting_resume(request: Request):
+        status = await run_in_threadpool(request.app.state.service.resume_sharing, "user")
+        return JSONResponse(status, status_code=202)
+
+    @router.get("/policy", response_model=PolicyInfo, summary="Politeness settings, detectors, decision")
+    async def policy(request: Request):
+        return await run_in_threadpool(request.app.state.service.policy)
+
+    @router.put(
+        "/policy", response_model=PolicyInfo, summary="Replace the politeness settings (saved by the engine)"
+    )
+    async def set_policy(request: Request, body: PolicySettingsBody):
+        return await run_in_threadpool(request.app.state.service.set_policy, body.model_dump())
+
+    @router.get("/status", response_model=Status, summary="Hosting state, progress, and why it is paused")
     async def status(request: Request):
         return request.app.state.service.status()
 

@@ -321,6 +321,56 @@ class HostingStopRequest(_Strict):
     grace_seconds: float | None = Field(default=None, ge=0.0, le=3600.0)
 
 
+class PauseRequest(_Strict):
+    """Body of POST /api/hosting/pause: `seconds`, or `until` (epoch seconds), or neither (until resumed)."""
+
+    seconds: float | None = Field(default=None, gt=0.0, le=30 * 86400.0)
+    until: float | None = Field(default=None, gt=0.0)
+    release: bool = Field(default=True, description="free the weights (false: keep them for a quick resume)")
+    grace_seconds: float | None = Field(default=None, ge=0.0, le=3600.0)
+
+
+class PolicySettingsBody(_Strict):
+    """Body of PUT /api/policy (engine/polite/settings.py documents each field); missing: the default."""
+
+    pause_on_fullscreen: bool = True
+    exclusive_apps: list[str] = Field(default_factory=list, max_length=200)
+    gpu_busy_percent: float | None = 20.0
+    cpu_busy_percent: float | None = None
+    pause_when_user_active: bool = False
+    user_idle_seconds: float = 300.0
+    pause_on_battery: bool = True
+    max_gpu_temperature: float | None = 85.0
+    schedule: list[str] = Field(default_factory=list, max_length=100)
+    enter_seconds: float = 3.0
+    resume_after_seconds: float = 60.0
+    hysteresis_margin: float = 10.0
+    hold_seconds: float = 120.0
+    grace_seconds: float = 10.0
+
+
+class DetectorReading(BaseModel):
+    value: float | None
+    detail: str
+    unsupported: str | None = Field(description="why this detector cannot work here (null: it works)")
+    until: float | None
+
+
+class PolicyDecision(BaseModel):
+    pause: bool
+    reason: str | None = None
+    message: str | None = None
+    until: float | None = None
+    release: bool = False
+    active: list[str] = Field(default_factory=list)
+
+
+class PolicyInfo(BaseModel):
+    settings: PolicySettingsBody
+    detectors: dict[str, DetectorReading]
+    decision: PolicyDecision
+
+
 Status = _from_record(contract.Status)
 Stats = _from_record(contract.Stats)
 

@@ -1,7 +1,8 @@
 """EngineService: the long-lived engine behind `pollinate-engine run` (DHT peer, swarm client, block hosts).
 
 It owns the lifecycle of its parts, the hosting state machine (idle -> loading -> serving -> draining ->
-idle, or error; engine/service/hosting.py), counters for /api/stats and a fan-out of status/stats events.
+idle, or error; engine/service/hosting.py; serving -> draining -> paused -> serving or loading:
+engine/service/pausing.py), counters for /api/stats and a fan-out of status/stats events.
 It knows nothing of HTTP: failures are ServiceErrors with a `type` that engine.api maps to status codes.
 """
 
@@ -22,6 +23,8 @@ from engine.service.hosting import HostingMixin
 from engine.service.lifetime import FIELDS as LIFETIME_FIELDS
 from engine.service.lifetime import LifetimeCounters
 from engine.service.models import CatalogMixin
+from engine.service.pausing import PauseMixin
+from engine.service.politeness import PolitenessMixin
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def _version() -> str:
         return "0.1.0"
 
 
-class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
+class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, GenerationMixin):
     """The engine: DHT peer, swarm clients and block hosts, with a hosting state machine and counters.
 
     Cheap to construct; `start()` joins the swarm in the background (status `ready` turns true), `close()`
@@ -60,7 +63,8 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         self._models_coverage: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         self._context_lengths: dict[str, int] = {}
         self._demo_hosts: list = []  # the local swarm's demo servers
-        self._host = None  # the user's BlockHost while hosting
+        self._host = None  # the user's BlockHost while hosting (or paused with its weights held)
+        self._hosting_request: dict[str, Any] | None = None  # start_hosting's arguments, to resume a pause
         self._stop_requested = False
         self._served = {"tokens": 0, "requests": 0}  # from hosts that already stopped
         self._hosting_since: float | None = None
@@ -156,6 +160,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
     def start(self, wait: bool = False) -> None:
         """Join the swarm (and start the demo server on a local swarm) in the background."""
         self._spawn(self._stats_loop, "pollinate-stats")
+        self._start_monitor()
         if wait:
             self._boot()
         else:
@@ -303,6 +308,7 @@ class EngineService(CatalogMixin, HostingMixin, GenerationMixin):
         """
         self._closing.set()
         self._save_lifetime()  # while the host's counters are still in stats()
+        self._stop_monitor()
         with self._lock:
             host, self._host = self._host, None
             demos, self._demo_hosts = self._demo_hosts, []

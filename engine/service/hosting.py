@@ -114,20 +114,29 @@ class HostingMixin:
 
     def start_hosting(self, model=None, blocks=None, quant=None, memory_fraction=None) -> dict[str, Any]:
         """Start sharing blocks; returns at once with state "loading" (progress follows in events)."""
-        from engine.server.block_host import BlockHost
-
         with self._lock:
             if self._status.state not in (HostingState.IDLE, HostingState.ERROR):
                 raise WrongStateError(
                     f"Hosting is already {self._status.state}; stop it before starting again."
                 )
+        return self._start_host(
+            model, blocks, quant, memory_fraction, (HostingState.IDLE, HostingState.ERROR)
+        )
+
+    def _start_host(self, model, blocks, quant, memory_fraction, from_states) -> dict[str, Any]:
+        from engine.server.block_host import BlockHost
+
         ref = self._find_model(model)
         config, facts = self._plan(ref, blocks, quant, memory_fraction)
         with self._lock:
-            if self._status.state not in (HostingState.IDLE, HostingState.ERROR):
+            if self._status.state not in from_states:
                 raise WrongStateError(f"Hosting is already {self._status.state}.")
             host = self._host = BlockHost(config, on_progress=self._hosting_progress, **self.host_hooks())
             self._stop_requested = False
+            # What a pause that released the weights needs to start the same hosting again.
+            self._hosting_request = dict(
+                model=model, blocks=blocks, quant=quant, memory_fraction=memory_fraction
+            )
         status = self._set_status(
             state=HostingState.LOADING,
             progress=0.0,
@@ -165,7 +174,7 @@ class HostingMixin:
         with self._lock:
             self._hosting_since = time.time()
             stop_now = self._stop_requested
-        self._set_status(state=HostingState.SERVING, progress=None, phase=None, message=None)
+        self._set_status(state=HostingState.SERVING, progress=None, phase=None, message=None, pause=None)
         if stop_now:  # stop was asked for while loading
             self._drain(host, 0.0)
 
@@ -191,28 +200,51 @@ class HostingMixin:
             self._auditor = auditor
 
     def stop_hosting(self, grace_seconds: float | None = None) -> dict[str, Any]:
-        """Stop sharing: announce OFFLINE, let sessions finish within the grace period, free memory."""
+        """Stop sharing: announce OFFLINE, let sessions finish within the grace period, free memory.
+
+        Also ends a pause (sharing stays off until started again).
+        """
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         with self._lock:
             state, host = self._status.state, self._host
-            if state == HostingState.ERROR:  # nothing runs: acknowledge the error and go back to idle
+            nothing_runs = state == HostingState.ERROR or (state == HostingState.PAUSED and host is None)
+            if nothing_runs:  # an error, or a pause that freed the weights: acknowledge, go back to idle
                 self._status = self._status.replace(
-                    state=HostingState.IDLE, progress=None, phase=None, message=None, model=None, blocks=None
+                    state=HostingState.IDLE,
+                    progress=None,
+                    phase=None,
+                    message=None,
+                    model=None,
+                    blocks=None,
+                    pause=None,
                 )
             elif state in (HostingState.IDLE, HostingState.DRAINING):
                 raise WrongStateError(f"Hosting is {state}; there is nothing to stop.")
             elif state == HostingState.LOADING:
                 self._stop_requested = True
-        if state == HostingState.ERROR:
+        if nothing_runs:
             status = self.status()
             self._emit("status", status)
             return status
         status = self._set_status(
-            state=HostingState.DRAINING, progress=None, phase=None, message="Letting running sessions finish"
+            state=HostingState.DRAINING,
+            progress=None,
+            phase=None,
+            message="Letting running sessions finish",
+            pause=None,
         )
-        if state == HostingState.SERVING:
+        if state in (HostingState.SERVING, HostingState.PAUSED):
             self._spawn(lambda: self._drain(host, grace), "pollinate-draining")
         return status
+
+    def _stop_auditor(self) -> None:
+        with self._lock:
+            auditor, self._auditor = self._auditor, None
+        if auditor is not None:
+            try:
+                auditor.stop()
+            except Exception:
+                logger.warning("error while stopping the ledger's auditor", exc_info=True)
 
     def _drain(self, host, grace: float) -> None:
         if self._status.state != HostingState.DRAINING:
@@ -222,27 +254,16 @@ class HostingMixin:
                 phase=None,
                 message="Letting running sessions finish",
             )
-        with self._lock:
-            auditor, self._auditor = self._auditor, None
-        if auditor is not None:
-            try:
-                auditor.stop()
-            except Exception:
-                logger.warning("error while stopping the ledger's auditor", exc_info=True)
+        self._stop_auditor()
         try:
             host.stop(grace_seconds=grace)
         except Exception:
             logger.warning("error while stopping the block host", exc_info=True)
-        info = host.info()  # the counters outlive stop(): they include the sessions that drained
+        self._account_host(host)
         with self._lock:
-            self._served["tokens"] += info.tokens_served
-            self._served["requests"] += info.requests_served
-            if self._hosting_since is not None:
-                self._hosting_seconds += time.time() - self._hosting_since
-            self._hosting_since = None
             if self._host is host:
                 self._host = None
-        del host, info
+        del host
         _release_memory()
         self._set_status(
             state=HostingState.IDLE,
@@ -253,3 +274,17 @@ class HostingMixin:
             blocks=None,
             reachability=None,
         )
+
+    def _account_host(self, host) -> None:
+        """Add a stopped host's counters to the totals; end the current stretch of sharing time."""
+        info = host.info()  # the counters outlive stop(): they include the sessions that drained
+        with self._lock:
+            self._served["tokens"] += info.tokens_served
+            self._served["requests"] += info.requests_served
+            self._end_sharing_stretch()
+
+    def _end_sharing_stretch(self) -> None:
+        # Called with the lock held: sharing time counts only while serving (not loading, draining, paused).
+        if self._hosting_since is not None:
+            self._hosting_seconds += time.time() - self._hosting_since
+        self._hosting_since = None

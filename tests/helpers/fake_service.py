@@ -19,6 +19,8 @@ from contract import (
     HostingState,
     LoadPhase,
     ModelFacts,
+    Pause,
+    PauseMode,
     Stats,
     Status,
     hosting_progress,
@@ -55,6 +57,7 @@ class FakeEngineService:
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str, Any], None]] = []
         self._status = Status(ready=True)
+        self._policy: dict[str, Any] | None = None
         self._tokens = 0
         self._requests = 0
 
@@ -197,6 +200,38 @@ class FakeEngineService:
 
         threading.Thread(target=finish, daemon=True).start()
         return status
+
+    def pause_for(self, seconds=None, until=None, release=True, grace_seconds=None) -> dict[str, Any]:
+        if seconds is not None and until is not None:
+            raise InvalidRequestError("give either seconds or until, not both")
+        with self._lock:
+            if self._status.state != HostingState.SERVING:
+                raise WrongStateError(f"Sharing is {self._status.state}; only serving can pause.")
+        until = time.time() + seconds if seconds is not None else until
+        mode = PauseMode.RELEASE if release else PauseMode.HOLD
+        pause = Pause(message="Paused by you", since=time.time(), until=until, mode=mode)
+        return self._set_status(state=HostingState.PAUSED, pause=pause)
+
+    def resume_sharing(self, source: str = "user") -> dict[str, Any]:
+        with self._lock:
+            if self._status.state != HostingState.PAUSED:
+                raise WrongStateError(f"Sharing is {self._status.state}, not paused.")
+        return self._set_status(state=HostingState.SERVING, pause=None)
+
+    def policy(self) -> dict[str, Any]:
+        from engine.polite.settings import PolicySettings
+
+        settings = self._policy or PolicySettings().to_dict()
+        return dict(settings=settings, detectors={}, decision=dict(pause=False))
+
+    def set_policy(self, data: dict[str, Any]) -> dict[str, Any]:
+        from engine.polite.settings import PolicyError, PolicySettings
+
+        try:
+            self._policy = PolicySettings.from_dict(data).to_dict()
+        except PolicyError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        return self.policy()
 
     # ---- generation ------------------------------------------------------------------------------------
 
