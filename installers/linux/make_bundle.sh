@@ -4,7 +4,7 @@
 #     gui/            the PyInstaller one-folder app (no torch)
 #     wheels/         the Pollinate wheel, installed into the engine's virtual environment
 #     install.sh      per-user install (--uninstall [--purge] removes it again)
-#     pollinate.desktop.in, pollinate.svg
+#     pollinate.desktop.in, pollinate.svg, engine_requirements.py
 # Usage: installers/linux/make_bundle.sh [DIST_DIR (default build/dist)] [OUT_DIR (default build)]
 # Build the GUI first: python installers/build_bundle.py (or pyinstaller installers/pyinstaller/pollinate.spec).
 set -euo pipefail
@@ -21,7 +21,8 @@ mkdir -p "$bundle/wheels"
 cp -a "$dist/pollinate" "$bundle/gui"
 "$python" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$bundle/wheels" "$source_dir"
 cp "$source_dir/installers/linux/bundle-install.sh" "$bundle/install.sh"
-cp "$source_dir/installers/linux/pollinate.desktop.in" "$source_dir/app/resources/pollinate.svg" "$bundle/"
+cp "$source_dir/installers/linux/pollinate.desktop.in" "$source_dir/app/resources/pollinate.svg" \
+  "$source_dir/installers/engine_requirements.py" "$bundle/"
 chmod +x "$bundle/install.sh"
 tar -C "$out" -czf "$bundle.tar.gz" "$(basename "$bundle")"
 echo "$bundle"

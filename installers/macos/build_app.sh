@@ -17,7 +17,7 @@ app=build/dist/Pollinate.app
 engine="$app/Contents/Resources/engine"
 mkdir -p "$engine"
 "$python" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$engine" "$source_dir"
-cp installers/macos/install-engine.sh "$engine/"
+cp installers/macos/install-engine.sh installers/engine_requirements.py "$engine/"
 chmod +x "$engine/install-engine.sh"
 # Ad-hoc signature so Gatekeeper runs it on this Mac; distribution needs a Developer ID and notarization.
 codesign --force --deep --sign - "$app"

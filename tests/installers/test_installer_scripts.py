@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,7 @@ def test_windows_installer_compiles(tmp_path):
     (payload / "rootfs.tar.gz").write_bytes(b"stand-in")
     (payload / "pollinate-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
     shutil.copy(ROOT / "installers" / "windows" / "setup-engine.sh", payload)
+    shutil.copy(ROOT / "installers" / "engine_requirements.py", payload)
     out = tmp_path / "Pollinate-Setup.exe"
     result = subprocess.run(
         ["makensis", "-V2", "-WX", f"-DDIST={dist}", f"-DPAYLOAD={payload}", f"-DOUTFILE={out}",
@@ -49,3 +52,20 @@ def test_windows_installer_compiles(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr  # -WX: any warning fails too
     assert out.read_bytes()[:2] == b"MZ"
+
+
+def test_engine_requirements_leave_out_qt_and_extras(tmp_path):
+    wheel = tmp_path / "pollinate-0.1.0-py3-none-any.whl"
+    metadata = (
+        "Metadata-Version: 2.1\nName: pollinate\nRequires-Dist: torch<2.15,>=2.3\n"
+        "Requires-Dist: PySide6-Essentials<6.12,>=6.7\nRequires-Dist: bitsandbytes>=0.45\n"
+        'Requires-Dist: hivemind==1.1.12\nRequires-Dist: pytest>=8; extra == "dev"\n'
+    )
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("pollinate-0.1.0.dist-info/METADATA", metadata)
+    script = ROOT / "installers" / "engine_requirements.py"
+    printed = subprocess.run(
+        [sys.executable, str(script), str(wheel), "pyside6_essentials", "BitsAndBytes"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert printed == ["torch<2.15,>=2.3", "hivemind==1.1.12"]
