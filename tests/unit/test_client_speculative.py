@@ -195,3 +195,26 @@ def test_sampled_speculation_runs_and_is_reproducible(hf):
     first = generate(RollbackModel(hf), ids, params, speculation=config)
     second = generate(RollbackModel(hf), ids, params, speculation=config)
     assert first.tolist() == second.tolist() and first.shape == (1, 19)
+
+
+def test_a_local_draft_model_drafts_and_greedy_output_is_unchanged(hf, tiny_checkpoint_factory):
+    from transformers import AutoModelForCausalLM
+
+    # A different (smaller, other seed) model with the same tokenizer drafts; a copy of the target drafts
+    # perfectly. Either way the output is plain greedy's.
+    other = AutoModelForCausalLM.from_pretrained(
+        tiny_checkpoint_factory("llama", num_layers=1, seed=3), dtype=torch.float32
+    )
+    ids = torch.tensor([[11, 12, 13, 14, 15, 11, 12]])
+    params = SamplingParams(max_new_tokens=12)
+    plain = generate(RollbackModel(hf), ids, params)
+    for draft_model, perfect in ((other, False), (hf, True)):
+        stats = SpeculationStats()
+        config = SpeculationConfig(draft_model=draft_model)
+        assert (
+            generate(RollbackModel(hf), ids, params, speculation=config, stats=stats).tolist()
+            == plain.tolist()
+        )
+        assert stats.drafted > 0
+        if perfect:
+            assert stats.acceptance == 1.0 and stats.rounds <= 4
