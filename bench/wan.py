@@ -52,10 +52,8 @@ CLIENT_TIMEOUT = 900.0
 # ~100M parameters in 8 blocks (hidden 1024), the tiny tokenizer's 512-token vocabulary: the blocks hold
 # almost all of it, as they would for a big model; random weights (prompt lookup is mostly rejected there).
 SYNTHETIC = dict(num_layers=8, hidden_size=1024, intermediate_size=2816, num_attention_heads=16)
-CHAT_PROMPT = (
-    "Here is a list of fruits: apple, banana, cherry, date, elderberry, fig, grape. "
-    "Write the list again in the same order, one fruit per line, each line starting with '- '."
-)
+# An ordinary question whose answer runs past --new-tokens (no end of turn to generate through).
+CHAT_PROMPT = "Explain in a few sentences what a hash table is and why lookups in it are fast."
 ROWS = {
     "a": ("Petals client, Petals servers", "petals", "petals", {}),
     "b": ("Petals client, Pollinate servers", "petals", "pollinate", {}),
@@ -352,6 +350,15 @@ def _run_rows(name, args, path, ids, local, chains, tmp, logs, boot) -> list[Row
                 print(f"[{name}] {label} ...", flush=True)
                 result = run_client(label, cmd, env, log)
                 ok = all(run["tokens"] == local.tokens for run in result["runs"])
+                if not ok:
+                    first = next(run["tokens"] for run in result["runs"] if run["tokens"] != local.tokens)
+                    pairs = enumerate(zip(first, local.tokens, strict=False))
+                    where = next((i for i, (a, b) in pairs if a != b), None)
+                    print(
+                        f"[{name}] {label}: tokens differ from local's at position {where}:\n"
+                        f"  got   {first}\n  local {local.tokens}",
+                        flush=True,
+                    )
                 step, ttft = predict(key, args.servers, args.delay_ms / 1e3, local, result["speculation"])
                 rows.append(Row(name, key, label, result["runs"], result["speculation"], ok, step, ttft))
                 print(f"[{name}] {label}: {format_row(rows[-1], rows[0])}", flush=True)

@@ -47,6 +47,7 @@ def main():
         args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=torch.float32
     )
     ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
+    model.generation_config.eos_token_id = None  # every row runs all --new-tokens, as ours do
     runs = []
     for run in range(args.repeats + 1):
         streamer = TimingStreamer()

@@ -126,12 +126,18 @@ class DistributedModelForCausalLM:
             return self.head.logits(hidden[:, -1:])[:, -1]
 
     def session_logits_all(
-        self, session: InferenceSession, input_ids: torch.Tensor, *, start_from_position: int | None = None
+        self,
+        session: InferenceSession,
+        input_ids: torch.Tensor,
+        *,
+        start_from_position: int | None = None,
+        last: int | None = None,
     ) -> torch.Tensor:
-        """Feed new tokens (cutting the caches back to `start_from_position` first); logits at each."""
+        """Feed new tokens (cutting the caches back to `start_from_position` first); logits at each of the
+        `last` positions (all by default; the LM head over a long prompt costs more than its blocks here)."""
         with torch.no_grad():
             hidden = session.step(self.head.embed(input_ids), start_from_position=start_from_position)
-            return self.head.logits(hidden)
+            return self.head.logits(hidden if last is None else hidden[:, -last:])
 
     def can_roll_back(self, session: InferenceSession) -> bool:
         """Whether every server of the session's route cuts its cache itself (speculation pays off there)."""

@@ -247,9 +247,14 @@ def best_draft_length(acceptance: float, config: SpeculationConfig) -> int:
 
 class SpeculativeModel(Protocol):
     def session_logits_all(
-        self, session: Any, input_ids: torch.Tensor, *, start_from_position: int | None = None
+        self,
+        session: Any,
+        input_ids: torch.Tensor,
+        *,
+        start_from_position: int | None = None,
+        last: int | None = None,
     ) -> torch.Tensor:
-        """Feed new tokens (after cutting the cache back to start_from_position); logits at every one."""
+        """Feed new tokens (after cutting the cache back to start_from_position); logits at the last ones."""
 
     def can_roll_back(self, session: Any) -> bool: ...
 
@@ -296,8 +301,9 @@ def speculative_rounds(
             draft_probs = draft_probs[: len(draft)]
         sent = torch.tensor([pending_ids + draft], dtype=torch.int64)
         rollback = kept_position if kept_position < session.position else None
-        logits = model.session_logits_all(session, sent, start_from_position=rollback)[0]
-        logits = logits[len(pending_ids) - 1 :].float()  # [len(draft) + 1, vocab]
+        needed = len(draft) + 1  # the last pending token's and each draft token's
+        logits = model.session_logits_all(session, sent, start_from_position=rollback, last=needed)[0]
+        logits = logits[-needed:].float()  # [len(draft) + 1, vocab]
         contexts = [torch.tensor([tokens + draft[:i]], dtype=torch.int64) for i in range(len(draft) + 1)]
         if params.sampling:
             rows = [target_probs(logits[i : i + 1], contexts[i], params) for i in range(len(draft) + 1)]

@@ -118,7 +118,7 @@ class RollbackModel:
     def session_logits(self, session, input_ids):
         return self.session_logits_all(session, input_ids)[:, -1]
 
-    def session_logits_all(self, session, input_ids, *, start_from_position=None):
+    def session_logits_all(self, session, input_ids, *, start_from_position=None, last=None):
         if start_from_position is not None:
             assert start_from_position <= session.position
             if start_from_position < session.position:
@@ -129,7 +129,7 @@ class RollbackModel:
         with torch.no_grad():
             out = self.hf(input_ids=input_ids, past_key_values=session.cache, use_cache=True)
         session.position += input_ids.shape[1]
-        return out.logits
+        return out.logits if last is None else out.logits[:, -last:]
 
     def can_roll_back(self, session):
         return True
