@@ -297,3 +297,35 @@ def test_reaper_ends_what_a_killed_process_left_and_spares_reused_pids():
             parent.kill()
             parent.wait()
         _kill_all(family)
+
+
+@pytest.mark.slow
+def test_engine_exits_when_its_stdin_closes(tmp_path):
+    """What ties the engine in WSL to the app on Windows: the app's end of wsl.exe's stdin closes.
+
+    It must work after the engine forked its helpers (a thread blocked in sys.stdin would deadlock them).
+    """
+    env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    command = [sys.executable, "-m", "engine.cli", "run", "--port", "0", "--data-dir", str(tmp_path)]
+    command += ["--demo-model", "tiny", "--exit-on-stdin-eof"]
+    engine = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        state = _wait_for_state(tmp_path, engine)
+        token = (tmp_path / "engine-api-token").read_text().strip()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # ready: the demo server and the DHT peers were forked
+            connection = http.client.HTTPConnection("127.0.0.1", state["port"], timeout=10)
+            connection.request("GET", "/api/status", headers={"Authorization": f"Bearer {token}"})
+            if json.loads(connection.getresponse().read())["ready"]:
+                break
+            time.sleep(0.5)
+        engine.stdin.close()
+        assert engine.wait(timeout=30) == 0
+        assert b"standard input closed" in engine.stdout.read()
+        assert not (tmp_path / "engine-state.json").exists()
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
