@@ -60,6 +60,21 @@ def pollinate_version() -> str:
         return "pollinate-dev"
 
 
+def start_server_dht(config: ServerConfig) -> DHT:
+    """The DHT peer a server announces and serves through, with the network options of `config`."""
+    auto_relay = config.use_auto_relay
+    if auto_relay is None:
+        auto_relay = config.host not in ("127.0.0.1", "::1", "localhost")
+    return start_dht(
+        config.initial_peers,
+        host=config.host,
+        port=config.port,
+        new_swarm=config.new_swarm,
+        use_auto_relay=auto_relay,  # behind NAT, p2pd finds a relay and announces /p2p-circuit addresses
+        **({"announce_maddrs": list(config.announce_maddrs)} if config.announce_maddrs else {}),
+    )
+
+
 class HostState(enum.Enum):
     """Where a BlockHost is in its life."""
 
@@ -200,17 +215,7 @@ class BlockHost:
         total = model_config.num_hidden_layers
 
         self._enter(LoadPhase.JOINING)
-        auto_relay = config.use_auto_relay
-        if auto_relay is None:
-            auto_relay = config.host not in ("127.0.0.1", "::1", "localhost")
-        self.dht = self._given_dht or start_dht(
-            config.initial_peers,
-            host=config.host,
-            port=config.port,
-            new_swarm=config.new_swarm,
-            use_auto_relay=auto_relay,  # behind NAT, p2pd finds a relay and announces /p2p-circuit addresses
-            **({"announce_maddrs": list(config.announce_maddrs)} if config.announce_maddrs else {}),
-        )
+        self.dht = self._given_dht or start_server_dht(config)
         throughputs = None
         if config.fixed_span is None:
             throughputs = fetch_snapshot(self.dht, dht_prefix, total).block_throughputs()

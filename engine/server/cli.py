@@ -65,6 +65,25 @@ def add_commands(subparsers) -> None:
     )
     serve.add_argument("--update-period", type=float, default=60.0, help="seconds between DHT announcements")
     serve.add_argument("--compression", choices=COMPRESSION_CHOICES, default="none")
+    serve.add_argument(
+        "--rebalance-period",
+        type=float,
+        default=120.0,
+        help="with --blocks auto or --num-blocks: mean seconds between checks whether to move to blocks the "
+        "swarm needs more (jittered; 0 = never move)",
+    )
+    serve.add_argument(
+        "--balance-quality",
+        type=float,
+        default=0.75,
+        help="move when the swarm's weakest block would get faster by more than 1/this (Petals' rule)",
+    )
+    serve.add_argument(
+        "--move-grace",
+        type=float,
+        default=10.0,
+        help="when moving: seconds open sessions may finish before they are ended (their clients fail over)",
+    )
     serve.set_defaults(handler=run_serve)
 
     dht = subparsers.add_parser("dht", help="run a DHT bootstrap peer for a swarm of your own")
@@ -125,7 +144,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     guard_children()  # no DHT process or p2p daemon outlives this server, even after a kill -9
-    host = BlockHost(config)
+    period = getattr(args, "rebalance_period", 0.0)
+    if config.fixed_span is None and period > 0:
+        from engine.server.rebalancer import Rebalancer
+
+        # The span was chosen for the swarm as it is now: move when it changes (servers join and leave).
+        host = Rebalancer(
+            config, period=period, balance_quality=args.balance_quality, grace_seconds=args.move_grace
+        )
+    else:
+        host = BlockHost(config)
     try:
         host.start()
     except Exception as error:
