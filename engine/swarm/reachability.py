@@ -220,11 +220,12 @@ class ReachabilityService:
                 await self._p2p.shutdown()
 
         try:
-            self._run(close(), timeout=15)
+            # Short: when the whole process group got SIGTERM the daemon is gone and nothing will answer.
+            self._run(close(), timeout=3)
         except Exception:
             logger.debug("while stopping the reachability service", exc_info=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._thread.join(3)
         self._loop.close()
         self._loop = self._thread = None
 
