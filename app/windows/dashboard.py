@@ -93,6 +93,8 @@ class DashboardWindow(QMainWindow):
         top = QHBoxLayout()
         self.headline = QLabel()
         self.headline.setWordWrap(True)
+        # Selectable: advice such as the command that installs WSL can be copied from it.
+        self.headline.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         font = self.headline.font()
         font.setPointSizeF(font.pointSizeF() * 1.15)
         font.setBold(True)
