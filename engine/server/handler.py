@@ -27,6 +27,7 @@ from hivemind.utils.streaming import split_for_streaming
 from engine.server import protocol
 from engine.server.compute import HostedSpan, SessionState, run_backward, run_forward, run_inference_step
 from engine.server.memory_cache import MemoryCache
+from engine.server.peer_gate import PeerGate
 from engine.server.protocol import RequestError
 from engine.server.task_pool import TaskKind, TaskPool
 from engine.server.work_limits import (
@@ -95,6 +96,9 @@ class TransformerConnectionHandler(ServicerBase):
         self._p2p: P2P | None = None
         self._session_queues: dict[str, asyncio.Queue] = {}
         self._background: set[asyncio.Task] = set()
+        # One request per peer in progress at a time: steps (a person waits for each) and forward/backward
+        # each have their own gate, so a peer's long forward does not hold up its own chat.
+        self._gate, self._work_gate = PeerGate(slots=1), PeerGate(slots=1)
         # Drain (engine/server/drain.py): a paused handler refuses new work; `_leaving` ends open sessions.
         self._refusal: str | None = None
         self._leaving = asyncio.Event()
@@ -152,7 +156,7 @@ class TransformerConnectionHandler(ServicerBase):
         """Hidden states after the requested blocks (no cache): Petals' training and batch forward."""
         self._check_declared("rpc_forward", request.tensors)
         tensors = await self._with_timeout(
-            self._forward(request.uid, protocol.deserialize(request.tensors), request.metadata, context)
+            self._gated(context, self._forward, request.uid, request.tensors, request.metadata)
         )
         return runtime_pb2.ExpertResponse(tensors=tensors)
 
@@ -161,7 +165,7 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """rpc_forward for payloads over the unary size limit: tensors arrive and leave in parts."""
         uid, flat, metadata = await self._with_timeout(self._gather(requests, "rpc_forward"))
-        tensors = await self._with_timeout(self._forward(uid, flat, metadata, context))
+        tensors = await self._with_timeout(self._gated(context, self._forward, uid, flat, metadata))
         for tensor in tensors:
             for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
@@ -172,7 +176,7 @@ class TransformerConnectionHandler(ServicerBase):
         """Gradients w.r.t. the inputs (and deep prompts, if sent) of the requested blocks."""
         self._check_declared("rpc_backward", request.tensors)
         tensors = await self._with_timeout(
-            self._backward(request.uid, protocol.deserialize(request.tensors), request.metadata, context)
+            self._gated(context, self._backward, request.uid, request.tensors, request.metadata)
         )
         return runtime_pb2.ExpertResponse(tensors=tensors)
 
@@ -181,10 +185,17 @@ class TransformerConnectionHandler(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """rpc_backward with streamed tensors."""
         uid, flat, metadata = await self._with_timeout(self._gather(requests, "rpc_backward"))
-        tensors = await self._with_timeout(self._backward(uid, flat, metadata, context))
+        tensors = await self._with_timeout(self._gated(context, self._backward, uid, flat, metadata))
         for tensor in tensors:
             for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def _gated(self, context: P2PContext, method, uid: str, tensors, raw_metadata: bytes) -> list:
+        # One peer's requests beyond its slots wait here, before decoding: they cost others nothing.
+        async with self._work_gate.enter(_peer(context)):
+            if tensors and isinstance(tensors[0], runtime_pb2.Tensor):
+                tensors = protocol.deserialize(tensors)
+            return await method(uid, tensors, raw_metadata, context)
 
     async def _forward(self, uid: str, flat, raw_metadata: bytes, context: P2PContext) -> list:
         self._check_accepting()
@@ -332,9 +343,10 @@ class TransformerConnectionHandler(ServicerBase):
                 session = SessionState(self.hosted.view(start, end), batch_size, max_length)
                 steps = self._iterate_steps(first, requests, pushes, session, deadline, context)
                 async for request, step_metadata in steps:
-                    outputs, tokens, has_prompts, seconds = await self._inference_step(
-                        session, request, step_metadata, args_structure, points, peer
-                    )
+                    async with self._gate.enter(peer):  # a peer's 50 sessions do not fill the event loop
+                        outputs, tokens, has_prompts, seconds = await self._inference_step(
+                            session, request, step_metadata, args_structure, points, peer
+                        )
                     self._count(peer, TaskKind.INFERENCE, tokens, end - start, seconds)
                     if step_metadata.get("next_servers") and not has_prompts:
                         # Petals' server-to-server mode: hand our outputs straight to the next server.

@@ -81,6 +81,9 @@ def plan_forward_chunks(batch: int, length: int, chunk_tokens: int) -> list[Chun
 
     Whole sequences are grouped when they fit a chunk; a longer sequence is cut along its tokens (the chunks
     of one group run in order and share a KV cache, so the result is the forward of the whole sequence).
+    A chunk's attention reads every token before it, so later chunks are shorter: each costs about what the
+    first one does (size x (start + size) ~ chunk_tokens^2), down to chunk_tokens / 4 tokens (each task has
+    its own overhead too).
     """
     if batch < 1 or length < 1:
         return [Chunk(0, batch, 0, length)]
@@ -88,11 +91,15 @@ def plan_forward_chunks(batch: int, length: int, chunk_tokens: int) -> list[Chun
     if length <= chunk_tokens:
         rows = max(1, chunk_tokens // length)
         return [Chunk(r, min(r + rows, batch), 0, length) for r in range(0, batch, rows)]
-    return [
-        Chunk(r, r + 1, t, min(t + chunk_tokens, length))
-        for r in range(batch)
-        for t in range(0, length, chunk_tokens)
-    ]
+    smallest = max(1, chunk_tokens // 4)
+    chunks = []
+    for row in range(batch):
+        start = 0
+        while start < length:
+            size = max(smallest, chunk_tokens * chunk_tokens // (chunk_tokens + start))
+            chunks.append(Chunk(row, row + 1, start, min(start + size, length)))
+            start += size
+    return chunks
 
 
 def plan_backward_rows(batch: int, length: int, chunk_tokens: int) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -26,10 +27,16 @@ LIMITS = dict(max_request_tokens=4096, max_request_bytes=600_000, forward_chunk_
 
 def test_forward_chunks_cover_the_request_once():
     assert plan_forward_chunks(4, 10, 32) == [Chunk(0, 3, 0, 10), Chunk(3, 4, 0, 10)]
-    chunks = plan_forward_chunks(2, 70, 32)
-    assert [(c.row_start, c.token_start, c.token_end) for c in chunks] == [
-        (0, 0, 32), (0, 32, 64), (0, 64, 70), (1, 0, 32), (1, 32, 64), (1, 64, 70),
-    ]  # fmt: skip
+    chunks = plan_forward_chunks(2, 700, 32)
+    for row in (0, 1):
+        mine = [c for c in chunks if c.row_start == row and c.row_end == row + 1]
+        assert mine[0].token_start == 0 and mine[-1].token_end == 700
+        assert all(a.token_end == b.token_start for a, b in itertools.pairwise(mine))
+        sizes = [c.token_end - c.token_start for c in mine]
+        assert sizes[0] == 32 and min(sizes[:-1]) == 8 and sizes == sorted(sizes, reverse=True)
+        # Later chunks are shorter: each reads the tokens before it, and costs about what the first does.
+        costs = [size * c.token_end for size, c in zip(sizes, mine, strict=True) if size > 8]
+        assert max(costs) <= 2 * 32 * 32
     assert plan_forward_chunks(1, 5, 512) == [Chunk(0, 1, 0, 5)]
     assert plan_backward_rows(5, 10, 32) == [(0, 3), (3, 5)]
     assert plan_backward_rows(2, 100, 32) == [(0, 1), (1, 2)]
@@ -132,12 +139,12 @@ def test_chunked_forward_and_backward_match_local_compute(client, span):
 
 
 def test_inference_steps_run_between_the_chunks_of_a_long_forward(client, server):
-    chunks = 2048 // LIMITS["forward_chunk_tokens"]
+    chunks = len(plan_forward_chunks(1, 1024, LIMITS["forward_chunk_tokens"]))
     done = server._pool.stats.tasks_done
     before = done[TaskKind.FORWARD]
     result = {}
     forward = threading.Thread(
-        target=lambda: result.setdefault("out", client.forward(UIDS, torch.randn(1, 2048, HIDDEN)))
+        target=lambda: result.setdefault("out", client.forward(UIDS, torch.randn(1, 1024, HIDDEN)))
     )
     forward.start()
     try:
@@ -148,7 +155,7 @@ def test_inference_steps_run_between_the_chunks_of_a_long_forward(client, server
         assert ran_meanwhile < chunks, "the step waited for the whole forward"
     finally:
         forward.join(60)
-    assert result["out"].shape == (1, 2048, HIDDEN)
+    assert result["out"].shape == (1, 1024, HIDDEN)
 
 
 def test_work_past_its_deadline_is_dropped(client, server):

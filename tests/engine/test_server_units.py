@@ -355,3 +355,31 @@ def test_throughput_is_measured_once_and_cached(tiny_checkpoint_factory, tmp_pat
     monkeypatch.setattr(throughput, "measure", no_measuring)
     assert throughput.get_throughput_info(span, "tiny", cache_dir=tmp_path) == first
     assert throughput.server_throughput(first, 3) == min(first["forward_rps"] / 2, first["network_rps"])
+
+
+def test_peer_gate_holds_a_peer_to_its_slots_not_others():
+    import asyncio
+
+    from engine.server.peer_gate import PeerGate
+
+    async def scenario():
+        gate, order = PeerGate(slots=1), []
+        release = asyncio.Event()
+
+        async def request(peer: str, name: str, hold: bool):
+            async with gate.enter(peer):
+                order.append(name)
+                if hold:
+                    await release.wait()
+
+        flood = [asyncio.ensure_future(request("flood", f"flood-{i}", True)) for i in range(50)]
+        await asyncio.sleep(0.01)
+        assert order == ["flood-0"] and gate.waiting("flood") == 50  # 49 wait without being worked on
+        await asyncio.wait_for(request("honest", "honest", False), 1)  # not behind the flood
+        release.set()
+        await asyncio.gather(*flood)
+        assert gate.waiting("flood") == 0 and not gate._gates  # nothing kept for peers that left
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[:2] == ["flood-0", "honest"] and len(order) == 51
