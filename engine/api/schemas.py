@@ -347,6 +347,8 @@ class PolicySettingsBody(_Strict):
     hysteresis_margin: float = 10.0
     hold_seconds: float = 120.0
     grace_seconds: float = 10.0
+    max_sessions: int | None = None
+    compute_share: float = 1.0
 
 
 class DetectorReading(BaseModel):

@@ -121,6 +121,8 @@ class PoliteMonitor:
     def tick(self, now: float) -> Decision:
         """Read, decide, act once."""
         settings = self._settings
+        if self.service.throttle != (settings.max_sessions, settings.compute_share):
+            self.service.set_throttle(settings.max_sessions, settings.compute_share)
         on_cpu = self.service.hosting_device() == "cpu"
         readings = {}
         for detector in self._detectors:

@@ -51,6 +51,10 @@ class PolicySettings:
     hold_seconds: float = 120.0
     # Seconds running sessions get to finish before a pause ends them (our client replays elsewhere).
     grace_seconds: float = 10.0
+    # Throttle while sharing: inference sessions served at once (None: no cap), and the share of compute
+    # time sharing may take (1.0: all it needs; 0.5: the compute loop rests as long as it worked).
+    max_sessions: int | None = None
+    compute_share: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -75,6 +79,12 @@ class PolicySettings:
         ):
             if not 0.0 <= float(getattr(self, name)) <= high:
                 raise PolicyError(f"{name} must be between 0 and {high:g}")
+        if self.max_sessions is not None and (
+            isinstance(self.max_sessions, bool) or not 1 <= int(self.max_sessions) <= 1000
+        ):
+            raise PolicyError("max_sessions must be between 1 and 1000 (or null for no cap)")
+        if not 0.05 <= float(self.compute_share) <= 1.0:
+            raise PolicyError("compute_share must be between 0.05 and 1")
         try:
             parse_schedule(self.schedule)
         except ScheduleError as exc:

@@ -159,6 +159,7 @@ class BlockHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._p2p: P2P | None = None
+        self._throttle: tuple[int | None, float] = (None, 1.0)
         self._reachability: ReachabilityService | None = None
         self.reachability: Reachability | None = None  # the last dial-back check's verdict
 
@@ -301,6 +302,7 @@ class BlockHost:
             priority_fn=self.priority_fn,
             usage_fn=self.usage_fn,
         )
+        self.set_throttle(*self._throttle)  # a throttle set before the start applies from the first request
         self._start_loop()
         daemon_maddr = self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr)
         self._run(self._register_handlers(daemon_maddr), timeout=60)
@@ -376,6 +378,17 @@ class BlockHost:
         report = DrainReport(mode, grace_seconds, at_start, ended, quiet, time.monotonic() - started)
         logger.info("drained (%s): %s", mode.value, report)
         return report
+
+    def set_throttle(self, max_sessions: int | None = None, compute_share: float = 1.0) -> None:
+        """Cap what sharing uses while active: inference sessions at once (None: no cap) and the share of
+        compute time (0 < share <= 1; the compute loop rests in between). Takes effect at once."""
+        if not 0.0 < compute_share <= 1.0:
+            raise ValueError(f"compute_share must be in (0, 1], got {compute_share}")
+        self._throttle = (max_sessions, compute_share)
+        if self._handler is not None:
+            self._handler.max_sessions = max_sessions
+        if self._pool is not None:
+            self._pool.compute_share = compute_share
 
     def resume(self) -> None:
         """Serve again after pause(): accept work and announce ONLINE (one DHT round, about a second)."""

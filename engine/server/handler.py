@@ -102,6 +102,7 @@ class TransformerConnectionHandler(ServicerBase):
         # Drain (engine/server/drain.py): a paused handler refuses new work; `_leaving` ends open sessions.
         self._refusal: str | None = None
         self._leaving = asyncio.Event()
+        self.max_sessions: int | None = None  # throttle: inference sessions served at once (None: no limit)
 
     # --- drain ---------------------------------------------------------------------------------------------
 
@@ -318,6 +319,11 @@ class TransformerConnectionHandler(ServicerBase):
         except (StopAsyncIteration, TimeoutError):
             return
         self._check_accepting()
+        if self.max_sessions is not None and self.stats.sessions_open >= self.max_sessions:
+            raise RequestError(
+                f"this server already serves its owner's limit of {self.max_sessions} sessions; "
+                "use another server"
+            )
         start, end = self._parse_span(first.uid)
         metadata = protocol.parse_metadata(first.metadata)
         max_length = protocol.read_max_length(metadata, self.limits.inference_max_length)

@@ -114,6 +114,9 @@ class TaskPool:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.clock = FairClock()
+        # Throttle (polite sharing): the share of wall time the loop may compute; after a task of t seconds
+        # it rests t * (1 / share - 1) before the next one. 1.0: no rest.
+        self.compute_share = 1.0
 
     def start(self) -> None:
         """Start the worker thread (once)."""
@@ -207,3 +210,7 @@ class TaskPool:
                 with self._cond:
                     self.clock.observe(task.kind, task.cost, spent)
                 self.stats.tasks_done[task.kind] += 1
+            share = self.compute_share
+            if share < 1.0:
+                with self._cond:  # rest after the answer went out; a stop ends the rest at once
+                    self._cond.wait_for(lambda: self._stopping, timeout=spent * (1.0 / share - 1.0))

@@ -132,6 +132,7 @@ class HostingMixin:
             if self._status.state not in from_states:
                 raise WrongStateError(f"Hosting is already {self._status.state}.")
             host = self._host = BlockHost(config, on_progress=self._hosting_progress, **self.host_hooks())
+            host.set_throttle(*self._throttle)
             self._stop_requested = False
             # What a pause that released the weights needs to start the same hosting again.
             self._hosting_request = dict(

@@ -23,6 +23,20 @@ class PauseMixin:
     """pause_sharing / resume_sharing / release_paused for the hosting state machine."""
 
     _last_device: str | None = None
+    _throttle: tuple[int | None, float] = (None, 1.0)
+
+    @property
+    def throttle(self) -> tuple[int | None, float]:
+        """(max_sessions, compute_share) now in force."""
+        return self._throttle
+
+    def set_throttle(self, max_sessions: int | None, compute_share: float) -> None:
+        """The cap on what sharing uses while active (the policy settings); applies to the current host and
+        to every later one."""
+        self._throttle = (max_sessions, compute_share)
+        host = self._host
+        if host is not None:
+            host.set_throttle(max_sessions, compute_share)
 
     def hosting_device(self) -> str | None:
         """ "cpu", "cuda", ... for the user's hosting, also while paused with the weights freed; else None.

@@ -101,3 +101,20 @@ def test_release_frees_the_span_and_stops(checkpoint, swarm):
         assert host._hosted is None and host._handler is None  # the weights are no longer referenced
         with pytest.raises(RuntimeError, match="paused host"):
             host.resume()
+
+
+def test_throttle_caps_sessions_and_compute_share(host, client):
+    host.set_throttle(max_sessions=1, compute_share=0.5)
+    try:
+        with client.inference(UIDS, max_length=8) as first:
+            first.step(torch.randn(1, 2, HIDDEN))
+            with client.inference(UIDS, max_length=8) as second, pytest.raises(Exception, match="limit of 1"):
+                second.step(torch.randn(1, 2, HIDDEN))
+            first.step(torch.randn(1, 1, HIDDEN))  # the session within the cap goes on
+        with pytest.raises(ValueError, match="compute_share"):
+            host.set_throttle(compute_share=0.0)
+    finally:
+        host.set_throttle()
+    with client.inference(UIDS, max_length=8) as one, client.inference(UIDS, max_length=8) as two:
+        one.step(torch.randn(1, 2, HIDDEN))
+        two.step(torch.randn(1, 2, HIDDEN))

@@ -383,3 +383,29 @@ def test_peer_gate_holds_a_peer_to_its_slots_not_others():
 
     order = asyncio.run(scenario())
     assert order[:2] == ["flood-0", "honest"] and len(order) == 51
+
+
+def test_task_pool_compute_share_rests_between_tasks():
+    import itertools
+    import time as clock
+
+    from engine.server.task_pool import TaskKind, TaskPool
+
+    def busy(seconds: float) -> tuple[float, float]:
+        started = clock.perf_counter()
+        while clock.perf_counter() - started < seconds:
+            pass
+        return started, clock.perf_counter()
+
+    pool = TaskPool()
+    pool.start()
+    try:
+        pool.compute_share = 0.25  # after t seconds of work the loop rests 3 t
+        futures = [pool.submit(busy, 0.05, kind=TaskKind.FORWARD) for _ in range(3)]
+        spans = [f.result(10) for f in futures]
+        gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+        assert all(gap >= 0.14 for gap in gaps), gaps  # 3 x 0.05 s, less timer slack
+        busy_time = sum(end - start for start, end in spans)
+        assert busy_time / (spans[-1][1] - spans[0][0]) < 0.4
+    finally:
+        pool.stop()
