@@ -300,6 +300,14 @@ class ApiClient(QObject):
 
         return ApiCall(self._network.post(request, payload), self._pending, resend, self.post_timeout_ms)
 
+    def put(self, path: str, body: dict) -> ApiCall:
+        """PUT a JSON body (replaces a resource, e.g. /api/policy)."""
+        if self.endpoint is None:
+            return ApiCall(None, self._pending).fail_later(ENGINE_DOWN)
+        payload = QByteArray(json.dumps(body).encode())
+        request = self._request(path, timeout_ms=self.post_timeout_ms)
+        return ApiCall(self._network.put(request, payload), self._pending, None, self.post_timeout_ms)
+
     def stream(self, path: str, body: dict | None = None, idle_timeout_ms: int | None = None) -> ApiStream:
         """GET (body None) or POST an SSE endpoint; fails with a timeout after idle_timeout_ms of silence."""
         if self.endpoint is None:

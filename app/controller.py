@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 from collections.abc import Callable
 
@@ -12,10 +13,11 @@ from app.engine_backend import EngineBackend, default_backend
 from app.engine_process import RESTARTING, RUNNING, EngineProcess, engine_args
 from app.history import ChatHistory
 from app.qt import QApplication, QMessageBox, QObject, Signal
-from app.settings import Settings, get_hf_token, save_settings, set_hf_token
+from app.settings import POLICY_FIELDS, Settings, get_hf_token, save_settings, set_hf_token
 from app.tray import Tray, state_icon
 from app.viewmodels.chat import ChatModel, Sampling
 from app.viewmodels.dashboard import DashboardModel, share_control
+from app.viewmodels.pause import PAUSE_HOUR_SECONDS, pause_actions, until_tomorrow
 from app.viewmodels.status import tray_state, tray_tooltip
 from contract import stores
 
@@ -68,6 +70,7 @@ class AppController(QObject):
         self.confirm_quit = True
         self.quit_app: Callable[[], None] = QApplication.quit
         self.settings_dialog_open = None
+        self.policy_info: dict | None = None  # the engine's /api/policy answer: which detectors work here
         self.presenter = ErrorPresenter(self)
         self.client = ApiClient(self)
         self.feed = EventFeed(self.client, self)
@@ -104,6 +107,12 @@ class AppController(QObject):
         self.dashboard_model.sharing_requested.connect(self._remember_sharing)
         self.presenter.message.connect(self._show_message)
         self.tray.share_toggled.connect(self.dashboard_model.set_sharing)
+        self.tray.pause_hour.connect(self.pause_hour)
+        self.tray.pause_until_tomorrow.connect(self.pause_until_tomorrow)
+        self.tray.resume.connect(self.dashboard_model.resume)
+        self.dashboard.pause_hour_requested.connect(self.pause_hour)
+        self.dashboard.pause_tomorrow_requested.connect(self.pause_until_tomorrow)
+        self.dashboard.resume_requested.connect(self.dashboard_model.resume)
         self.tray.open_chat.connect(self.show_chat)
         self.tray.open_dashboard.connect(self.show_dashboard)
         self.tray.open_settings.connect(self.show_settings)
@@ -165,6 +174,7 @@ class AppController(QObject):
                 self.presenter.show("The engine restarted and is running again.")
             self._engine_was_running = True
             self.tell_set_aside()  # the engine checks its stores (ledger, state, models) as it starts
+            self.send_policy()
             if self.settings.sharing_enabled:
                 self.dashboard_model.set_sharing(True)  # resume: the user turned sharing on earlier
         elif state == "failed" and self._set_up_wsl():
@@ -217,6 +227,21 @@ class AppController(QObject):
         )
         control = share_control(snap)
         self.tray.set_sharing(control.checked, control.enabled, control.text)
+        self.tray.set_pause_actions(*pause_actions(status))
+
+    # ---- polite sharing
+
+    def pause_hour(self) -> None:
+        self.dashboard_model.pause(seconds=PAUSE_HOUR_SECONDS)
+
+    def pause_until_tomorrow(self) -> None:
+        self.dashboard_model.pause(until=until_tomorrow(datetime.datetime.now()))
+
+    def send_policy(self) -> None:
+        """Tell the engine what pauses sharing (the Settings' policies); it keeps them across its restarts."""
+        call = self.client.put("/api/policy", self.settings.policy())
+        call.succeeded.connect(lambda info: setattr(self, "policy_info", info))
+        call.failed.connect(lambda err: self.presenter.present(err, "apply the sharing policies"))
 
     def _show_message(self, text: str, is_error: bool) -> None:
         self.dashboard.show_message(text, 0 if is_error else 10_000)
@@ -263,6 +288,7 @@ class AppController(QObject):
             hf_token_set=get_hf_token() is not None,
             free_bytes=free,
             memory_name=name,
+            policy_info=self.policy_info,
             parent=self.dashboard,
         )
 
@@ -288,6 +314,8 @@ class AppController(QObject):
             self.presenter.show(
                 "Could not store the Hugging Face token: no system keyring is available.", True
             )
+        if any(getattr(new, f) != getattr(old, f) for f in POLICY_FIELDS) and self.engine.state == RUNNING:
+            self.send_policy()
         restart = token_changed or any(getattr(new, f) != getattr(old, f) for f in ENGINE_FIELDS)
         plan_fields = ("quant", "memory_fraction", "host_model")
         if not restart and any(getattr(new, f) != getattr(old, f) for f in plan_fields):

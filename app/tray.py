@@ -1,4 +1,5 @@
-"""Tray icon and menu: state icon, Share my GPU, Open chat, Dashboard, Settings, Quit.
+"""Tray icon and menu: state icon, Share my GPU, Pause for 1 hour / until tomorrow / Resume, Open chat,
+Dashboard, Settings, Quit.
 
 Where no system tray exists (e.g. offscreen or some Linux desktops) the menu still exists, and the dashboard
 window stands in for the tray (the controller shows it and makes closing it quit the app).
@@ -25,6 +26,9 @@ class Tray(QObject):
     """The tray icon and its menu; it only forwards the user's choices as signals."""
 
     share_toggled = Signal(bool)
+    pause_hour = Signal()
+    pause_until_tomorrow = Signal()
+    resume = Signal()
     open_chat = Signal()
     open_dashboard = Signal()
     open_settings = Signal()
@@ -40,6 +44,12 @@ class Tray(QObject):
         self.share_action = QAction("Share my GPU", self.menu)
         self.share_action.setCheckable(True)
         self.share_action.triggered.connect(self._share_triggered)
+        self.pause_hour_action = QAction("Pause for 1 hour", self.menu)
+        self.pause_hour_action.triggered.connect(lambda: self.pause_hour.emit())
+        self.pause_tomorrow_action = QAction("Pause until tomorrow", self.menu)
+        self.pause_tomorrow_action.triggered.connect(lambda: self.pause_until_tomorrow.emit())
+        self.resume_action = QAction("Resume sharing", self.menu)
+        self.resume_action.triggered.connect(lambda: self.resume.emit())
         self.chat_action = QAction("Open chat", self.menu)
         self.chat_action.triggered.connect(lambda: self.open_chat.emit())
         self.dashboard_action = QAction("Dashboard", self.menu)
@@ -52,7 +62,15 @@ class Tray(QObject):
         self.status_action.setEnabled(False)
         self.menu.addAction(self.status_action)
         self.menu.addSeparator()
-        for action in (self.share_action, self.chat_action, self.dashboard_action, self.settings_action):
+        for action in (
+            self.share_action,
+            self.pause_hour_action,
+            self.pause_tomorrow_action,
+            self.resume_action,
+        ):
+            self.menu.addAction(action)
+        self.menu.addSeparator()
+        for action in (self.chat_action, self.dashboard_action, self.settings_action):
             self.menu.addAction(action)
         self.menu.addSeparator()
         self.menu.addAction(self.quit_action)
@@ -89,6 +107,14 @@ class Tray(QObject):
         self.share_action.setChecked(checked)
         self.share_action.setEnabled(enabled)
         self.share_action.setText(text)
+
+    def set_pause_actions(self, can_pause: bool, can_resume: bool) -> None:
+        """Pause while serving; Resume while the user's own pause runs (a policy's pause ends by itself)."""
+        self.pause_hour_action.setVisible(not can_resume)
+        self.pause_tomorrow_action.setVisible(not can_resume)
+        self.pause_hour_action.setEnabled(can_pause)
+        self.pause_tomorrow_action.setEnabled(can_pause)
+        self.resume_action.setVisible(can_resume)
 
     def notify(self, title: str, text: str, error: bool = False) -> bool:
         """A balloon message; False where there is no tray to show it."""

@@ -154,8 +154,12 @@ def share_control(snapshot: DashboardSnapshot) -> ShareControl:
         if progress is not None:
             return ShareControl("Preparing the demo model…", False, False, float(progress), True)
         return ShareControl("Joining the swarm…", False, False, None, True)
+    if state == "draining" and (snapshot.status or {}).get("pause"):
+        return ShareControl("Pausing…", True, False, None, True)
     if snapshot.pending == "stop" or state == "draining":
         return ShareControl("Stopping…", False, False, None, True)
+    if state == "paused":  # sharing stays on: it resumes by itself (or with Resume)
+        return ShareControl("Paused — click to stop sharing", True, True, None, False)
     if state == "serving":
         return ShareControl("Sharing — click to stop", True, True, None, False)
     return ShareControl("Share my GPU", False, True, None, False)
@@ -342,7 +346,9 @@ class DashboardModel(QObject):
     def set_sharing(self, on: bool) -> None:
         """Start or stop hosting; the outcome arrives through the status events."""
         state = (self.snapshot.status or {}).get("state", "idle")
-        if (on and state in ("loading", "serving")) or (not on and state in ("idle", "draining", "error")):
+        if (on and state in ("loading", "serving", "paused")) or (
+            not on and state in ("idle", "draining", "error")
+        ):
             return
         self.sharing_requested.emit(on)
         self._replace(dataclasses.replace(self.snapshot, pending="start" if on else "stop", error=None))
@@ -355,6 +361,19 @@ class DashboardModel(QObject):
         call.failed.connect(
             lambda err, on=on: self._action_failed(err, "start sharing" if on else "stop sharing")
         )
+
+    def pause(self, seconds: float | None = None, until: float | None = None) -> None:
+        """Pause sharing for `seconds`, until `until` (epoch), or until resumed (the memory is freed)."""
+        body = {k: v for k, v in (("seconds", seconds), ("until", until)) if v is not None}
+        call = self.client.post("/api/hosting/pause", body)
+        call.succeeded.connect(self._action_done)
+        call.failed.connect(lambda err: self._action_failed(err, "pause sharing"))
+
+    def resume(self) -> None:
+        """End a pause now (a pause the user chose, or one a policy keeps while its cause lasts)."""
+        call = self.client.post("/api/hosting/resume", {})
+        call.succeeded.connect(self._action_done)
+        call.failed.connect(lambda err: self._action_failed(err, "resume sharing"))
 
     def _action_done(self, status: dict) -> None:
         snapshot = dataclasses.replace(self.snapshot, pending=None)

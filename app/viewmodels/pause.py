@@ -37,3 +37,12 @@ def pause_text(status: dict | None, now: dt.datetime | None = None) -> str:
         day = "" if when.date() == now.date() else when.strftime("%a ")
         return f"Paused: {message} — until {day}{when:%H:%M}"
     return f"Paused: {message} — sharing resumes by itself when that clears"
+
+
+def pause_actions(status: dict | None) -> tuple[bool, bool]:
+    """(the user can pause now, the user can resume now): pause while serving; resume the user's own pause
+    (a policy's pause ends by itself when its cause clears; Settings changes what pauses)."""
+    status = status or {}
+    can_pause = status.get("state") == "serving"
+    can_resume = status.get("state") == "paused" and (status.get("pause") or {}).get("source") == "user"
+    return can_pause, can_resume

@@ -28,14 +28,18 @@ def tray_state(engine_state: str, status: dict | None) -> str:
         return "loading"
     if state == "serving":
         return "serving"
-    if state == "draining":
+    if state in ("draining", "paused"):
         return "paused"
     return "idle"
 
 
 def tray_tooltip(engine_state: str, engine_message: str, status: dict | None) -> str:
+    from app.viewmodels.pause import is_paused, pause_text
+
     state = tray_state(engine_state, status)
     text = TRAY_TOOLTIPS[state]
+    if engine_state == "running" and is_paused(status):
+        return "Pollinate: " + pause_text(status)[:1].lower() + pause_text(status)[1:]
     if status and status.get("state") == "serving" and status.get("blocks"):
         start, end = status["blocks"]
         text += f" (blocks {start}–{end - 1} of {status.get('model') or 'the model'})"

@@ -34,6 +34,7 @@ from app.viewmodels.dashboard import (
     share_control,
     swarm_note,
 )
+from app.viewmodels.pause import is_paused, pause_actions, pause_text
 from app.viewmodels.swarm_health import reachability_text
 from app.windows.swarm_health import SwarmHealthView
 from app.windows.widgets import BlockMap, TimePlot
@@ -65,6 +66,8 @@ def headline(model: DashboardModel) -> str:
         return f"Sharing: serving blocks {start}–{end - 1} of {status.get('model')}"
     if state == "loading":
         return status.get("message") or "Loading blocks…"
+    if is_paused(status):
+        return pause_text(status)
     if state == "draining":
         return "Stopping: letting running sessions finish…"
     if state == "error":
@@ -79,6 +82,9 @@ class DashboardWindow(QMainWindow):
     open_chat_requested = Signal()
     settings_requested = Signal()
     retry_requested = Signal()  # join the swarm again (restart the engine)
+    pause_hour_requested = Signal()
+    pause_tomorrow_requested = Signal()
+    resume_requested = Signal()
     local_demo_requested = Signal()  # switch to the local demo swarm
 
     def __init__(self, model: DashboardModel, parent: QWidget | None = None):
@@ -133,6 +139,21 @@ class DashboardWindow(QMainWindow):
         recovery.addWidget(self.retry_button)
         recovery.addWidget(self.local_demo_button)
         layout.addLayout(recovery)
+        # Pausing: for an hour, until tomorrow, or resume the user's own pause.
+        pause_row = QHBoxLayout()
+        self.pause_label = QLabel()  # why sharing is paused and until when
+        self.pause_label.setWordWrap(True)
+        self.pause_label.setStyleSheet("color: #8a5a00;")
+        self.pause_hour_button = QPushButton("Pause for 1 hour")
+        self.pause_hour_button.clicked.connect(self.pause_hour_requested)
+        self.pause_tomorrow_button = QPushButton("Pause until tomorrow")
+        self.pause_tomorrow_button.clicked.connect(self.pause_tomorrow_requested)
+        self.resume_button = QPushButton("Resume sharing")
+        self.resume_button.clicked.connect(self.resume_requested)
+        pause_row.addWidget(self.pause_label, 1)
+        for button in (self.pause_hour_button, self.pause_tomorrow_button, self.resume_button):
+            pause_row.addWidget(button)
+        layout.addLayout(pause_row)
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
         self.progress.setFormat("%p%")
@@ -215,6 +236,14 @@ class DashboardWindow(QMainWindow):
         stuck = join_failed(snap)
         self.retry_button.setVisible(stuck)
         self.local_demo_button.setVisible(stuck and (snap.status or {}).get("swarm") != "local")
+        running = snap.engine_state == "running"
+        self.pause_label.setText(pause_text(snap.status) if running else "")
+        self.pause_label.setVisible(running and is_paused(snap.status))
+        can_pause, can_resume = pause_actions(snap.status) if running else (False, False)
+        for button in (self.pause_hour_button, self.pause_tomorrow_button):
+            button.setVisible(not can_resume)
+            button.setEnabled(can_pause)
+        self.resume_button.setVisible(can_resume)
         control = share_control(snap)
         self.share_button.setText(control.text)
         self.share_button.setChecked(control.checked)

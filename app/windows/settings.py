@@ -12,14 +12,17 @@ from app.qt import (
     QComboBox,
     QDialog,
     QDialogButtonBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
     QSlider,
+    QSpinBox,
     Qt,
     QVBoxLayout,
     QWidget,
@@ -95,6 +98,7 @@ class SettingsDialog(QDialog):
         hf_token_set: bool = False,
         free_bytes: int | None = None,
         memory_name: str = "memory",
+        policy_info: dict | None = None,
         parent: QWidget | None = None,
     ):
         super().__init__(parent)
@@ -167,6 +171,8 @@ class SettingsDialog(QDialog):
         weights_row.addWidget(browse)
         form.addRow("Model weights folder", weights_row)
         form.addRow("", self.weights_free)
+        self.polite = PoliteSettings(settings, policy_info)
+        layout.addWidget(self.polite)
         note = QLabel("Changing the swarm, peers, token or weights folder restarts the engine.")
         note.setWordWrap(True)
         layout.addWidget(note)
@@ -229,6 +235,7 @@ class SettingsDialog(QDialog):
             keep_sharing_on_close=self.keep_sharing.isChecked(),
             autostart=self.autostart.isChecked(),
             weights_dir=self.weights_dir.text().strip(),
+            **self.polite.values(),
         ).validated()
 
     def hf_token_change(self) -> str | None:
@@ -236,3 +243,115 @@ class SettingsDialog(QDialog):
         if self.hf_token.text().strip():
             return self.hf_token.text().strip()
         return "" if self._clear_token else None
+
+
+# The detector behind each policy (engine/polite), to say "unsupported here" next to the policy.
+POLICY_DETECTORS = {
+    "fullscreen": "fullscreen",
+    "gpu_busy": "gpu",
+    "cpu_busy": "cpu",
+    "user_active": "user_idle",
+    "battery": "battery",
+    "temperature": "gpu_temperature",
+}
+
+
+def unsupported_text(policy_info: dict | None, detector: str) -> str:
+    """'Unsupported here: <why>' for a detector the engine cannot run on this machine, else ''."""
+    why = ((policy_info or {}).get("detectors") or {}).get(detector, {}).get("unsupported")
+    return f"Unsupported here: {why}" if why else ""
+
+
+class PoliteSettings(QGroupBox):
+    """When sharing steps aside (the engine's politeness policies), and how much it may use while active."""
+
+    def __init__(self, settings: Settings, policy_info: dict | None = None, parent: QWidget | None = None):
+        super().__init__("Polite sharing: pause when…", parent)
+        form = QFormLayout(self)
+        self.unsupported: dict[str, QLabel] = {}
+
+        def row(label: str, widget: QWidget, policy: str | None = None) -> None:
+            form.addRow(label, widget)
+            if policy is not None:
+                note = QLabel(unsupported_text(policy_info, POLICY_DETECTORS[policy]))
+                note.setWordWrap(True)
+                note.setStyleSheet("color: #8a5a00;")
+                note.setVisible(bool(note.text()))
+                self.unsupported[policy] = note
+                form.addRow("", note)
+
+        self.fullscreen = QCheckBox("a game or any full-screen app is in front")
+        self.fullscreen.setChecked(settings.pause_on_fullscreen)
+        row("", self.fullscreen, "fullscreen")
+        self.exclusive = QLineEdit(", ".join(settings.exclusive_apps))
+        self.exclusive.setPlaceholderText("program names, comma separated (steam*, eldenring, …)")
+        row("These programs run", self.exclusive)
+        self.gpu_busy = _percent_box(settings.gpu_busy_percent)
+        row("Other programs use the GPU above", self.gpu_busy, "gpu_busy")
+        self.cpu_busy = _percent_box(settings.cpu_busy_percent)
+        row("Other programs use the CPU above (CPU hosting)", self.cpu_busy, "cpu_busy")
+        self.user_active = QCheckBox("I am using this computer (no input for less than…)")
+        self.user_active.setChecked(settings.pause_when_user_active)
+        self.idle_minutes = QDoubleSpinBox()
+        self.idle_minutes.setRange(1, 1440)
+        self.idle_minutes.setSuffix(" min")
+        self.idle_minutes.setValue(settings.user_idle_minutes)
+        idle = QHBoxLayout()
+        idle.addWidget(self.user_active)
+        idle.addWidget(self.idle_minutes)
+        idle_widget = QWidget()
+        idle_widget.setLayout(idle)
+        row("", idle_widget, "user_active")
+        self.battery = QCheckBox("the computer runs on battery")
+        self.battery.setChecked(settings.pause_on_battery)
+        row("", self.battery, "battery")
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setRange(0, 110)
+        self.temperature.setSpecialValueText("off")
+        self.temperature.setSuffix(" °C")
+        self.temperature.setValue(settings.max_gpu_temperature)
+        row("The GPU is hotter than", self.temperature, "temperature")
+        self.schedule = QLineEdit("; ".join(settings.schedule))
+        self.schedule.setPlaceholderText("any time (or e.g. mon-fri 18:00-23:30; sat 00:00-24:00)")
+        row("Share only during", self.schedule)
+        self.resume_after = QDoubleSpinBox()
+        self.resume_after.setRange(0, 3600)
+        self.resume_after.setSuffix(" s")
+        self.resume_after.setValue(settings.resume_after_seconds)
+        row("Resume after everything is clear for", self.resume_after)
+        self.max_sessions = QSpinBox()
+        self.max_sessions.setRange(0, 1000)
+        self.max_sessions.setSpecialValueText("no limit")
+        self.max_sessions.setValue(settings.max_sessions)
+        row("While sharing: sessions at once", self.max_sessions)
+        self.compute_share = QSpinBox()
+        self.compute_share.setRange(5, 100)
+        self.compute_share.setSuffix(" % of compute time")
+        self.compute_share.setValue(round(settings.compute_share * 100))
+        row("While sharing: use at most", self.compute_share)
+
+    def values(self) -> dict:
+        """The Settings fields this group edits."""
+        return dict(
+            pause_on_fullscreen=self.fullscreen.isChecked(),
+            exclusive_apps=tuple(a.strip() for a in self.exclusive.text().split(",") if a.strip()),
+            gpu_busy_percent=self.gpu_busy.value(),
+            cpu_busy_percent=self.cpu_busy.value(),
+            pause_when_user_active=self.user_active.isChecked(),
+            user_idle_minutes=self.idle_minutes.value(),
+            pause_on_battery=self.battery.isChecked(),
+            max_gpu_temperature=self.temperature.value(),
+            schedule=tuple(s.strip() for s in self.schedule.text().split(";") if s.strip()),
+            resume_after_seconds=self.resume_after.value(),
+            max_sessions=self.max_sessions.value(),
+            compute_share=self.compute_share.value() / 100,
+        )
+
+
+def _percent_box(value: float) -> QDoubleSpinBox:
+    box = QDoubleSpinBox()
+    box.setRange(0, 100)
+    box.setSuffix(" %")
+    box.setSpecialValueText("off")
+    box.setValue(value)
+    return box

@@ -90,6 +90,19 @@ class FakeEngine:
         self.chats_started = 0
         self.chats_cancelled = 0
         self.chats_completed = 0
+        self.policy: dict = {
+            "settings": {},
+            "detectors": {
+                "gpu": {
+                    "value": None,
+                    "detail": "",
+                    "unsupported": "no NVIDIA driver on this machine",
+                    "until": None,
+                },
+                "cpu": {"value": 3.0, "detail": "", "unsupported": None, "until": None},
+            },
+            "decision": {"pause": False},
+        }
         self.stalled: set[str] = set()  # paths answered only when the engine stops (a wedged engine)
         self.fits: list[ContextFit] = []  # how each chat request fitted the model's context
         self._subscribers: list[queue.Queue] = []
@@ -193,7 +206,7 @@ class FakeEngine:
         threading.Thread(target=load, daemon=True).start()
 
     def stop_hosting(self) -> None:
-        self.set_status(state="idle", progress=None, model=None, blocks=None, message=None)
+        self.set_status(state="idle", progress=None, model=None, blocks=None, message=None, pause=None)
         for i in range(0, self.num_blocks // 2):
             self.servers_per_block[i] = max(0, self.servers_per_block[i] - 1)
 
@@ -352,6 +365,7 @@ class FakeHandler(BaseHTTPRequestHandler):
                 query.get("quant", [None])[0], float(query.get("memory_fraction", ["1"])[0])
             ),
             "/api/swarm": fake.swarm,
+            "/api/policy": lambda: fake.policy,
             "/v1/models": lambda: {"object": "list", "data": fake.models},
         }
         if url.path == "/api/events":
@@ -385,6 +399,18 @@ class FakeHandler(BaseHTTPRequestHandler):
             with self.fake.lock:
                 self.fake._subscribers.remove(subscriber)
 
+    def do_PUT(self) -> None:
+        fake = self.fake
+        url = urlparse(self.path)
+        if not self._authorized():
+            return None
+        body = self._body()
+        fake.requests.append(("PUT", url.path, body))
+        if url.path == "/api/policy":
+            fake.policy = {**fake.policy, "settings": body}
+            return self._json(200, fake.policy)
+        return self._json(404, error_body(404, "not_found", f"No route {url.path}"))
+
     def do_POST(self) -> None:
         fake = self.fake
         url = urlparse(self.path)
@@ -409,6 +435,24 @@ class FakeHandler(BaseHTTPRequestHandler):
             if fake.status["state"] == "idle":
                 return self._json(409, error_body(409, "wrong_state", "Hosting is off."))
             fake.stop_hosting()
+            return self._json(202, fake.status)
+        if url.path == "/api/hosting/pause":
+            if fake.status["state"] != "serving":
+                return self._json(409, error_body(409, "wrong_state", "Only a serving host can pause."))
+            until = body.get("until") or (time.time() + body["seconds"] if body.get("seconds") else None)
+            message = (
+                "Paused by you until " + time.strftime("%a %H:%M", time.localtime(until))
+                if until
+                else "Paused by you"
+            )
+            pause = dict(reason="user", message=message, since=time.time(), until=until, mode="release")
+            pause["source"] = "user"
+            fake.set_status(state="paused", pause=pause)
+            return self._json(202, fake.status)
+        if url.path == "/api/hosting/resume":
+            if fake.status["state"] != "paused":
+                return self._json(409, error_body(409, "wrong_state", "Sharing is not paused."))
+            fake.set_status(state="serving", pause=None)
             return self._json(202, fake.status)
         if url.path == "/v1/chat/completions":
             return self._chat(body)
