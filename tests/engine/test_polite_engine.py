@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from engine.swarm.dht_node import start_dht
-from tests.engine.test_api_service import engine_process
+from tests.helpers.engine_run import engine_process
 from tests.helpers.servers import running_server_process, wait_for
 
 pytestmark = pytest.mark.slow
@@ -94,7 +94,8 @@ def swarm():
 def engine(tmp_path_factory, swarm):
     data_dir = tmp_path_factory.mktemp("polite-engine")
     environment = _env(POLLINATE_POLITE_INTERVAL=str(POLL_INTERVAL), POLLINATE_POLITE_CPU_WATCH=HOG_MARKER)
-    with environment, engine_process(data_dir, "--swarm", "private", "--initial-peers", *swarm[0]) as parts:
+    args = ("--demo-model", "tiny", "--swarm", "private", "--initial-peers", *swarm[0])
+    with environment, engine_process(data_dir, *args) as parts:
         _process, state, client = parts
         client.state = state
         yield client
