@@ -38,7 +38,7 @@ def install_fork_hooks() -> None:
         _hooks_installed = True
 
 
-def start_reaper(grace_s: float = 2.0) -> subprocess.Popen | None:
+def start_reaper(grace_s: float = 1.0) -> subprocess.Popen | None:
     """Start the reaper that ends this process's descendants once this process is gone (None if it fails)."""
     global _reaper
     if getattr(sys, "frozen", False):  # a bundled executable has no `-m`: the bundle must provide its own

@@ -168,9 +168,13 @@ class Announcer:
         self._thread = None
 
     def _wait_for(self, target: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         with self._done:
-            if not self._done.wait_for(lambda: self._completed >= target, timeout):
-                raise TimeoutError(f"announcement to the DHT did not finish within {timeout} s")
+            while not self._done.wait_for(lambda: self._completed >= target, 0.1):
+                if not _dht_alive(self.dht):  # gone (a group SIGTERM reached it too): it will never finish
+                    raise TimeoutError("announcement to the DHT failed: the DHT peer process is gone")
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"announcement to the DHT did not finish within {timeout} s")
 
     def _run(self) -> None:
         while True:

@@ -221,7 +221,7 @@ def test_kill_9_of_the_engine_leaves_no_process(tmp_path):
     try:
         names = sorted(psutil.Process(pid).name() for pid in children)
         assert any("p2pd" in name for name in names), names
-        time.sleep(1.0)  # the reaper looks twice a second
+        time.sleep(1.0)  # the reaper looks four times a second
         engine.kill()
         engine.wait()
         deadline = time.monotonic() + 5.0
@@ -277,7 +277,7 @@ def test_reaper_ends_what_a_killed_process_left_and_spares_reused_pids():
     family: dict[int, float] = {}
     try:
         int(parent.stdout.readline())
-        time.sleep(1.0)  # the reaper notes descendants twice a second
+        time.sleep(1.0)  # the reaper notes descendants four times a second
         family = {p.pid: p.create_time() for p in psutil.Process(parent.pid).children(recursive=True)}
         assert len(family) == 3, family  # reaper, child, grandchild
         forked = [pid for pid in family if "engine.reaper" not in " ".join(psutil.Process(pid).cmdline())]
