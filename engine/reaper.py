@@ -2,8 +2,8 @@
 
 Started by engine.lifetime in its own session. While the watched process runs, the reaper notes its
 descendants (pid and start time) four times a second; once it is gone (exit, crash, kill -9, out-of-memory
-kill) it sends SIGTERM to those still running, then SIGKILL after a grace period. A process is signalled only if
-its pid still has the start time noted, so a pid reused by an unrelated process is never touched.
+kill) it sends SIGTERM to those still running, then SIGKILL after a grace period. A process is signalled
+only if its pid still has the start time noted, so a pid reused by an unrelated process is never touched.
 Only the standard library and psutil: it starts in a fraction of a second and holds little memory.
 """
 
