@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU runs: spinning OpenMP threads starve the others
 
 import torch  # noqa: E402
 
@@ -41,7 +42,7 @@ QUANTS = ("none", "int8", "nf4")
 SYNTHETIC_1B = dict(
     num_layers=22, hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4
 )
-PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+PROMPT = [{"role": "user", "content": "Tell me about Paris, the capital of France, in a few sentences."}]
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def local_baseline(path: Path, ids: list[int], new_tokens: int, device: str) -> 
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(device)).to(device).eval()
     inputs = torch.tensor([ids], device=device)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False)  # stops at EOS, as the swarm run does
     model.generate(inputs, max_new_tokens=2, do_sample=False)  # warm-up
     _sync(device)
     started = time.perf_counter()
@@ -119,7 +120,8 @@ def local_baseline(path: Path, ids: list[int], new_tokens: int, device: str) -> 
     total = time.perf_counter() - started
     del model, first
     _reset_peak(device)
-    return output[0, len(ids) :].tolist(), (new_tokens - 1) / max(total - prefill, 1e-9)
+    tokens = output[0, len(ids) :].tolist()
+    return tokens, (len(tokens) - 1) / max(total - prefill, 1e-9)
 
 
 def swarm_run(path: Path, ids: list[int], new_tokens: int, quant: str, prefix: str, device: str):
@@ -158,7 +160,7 @@ def swarm_run(path: Path, ids: list[int], new_tokens: int, quant: str, prefix: s
         )
         try:
             inputs = torch.tensor([ids])
-            params = SamplingParams(max_new_tokens=new_tokens, eos_token_id=None)
+            params = SamplingParams(max_new_tokens=new_tokens, eos_token_id=_eos(config))
             list(stream_generate(remote, inputs, SamplingParams(max_new_tokens=2, eos_token_id=None)))
             first, tokens = None, []
             for step in stream_generate(remote, inputs, params):
@@ -172,6 +174,11 @@ def swarm_run(path: Path, ids: list[int], new_tokens: int, quant: str, prefix: s
     finally:
         host.stop()
     return tokens, rate, planned, loaded, peak
+
+
+def _eos(config) -> int | None:
+    eos = config.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
 
 
 def model_path(name: str, tmp: Path) -> Path:
