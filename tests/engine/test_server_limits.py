@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -174,3 +175,32 @@ def test_work_past_its_deadline_is_dropped(client, server):
         blocker.result(10)
     time.sleep(0.5)
     assert done[TaskKind.FORWARD] == before + 1  # the blocker only: the expired forward never ran
+
+
+def test_work_of_a_caller_who_left_stops_at_the_next_chunk(client, server):
+    """The client cancels a long streamed forward: the chunks not yet run are dropped within a second."""
+    from hivemind.compression import serialize_torch_tensor
+    from hivemind.utils.streaming import split_for_streaming
+
+    chunks = len(plan_forward_chunks(1, 2048, LIMITS["forward_chunk_tokens"]))
+    done = server._pool.stats.tasks_done
+    before = done[TaskKind.FORWARD]
+    flat, structure = pack_args(torch.randn(1, 2048, HIDDEN), DUMMY)  # 512 KiB: under the byte limit
+    metadata = MSGPackSerializer.dumps({"args_structure": structure})
+    parts = [
+        runtime_pb2.ExpertRequest(uid=UIDS, tensors=[part], metadata=metadata)
+        for tensor in flat
+        for part in split_for_streaming(serialize_torch_tensor(tensor), 2**16)
+    ]
+
+    async def call():
+        outputs = await client.stub.rpc_forward_stream(iter_as_aiter(parts))
+        return [message async for message in outputs]
+
+    future = asyncio.run_coroutine_threadsafe(call(), client._loop)
+    assert wait_for(lambda: done[TaskKind.FORWARD] >= before + 2, timeout=30, interval=0.005)
+    future.cancel()  # the caller leaves: its stream closes
+    time.sleep(1.5)
+    settled = done[TaskKind.FORWARD]
+    time.sleep(1.0)
+    assert done[TaskKind.FORWARD] == settled < before + chunks, "chunks kept running after the caller left"
