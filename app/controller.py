@@ -289,6 +289,7 @@ class AppController(QObject):
             free_bytes=free,
             memory_name=name,
             policy_info=self.policy_info,
+            invite=(self.dashboard_model.snapshot.status or {}).get("invite"),
             parent=self.dashboard,
         )
 

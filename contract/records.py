@@ -99,6 +99,13 @@ class Status(_Record):
     blocks: list[int] | None = _doc("[start, end) of the hosted span")
     swarm: Swarm = _doc("the swarm the engine joined", Swarm.LOCAL)
     ready: bool = _doc("the engine has joined the swarm (and started the demo servers if local)", False)
+    addresses: list[str] = _doc(
+        "multiaddresses other engines can join this swarm through (local swarm: this machine only)",
+        factory=list,
+    )
+    invite: str | None = _doc(
+        "a token carrying those addresses, for 'Join with an invite' (contract.invites)"
+    )
     reachability: dict[str, Any] | None = _doc(
         "the hosted server's dial-back check, or null while not hosting or not checked yet: "
         '{"state": "reachable"/"relayed"/"unreachable"/"unknown", "advice": the one thing to do or null, '

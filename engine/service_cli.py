@@ -38,7 +38,7 @@ def add_commands(subparsers) -> None:
         choices=("local", "public", "private"),
         default="local",
         help="local: a new swarm on this machine with the demo model (default); public: the Petals swarm; "
-        "private: your own swarm (needs --initial-peers)",
+        "private: your own swarm (join with --initial-peers or --invite; without them, start a new one)",
     )
     run.add_argument(
         "--demo-model",
@@ -48,6 +48,11 @@ def add_commands(subparsers) -> None:
         "(random weights, instant, gibberish replies)",
     )
     run.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of peers in the swarm")
+    run.add_argument(
+        "--invite",
+        default=None,
+        help="join a private swarm with the invite its creator shared (implies private)",
+    )
     run.add_argument("--model", default=None, help="default chat and hosting model (default: the demo model)")
     run.add_argument("--data-dir", type=Path, default=None, help="where state, token and demo model live")
     run.add_argument(
@@ -206,10 +211,15 @@ def run_service(args: argparse.Namespace) -> int:
         return 1
     guard_children()  # before anything forks: no helper outlives the engine, however it ends
     try:
+        swarm, peers = args.swarm, tuple(args.initial_peers)
+        if getattr(args, "invite", None):
+            from contract.invites import parse_invite
+
+            swarm, peers = "private", (*peers, *parse_invite(args.invite))
         config = ServiceConfig(
             data_dir=data_dir,
-            swarm=args.swarm,
-            initial_peers=tuple(args.initial_peers),
+            swarm=swarm,
+            initial_peers=peers,
             default_model=args.model,
             demo_model=args.demo_model,
             grace_seconds=args.grace_seconds,

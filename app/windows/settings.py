@@ -29,8 +29,8 @@ from app.qt import (
 )
 from app.settings import QUANTS, SWARM_LABELS, SWARMS, Settings
 from app.viewmodels.dashboard import format_bytes
+from app.windows.invites import InvitePanel
 from contract import peer_address_problem
-from contract.addresses import EXAMPLE
 
 QUANT_LABELS = {
     "auto": "Automatic (nf4 on NVIDIA GPUs)",
@@ -99,6 +99,7 @@ class SettingsDialog(QDialog):
         free_bytes: int | None = None,
         memory_name: str = "memory",
         policy_info: dict | None = None,
+        invite: str | None = None,
         parent: QWidget | None = None,
     ):
         super().__init__(parent)
@@ -114,7 +115,9 @@ class SettingsDialog(QDialog):
             self.swarm.addItem(SWARM_LABELS[swarm], swarm)
         self.swarm.setCurrentIndex(SWARMS.index(settings.swarm))
         self.peers = QPlainTextEdit("\n".join(settings.initial_peers))
-        self.peers.setPlaceholderText("/ip4/203.0.113.5/tcp/31337/p2p/Qm… (one multiaddress per line)")
+        self.peers.setPlaceholderText(
+            "/ip4/203.0.113.5/tcp/31337/p2p/Qm… (one multiaddress per line; none: start a new private swarm)"
+        )
         self.peers.setMaximumHeight(60)
         self.swarm.currentIndexChanged.connect(self._swarm_changed)
         self.peers.textChanged.connect(self._check_peers)
@@ -124,6 +127,10 @@ class SettingsDialog(QDialog):
         form.addRow("Swarm", self.swarm)
         form.addRow("Private peers", self.peers)
         form.addRow("", self.peers_problem)
+        self.invites = InvitePanel(invite)
+        self.invites.create_requested.connect(self._create_private_swarm)
+        self.invites.join_requested.connect(self._join_private_swarm)
+        form.addRow("Invites", self.invites)
 
         self.memory = MemorySlider(settings.memory_fraction, free_bytes, memory_name=memory_name)
         form.addRow("Memory for hosting", self.memory)
@@ -196,10 +203,17 @@ class SettingsDialog(QDialog):
         if self.swarm.currentData() != "private":
             return ""
         lines = [line.strip() for line in self.peers.toPlainText().splitlines() if line.strip()]
-        if not lines:
-            return "A private swarm needs at least one peer: paste its multiaddress, like " + EXAMPLE
         problems = [problem for line in lines if (problem := peer_address_problem(line))]
         return problems[0] if problems else ""
+
+    def _create_private_swarm(self) -> None:
+        """No peers: the engine starts a new private swarm and shows its invite here."""
+        self.swarm.setCurrentIndex(SWARMS.index("private"))
+        self.peers.setPlainText("")
+
+    def _join_private_swarm(self, addresses: tuple) -> None:
+        self.swarm.setCurrentIndex(SWARMS.index("private"))
+        self.peers.setPlainText("\n".join(addresses))
 
     def _check_peers(self) -> None:
         problem = self.peers_problem_text()

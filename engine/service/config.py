@@ -22,7 +22,8 @@ class ServiceConfig:
     data_dir: Path
     # "local": a new swarm on 127.0.0.1 with a demo server; "public": the Petals swarm; "private": yours.
     swarm: str = "local"
-    # Multiaddrs of swarm peers (required for "private"; "public" uses the Petals bootstrap peers).
+    # Multiaddrs of swarm peers ("private" without any creates a new private swarm; "public" uses the Petals
+    # bootstrap peers).
     initial_peers: tuple[str, ...] = ()
     # Model used when a request names none (hosting, plan, swarm); None: the demo model.
     default_model: str | None = None
@@ -46,8 +47,6 @@ class ServiceConfig:
             raise ValueError(
                 f"demo_model must be one of {', '.join(DEMO_MODEL_CHOICES)}, got {self.demo_model!r}"
             )
-        if self.swarm == "private" and not self.initial_peers:
-            raise ValueError("--swarm private needs --initial-peers (multiaddrs of peers in your swarm)")
         if self.swarm == "local" and self.initial_peers:
             raise ValueError("--swarm local starts a new swarm: leave out --initial-peers")
         if self.grace_seconds < 0 or self.max_context < 1:

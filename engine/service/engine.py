@@ -171,18 +171,21 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
         from engine.swarm.presets import get_preset
 
         try:
-            preset = get_preset(self.config.swarm, self.config.initial_peers)
             local = self.config.swarm == "local"
             self._set_status(message="Joining the swarm")
-            peers = preset.initial_peers
             if local:
                 # The local swarm's first peer, which the client also uses (each server has a peer of its own:
                 # a server's records are keyed by its peer id).
                 dht = self._swarm_dht = start_dht((), host="127.0.0.1", new_swarm=True)
+            elif self.creates_private_swarm:
+                # A new private swarm: our peer is its first, reachable one; others join by our invite.
+                dht = self._swarm_dht = start_dht((), host="0.0.0.0", new_swarm=True)
             else:
+                peers = get_preset(self.config.swarm, self.config.initial_peers).initial_peers
                 dht = start_dht(peers, host="0.0.0.0", client_mode=True)
             with self._lock:
                 self.dht = dht
+            self._set_invite()
             if self._closing.is_set():
                 return
             self._open_ledger(dht.peer_id.to_base58())
@@ -264,9 +267,29 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
             demo=True,
         )
 
+    @property
+    def creates_private_swarm(self) -> bool:
+        """A private swarm without peers to join: this engine starts it (and invites others)."""
+        return self.config.swarm == "private" and not self.config.initial_peers
+
+    def _set_invite(self) -> None:
+        """Put the addresses others can join through, and the invite made of them, into the status."""
+        from contract.invites import InviteError, make_invite
+
+        addresses: tuple[str, ...] = ()
+        if self.config.swarm == "private" or self.config.swarm == "local":
+            addresses = self._peer_addresses()  # local: this machine only (127.0.0.1)
+        try:
+            invite = make_invite(addresses) if addresses else None
+        except InviteError as exc:
+            logger.warning("no invite: %s", exc)
+            invite = None
+        self._set_status(addresses=list(addresses), invite=invite)
+
     def _peer_addresses(self) -> tuple[str, ...]:
-        """Addresses a new peer of ours should bootstrap from: the engine's own DHT on a local swarm."""
-        if self.config.swarm == "local":
+        """Addresses a new peer of ours should bootstrap from: the engine's own DHT on a local swarm or a
+        private swarm it created, else the swarm's initial peers."""
+        if self._swarm_dht is not None:
             return tuple(str(a) for a in self._swarm_dht.get_visible_maddrs())
         from engine.swarm.presets import get_preset
 

@@ -288,7 +288,7 @@ def test_settings_check_peers_as_typed_and_name_the_memory(qtbot, app_dirs):
 
     dialog = SettingsDialog(Settings(swarm="private"), free_bytes=16 * 1024**3, memory_name="RAM")
     qtbot.addWidget(dialog)
-    assert not dialog.save_button.isEnabled() and "at least one peer" in dialog.peers_problem.text()
+    assert dialog.save_button.isEnabled()  # no peers: a new private swarm starts here
     dialog.peers.setPlainText("/ip4/not-an-address/tcp/abc")
     assert not dialog.save_button.isEnabled()
     assert "'not-an-address' is not an IP address" in dialog.peers_problem.text()
@@ -301,3 +301,33 @@ def test_settings_check_peers_as_typed_and_name_the_memory(qtbot, app_dirs):
     assert dialog.save_button.isEnabled()
     dialog.memory.slider.setValue(50)
     assert dialog.memory.label.text() == "50 % of free RAM: about 8.0 GB of 16.0 GB"
+
+
+def test_settings_create_and_join_private_swarms_by_invite(qtbot, app_dirs):
+    from app.qt import QGuiApplication
+    from app.windows.settings import SettingsDialog
+    from contract.invites import make_invite
+
+    peer = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWCNSLFe2PXo7dHyH8A27vxBMfKKuAJEa9rnvzwW5sLjEc"
+    ours = make_invite([peer])
+    dialog = SettingsDialog(Settings(swarm="local"), invite=ours)
+    qtbot.addWidget(dialog)
+    panel = dialog.invites
+    panel.copy_button.click()
+    assert QGuiApplication.clipboard().text() == ours
+
+    panel.pasted.setText("pollinate-invite-1.garbage!")
+    panel.join_button.click()
+    assert panel.problem.isVisibleTo(dialog) and "damaged" in panel.problem.text()
+    assert dialog.result_settings().swarm == "local"  # nothing changed
+
+    panel.pasted.setText(ours)
+    panel.join_button.click()
+    assert panel.problem.isHidden()
+    joined = dialog.result_settings()
+    assert (joined.swarm, joined.initial_peers) == ("private", (peer,))
+
+    panel.create_button.click()
+    created = dialog.result_settings()
+    assert (created.swarm, created.initial_peers) == ("private", ())
+    assert dialog.save_button.isEnabled()

@@ -61,8 +61,16 @@ def test_incremental_decoder_waits_for_whole_characters():
 
 @pytest.mark.parametrize(
     "fields",
-    [dict(swarm="moon"), dict(swarm="private"), dict(swarm="local", initial_peers=("/ip4/1.2.3.4",))],
+    [dict(swarm="moon"), dict(swarm="local", initial_peers=("/ip4/1.2.3.4",))],
 )
 def test_service_config_rejects_bad_combinations(tmp_path, fields):
     with pytest.raises(ValueError):
         ServiceConfig(data_dir=tmp_path, **fields)
+
+
+def test_private_swarm_without_peers_is_created_here(tmp_path):
+    from engine.service import EngineService
+
+    assert EngineService(ServiceConfig(data_dir=tmp_path, swarm="private")).creates_private_swarm
+    joined = ServiceConfig(data_dir=tmp_path, swarm="private", initial_peers=("/ip4/1.2.3.4/tcp/1/p2p/Qm",))
+    assert not EngineService(joined).creates_private_swarm
