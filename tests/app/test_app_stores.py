@@ -18,8 +18,8 @@ from contract.stores import acknowledge, open_store, pending
 def _good_history(path: Path) -> None:
     history = ChatHistory(path).open()
     conversation = history.create_conversation("old chat")
-    for i in range(200):  # several pages
-        history.add_message(conversation, "user", f"message {i} " + "x" * 200)
+    for i in range(20):  # several pages (each commit syncs to disk: keep them few)
+        history.add_message(conversation, "user", f"message {i} " + "x" * 2000)
     history.close()
 
 
@@ -76,7 +76,7 @@ def test_a_sound_history_is_kept(tmp_path):
     path = tmp_path / "chat-history.sqlite3"
     _good_history(path)
     history = ChatHistory(path).open()
-    assert history.set_aside is None and len(history.messages(history.conversations()[0].id)) == 200
+    assert history.set_aside is None and len(history.messages(history.conversations()[0].id)) == 20
     history.close()
     assert pending(tmp_path) == []
 
