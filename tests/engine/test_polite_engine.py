@@ -9,9 +9,11 @@ observable state with a deadline; the deadlines are the stated bounds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -138,8 +140,27 @@ def _stop_hosting(engine) -> None:
         time.sleep(0.2)
 
 
+def _listen(engine, seen: list, stop) -> None:
+    """Collect the `status` events of /api/events until `stop(seen)` is true."""
+    with engine.stream("GET", "/api/events", timeout=120) as response:
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind == "status":
+                seen.append(json.loads(line[6:]))
+                if stop(seen):
+                    return
+
+
 def test_user_pause_hold_resume_and_timed_release(engine, hosted_model):
     _start_hosting(engine, hosted_model)
+    events: list[dict] = []
+    listener = threading.Thread(
+        target=_listen, args=(engine, events, lambda seen: seen[-1]["state"] == "paused"), daemon=True
+    )
+    listener.start()
+    wait_for(lambda: events, timeout=10, interval=0.05)  # subscribed: the current status came first
     try:
         # Hold: the weights stay loaded; resuming is one DHT announcement.
         paused = engine.post("/api/hosting/pause", json={"release": False, "grace_seconds": 0})
@@ -147,9 +168,12 @@ def test_user_pause_hold_resume_and_timed_release(engine, hosted_model):
         status = _wait_status(engine, lambda s: s["state"] == "paused", 30)
         assert status["pause"]["reason"] == "user" and status["pause"]["mode"] == "hold"
         assert status["pause"]["until"] is None and status["model"] == str(hosted_model)
+        listener.join(30)  # /api/events sent the change: draining with the pause's reason, then paused
+        assert [e["state"] for e in events][-2:] == ["draining", "paused"]
+        assert events[-2]["pause"]["reason"] == "user" and events[-1]["pause"]["mode"] == "hold"
         sharing = engine.get("/api/stats").json()["hosting_seconds"]
         assert engine.post("/api/hosting/start", json={"model": str(hosted_model)}).status_code == 409
-        wait_for(lambda: False, timeout=1.0)  # a second of pause, which must not count as sharing time
+        time.sleep(1.0)  # a second of pause, which must not count as sharing time (checked below)
         started = time.monotonic()
         resumed = engine.post("/api/hosting/resume")
         assert resumed.status_code == 202 and resumed.json()["state"] == "serving"
@@ -232,8 +256,8 @@ def test_cpu_hog_pauses_sharing_without_breaking_a_generation_then_sharing_resum
                 hosted_model, peers, "--blocks", "0:8", "--dht-prefix", prefix
             ) as second:
                 assert second.peer_id not in engine_route
+                hog_started = time.monotonic()  # before the spawn: the hog competes with this process too
                 with cpu_hog(seconds=60) as hog:
-                    hog_started = time.monotonic()
                     status = _wait_status(
                         engine, lambda s: s["state"] in ("draining", "paused"), STEP_ASIDE_SECONDS
                     )
