@@ -1,7 +1,8 @@
 """The contribution ledger inside the engine service: points for serving other peers, observed contribution.
 
 Two in-process services on one local swarm: the first runs the demo server; the second joins it as a
-private-swarm peer and chats with the demo model, so the first one's host serves another peer's requests.
+private-swarm peer with only the first one's invite (/api/status) and chats with the demo model, so the
+first one's host serves another peer's requests and its points rise.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
+from contract.invites import parse_invite
 from engine.api.app import create_app
 from engine.service import EngineService, GenerationRequest, ServiceConfig
 from engine.service.text import Finished
@@ -51,17 +53,22 @@ def test_stats_show_ledger_points_after_serving_another_peer(tmp_path):
         assert indexed["complete"] and indexed["servers"] == 1
         assert demo["observed_contribution"]["consumed_token_blocks"] > 0
 
+        # The second engine is given only the first one's invite (Settings › Join with an invite).
+        status = api.get("/api/status", headers=headers).json()
+        assert status["addresses"] and set(parse_invite(status["invite"])) == set(status["addresses"])
+        peers = parse_invite(status["invite"])
         second = EngineService(
             ServiceConfig(
                 data_dir=tmp_path / "second",
                 swarm="private",
-                initial_peers=first._peer_addresses(),
+                initial_peers=peers,
                 demo_server=False,
                 demo_model="tiny",
             )
         )
         second.start(wait=True)
         assert second.status()["ready"], second.status()
+        assert parse_invite(second.status()["invite"]) == peers  # it can invite others to the same swarm
         finished = _chat(second)
         assert finished.completion_tokens > 0
 
