@@ -189,20 +189,27 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
             if self._closing.is_set():
                 return
             self._open_ledger(dht.peer_id.to_base58())
-            demo = self._demo_ref()
-            with self._lock:
-                self._catalog[demo.name] = demo
-            if local and self.config.demo_server:
+            demo = self._optional_demo_ref(required=local)
+            if demo is not None:
+                with self._lock:
+                    self._catalog[demo.name] = demo
+            if demo is not None and local and self.config.demo_server:
                 self._start_demo_hosts(demo)
-            self._set_status(ready=True, message=None)
+            self._set_status(ready=True, message=None, progress=None)
         except Exception as exc:
             logger.exception("the engine could not start")
             self._set_status(state=HostingState.ERROR, message=self._boot_failure(exc), ready=False)
 
     def _boot_failure(self, exc: Exception) -> str:
         """One sentence a person can act on (the details, addresses included, are in the log)."""
+        from engine.models.errors import ModelError
+        from engine.smollm2 import SmolLM2MissingError
         from engine.swarm.dht_node import SwarmConnectionError
 
+        if isinstance(exc, SmolLM2MissingError):
+            return str(exc)  # says which package is missing and how to install it
+        if isinstance(exc, ModelError):
+            return f"The engine could not prepare the demo model: {exc}"
         if isinstance(exc, SwarmConnectionError) and "could not reach" in str(exc):
             if self.config.swarm == "private":
                 return (
@@ -227,6 +234,19 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
     def host_hooks(self) -> dict[str, Any]:
         """Keyword arguments that tie a BlockHost to the ledger (priority, usage and points callbacks)."""
         return self.ledger.host_hooks() if self.ledger is not None else {}
+
+    def _optional_demo_ref(self, required: bool) -> ModelRef | None:
+        """The demo model; off the local swarm a demo that cannot be prepared is left out, not fatal."""
+        from engine.models.errors import ModelNotFoundError
+
+        try:
+            return self._demo_ref()
+        except ModelNotFoundError as exc:
+            if required:
+                raise
+            logger.warning("the demo model is not available (the swarm's models still are): %s", exc)
+            self._set_status(progress=None)
+            return None
 
     def _demo_ref(self) -> ModelRef:
         """The local swarm's model, prepared on first use (SmolLM2: ~20 s once, with progress in status)."""

