@@ -220,12 +220,20 @@ def swarm(path: Path, spans: Sequence[tuple[int, int]], args, dtype: str, prefix
         yield peers
 
 
+PUSH = True  # --no-push: the client does not ask servers to push to each other
+
+
 def connect(path: Path, peers: list[str], prefix: str, dtype: torch.dtype, timeout: float = 60.0):
     """A client model that has seen every block in the swarm (servers announce shortly after start)."""
     from engine.client.model import DistributedModelForCausalLM
+    from engine.client.sequence_manager import ClientConfig
 
     remote = DistributedModelForCausalLM.from_pretrained(
-        str(path), initial_peers=peers, dht_prefix=prefix, dtype=dtype
+        str(path),
+        initial_peers=peers,
+        dht_prefix=prefix,
+        dtype=dtype,
+        client_config=ClientConfig(server_to_server=PUSH),
     )
     deadline = time.monotonic() + timeout
     while True:
@@ -383,7 +391,10 @@ def main() -> int:
         "--quant", choices=("none", "int8", "nf4"), default="none", help="servers' quantization"
     )
     parser.add_argument("--in-process", action="store_true", help="servers in this process, not children")
+    parser.add_argument("--no-push", action="store_true", help="no server-to-server push (hop by hop)")
     args = parser.parse_args()
+    global PUSH
+    PUSH = not args.no_push
     if args.repeats < 1 or args.new_tokens < 2:
         parser.error("--repeats must be >= 1 and --new-tokens >= 2")
     dtype_name = args.dtype or ("float16" if args.device == "cuda" else "float32")

@@ -33,9 +33,10 @@ from engine.client.sampling import SamplingParams, apply_repetition_penalty, app
 class SpeculationConfig:
     """How to speculate: drafter, draft lengths, and the assumed cost of one more token per round."""
 
-    min_draft: int = 1
+    min_draft: int = 0  # 0: stop drafting while acceptance is too low to pay (probing now and then)
     max_draft: int = 8
     initial_draft: int = 4
+    probe_every: int = 8  # with no drafting, draft one token every this many rounds to re-measure
     max_ngram: int = 3  # prompt lookup matches the last max_ngram..1 tokens
     # Extra time of one more token in a round, relative to a one-token round (mostly round trips over a WAN,
     # so small); it keeps the draft short when acceptance is low.
@@ -44,8 +45,10 @@ class SpeculationConfig:
     drafter: Any = None  # any object with Drafter's `draft` (overrides both of the above)
 
     def __post_init__(self):
-        if not 1 <= self.min_draft <= self.initial_draft <= self.max_draft:
-            raise ValueError("need 1 <= min_draft <= initial_draft <= max_draft")
+        if not 0 <= self.min_draft <= self.initial_draft <= self.max_draft or self.initial_draft < 1:
+            raise ValueError("need 0 <= min_draft <= initial_draft <= max_draft and initial_draft >= 1")
+        if self.probe_every < 1:
+            raise ValueError("probe_every must be >= 1")
         if self.max_ngram < 1 or self.token_cost < 0:
             raise ValueError("max_ngram must be >= 1 and token_cost >= 0")
 
@@ -206,7 +209,9 @@ class DraftLength:
     """Adaptive draft length: the k that maximises expected tokens per unit of round time.
 
     With per-token acceptance a, a round with k draft tokens yields (1 - a^(k+1)) / (1 - a) tokens on
-    average and costs 1 + k * token_cost; `acceptance` is a running average of what was observed.
+    average and costs 1 + k * token_cost; `acceptance` is a running average of what was observed. Below
+    about token_cost, no draft pays: k drops to 0 and a one-token probe every probe_every rounds keeps
+    measuring.
     """
 
     config: SpeculationConfig = field(default_factory=SpeculationConfig)
@@ -215,6 +220,17 @@ class DraftLength:
 
     def __post_init__(self):
         self.k = self.config.initial_draft
+        self._idle = 0
+
+    def next(self) -> int:
+        """The draft length for the next round: k, or a one-token probe after probe_every idle rounds."""
+        if self.k > 0:
+            return self.k
+        self._idle += 1
+        if self._idle >= self.config.probe_every:
+            self._idle = 0
+            return 1
+        return 0
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
@@ -292,7 +308,7 @@ def speculative_rounds(
     produced = 0
     while True:
         room = session.max_length - kept_position - len(pending_ids)
-        k = max(min(length.k, room, max_new_tokens - produced - 1), 0)
+        k = max(min(length.next(), room, max_new_tokens - produced - 1), 0)
         draft, draft_probs = [], None
         if k > 0 and model.can_roll_back(session):
             draft, draft_probs = drafter.draft(tokens, k)

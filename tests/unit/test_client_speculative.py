@@ -83,12 +83,28 @@ def test_accept_draft_bonus_token_and_shape_check():
 def test_draft_length_follows_the_acceptance_rate():
     config = SpeculationConfig(min_draft=1, max_draft=8, token_cost=0.05)
     assert best_draft_length(0.0, config) == 1
+    assert best_draft_length(0.02, SpeculationConfig()) == 0  # drafting does not pay: plain steps
     assert best_draft_length(0.3, config) <= 2
     assert best_draft_length(0.9, config) >= 6
     assert best_draft_length(1.0, config) == 8
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
     with pytest.raises(ValueError):
         SpeculationConfig(min_draft=3, initial_draft=2)
+
+
+def test_draft_length_stops_drafting_when_nothing_is_accepted_and_probes():
+    from engine.client.speculative import DraftLength
+
+    length = DraftLength(SpeculationConfig(probe_every=4))
+    for _ in range(10):
+        length.update(drafted=length.next() or 1, accepted=0)
+    assert length.k == 0
+    lengths = [length.next() for _ in range(8)]
+    probes = [i for i, k in enumerate(lengths) if k]
+    assert set(lengths) == {0, 1} and len(probes) == 2 and probes[1] - probes[0] == 4  # every 4 rounds
+    for _ in range(10):
+        length.update(drafted=4, accepted=4)  # the text turned repetitive: drafts pay again
+    assert length.next() == 8
 
 
 # --- the loop, against a local transformers model with a rollback-capable cache ---
