@@ -161,8 +161,7 @@ class Chain:
     relay_ports: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        self.ports = [free_port() for _ in self.spans]
-        self.relay_ports = [free_port() for _ in self.spans]
+        self.ports = [free_port() for _ in self.spans]  # the relay's own ports come from the relay
 
 
 def split_blocks(num_blocks: int, servers: int) -> list[tuple[int, int]]:
@@ -448,16 +447,17 @@ def bench_model(model: str, args, tmp: Path, logs: Path, boot: list[str], env: d
         flush=True,
     )
     chains = {kind: Chain(spans) for kind in ("petals", "pollinate")}
-    routes = [
-        f"{relay}:{port}"
-        for chain in chains.values()
-        for relay, port in zip(chain.relay_ports, chain.ports, strict=True)
-    ]
+    routes = [f"0:{port}" for chain in chains.values() for port in chain.ports]
     relay = [
         sys.executable, "-m", "bench.wan.relay", "--delay-ms", args.delay_ms, "--jitter-ms", args.jitter_ms,
         "--mbit", args.mbit, *routes,
     ]  # fmt: skip
-    with spawn("relay", relay, env, logs / f"relay-{Path(model).name}.log", r"^relay ready"):
+    with spawn("relay", relay, env, logs / f"relay-{Path(model).name}.log", r"^relay ready") as text:
+        # "relay ready 41234->38001 ...": the ports it listens on (picked by the system: no race for them)
+        line = re.search(r"^relay ready .*$", text, re.M).group(0)
+        listening = {int(target): int(port) for port, target in re.findall(r"(\d+)->(\d+)", line)}
+        for chain in chains.values():
+            chain.relay_ports = [listening[port] for port in chain.ports]
         return _run_rows(Path(model).name, args, path, ids, local, chains, tmp, logs, boot)
 
 

@@ -8,7 +8,8 @@ Each direction of each connection is a link of its own: a chunk read at time t i
 
     python -m bench.wan.relay --delay-ms 25 [--jitter-ms 0] [--mbit 0] LISTEN_PORT:TARGET_PORT [...]
 
-prints "relay ready" once it listens on every LISTEN_PORT (127.0.0.1) and runs until killed.
+prints "relay ready PORT->TARGET ..." once it listens on every LISTEN_PORT of 127.0.0.1 (0: a free port the
+system picks) and runs until killed.
 """
 
 from __future__ import annotations
