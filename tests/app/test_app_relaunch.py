@@ -17,6 +17,7 @@ from app.settings import Settings
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1500),  # ten engine starts: 3-5 minutes here, more on a busy machine
     pytest.mark.skipif(
         importlib.util.find_spec("engine.service_cli") is None, reason="the engine's `run` command is missing"
     ),
