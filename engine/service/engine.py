@@ -12,19 +12,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from contract import HostingState, Stats, Status, Swarm
+from contract import HostingState, Stats
 from engine.service.config import ModelRef, ServiceConfig
-from engine.service.errors import EngineNotReadyError
-from engine.service.generation import GenerationMixin
-from engine.service.hosting import HostingMixin
+from engine.service.core import ServiceCore
+from engine.service.generation import Generation
+from engine.service.hosting import Hosting
 from engine.service.lifetime import FIELDS as LIFETIME_FIELDS
 from engine.service.lifetime import LifetimeCounters
-from engine.service.models import CatalogMixin
-from engine.service.pausing import PauseMixin
-from engine.service.politeness import PolitenessMixin
+from engine.service.models import Catalog
+from engine.service.politeness import Politeness
+from engine.service.text import GenerationEvent, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,15 @@ def _version() -> str:
         return "0.1.0"
 
 
-class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, GenerationMixin):
+class EngineService:
     """The engine: DHT peer, swarm clients and block hosts, with a hosting state machine and counters.
 
-    Cheap to construct; `start()` joins the swarm in the background (status `ready` turns true), `close()`
-    stops everything. Every public method is thread-safe; blocking ones are called from worker threads.
+    Composed of parts that share only a ServiceCore (config, lock, status and events, swarm peers, ledger):
+    the Catalog (models, swarm views), Hosting (the user's block server, pauses included), Generation
+    (completions) and Politeness (policy and monitor). This class builds them, owns their lifecycle and is
+    the surface the API calls. Cheap to construct; `start()` joins the swarm in the background (status
+    `ready` turns true), `close()` stops everything. Every public method is thread-safe; blocking ones are
+    called from worker threads.
     """
 
     def __init__(self, config: ServiceConfig):
@@ -51,82 +55,95 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
         self.pid = os.getpid()
         self.data_dir = config.data_dir
         self.started_at = time.time()
-        self.dht = None  # our peer for swarm views, model index, inference (client mode unless local)
-        self._swarm_dht = None  # the local swarm's bootstrap peer (swarm "local" only)
-        self._lock = threading.RLock()
-        self._listeners: list[Callable[[str, Any], None]] = []
-        self._status = Status(swarm=Swarm(config.swarm))
-        self._catalog: dict[str, ModelRef] = {}
-        self._clients: dict[str, Any] = {}
-        self._client_locks: dict[str, threading.Lock] = {}
-        self._swarm_index: tuple[float, dict[str, Any]] = (0.0, {})
-        self._models_coverage: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
-        self._context_lengths: dict[str, int] = {}
-        self._demo_hosts: list = []  # the local swarm's demo servers
-        self._host = None  # the user's BlockHost while hosting (or paused with its weights held)
-        self._hosting_request: dict[str, Any] | None = None  # start_hosting's arguments, to resume a pause
-        self._stop_requested = False
-        self._served = {"tokens": 0, "requests": 0}  # from hosts that already stopped
-        self._hosting_since: float | None = None
-        self._hosting_seconds = 0.0
-        self._generated = {"tokens": 0, "requests": 0}
-        self._sessions = 0
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self.core = ServiceCore(config)
+        self.catalog = Catalog(self.core)
+        self.hosting = Hosting(self.core, self.catalog)
+        self.generation = Generation(self.core, self.catalog)
+        self.politeness = Politeness(self.core, self)
         self.lifetime = LifetimeCounters(config.data_dir)  # totals over every run, kept in the data dir
-        self.ledger = None  # engine.ledger.Ledger once started: points, priority, observed contributions
-        self._auditor = None  # probes the servers next to the user's hosting while it serves
+        self._demo_hosts: list = []  # the local swarm's demo servers
 
-    # ---- events ----------------------------------------------------------------------------------------
+    # ---- the surface the API (and the politeness monitor) calls -----------------------------------------
 
     def add_listener(self, listener: Callable[[str, Any], None]) -> None:
         """`listener(kind, data)` is called (from any thread) with "status" and "stats" events."""
-        self._listeners.append(listener)
-
-    def _emit(self, kind: str, data: Any) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(kind, data)
-            except Exception:
-                logger.exception("event listener failed")
-
-    def _set_status(self, **changes: Any) -> dict[str, Any]:
-        with self._lock:
-            if all(getattr(self._status, k) == v for k, v in changes.items()):
-                return self._status.to_dict()
-            self._status = self._status.replace(**changes)
-            status = self._status.to_dict()
-        self._emit("status", status)
-        return status
+        self.core.add_listener(listener)
 
     def status(self) -> dict[str, Any]:
         """The hosting state machine's position, as /api/status reports it (a contract.Status)."""
-        with self._lock:
-            return self._status.to_dict()
+        return self.core.status()
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return self.catalog.list_models()
+
+    def swarm_info(self, model: str | None) -> dict[str, Any]:
+        return self.catalog.swarm_info(model)
+
+    def hosting_plan(self, model: str | None, quant: str | None = None, memory_fraction: float | None = None):
+        return self.hosting.hosting_plan(model, quant, memory_fraction)
+
+    def start_hosting(self, model=None, blocks=None, quant=None, memory_fraction=None) -> dict[str, Any]:
+        return self.hosting.start_hosting(model, blocks, quant, memory_fraction)
+
+    def stop_hosting(self, grace_seconds: float | None = None) -> dict[str, Any]:
+        return self.hosting.stop_hosting(grace_seconds)
+
+    def pause_sharing(self, *args, **kwargs) -> dict[str, Any]:
+        return self.hosting.pause_sharing(*args, **kwargs)
+
+    def pause_for(self, *args, **kwargs) -> dict[str, Any]:
+        return self.hosting.pause_for(*args, **kwargs)
+
+    def resume_sharing(self, *args, **kwargs) -> dict[str, Any]:
+        return self.hosting.resume_sharing(*args, **kwargs)
+
+    def release_paused(self) -> None:
+        self.hosting.release_paused()
+
+    @property
+    def throttle(self) -> tuple[int | None, float]:
+        return self.hosting.throttle
+
+    def set_throttle(self, max_sessions: int | None, compute_share: float) -> None:
+        self.hosting.set_throttle(max_sessions, compute_share)
+
+    def hosting_device(self) -> str | None:
+        return self.hosting.hosting_device()
+
+    def policy(self) -> dict[str, Any]:
+        return self.politeness.policy()
+
+    def set_policy(self, data: dict[str, Any]) -> dict[str, Any]:
+        return self.politeness.set_policy(data)
+
+    @property
+    def monitor(self):
+        return self.politeness.monitor
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        return self.generation.generate(request, cancel)
+
+    @property
+    def dht(self):
+        return self.core.dht
+
+    @property
+    def ledger(self):
+        return self.core.ledger
 
     def stats(self) -> dict[str, Any]:
         """Counters for /api/stats (a contract.Stats)."""
-        with self._lock:
-            host = self._host
-            hosting = self._hosting_seconds
-            if self._hosting_since is not None:
-                hosting += time.time() - self._hosting_since
-            served = dict(self._served)
-            generated = dict(self._generated)
-        info = host.info() if host is not None else None
-        ledger = self.ledger.summary() if self.ledger is not None else dict(points=0.0, priority=1.0)
-        run = dict(
-            tokens_served=served["tokens"] + (info.tokens_served if info else 0),
-            requests_served=served["requests"] + (info.requests_served if info else 0),
-            hosting_seconds=round(hosting, 3),
-        )
+        run, info = self.hosting.counters()
+        generated = self.generation.counters()
+        ledger = self.core.ledger
+        summary = ledger.summary() if ledger is not None else dict(points=0.0, priority=1.0)
         lifetime = self.lifetime.totals(run)
         return Stats(
             **run,
             uptime_seconds=round(time.time() - self.started_at, 3),
             sessions_active=info.sessions_open if info else 0,
-            points=float(ledger["points"]),
-            priority=float(ledger["priority"]),
+            points=float(summary["points"]),
+            priority=float(summary["priority"]),
             tokens_generated=generated["tokens"],
             requests_generated=generated["requests"],
             lifetime_tokens_served=int(lifetime["tokens_served"]),
@@ -141,30 +158,24 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
     def _stats_loop(self) -> None:
         """Push stats when they change, at most once a second (uptime alone is no change)."""
         last = None
-        while not self._closing.wait(1.0):
+        while not self.core.closing.wait(1.0):
             stats = self.stats()
             self.lifetime.save({name: stats[name] for name in LIFETIME_FIELDS})
             key = {k: v for k, v in stats.items() if k not in ("uptime_seconds", "hosting_seconds")}
             if key != last:
                 last = key
-                self._emit("stats", stats)
-
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        self._threads = [t for t in self._threads if t.is_alive()]
-        self._threads.append(thread)
-        thread.start()
+                self.core.emit("stats", stats)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
     def start(self, wait: bool = False) -> None:
         """Join the swarm (and start the demo server on a local swarm) in the background."""
-        self._spawn(self._stats_loop, "pollinate-stats")
-        self._start_monitor()
+        self.core.spawn(self._stats_loop, "pollinate-stats")
+        self.politeness.start()
         if wait:
             self._boot()
         else:
-            self._spawn(self._boot, "pollinate-boot")
+            self.core.spawn(self._boot, "pollinate-boot")
 
     def _boot(self) -> None:
         from engine.swarm.dht_node import start_dht
@@ -172,33 +183,32 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
 
         try:
             local = self.config.swarm == "local"
-            self._set_status(message="Joining the swarm")
+            self.core.set_status(message="Joining the swarm")
             if local:
                 # The local swarm's first peer, which the client also uses (each server has a peer of its own:
                 # a server's records are keyed by its peer id).
-                dht = self._swarm_dht = start_dht((), host="127.0.0.1", new_swarm=True)
+                dht = self.core.swarm_dht = start_dht((), host="127.0.0.1", new_swarm=True)
             elif self.creates_private_swarm:
                 # A new private swarm: our peer is its first, reachable one; others join by our invite.
-                dht = self._swarm_dht = start_dht((), host="0.0.0.0", new_swarm=True)
+                dht = self.core.swarm_dht = start_dht((), host="0.0.0.0", new_swarm=True)
             else:
                 peers = get_preset(self.config.swarm, self.config.initial_peers).initial_peers
                 dht = start_dht(peers, host="0.0.0.0", client_mode=True)
-            with self._lock:
-                self.dht = dht
+            with self.core.lock:
+                self.core.dht = dht
             self._set_invite()
-            if self._closing.is_set():
+            if self.core.closing.is_set():
                 return
             self._open_ledger(dht.peer_id.to_base58())
             demo = self._optional_demo_ref(required=local)
             if demo is not None:
-                with self._lock:
-                    self._catalog[demo.name] = demo
+                self.catalog.add(demo)
             if demo is not None and local and self.config.demo_server:
                 self._start_demo_hosts(demo)
-            self._set_status(ready=True, message=None, progress=None)
+            self.core.set_status(ready=True, message=None, progress=None)
         except Exception as exc:
             logger.exception("the engine could not start")
-            self._set_status(state=HostingState.ERROR, message=self._boot_failure(exc), ready=False)
+            self.core.set_status(state=HostingState.ERROR, message=self._boot_failure(exc), ready=False)
 
     def _boot_failure(self, exc: Exception) -> str:
         """One sentence a person can act on (the details, addresses included, are in the log)."""
@@ -228,12 +238,8 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
         ledger = Ledger.open(default_ledger_path(self.data_dir))
         ledger.start_autosave()
         ledger.set_self(peer_id)  # our own client's requests earn our servers no points
-        with self._lock:
-            self.ledger = ledger
-
-    def host_hooks(self) -> dict[str, Any]:
-        """Keyword arguments that tie a BlockHost to the ledger (priority, usage and points callbacks)."""
-        return self.ledger.host_hooks() if self.ledger is not None else {}
+        with self.core.lock:
+            self.core.ledger = ledger
 
     def _optional_demo_ref(self, required: bool) -> ModelRef | None:
         """The demo model; off the local swarm a demo that cannot be prepared is left out, not fatal."""
@@ -245,7 +251,7 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
             if required:
                 raise
             logger.warning("the demo model is not available (the swarm's models still are): %s", exc)
-            self._set_status(progress=None)
+            self.core.set_status(progress=None)
             return None
 
     def _demo_ref(self) -> ModelRef:
@@ -270,14 +276,14 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
         name = smollm2.SMOLLM2_MODEL_NAME
 
         def progress(fraction: float, message: str) -> None:
-            self._set_status(
+            self.core.set_status(
                 progress=round(fraction, 3),
                 message=f"Preparing the demo model {name} (first start only): {message}",
             )
 
-        self._set_status(message=f"Checking the demo model {smollm2.SMOLLM2_MODEL_NAME}")
+        self.core.set_status(message=f"Checking the demo model {smollm2.SMOLLM2_MODEL_NAME}")
         path = smollm2.ensure_smollm2(self.data_dir / "models", progress=progress)
-        self._set_status(progress=None)
+        self.core.set_status(progress=None)
         return ModelRef(
             smollm2.SMOLLM2_MODEL_NAME,
             str(path),
@@ -298,22 +304,13 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
 
         addresses: tuple[str, ...] = ()
         if self.config.swarm == "private" or self.config.swarm == "local":
-            addresses = self._peer_addresses()  # local: this machine only (127.0.0.1)
+            addresses = self.core.peer_addresses()  # local: this machine only (127.0.0.1)
         try:
             invite = make_invite(addresses) if addresses else None
         except InviteError as exc:
             logger.warning("no invite: %s", exc)
             invite = None
-        self._set_status(addresses=list(addresses), invite=invite)
-
-    def _peer_addresses(self) -> tuple[str, ...]:
-        """Addresses a new peer of ours should bootstrap from: the engine's own DHT on a local swarm or a
-        private swarm it created, else the swarm's initial peers."""
-        if self._swarm_dht is not None:
-            return tuple(str(a) for a in self._swarm_dht.get_visible_maddrs())
-        from engine.swarm.presets import get_preset
-
-        return get_preset(self.config.swarm, self.config.initial_peers).initial_peers
+        self.core.set_status(addresses=list(addresses), invite=invite)
 
     def _start_demo_hosts(self, demo: ModelRef) -> None:
         """Start the demo servers, each on a span of the demo model (two for a real pipeline)."""
@@ -323,22 +320,24 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
 
         spans = demo_spans(demo.num_blocks, 1 if demo.random_weights else 2)
         for number, (start, end) in enumerate(spans, 1):
-            self._set_status(message=f"Starting demo server {number} of {len(spans)} (blocks {start}:{end})")
+            self.core.set_status(
+                message=f"Starting demo server {number} of {len(spans)} (blocks {start}:{end})"
+            )
             # Its own DHT peer: a server's records are keyed by its peer id, so two servers need two peers.
             config = ServerConfig(
                 model=demo.source,
                 start_block=start,
                 end_block=end,
                 dht_prefix=demo.dht_prefix,
-                initial_peers=self._peer_addresses(),
+                initial_peers=self.core.peer_addresses(),
                 host="127.0.0.1",
                 device="cpu",
                 throughput=1.0,
                 public_name=f"pollinate demo server {number}",
             )
-            host = BlockHost(config, **self.host_hooks())
-            with self._lock:
-                if self._closing.is_set():
+            host = BlockHost(config, **self.core.host_hooks())
+            with self.core.lock:
+                if self.core.closing.is_set():
                     return
                 self._demo_hosts.append(host)
             host.start()
@@ -349,29 +348,23 @@ class EngineService(CatalogMixin, HostingMixin, PauseMixin, PolitenessMixin, Gen
         The parts stop in parallel (each DHT peer is a process of its own that takes a moment to end), so
         an idle engine stops in a few seconds.
         """
-        self._closing.set()
+        self.core.closing.set()
         self._save_lifetime()  # while the host's counters are still in stats()
-        self._stop_monitor()
-        with self._lock:
-            host, self._host = self._host, None
+        self.politeness.stop()
+        host, auditor = self.hosting.take_for_close()
+        clients = self.generation.take_clients()
+        with self.core.lock:
             demos, self._demo_hosts = self._demo_hosts, []
-            clients, self._clients = list(self._clients.values()), {}
-            auditor, self._auditor = self._auditor, None
         if auditor is not None:
             _run_all([auditor.stop], timeout)
         hosts = [h for h in (host, *demos) if h is not None]
         _run_all([*(h.stop for h in hosts), *(c.close for c in clients)], timeout)
-        dhts = [d for d in {id(d): d for d in (self.dht, self._swarm_dht) if d is not None}.values()]
+        core = self.core
+        dhts = [d for d in {id(d): d for d in (core.dht, core.swarm_dht) if d is not None}.values()]
         _run_all([d.shutdown for d in dhts], timeout)
-        self.dht = self._swarm_dht = None
-        if self.ledger is not None:
-            _run_all([self.ledger.close], timeout)
-
-    def _require_ready(self) -> None:
-        status = self.status()
-        if not status["ready"]:
-            detail = status["message"] or "starting"
-            raise EngineNotReadyError(f"The engine is still starting ({detail}); try again in a moment.")
+        core.dht = core.swarm_dht = None
+        if core.ledger is not None:
+            _run_all([core.ledger.close], timeout)
 
 
 def _run_all(actions: list[Callable[[], Any]], timeout: float) -> None:

@@ -1,6 +1,6 @@
 """Generation: completions through the swarm client, streamed as Started / TextDelta / Finished events.
 
-A mixin of EngineService (engine/service/engine.py).
+A part of EngineService (engine/service/engine.py): it uses the ServiceCore and the Catalog.
 """
 
 from __future__ import annotations
@@ -9,9 +9,12 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from engine.service.config import ModelRef
+from engine.service.core import ServiceCore
 from engine.service.errors import InvalidRequestError, unavailable
+from engine.service.models import Catalog
 from engine.service.text import (
     Finished,
     GenerationEvent,
@@ -24,24 +27,43 @@ from engine.service.text import (
 )
 
 
-class GenerationMixin:
-    """Swarm clients (one per model) and `generate()`."""
+class Generation:
+    """Swarm clients (one per model), `generate()`, and what this engine generated for its API clients."""
+
+    def __init__(self, core: ServiceCore, catalog: Catalog):
+        self.core = core
+        self.catalog = catalog
+        self._clients: dict[str, Any] = {}
+        self._client_locks: dict[str, threading.Lock] = {}
+        self._generated = {"tokens": 0, "requests": 0}
+        self._sessions = 0
+
+    def counters(self) -> dict[str, int]:
+        """Tokens and completions generated since the engine started."""
+        with self.core.lock:
+            return dict(self._generated)
+
+    def take_clients(self) -> list:
+        """The swarm clients, handed over for closing (the engine is stopping)."""
+        with self.core.lock:
+            clients, self._clients = list(self._clients.values()), {}
+        return clients
 
     def _client(self, ref: ModelRef):
         """The swarm client of `ref` (embeddings, head, tokenizer, swarm view), made once per model."""
         from engine.client.model import DistributedModelForCausalLM
 
-        with self._lock:
+        with self.core.lock:
             lock = self._client_locks.setdefault(ref.name, threading.Lock())
         with lock:
-            with self._lock:
+            with self.core.lock:
                 client = self._clients.get(ref.name)
             if client is None:
-                observer = self.ledger.record_consumed if self.ledger is not None else None
+                observer = self.core.ledger.record_consumed if self.core.ledger is not None else None
                 client = DistributedModelForCausalLM.from_pretrained(
-                    ref.source, dht=self.dht, dht_prefix=ref.dht_prefix, usage_observer=observer
+                    ref.source, dht=self.core.dht, dht_prefix=ref.dht_prefix, usage_observer=observer
                 )
-                with self._lock:
+                with self.core.lock:
                     self._clients[ref.name] = client
             return client
 
@@ -98,13 +120,13 @@ class GenerationMixin:
         from engine.client.sampling import SamplingParams
         from engine.client.speculative import SpeculationConfig, SpeculationStats
 
-        ref = self._find_model(request.model)
-        missing = self._snapshot(ref).missing_blocks()
+        ref = self.catalog.find_model(request.model)
+        missing = self.catalog.snapshot(ref).missing_blocks()
         if missing:
             raise unavailable(ref.name, missing)
         client = self._client(ref)
         tokenizer = client.tokenizer
-        context = self.context_length(ref, client.config)
+        context = self.catalog.context_length(ref, client.config)
         ids, dropped = self._fitted_prompt(tokenizer, request, context)
         if len(ids) >= context:
             raise InvalidRequestError(
@@ -133,10 +155,10 @@ class GenerationMixin:
         new_ids: list[int] = []
         produced, reason = 0, "length"
         stats = SpeculationStats()
-        speculation = SpeculationConfig() if self.config.speculation else None
+        speculation = SpeculationConfig() if self.core.config.speculation else None
         began = time.perf_counter()
         token_times: list[float] = []
-        with self._lock:
+        with self.core.lock:
             self._sessions += 1
         try:
             with client.inference_session(max_length=len(ids) + max_new) as session:
@@ -171,7 +193,7 @@ class GenerationMixin:
             tail = text.feed(decoder.finish(new_ids))[0] + text.flush()
             if tail:
                 yield TextDelta(tail)
-            with self._lock:
+            with self.core.lock:
                 self._generated["tokens"] += produced
                 self._generated["requests"] += 1
             yield Finished(
@@ -180,7 +202,7 @@ class GenerationMixin:
         except MissingBlocksError as exc:
             raise unavailable(ref.name, exc.missing_blocks) from exc
         finally:
-            with self._lock:
+            with self.core.lock:
                 self._sessions -= 1
 
 

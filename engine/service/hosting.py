@@ -1,6 +1,7 @@
 """Hosting: the user's block server and its state machine (idle -> loading -> serving -> draining -> idle).
 
-A mixin of EngineService (engine/service/engine.py), which owns the state, lock and events it uses.
+A part of EngineService (engine/service/engine.py): it uses the ServiceCore and the Catalog; its pause half
+is engine/service/pausing.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Any
 
 from contract import HostingPlan, HostingState, LoadPhase, hosting_progress
 from engine.service.config import ModelRef
+from engine.service.core import ServiceCore
 from engine.service.errors import InvalidRequestError, WrongStateError
+from engine.service.models import Catalog
+from engine.service.pausing import PauseMixin
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +35,50 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class HostingMixin:
-    """Plan, start and stop the user's hosting (one BlockHost at a time)."""
+class Hosting(PauseMixin):
+    """Plan, start, pause and stop the user's hosting (one BlockHost at a time), and count what it served."""
+
+    def __init__(self, core: ServiceCore, catalog: Catalog):
+        self.core = core
+        self.catalog = catalog
+        self._host = None  # the user's BlockHost while hosting (or paused with its weights held)
+        self._hosting_request: dict[str, Any] | None = None  # start_hosting's arguments, to resume a pause
+        self._stop_requested = False
+        self._served = {"tokens": 0, "requests": 0}  # from hosts that already stopped
+        self._hosting_since: float | None = None
+        self._hosting_seconds = 0.0
+        self._auditor = None  # probes the servers next to the user's hosting while it serves
+
+    def counters(self) -> tuple[dict[str, Any], Any]:
+        """(served counters since the engine started, the running host's info or None)."""
+        with self.core.lock:
+            host = self._host
+            hosting = self._hosting_seconds
+            if self._hosting_since is not None:
+                hosting += time.time() - self._hosting_since
+            served = dict(self._served)
+        info = host.info() if host is not None else None
+        return (
+            dict(
+                tokens_served=served["tokens"] + (info.tokens_served if info else 0),
+                requests_served=served["requests"] + (info.requests_served if info else 0),
+                hosting_seconds=round(hosting, 3),
+            ),
+            info,
+        )
+
+    def take_for_close(self) -> tuple[Any, Any]:
+        """(host, auditor), handed over for stopping (the engine is stopping)."""
+        with self.core.lock:
+            host, self._host = self._host, None
+            auditor, self._auditor = self._auditor, None
+        return host, auditor
 
     def _server_config(self, ref: ModelRef, span: tuple[int, int] | None, quant: str | None, num_blocks=None):
         from engine.models.tiny import is_tiny_checkpoint
         from engine.server.config import ConfigError, ServerConfig
 
-        local = self.config.swarm == "local"
+        local = self.core.config.swarm == "local"
         try:
             return ServerConfig(
                 model=ref.source,
@@ -46,7 +86,7 @@ class HostingMixin:
                 end_block=span[1] if span else None,
                 num_blocks=num_blocks,
                 dht_prefix=ref.dht_prefix,
-                initial_peers=self._peer_addresses(),
+                initial_peers=self.core.peer_addresses(),
                 host="127.0.0.1" if local else "0.0.0.0",
                 quant=quant or "auto",
                 # Tiny random checkpoints are for tests, and the demo swarm is this one machine: measuring
@@ -76,7 +116,7 @@ class HostingMixin:
             dtype = placement.resolve_dtype(config.dtype, model_config, device)
             quant_name = placement.resolve_quant(config.quant, device)
             budget = int(placement.free_memory_bytes(device) * (memory_fraction or 1.0))
-            throughputs = None if span else self._snapshot(ref).block_throughputs()
+            throughputs = None if span else self.catalog.snapshot(ref).block_throughputs()
             plan = placement.plan_span(
                 config,
                 model_config,
@@ -110,14 +150,14 @@ class HostingMixin:
     def hosting_plan(self, model: str | None, quant: str | None = None, memory_fraction: float | None = None):
         """/api/hosting/plan: which blocks hosting `model` would take and the memory it would use, for the
         quantization and memory share the user chose (a contract.HostingPlan)."""
-        return self._plan(self._find_model(model), None, quant, memory_fraction)[1]
+        return self._plan(self.catalog.find_model(model), None, quant, memory_fraction)[1]
 
     def start_hosting(self, model=None, blocks=None, quant=None, memory_fraction=None) -> dict[str, Any]:
         """Start sharing blocks; returns at once with state "loading" (progress follows in events)."""
-        with self._lock:
-            if self._status.state not in (HostingState.IDLE, HostingState.ERROR):
+        with self.core.lock:
+            if self.core.status_record.state not in (HostingState.IDLE, HostingState.ERROR):
                 raise WrongStateError(
-                    f"Hosting is already {self._status.state}; stop it before starting again."
+                    f"Hosting is already {self.core.status_record.state}; stop it before starting again."
                 )
         return self._start_host(
             model, blocks, quant, memory_fraction, (HostingState.IDLE, HostingState.ERROR)
@@ -126,19 +166,21 @@ class HostingMixin:
     def _start_host(self, model, blocks, quant, memory_fraction, from_states) -> dict[str, Any]:
         from engine.server.block_host import BlockHost
 
-        ref = self._find_model(model)
+        ref = self.catalog.find_model(model)
         config, facts = self._plan(ref, blocks, quant, memory_fraction)
-        with self._lock:
-            if self._status.state not in from_states:
-                raise WrongStateError(f"Hosting is already {self._status.state}.")
-            host = self._host = BlockHost(config, on_progress=self._hosting_progress, **self.host_hooks())
+        with self.core.lock:
+            if self.core.status_record.state not in from_states:
+                raise WrongStateError(f"Hosting is already {self.core.status_record.state}.")
+            host = self._host = BlockHost(
+                config, on_progress=self._hosting_progress, **self.core.host_hooks()
+            )
             host.set_throttle(*self._throttle)
             self._stop_requested = False
             # What a pause that released the weights needs to start the same hosting again.
             self._hosting_request = dict(
                 model=model, blocks=blocks, quant=quant, memory_fraction=memory_fraction
             )
-        status = self._set_status(
+        status = self.core.set_status(
             state=HostingState.LOADING,
             progress=0.0,
             phase=LoadPhase.PREPARING,
@@ -146,23 +188,23 @@ class HostingMixin:
             model=ref.name,
             blocks=[facts["start_block"], facts["end_block"]],
         )
-        self._spawn(lambda: self._run_host(host), "pollinate-hosting")
+        self.core.spawn(lambda: self._run_host(host), "pollinate-hosting")
         return status
 
     def _hosting_progress(self, phase: LoadPhase, fraction: float) -> None:
         """BlockHost's report of where its start is (called from its thread)."""
-        if self._status.state == HostingState.LOADING:
-            self._set_status(phase=phase, progress=hosting_progress(phase, fraction), message=phase.words)
+        if self.core.status_record.state == HostingState.LOADING:
+            self.core.set_status(phase=phase, progress=hosting_progress(phase, fraction), message=phase.words)
 
     def _run_host(self, host) -> None:
         try:
             host.start()
         except Exception as exc:
             logger.warning("hosting failed to start: %s", exc)
-            with self._lock:
+            with self.core.lock:
                 self._host = None
             _release_memory()
-            self._set_status(
+            self.core.set_status(
                 state=HostingState.ERROR,
                 progress=None,
                 phase=None,
@@ -171,33 +213,33 @@ class HostingMixin:
             )
             return
         self._start_auditor(host)
-        self._spawn(lambda: self._report_reachability(host), "pollinate-reachability")
-        with self._lock:
+        self.core.spawn(lambda: self._report_reachability(host), "pollinate-reachability")
+        with self.core.lock:
             self._hosting_since = time.time()
             stop_now = self._stop_requested
-        self._set_status(state=HostingState.SERVING, progress=None, phase=None, message=None, pause=None)
+        self.core.set_status(state=HostingState.SERVING, progress=None, phase=None, message=None, pause=None)
         if stop_now:  # stop was asked for while loading
             self._drain(host, 0.0)
 
     def _report_reachability(self, host, timeout: float = 120.0) -> None:
         """Put the host's dial-back verdict into the status once its check finished."""
         deadline = time.monotonic() + timeout
-        while host.reachability is None and time.monotonic() < deadline and not self._closing.is_set():
+        while host.reachability is None and time.monotonic() < deadline and not self.core.closing.is_set():
             time.sleep(0.5)
-        with self._lock:
+        with self.core.lock:
             current = self._host is host
         if current and host.reachability is not None:
-            self._set_status(reachability=host.reachability.to_dict())
+            self.core.set_status(reachability=host.reachability.to_dict())
 
     def _start_auditor(self, host) -> None:
         """Probe the servers next to our span while we serve (engine.ledger: verified contribution)."""
-        if self.ledger is None:
+        if self.core.ledger is None:
             return
         from engine.ledger import Auditor
 
-        auditor = Auditor(self.ledger, host)
+        auditor = Auditor(self.core.ledger, host)
         auditor.start()
-        with self._lock:
+        with self.core.lock:
             self._auditor = auditor
 
     def stop_hosting(self, grace_seconds: float | None = None) -> dict[str, Any]:
@@ -205,12 +247,12 @@ class HostingMixin:
 
         Also ends a pause (sharing stays off until started again).
         """
-        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
-        with self._lock:
-            state, host = self._status.state, self._host
+        grace = self.core.config.grace_seconds if grace_seconds is None else grace_seconds
+        with self.core.lock:
+            state, host = self.core.status_record.state, self._host
             nothing_runs = state == HostingState.ERROR or (state == HostingState.PAUSED and host is None)
             if nothing_runs:  # an error, or a pause that freed the weights: acknowledge, go back to idle
-                self._status = self._status.replace(
+                self.core.status_record = self.core.status_record.replace(
                     state=HostingState.IDLE,
                     progress=None,
                     phase=None,
@@ -224,10 +266,10 @@ class HostingMixin:
             elif state == HostingState.LOADING:
                 self._stop_requested = True
         if nothing_runs:
-            status = self.status()
-            self._emit("status", status)
+            status = self.core.status()
+            self.core.emit("status", status)
             return status
-        status = self._set_status(
+        status = self.core.set_status(
             state=HostingState.DRAINING,
             progress=None,
             phase=None,
@@ -235,11 +277,11 @@ class HostingMixin:
             pause=None,
         )
         if state in (HostingState.SERVING, HostingState.PAUSED):
-            self._spawn(lambda: self._drain(host, grace), "pollinate-draining")
+            self.core.spawn(lambda: self._drain(host, grace), "pollinate-draining")
         return status
 
     def _stop_auditor(self) -> None:
-        with self._lock:
+        with self.core.lock:
             auditor, self._auditor = self._auditor, None
         if auditor is not None:
             try:
@@ -248,8 +290,8 @@ class HostingMixin:
                 logger.warning("error while stopping the ledger's auditor", exc_info=True)
 
     def _drain(self, host, grace: float) -> None:
-        if self._status.state != HostingState.DRAINING:
-            self._set_status(
+        if self.core.status_record.state != HostingState.DRAINING:
+            self.core.set_status(
                 state=HostingState.DRAINING,
                 progress=None,
                 phase=None,
@@ -261,12 +303,12 @@ class HostingMixin:
         except Exception:
             logger.warning("error while stopping the block host", exc_info=True)
         self._account_host(host)
-        with self._lock:
+        with self.core.lock:
             if self._host is host:
                 self._host = None
         del host
         _release_memory()
-        self._set_status(
+        self.core.set_status(
             state=HostingState.IDLE,
             progress=None,
             phase=None,
@@ -279,7 +321,7 @@ class HostingMixin:
     def _account_host(self, host) -> None:
         """Add a stopped host's counters to the totals; end the current stretch of sharing time."""
         info = host.info()  # the counters outlive stop(): they include the sessions that drained
-        with self._lock:
+        with self.core.lock:
             self._served["tokens"] += info.tokens_served
             self._served["requests"] += info.requests_served
             self._end_sharing_stretch()

@@ -1,6 +1,6 @@
 """Models: the catalog of models the engine can name, the swarm's model index, and swarm views.
 
-A mixin of EngineService (engine/service/engine.py).
+A part of EngineService (engine/service/engine.py): it shares only the ServiceCore.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from contract import DEFAULT_CONTEXT_TOKENS, ModelFacts
 from engine.service.config import SWARM_INDEX_TTL, SWARM_MODELS_TTL, ModelRef
+from engine.service.core import ServiceCore
 from engine.service.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -39,17 +40,29 @@ def _cached_position_limit(source: str) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-class CatalogMixin:
+class Catalog:
     """Find models by name, list them (/v1/models) and describe a model's swarm (/api/swarm)."""
+
+    def __init__(self, core: ServiceCore):
+        self.core = core
+        self._catalog: dict[str, ModelRef] = {}
+        self._swarm_index: tuple[float, dict[str, Any]] = (0.0, {})
+        self._models_coverage: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        self._context_lengths: dict[str, int] = {}
+
+    def add(self, ref: ModelRef) -> None:
+        """Name a model the engine knows without the swarm's index (the demo model)."""
+        with self.core.lock:
+            self._catalog[ref.name] = ref
 
     def _swarm_models(self) -> dict[str, Any]:
         """The swarm's model index (dht_prefix -> ModelInfo), cached for a few seconds."""
         from engine.swarm.discovery import list_models
 
         fetched, models = self._swarm_index
-        if time.monotonic() - fetched > SWARM_INDEX_TTL and self.dht is not None:
+        if time.monotonic() - fetched > SWARM_INDEX_TTL and self.core.dht is not None:
             try:
-                models = list_models(self.dht)
+                models = list_models(self.core.dht)
             except Exception as exc:
                 logger.warning("could not read the swarm's model index: %s", exc)
             self._swarm_index = (time.monotonic(), models)
@@ -61,13 +74,13 @@ class CatalogMixin:
             return repository.removeprefix("https://huggingface.co/").strip("/") or dht_prefix
         return dht_prefix
 
-    def _find_model(self, name: str | None) -> ModelRef:
+    def find_model(self, name: str | None) -> ModelRef:
         """The model called `name` (None: the default model); raises ModelNotFoundError."""
         from engine.models import family_for, load_config, resolve_checkpoint
 
-        self._require_ready()
-        name = name or self.config.default_model or self._demo_name()
-        with self._lock:
+        self.core.require_ready()
+        name = name or self.core.config.default_model or self._demo_name()
+        with self.core.lock:
             for ref in self._catalog.values():
                 if name in (ref.name, ref.dht_prefix):
                     return ref
@@ -76,7 +89,7 @@ class CatalogMixin:
             if info.repository and name in (prefix, self._name_for(prefix, info.repository)):
                 source = self._name_for(prefix, info.repository)
                 ref = ModelRef(source, source, prefix, int(info.num_blocks), source)
-                with self._lock:
+                with self.core.lock:
                     return self._catalog.setdefault(ref.name, ref)
         try:
             config = load_config(resolve_checkpoint(name))
@@ -86,7 +99,7 @@ class CatalogMixin:
                 f"Unknown model {name!r}: {exc}. GET /v1/models lists the models the swarm serves."
             ) from exc
         ref = ModelRef(name, name, prefix, int(config.num_hidden_layers), name)
-        with self._lock:
+        with self.core.lock:
             return self._catalog.setdefault(ref.name, ref)
 
     def context_length(self, ref: ModelRef, model_config=None) -> int:
@@ -95,18 +108,18 @@ class CatalogMixin:
         Never goes to the network (listing models must stay fast offline): a hub model's config is read
         only from the local cache, else the default holds until its client (which loads the config) exists.
         """
-        with self._lock:
+        with self.core.lock:
             known = self._context_lengths.get(ref.name)
         if model_config is not None:
             known = int(getattr(model_config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_TOKENS)
         elif known is None:
             known = _cached_position_limit(ref.source) or DEFAULT_CONTEXT_TOKENS
-        with self._lock:
+        with self.core.lock:
             self._context_lengths[ref.name] = known
-        return min(self.config.max_context, known)
+        return min(self.core.config.max_context, known)
 
     def _demo_name(self) -> str:
-        if self.config.demo_model == "tiny":
+        if self.core.config.demo_model == "tiny":
             from engine.demo import DEMO_MODEL_NAME
 
             return DEMO_MODEL_NAME
@@ -114,15 +127,15 @@ class CatalogMixin:
 
         return SMOLLM2_MODEL_NAME
 
-    def _snapshot(self, ref: ModelRef):
+    def snapshot(self, ref: ModelRef):
         from engine.swarm.discovery import fetch_snapshot
 
-        return fetch_snapshot(self.dht, ref.dht_prefix, ref.num_blocks)
+        return fetch_snapshot(self.core.dht, ref.dht_prefix, ref.num_blocks)
 
     def list_models(self) -> list[dict[str, Any]]:
         """/v1/models: the demo model and every model the swarm can serve fully (one entry per prefix)."""
-        self._require_ready()
-        with self._lock:
+        self.core.require_ready()
+        with self.core.lock:
             by_prefix = {ref.dht_prefix: ref for ref in self._catalog.values()}
         for prefix, info in self._swarm_models().items():
             if info.num_blocks and info.repository and prefix not in by_prefix:
@@ -130,7 +143,7 @@ class CatalogMixin:
                 by_prefix[prefix] = ModelRef(name, name, prefix, int(info.num_blocks), name)
         entries = []
         for ref in sorted(by_prefix.values(), key=lambda r: (not r.demo, r.name)):
-            missing = self._snapshot(ref).missing_blocks()
+            missing = self.snapshot(ref).missing_blocks()
             if ref.demo or not missing:
                 facts = ModelFacts(
                     label=ref.label,
@@ -145,7 +158,7 @@ class CatalogMixin:
 
     def _observed(self, peer_id: str) -> dict[str, Any] | None:
         """What our ledger saw of a server: its credit with us (None: never met)."""
-        seen = self.ledger.contribution(peer_id) if self.ledger is not None else None
+        seen = self.core.ledger.contribution(peer_id) if self.core.ledger is not None else None
         if seen is None:
             return None
         return dict(
@@ -162,8 +175,8 @@ class CatalogMixin:
         from engine.swarm.health import model_health
         from engine.swarm.records import ServerState
 
-        ref = self._find_model(model)
-        snapshot = self._snapshot(ref)
+        ref = self.find_model(model)
+        snapshot = self.snapshot(ref)
         coverage = snapshot.coverage()
         throughputs = snapshot.block_throughputs(ServerState.ONLINE)
         servers = []
@@ -212,4 +225,4 @@ class CatalogMixin:
     def _snapshot_of(self, dht_prefix: str, num_blocks: int):
         from engine.swarm.discovery import fetch_snapshot
 
-        return fetch_snapshot(self.dht, dht_prefix, num_blocks)
+        return fetch_snapshot(self.core.dht, dht_prefix, num_blocks)

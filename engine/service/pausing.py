@@ -1,10 +1,11 @@
 """Pausing: step aside for the owner of the machine (a game, a busy CPU, "pause for 1 hour") and come back.
 
-A mixin of EngineService. A pause drains the user's BlockHost (engine/server/drain.py): in HOLD mode the
-weights stay loaded and resuming takes one DHT announcement; in RELEASE mode the weights and caches are freed
-and resuming loads them again. The status says why sharing is paused and until when (`status["pause"]`);
-sharing time stops counting while paused. Who pauses: the user (through the API) or the politeness monitor
-(engine/polite), which never overrides a pause the user chose.
+The pause half of the Hosting part (engine/service/hosting.py), whose state it shares. A pause drains the
+user's BlockHost (engine/server/drain.py): in HOLD mode the weights stay loaded and resuming takes one DHT
+announcement; in RELEASE mode the weights and caches are freed and resuming loads them again. The status
+says why sharing is paused and until when (`status["pause"]`); sharing time stops counting while paused.
+Who pauses: the user (through the API) or the politeness monitor (engine/polite), which never overrides a
+pause the user chose.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 class PauseMixin:
-    """pause_sharing / resume_sharing / release_paused for the hosting state machine."""
+    """pause_sharing / resume_sharing / release_paused for the hosting state machine (mixed into Hosting
+    only: it works on Hosting's own state)."""
 
     _last_device: str | None = None
     _throttle: tuple[int | None, float] = (None, 1.0)
@@ -50,7 +52,7 @@ class PauseMixin:
             self._last_device = info.device.split(":")[0]
             return self._last_device
         active = (HostingState.PAUSED, HostingState.DRAINING, HostingState.LOADING)
-        return self._last_device if self._status.state in active else None
+        return self._last_device if self.core.status_record.state in active else None
 
     def pause_for(
         self,
@@ -93,19 +95,19 @@ class PauseMixin:
         A pause of the same source while paused only updates the reason and end time.
         """
         source = PauseSource(source)
-        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        grace = self.core.config.grace_seconds if grace_seconds is None else grace_seconds
         mode = PauseMode.RELEASE if release else PauseMode.HOLD
         pause = Pause(
             reason=reason, message=message, since=time.time(), until=until, mode=mode, source=source
         )
-        with self._lock:
-            state, host, current = self._status.state, self._host, self._status.pause
+        with self.core.lock:
+            state, host, current = self.core.status_record.state, self._host, self.core.status_record.pause
             if state == HostingState.PAUSED and current is not None:
                 if current.source == PauseSource.USER and source == PauseSource.POLICY:
-                    return self._status.to_dict()  # the user's own pause wins until it ends
+                    return self.core.status_record.to_dict()  # the user's own pause wins until it ends
                 keep = current.mode == PauseMode.RELEASE or not release
                 pause = pause.replace(since=current.since, mode=current.mode if keep else PauseMode.RELEASE)
-                self._status = self._status.replace(pause=pause)
+                self.core.status_record = self.core.status_record.replace(pause=pause)
                 needs_release = not keep and host is not None
             elif state == HostingState.SERVING and host is not None:
                 needs_release = None  # a fresh drain
@@ -116,19 +118,19 @@ class PauseMixin:
                     + (" Wait until it has loaded." if state == HostingState.LOADING else "")
                 )
         if needs_release is None:
-            status = self._set_status(
+            status = self.core.set_status(
                 state=HostingState.DRAINING,
                 progress=None,
                 phase=None,
                 message=f"Pausing: {message}",
                 pause=pause,
             )
-            self._spawn(lambda: self._pause_drain(host, grace, release), "pollinate-pausing")
+            self.core.spawn(lambda: self._pause_drain(host, grace, release), "pollinate-pausing")
             return status
-        status = self.status()
-        self._emit("status", status)
+        status = self.core.status()
+        self.core.emit("status", status)
         if needs_release:
-            self._spawn(self.release_paused, "pollinate-pause-release")
+            self.core.spawn(self.release_paused, "pollinate-pause-release")
         return status
 
     def _pause_drain(self, host, grace: float, release: bool) -> None:
@@ -144,13 +146,13 @@ class PauseMixin:
             host.stop()
         if release:
             self._forget_host(host)
-        self._set_status(state=HostingState.PAUSED, message=None)
+        self.core.set_status(state=HostingState.PAUSED, message=None)
 
     def _forget_host(self, host) -> None:
         from engine.service.hosting import _release_memory
 
         self._account_host(host)
-        with self._lock:
+        with self.core.lock:
             if self._host is host:
                 self._host = None
         del host
@@ -158,18 +160,20 @@ class PauseMixin:
 
     def release_paused(self) -> None:
         """Free the weights of a host paused in HOLD mode (a short pause that turned long); blocks."""
-        with self._lock:
-            host, pause = self._host, self._status.pause
-            if self._status.state != HostingState.PAUSED or host is None:
+        with self.core.lock:
+            host, pause = self._host, self.core.status_record.pause
+            if self.core.status_record.state != HostingState.PAUSED or host is None:
                 return
             if pause is not None:
-                self._status = self._status.replace(pause=pause.replace(mode=PauseMode.RELEASE))
+                self.core.status_record = self.core.status_record.replace(
+                    pause=pause.replace(mode=PauseMode.RELEASE)
+                )
         try:
             host.stop()
         except Exception:
             logger.warning("error while releasing a paused block host", exc_info=True)
         self._forget_host(host)
-        self._emit("status", self.status())
+        self.core.emit("status", self.core.status())
 
     def resume_sharing(self, source: str = "user") -> dict[str, Any]:
         """End a pause: a held host serves again at once, a released one loads again (state "loading").
@@ -177,8 +181,8 @@ class PauseMixin:
         The monitor (source "policy") cannot end a pause the user chose.
         """
         source = PauseSource(source)
-        with self._lock:
-            state, host, pause = self._status.state, self._host, self._status.pause
+        with self.core.lock:
+            state, host, pause = self.core.status_record.state, self._host, self.core.status_record.pause
             if state != HostingState.PAUSED or pause is None:
                 raise WrongStateError(f"Sharing is {state}, not paused; there is nothing to resume.")
             if pause.source == PauseSource.USER and source == PauseSource.POLICY:
@@ -193,15 +197,15 @@ class PauseMixin:
                 self._forget_host(host)
                 host = None
             else:
-                with self._lock:
+                with self.core.lock:
                     self._hosting_since = time.time()
                 self._start_auditor(host)
-                return self._set_status(state=HostingState.SERVING, message=None, pause=None)
-        self._set_status(pause=None)
+                return self.core.set_status(state=HostingState.SERVING, message=None, pause=None)
+        self.core.set_status(pause=None)
         try:
             return self._start_host(**request, from_states=(HostingState.PAUSED,))
         except Exception as exc:
-            self._set_status(
+            self.core.set_status(
                 state=HostingState.ERROR, message=f"Sharing could not resume: {exc}", blocks=None
             )
             raise

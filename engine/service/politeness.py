@@ -1,7 +1,8 @@
 """The engine's politeness settings and monitor (engine/polite): load, save, apply, report.
 
-A mixin of EngineService. The settings live in `policy.json` in the data folder (the app sends its own
-through PUT /api/policy at each start, so the two agree); a broken file is set aside and defaults apply.
+A part of EngineService (engine/service/engine.py). The settings live in `policy.json` in the data folder
+(the app sends its own through PUT /api/policy at each start, so the two agree); a broken file is set aside
+and defaults apply.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 from typing import Any
 
+from engine.service.core import ServiceCore
 from engine.service.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -19,23 +21,27 @@ logger = logging.getLogger(__name__)
 POLICY_FILE = "policy.json"
 
 
-class PolitenessMixin:
-    """policy() / set_policy() and the monitor's lifecycle."""
+class Politeness:
+    """policy() / set_policy() and the monitor's lifecycle; the monitor pauses and resumes `service`."""
 
-    monitor = None  # engine.polite.monitor.PoliteMonitor once started
+    def __init__(self, core: ServiceCore, service: Any):
+        self.core = core
+        self.service = service
+        self.data_dir = core.data_dir
+        self.monitor = None  # engine.polite.monitor.PoliteMonitor once started
 
-    def _start_monitor(self) -> None:
+    def start(self) -> None:
         from engine import envs
         from engine.polite.monitor import PoliteMonitor
 
         settings = self._load_policy()
         monitor = PoliteMonitor(
-            self, settings, interval=envs.polite_interval(), cpu_watch=envs.polite_cpu_watch()
+            self.service, settings, interval=envs.polite_interval(), cpu_watch=envs.polite_cpu_watch()
         )
         self.monitor = monitor
         monitor.start()
 
-    def _stop_monitor(self) -> None:
+    def stop(self) -> None:
         if self.monitor is not None:
             self.monitor.stop()
 
