@@ -349,8 +349,12 @@ class InferenceSession:
 
     def _next_servers(self, index: int) -> list | None:
         """The stepped streams right after `index`, for the server at `index` to push to (Petals' rule)."""
-        if not self.manager.config.server_to_server:
+        config = self.manager.config
+        if not config.server_to_server or index + 1 >= len(self._streams):
             return None
+        rtt = self.manager.network_rtt(self._streams[index + 1].hop.peer_id)
+        if rtt is not None and rtt < config.push_min_rtt:
+            return None  # the next server is near us: a push would not arrive sooner than our own copy
         entries = []
         for stream in self._streams[index + 1 :]:
             if stream.closed or stream.history is None:

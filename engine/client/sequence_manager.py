@@ -55,6 +55,9 @@ class ClientConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     show_route: bool = False  # log each inference route at INFO
     server_to_server: bool = True  # ask each server to push its outputs to the next one (Petals' mode)
+    # ... but only to a server at least this far from us (round trip): nearby, a push saves nothing and
+    # costs the servers an extra call (on loopback it made decode steps slower).
+    push_min_rtt: float = 0.010
 
 
 class SequenceManager:
@@ -87,6 +90,7 @@ class SequenceManager:
         self._update_lock = threading.Lock()  # one DHT read at a time
         self._rpc_infos: dict[str, dict] = {}
         self._rtts: dict[str, float] = {}
+        self._network_rtts: dict[str, float] = {}  # rpc_info round trips: the network alone
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -238,10 +242,17 @@ class SequenceManager:
                 self.p2p, peer_id, self.block_uids[block_index], timeout=self.config.connect_timeout
             )
         )
+        elapsed = time.perf_counter() - started
         with self._lock:
             self._rpc_infos[peer_id] = info
-            self._rtts.setdefault(peer_id, time.perf_counter() - started)
+            self._rtts.setdefault(peer_id, elapsed)
+            self._network_rtts[peer_id] = elapsed
         return info
+
+    def network_rtt(self, peer_id: str) -> float | None:
+        """The round trip of our rpc_info call to `peer_id` (no compute in it), None before the first."""
+        with self._lock:
+            return self._network_rtts.get(peer_id)
 
     def observe_rtt(self, peer_id: str, seconds: float) -> None:
         """Record a measured round trip to `peer_id` (smoothed), used by min-latency routing."""

@@ -108,7 +108,10 @@ def test_kill_9_mid_speculation_gives_identical_output(swarm, tiny_checkpoint_fa
         running_server_process(path, peers, *args) as first,
         running_server_process(path, peers, *args) as second,
         DistributedModelForCausalLM.from_pretrained(
-            str(path), dht=client_dht, dht_prefix=prefix, client_config=ClientConfig(request_timeout=30.0)
+            str(path),
+            dht=client_dht,
+            dht_prefix=prefix,
+            client_config=ClientConfig(request_timeout=30.0, push_min_rtt=0.0),
         ) as remote,
         remote.inference_session(max_length=40) as session,
     ):

@@ -6,6 +6,8 @@ architecture gets a 2-server and a 3-server chain under its own dht_prefix.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -304,9 +306,14 @@ def test_speculative_greedy_with_push_matches_transformers(models, drafter):
     if drafter == "oracle":
         config = SpeculationConfig(drafter=_OracleDrafter(expected[0, 10:].tolist(), 10))
     stats = SpeculationStats()
-    with remote.inference_session(max_length=40) as session:
-        assert session.can_roll_back  # our servers announce start_from_position
-        output = remote.generate(ids, max_new_tokens=20, session=session, speculation=config, stats=stats)
+    default = remote.manager.config
+    remote.manager.config = dataclasses.replace(default, push_min_rtt=0.0)  # push even on loopback
+    try:
+        with remote.inference_session(max_length=40) as session:
+            assert session.can_roll_back  # our servers announce start_from_position
+            output = remote.generate(ids, max_new_tokens=20, session=session, speculation=config, stats=stats)
+    finally:
+        remote.manager.config = default
     assert torch.equal(output, expected)
     assert stats.tokens == 20
     if drafter == "oracle":

@@ -401,3 +401,16 @@ def test_can_roll_back_reports_the_route(fake_streams):
         assert not session.can_roll_back
         with pytest.raises(ValueError, match="start_from_position must be in"):
             session.step(torch.randn(1, 1, HIDDEN), start_from_position=3)
+
+
+def test_no_push_to_a_nearby_server(fake_streams):
+    servers = [FakeServer("A", 0, 3), FakeServer("B", 3, 6)]
+    manager = FakeManager(servers)
+    manager.network_rtt = lambda peer_id: 0.001  # 1 ms away: pushing saves nothing
+    with InferenceSession(manager, max_length=8) as session:
+        run_steps(session, torch.randn(1, 4, HIDDEN), [2, 1, 1])
+    assert all("next_servers" not in m for m in servers[0].messages)
+    manager.network_rtt = lambda peer_id: 0.050  # 50 ms: push
+    with InferenceSession(manager, max_length=8) as session:
+        run_steps(session, torch.randn(1, 4, HIDDEN), [2, 1, 1])
+    assert "next_servers" in servers[0].messages[-1]
