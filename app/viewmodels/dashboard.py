@@ -275,6 +275,8 @@ class DashboardModel(QObject):
         self.hosting_options = hosting_options
         self.snapshot = DashboardSnapshot()
         self._start_when_ready = False  # the user asked to share while the engine was still joining
+        self._swarm_call = None  # the swarm read in flight
+        self._swarm_again = False  # another read was asked for while one was in flight
         self._swarm_timer = QTimer(self)
         self._swarm_timer.setInterval(self.SWARM_REFRESH_MS)
         self._swarm_timer.timeout.connect(self.refresh_swarm)
@@ -332,16 +334,32 @@ class DashboardModel(QObject):
         call.succeeded.connect(lambda data: self._replace(dataclasses.replace(self.snapshot, plan=data)))
 
     def refresh_swarm(self) -> None:
+        """Read the swarm's coverage; one read at a time (a slow engine must not get a pile of them: each
+        holds one of its worker threads), and one more after it when asked meanwhile."""
+        if self._swarm_call is not None:
+            self._swarm_again = True
+            return
         model = (self.snapshot.plan or {}).get("model")
         query = f"?model={quote(model)}" if model else self._model_query()
-        call = self.client.get("/api/swarm" + query)
-        call.succeeded.connect(lambda data: self._replace(with_swarm(self.snapshot, data)))
+        call = self._swarm_call = self.client.get("/api/swarm" + query)
+        call.succeeded.connect(self._swarm_loaded)
         call.failed.connect(self._swarm_failed)
 
+    def _swarm_loaded(self, data: dict) -> None:
+        self._replace(with_swarm(self.snapshot, data))
+        self._swarm_done()
+
     def _swarm_failed(self, error: ApiError) -> None:
-        if error.type == "engine_not_ready" or self.snapshot.engine_state != "running":
-            return  # still joining: "discovering" stays
-        self._replace(with_swarm(self.snapshot, None, describe_error(error)))
+        if error.type != "engine_not_ready" and self.snapshot.engine_state == "running":
+            self._replace(with_swarm(self.snapshot, None, describe_error(error)))
+        # (still joining: "discovering" stays)
+        self._swarm_done()
+
+    def _swarm_done(self) -> None:
+        self._swarm_call = None
+        if self._swarm_again:
+            self._swarm_again = False
+            self.refresh_swarm()
 
     def set_sharing(self, on: bool) -> None:
         """Start or stop hosting; the outcome arrives through the status events."""

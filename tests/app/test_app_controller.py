@@ -258,3 +258,25 @@ def test_plan_follows_the_chosen_quantization_and_memory_share(qtbot, controller
     request = [r for r in fake_engine.requests if r[1] == "/api/hosting/plan"][-1]
     assert "16.8 GB share" in window.plan_label.text()  # 80 % of the fake GPU's 21 GB free
     assert request[0] == "GET"
+
+
+def test_a_slow_swarm_read_is_not_piled_up(qtbot, controller, fake_engine):
+    """Each /api/swarm holds one of the engine's worker threads: never more than one from the dashboard."""
+    model = controller.dashboard_model
+    qtbot.waitUntil(lambda: model._swarm_call is None, timeout=5000)  # the start's own read is done
+    fake_engine.stalled = {"/api/swarm"}
+    controller.client.request_timeout_ms = 600
+    before = sum(1 for r in list(fake_engine.requests) if r[1] == "/api/swarm")
+    for _ in range(5):
+        model.refresh_swarm()
+    qtbot.wait(200)
+    assert sum(1 for r in list(fake_engine.requests) if r[1] == "/api/swarm") <= before + 1
+    # When it times out, one more read follows (it was asked for meanwhile), and it says why it has no data.
+    qtbot.waitUntil(
+        lambda: "did not answer" in model.snapshot.swarm_error if model.snapshot.swarm_error else False,
+        timeout=5000,
+    )
+    qtbot.waitUntil(
+        lambda: sum(1 for r in list(fake_engine.requests) if r[1] == "/api/swarm") == before + 2, timeout=5000
+    )
+    fake_engine.stalled = set()
