@@ -161,9 +161,9 @@ class ReachabilityService:
         self._protocol: ReachabilityProtocol | None = None
 
     def start(self) -> ReachabilityService:
-        # uvloop, not asyncio's default loop: the probe starts a p2p daemon subprocess, and asyncio's loop asks
-        # the global policy for a child watcher, which raises NotImplementedError once hivemind's client code
-        # has switched the process to uvloop's policy (after the first chat through this process).
+        # uvloop, not asyncio's default loop: the probe starts a p2p daemon subprocess, and asyncio's loop
+        # asks the global policy for a child watcher, which raises NotImplementedError once hivemind's client
+        # code has switched the process to uvloop's policy (after the first chat through this process).
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="pollinate-reachability", daemon=True
