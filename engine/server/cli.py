@@ -131,10 +131,17 @@ def _wait_for_signal() -> None:
         pass
 
 
+def _say(line: str) -> None:
+    """Print a line that scripts parse in one write: the server's helpers log to the same pipe, and print()
+    writes the text and its newline separately, so a log line could land inside it."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _print_address(peer_id: str, multiaddrs) -> None:
-    print(f"peer_id: {peer_id}", flush=True)
+    _say(f"peer_id: {peer_id}")
     for address in multiaddrs:
-        print(f"multiaddr: {address}", flush=True)
+        _say(f"multiaddr: {address}")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -162,10 +169,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         info = host.info()
         _print_address(info.peer_id, info.multiaddrs)
-        print(
+        _say(
             f"ready: serving blocks {info.start_block}:{info.end_block} of {info.total_blocks} "
-            f"(dht_prefix {info.dht_prefix}, {info.device}, {info.dtype}, quant {info.quant})",
-            flush=True,
+            f"(dht_prefix {info.dht_prefix}, {info.device}, {info.dtype}, quant {info.quant})"
         )
         _wait_for_signal()
     finally:
@@ -183,7 +189,7 @@ def run_dht(args: argparse.Namespace) -> int:
     dht = start_dht(args.initial_peers, host=args.host, port=args.port, new_swarm=not args.initial_peers)
     try:
         _print_address(dht.peer_id.to_base58(), [str(a) for a in dht.get_visible_maddrs()])
-        print("ready: DHT peer running", flush=True)
+        _say("ready: DHT peer running")
         _wait_for_signal()
     finally:
         dht.shutdown()

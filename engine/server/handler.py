@@ -96,9 +96,11 @@ class TransformerConnectionHandler(ServicerBase):
         self._p2p: P2P | None = None
         self._session_queues: dict[str, asyncio.Queue] = {}
         self._background: set[asyncio.Task] = set()
-        # One request per peer in progress at a time: steps (a person waits for each) and forward/backward
-        # each have their own gate, so a peer's long forward does not hold up its own chat.
-        self._gate, self._work_gate = PeerGate(slots=1), PeerGate(slots=1)
+        # Requests per peer in progress at once: steps (a person waits for each) and forward/backward each
+        # have their own gate, so a peer's long forward does not hold up its own chat. Two forward/backward
+        # slots: with one, a peer's next request reached the queue only after its previous one returned, so
+        # two busy peers simply alternated and earned priority (engine.ledger) no longer ordered them.
+        self._gate, self._work_gate = PeerGate(slots=1), PeerGate(slots=2)
         # Drain (engine/server/drain.py): a paused handler refuses new work; `_leaving` ends open sessions.
         self._refusal: str | None = None
         self._leaving = asyncio.Event()
