@@ -21,7 +21,6 @@ import psutil
 import pytest
 import torch
 
-from engine.swarm.dht_node import start_dht
 from tests.helpers.engine_run import engine_process
 from tests.helpers.servers import running_server_process, wait_for
 
@@ -77,19 +76,9 @@ def cpu_hog(seconds: float, processes: int = 2):
 
 
 @pytest.fixture(scope="module")
-def swarm():
-    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-
-    boot = start_dht(None, host="127.0.0.1", new_swarm=True)
-    peers = [str(a) for a in boot.get_visible_maddrs()]
-    client = start_dht(peers, client_mode=True)
-    try:
-        yield peers, client
-    finally:
-        replica = RemoteExpertWorker.run_coroutine(client.replicate_p2p())
-        RemoteExpertWorker.run_coroutine(replica.shutdown())
-        client.shutdown()
-        boot.shutdown()
+def swarm(bootstrap, client_dht):
+    """This module's swarm (tests/engine/conftest.py): the bootstrap peers and a client DHT peer in it."""
+    return bootstrap, client_dht
 
 
 @pytest.fixture(scope="module")
