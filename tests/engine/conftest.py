@@ -6,15 +6,21 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def bootstrap():
-    """A new swarm's first DHT peer on 127.0.0.1 for the whole module; yields its multiaddrs."""
+def bootstrap_dht():
+    """A new swarm's first DHT peer on 127.0.0.1 for the whole module (tests read records with it)."""
     from engine.swarm.dht_node import start_dht
 
     dht = start_dht(None, host="127.0.0.1", new_swarm=True)
     try:
-        yield [str(a) for a in dht.get_visible_maddrs()]
+        yield dht
     finally:
         dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bootstrap(bootstrap_dht):
+    """That peer's multiaddrs: the initial peers of servers and clients."""
+    return [str(a) for a in bootstrap_dht.get_visible_maddrs()]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 
 from engine.models.span import load_block_span
 from engine.server.drain import DrainMode
-from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import get_block_infos
 from engine.swarm.records import ServerState
 from tests.helpers.servers import WireClient, running_server, wait_for
@@ -25,17 +24,8 @@ def checkpoint(tiny_checkpoint_factory):
 
 
 @pytest.fixture(scope="module")
-def swarm():
-    dht = start_dht(None, host="127.0.0.1", new_swarm=True)
-    try:
-        yield dht, [str(a) for a in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
-
-
-@pytest.fixture(scope="module")
-def host(checkpoint, swarm):
-    with running_server(checkpoint, swarm[1], start_block=0, end_block=2, dht_prefix=PREFIX) as host:
+def host(checkpoint, bootstrap):
+    with running_server(checkpoint, bootstrap, start_block=0, end_block=2, dht_prefix=PREFIX) as host:
         yield host
 
 
@@ -50,8 +40,10 @@ def _record_state(dht, peer_id):
     return record.state if record is not None else None
 
 
-def test_hold_ends_open_sessions_after_grace_refuses_new_work_and_resumes(host, client, swarm, checkpoint):
-    dht = swarm[0]
+def test_hold_ends_open_sessions_after_grace_refuses_new_work_and_resumes(
+    host, client, bootstrap_dht, checkpoint
+):
+    dht = bootstrap_dht
     me = host.info().peer_id
     assert wait_for(lambda: _record_state(dht, me) == ServerState.ONLINE, timeout=20)
     with client.inference(UIDS, max_length=8) as session:
@@ -93,8 +85,10 @@ def test_a_session_that_finishes_within_grace_is_not_ended(host, client):
     host.resume()
 
 
-def test_release_frees_the_span_and_stops(checkpoint, swarm):
-    with running_server(checkpoint, swarm[1], start_block=0, end_block=2, dht_prefix="drain-release") as host:
+def test_release_frees_the_span_and_stops(checkpoint, bootstrap):
+    with running_server(
+        checkpoint, bootstrap, start_block=0, end_block=2, dht_prefix="drain-release"
+    ) as host:
         report = host.drain(0.0, DrainMode.RELEASE)
         assert report.mode == DrainMode.RELEASE and report.sessions_at_start == 0
         assert host.info().state.value == "stopped"

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from engine.models.span import load_block_span
-from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import get_block_infos
 from engine.swarm.records import ServerState
 from tests.helpers.servers import WireClient, running_server_process, wait_for
@@ -18,23 +17,16 @@ from tests.helpers.servers import WireClient, running_server_process, wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def swarm():
-    dht = start_dht(None, host="127.0.0.1", new_swarm=True)
-    try:
-        yield dht, [str(a) for a in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
-
-
 def _state(dht, prefix, peer_id, block):
     record = get_block_infos(dht, prefix, 4)[block].get(peer_id)
     return record.state if record is not None else None
 
 
-def test_serve_process_serves_then_announces_offline_on_sigterm(tiny_checkpoint_factory, swarm):
+def test_serve_process_serves_then_announces_offline_on_sigterm(
+    tiny_checkpoint_factory, bootstrap_dht, bootstrap
+):
     checkpoint = tiny_checkpoint_factory("llama", num_layers=4)
-    dht, peers = swarm
+    dht, peers = bootstrap_dht, bootstrap
     with running_server_process(checkpoint, peers, "--blocks", "1:3", "--dht-prefix", "proc") as server:
         assert server.multiaddrs and server.peer_id in server.multiaddrs[0]
         assert wait_for(lambda: _state(dht, "proc", server.peer_id, 1) == ServerState.ONLINE, timeout=20)
@@ -48,9 +40,9 @@ def test_serve_process_serves_then_announces_offline_on_sigterm(tiny_checkpoint_
         assert any(line.startswith("stopping") for line in server.output)
 
 
-def test_serve_process_killed_leaves_no_goodbye(tiny_checkpoint_factory, swarm):
+def test_serve_process_killed_leaves_no_goodbye(tiny_checkpoint_factory, bootstrap_dht, bootstrap):
     checkpoint = tiny_checkpoint_factory("llama", num_layers=4)
-    dht, peers = swarm
+    dht, peers = bootstrap_dht, bootstrap
     with running_server_process(checkpoint, peers, "--blocks", "0:2", "--dht-prefix", "killed") as server:
         assert wait_for(lambda: _state(dht, "killed", server.peer_id, 0) == ServerState.ONLINE, timeout=20)
         server.kill()
@@ -59,7 +51,7 @@ def test_serve_process_killed_leaves_no_goodbye(tiny_checkpoint_factory, swarm):
         assert _state(dht, "killed", server.peer_id, 0) == ServerState.ONLINE
 
 
-def test_serve_reports_bad_arguments(tiny_checkpoint_factory, swarm):
+def test_serve_reports_bad_arguments(tiny_checkpoint_factory, bootstrap):
     checkpoint = tiny_checkpoint_factory("llama", num_layers=4)
     result = subprocess.run(
         [

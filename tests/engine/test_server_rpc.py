@@ -14,7 +14,6 @@ from hivemind.utils import MSGPackSerializer
 
 from contract import LoadPhase
 from engine.models.span import load_block_span
-from engine.swarm.dht_node import start_dht
 from engine.swarm.discovery import get_block_infos
 from engine.swarm.records import ServerState
 from tests.helpers.servers import DUMMY, DUMMY_INT64, WireClient, pack_args, running_server, wait_for
@@ -33,19 +32,10 @@ def checkpoint(tiny_checkpoint_factory):
 
 
 @pytest.fixture(scope="module")
-def swarm():
-    dht = start_dht(None, host="127.0.0.1", new_swarm=True)
-    try:
-        yield dht, [str(a) for a in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, swarm):
+def server(checkpoint, bootstrap):
     with running_server(
         checkpoint,
-        swarm[1],
+        bootstrap,
         start_block=0,
         end_block=4,
         dht_prefix=PREFIX,
@@ -325,8 +315,8 @@ def test_duplicate_session_id_is_refused(client):
 # --- lifecycle ---
 
 
-def test_graceful_stop_announces_offline(checkpoint, swarm):
-    dht, peers = swarm
+def test_graceful_stop_announces_offline(checkpoint, bootstrap_dht, bootstrap):
+    dht, peers = bootstrap_dht, bootstrap
     reports: list[tuple[LoadPhase, float]] = []
     with running_server(
         checkpoint,
@@ -360,11 +350,11 @@ def test_graceful_stop_announces_offline(checkpoint, swarm):
     assert wait_for(lambda: state_of_block_3() == ServerState.OFFLINE, timeout=20)
 
 
-def test_auto_placement_hosts_what_fits(checkpoint, swarm):
+def test_auto_placement_hosts_what_fits(checkpoint, bootstrap):
     # Neither span nor count: as many blocks as memory allows (all 4 of the tiny model).
-    with running_server(checkpoint, swarm[1], dht_prefix="auto", cache_bytes=CACHE_BYTES) as host:
+    with running_server(checkpoint, bootstrap, dht_prefix="auto", cache_bytes=CACHE_BYTES) as host:
         info = host.info()
         assert (info.start_block, info.end_block, info.total_blocks) == (0, 4, 4)
     # Two blocks where the swarm is weakest ("tiny" 0:4 is served above, so every span is equal).
-    with running_server(checkpoint, swarm[1], dht_prefix="tiny", num_blocks=2) as host:
+    with running_server(checkpoint, bootstrap, dht_prefix="tiny", num_blocks=2) as host:
         assert host.info().end_block - host.info().start_block == 2
