@@ -81,8 +81,17 @@ def with_status(snapshot: DashboardSnapshot, status: dict, now: float = 0.0) -> 
     if was_serving and not serving and history:
         # Sharing stopped: the served-tokens rate drops to zero now, not whenever the next stats arrive.
         history = (*history, (now, *history[-1][1:]))[-HISTORY_POINTS:]
+    pending = snapshot.pending
+    if pending == "start" and status.get("state") == "error" and not status.get("ready"):
+        pending = None  # it waited for the engine to join its swarm, and the join failed
     return dataclasses.replace(
-        snapshot, status=dict(status), status_at=now, error=error, serving_since=since, history=history
+        snapshot,
+        status=dict(status),
+        status_at=now,
+        error=error,
+        serving_since=since,
+        history=history,
+        pending=pending,
     )
 
 
@@ -298,6 +307,8 @@ class DashboardModel(QObject):
     def on_status(self, status: dict) -> None:
         previous = (self.snapshot.status or {}).get("state")
         self._replace(with_status(self.snapshot, status, time.time()))
+        if join_failed(self.snapshot):
+            self._start_when_ready = False  # a Retry restarts the engine, which resumes sharing itself
         if self._start_when_ready and status.get("ready") and status.get("state") == "idle":
             self._start_when_ready = False
             self.set_sharing(True)

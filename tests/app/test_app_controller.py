@@ -280,3 +280,21 @@ def test_a_slow_swarm_read_is_not_piled_up(qtbot, controller, fake_engine):
         lambda: sum(1 for r in list(fake_engine.requests) if r[1] == "/api/swarm") == before + 2, timeout=5000
     )
     fake_engine.stalled = set()
+
+
+def test_sharing_asked_for_before_a_failed_join_does_not_stay_loading(qtbot, controller, fake_engine):
+    """Sharing on, then a swarm the engine cannot join: no "Loading blocks… 0 %" that never ends."""
+    window = controller.dashboard
+    fake_engine.set_status(ready=False)
+    qtbot.waitUntil(lambda: not window.share_button.isEnabled(), timeout=3000)
+    error = {"message": "The engine is still starting (Joining the swarm).", "type": "engine_not_ready"}
+    fake_engine.hosting_error = (503, dict(error, code=503))
+    controller.dashboard_model.set_sharing(True)  # as after a restart with sharing on
+    qtbot.waitUntil(lambda: controller.dashboard_model._start_when_ready, timeout=3000)
+    sentence = "Cannot reach the public swarm: none of its entry peers answered. Check the connection."
+    fake_engine.set_status(state="error", ready=False, message=sentence, swarm="public")
+    qtbot.waitUntil(lambda: window.retry_button.isVisible(), timeout=3000)
+    assert window.share_button.text() == "Share my GPU"
+    assert not window.share_button.isEnabled() and not window.share_button.isChecked()
+    assert not window.progress.isVisible()
+    assert not controller.dashboard_model._start_when_ready
