@@ -184,6 +184,7 @@ class ChatModel(QObject):
         self.engine_ready = False
         self._engine_notice = ""  # the notice set from the engine's state, cleared once it runs
         self._swarm_joined: bool | None = None  # the engine's `ready` (joined the swarm), as last reported
+        self.join_problem = ""  # why the engine could not join its swarm (its one sentence), else ""
         self._stream: ApiStream | None = None
 
     # ---- engine and models
@@ -202,11 +203,27 @@ class ChatModel(QObject):
         self.changed.emit()
 
     def on_status(self, status: dict) -> None:
-        """An engine status (event or reply): list the models again once the engine has joined the swarm."""
+        """An engine status (event or reply): no models while the engine is not in a swarm (joining, perhaps
+        another swarm, or could not join); list them again once it has joined."""
         joined = bool(status.get("ready"))
+        problem = "" if joined or status.get("state") != "error" else status.get("message") or "?"
+        problem_changed, self.join_problem = problem != self.join_problem, problem
+        if not joined and (self.models or problem_changed):
+            self.models = []
+            self.models_changed.emit()
+        if self.join_problem and self.engine_ready:
+            self._engine_notice = f"Chat needs a swarm, and the engine is in none: {self.join_problem}"
+            self._set_notice(self._engine_notice, error=True)
+        elif joined and self._engine_notice and self.notice == self._engine_notice:
+            self._set_notice("")
+            self._engine_notice = ""
         if joined and self._swarm_joined is False and self.engine_ready:
             self.refresh_models()
         self._swarm_joined = joined
+
+    def can_send(self) -> bool:
+        """A message can go out now: the engine runs, has listed the chosen model, and no reply streams."""
+        return self.engine_ready and not self.streaming and self.current_model() is not None
 
     def refresh_models(self) -> None:
         call = self.client.get("/v1/models")
@@ -310,8 +327,9 @@ class ChatModel(QObject):
         text = text.strip()
         if not text or self.streaming:
             return False
-        if not self.model_id:
-            self._set_notice("No model to chat with yet: the engine has not listed any.", error=True)
+        if self.current_model() is None:
+            if not self.join_problem:
+                self._set_notice("No model to chat with yet: the engine has not listed any.", error=True)
             return False
         if self.conversation_id is None:
             self.new_conversation()
@@ -334,7 +352,7 @@ class ChatModel(QObject):
 
     def regenerate(self) -> bool:
         """Replace the last reply with a new one for the same conversation."""
-        if not self.can_regenerate() or not self.model_id:
+        if not self.can_regenerate() or self.current_model() is None:
             return False
         assert self.conversation_id is not None
         self.history.delete_message(self.messages[-1].id)

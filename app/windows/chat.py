@@ -256,7 +256,8 @@ class ChatWindow(QMainWindow):
         for choice in self.model.models:
             self.model_picker.addItem(choice.display, choice.id)
         if not self.model.models:
-            self.model_picker.addItem("No model yet (the engine is starting)", "")
+            why = "not connected to a swarm" if self.model.join_problem else "the engine is starting"
+            self.model_picker.addItem(f"No model yet ({why})", "")
         index = self.model_picker.findData(self.model.model_id)
         self.model_picker.setCurrentIndex(max(0, index))
         self.refresh()
@@ -294,11 +295,11 @@ class ChatWindow(QMainWindow):
         if index >= 0 and index != self.model_picker.currentIndex():
             self.model_picker.setCurrentIndex(index)
         streaming = model.streaming
-        self.send_button.setEnabled(not streaming and model.engine_ready and bool(model.model_id))
+        self.send_button.setEnabled(model.can_send())
         self.stop_button.setEnabled(streaming)
-        self.regenerate_button.setEnabled(model.can_regenerate() and model.engine_ready)
+        self.regenerate_button.setEnabled(model.can_regenerate() and model.can_send())
         self.retry_button.setVisible(bool(model.failed_text) and not streaming)
-        self.retry_button.setEnabled(model.engine_ready)
+        self.retry_button.setEnabled(model.can_send())
         if model.failed_text and not self.input.toPlainText().strip():
             self.input.setPlainText(model.failed_text)  # there to edit, or to Retry as it is
         self.model_picker.setEnabled(not streaming)

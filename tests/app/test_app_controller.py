@@ -298,3 +298,22 @@ def test_sharing_asked_for_before_a_failed_join_does_not_stay_loading(qtbot, con
     assert not window.share_button.isEnabled() and not window.share_button.isChecked()
     assert not window.progress.isVisible()
     assert not controller.dashboard_model._start_when_ready
+
+
+def test_chat_offers_no_model_while_the_engine_cannot_join_its_swarm(qtbot, controller, fake_engine):
+    """After a switch to an unreachable swarm the chat listed the old swarm's models and answered a message
+    with "the engine is still starting… try again in a moment"."""
+    chat = controller.chat_window
+    chat.show()
+    qtbot.waitUntil(lambda: bool(controller.chat_model.models), timeout=3000)
+    assert chat.send_button.isEnabled()
+    sentence = "Cannot reach the public swarm: none of its entry peers answered. Check the connection."
+    fake_engine.set_status(state="error", ready=False, message=sentence, swarm="public")
+    qtbot.waitUntil(lambda: not controller.chat_model.models, timeout=3000)
+    assert not chat.send_button.isEnabled() and not chat.regenerate_button.isEnabled()
+    assert "not connected to a swarm" in chat.model_picker.currentText()
+    assert sentence in chat.notice.text() and "still starting" not in chat.notice.text()
+    assert not controller.chat_model.send("hello")  # nothing goes out, nothing is added to the chat
+    fake_engine.set_status(state="idle", ready=True, message=None, swarm="local")
+    qtbot.waitUntil(lambda: bool(controller.chat_model.models), timeout=3000)
+    assert chat.send_button.isEnabled() and sentence not in chat.notice.text()
