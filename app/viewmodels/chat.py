@@ -193,9 +193,7 @@ class ChatModel(QObject):
         self.engine_ready = ready
         if ready:
             self.refresh_models()
-            if self.notice and self.notice == self._engine_notice:  # the engine's own notice is outdated now
-                self._set_notice("")
-            self._engine_notice = ""
+            self._clear_engine_notice()
         else:
             fallback = "The engine is not running; chat will work again when it is back."
             self._engine_notice = message or fallback
@@ -214,9 +212,8 @@ class ChatModel(QObject):
         if self.join_problem and self.engine_ready:
             self._engine_notice = f"Chat needs a swarm, and the engine is in none: {self.join_problem}"
             self._set_notice(self._engine_notice, error=True)
-        elif joined and self._engine_notice and self.notice == self._engine_notice:
-            self._set_notice("")
-            self._engine_notice = ""
+        elif joined:
+            self._clear_engine_notice()
         if joined and self._swarm_joined is False and self.engine_ready:
             self.refresh_models()
         self._swarm_joined = joined
@@ -224,6 +221,13 @@ class ChatModel(QObject):
     def can_send(self) -> bool:
         """A message can go out now: the engine runs, has listed the chosen model, and no reply streams."""
         return self.engine_ready and not self.streaming and self.current_model() is not None
+
+    def _clear_engine_notice(self) -> None:
+        """The engine's own notice is outdated now; a message that got no reply still waits for Retry."""
+        if self.notice and self.notice == self._engine_notice:
+            waiting = "Your last message got no reply: Retry sends it again (or edit it below and press Enter)."
+            self._set_notice(waiting if self.failed_text else "")
+        self._engine_notice = ""
 
     def refresh_models(self) -> None:
         call = self.client.get("/v1/models")

@@ -300,3 +300,20 @@ def test_a_reply_that_never_comes_times_out_with_retry(qtbot, chat, fake_engine)
     assert "did not answer within 0.4 s" in chat.notice.text() and not chat.model.streaming
     assert chat.input.toPlainText() == "are you there?"
     fake_engine.closing.set()
+
+
+def test_a_failed_message_keeps_its_explanation_across_an_engine_restart(qtbot, chat, fake_engine):
+    """The walk: a message failed, the engine restarted (back to the local demo), and a bare Retry button
+    was left with no word about what it would do."""
+    fake_engine.chat_error = (503, {"message": "not in a swarm", "type": "engine_not_ready", "code": 503})
+    send(qtbot, chat, "are you there?")
+    qtbot.waitUntil(lambda: chat.retry_button.isVisible(), timeout=5000)
+    fake_engine.chat_error = None
+    chat.model.set_engine_ready(False, "Settings changed: restarting the engine.")
+    chat.model.set_engine_ready(True)
+    assert chat.retry_button.isVisible() and chat.retry_button.isEnabled()
+    assert chat.notice.isVisible() and "Retry" in chat.notice.text() and not chat.model.notice_is_error
+    assert chat.input.toPlainText() == "are you there?"
+    chat.retry_button.click()
+    wait_reply(qtbot, chat, 2)
+    assert chat.notice.isHidden() and not chat.retry_button.isVisible()
