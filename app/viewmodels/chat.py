@@ -225,7 +225,7 @@ class ChatModel(QObject):
     def _clear_engine_notice(self) -> None:
         """The engine's own notice is outdated now; a message that got no reply still waits for Retry."""
         if self.notice and self.notice == self._engine_notice:
-            waiting = "Your last message got no reply: Retry sends it again (or edit it below and press Enter)."
+            waiting = "Your last message got no reply: Retry sends it again (or edit it and press Enter)."
             self._set_notice(waiting if self.failed_text else "")
         self._engine_notice = ""
 
