@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -14,6 +16,8 @@ from engine.client.remote_sequential import RemoteSequential
 from engine.client.sampling import SamplingParams
 from engine.client.sequence_manager import ClientConfig, SequenceManager, UsageObserver
 from engine.client.speculative import SpeculationConfig, SpeculationStats
+
+logger = logging.getLogger(__name__)
 
 
 class DistributedModelForCausalLM:
@@ -35,6 +39,7 @@ class DistributedModelForCausalLM:
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
         self._owned_dht = owned_dht
+        self._draft_spans: dict[tuple[int, int], Any] = {}  # early-exit blocks by (blocks, max bytes)
 
     @classmethod
     def from_pretrained(
@@ -160,6 +165,7 @@ class DistributedModelForCausalLM:
         """
         params = params or self._params(sampling)
         tokenizer = self.tokenizer if params.stop or self._tokenizer_path is not None else None
+        speculation = self._with_drafter(speculation)
         return stream_generate(
             self,
             input_ids,
@@ -185,6 +191,7 @@ class DistributedModelForCausalLM:
         """Input ids plus generated ids [batch, tokens + new] (see `generate_stream` for the arguments)."""
         params = params or self._params(sampling)
         tokenizer = self.tokenizer if params.stop else None
+        speculation = self._with_drafter(speculation)
         return generate(
             self,
             input_ids,
@@ -195,6 +202,36 @@ class DistributedModelForCausalLM:
             speculation=speculation,
             stats=stats,
         )
+
+    def _with_drafter(self, speculation: SpeculationConfig | None) -> SpeculationConfig | None:
+        """`speculation` with a fresh early-exit drafter when it asks for draft_blocks (and they fit)."""
+        if speculation is None or speculation.draft_blocks <= 0 or speculation.drafter is not None:
+            return speculation
+        if speculation.draft_model is not None:
+            return speculation
+        span = self.early_exit_blocks(speculation.draft_blocks, speculation.max_draft_bytes)
+        if span is None:
+            return speculation  # too big (or the whole model): prompt lookup drafts instead
+        from engine.client.early_exit import EarlyExitDrafter
+
+        return dataclasses.replace(speculation, drafter=EarlyExitDrafter(self.head, span))
+
+    def early_exit_blocks(self, num_blocks: int, max_bytes: int):
+        """The model's first `num_blocks` blocks, loaded here once for early-exit drafting; None when they
+        are the whole model, exceed `max_bytes`, or there is no checkpoint folder to read them from."""
+        key = (num_blocks, max_bytes)
+        if key not in self._draft_spans:
+            from engine.client.early_exit import load_early_exit_blocks
+
+            span = None
+            if self._tokenizer_path is not None:
+                span = load_early_exit_blocks(
+                    self._tokenizer_path, num_blocks, max_bytes=max_bytes, dtype=self.head.dtype
+                )
+                if span is None:
+                    logger.info("early-exit drafting off: %d blocks exceed %d bytes", num_blocks, max_bytes)
+            self._draft_spans[key] = span
+        return self._draft_spans[key]
 
     def _params(self, sampling: dict[str, Any]) -> SamplingParams:
         if "eos_token_id" not in sampling:

@@ -20,6 +20,7 @@ acceptance rate (`DraftLength`).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,8 +41,14 @@ class SpeculationConfig:
     max_ngram: int = 3  # prompt lookup matches the last max_ngram..1 tokens
     # Extra time of one more token in a round, relative to a one-token round (mostly round trips over a WAN,
     # so small); it keeps the draft short when acceptance is low.
+    # The prior only: each generation learns the real ratio from its own rounds (RoundCost).
     token_cost: float = 0.05
+    learn_cost: bool = True  # False: keep token_cost fixed
     draft_model: Any = None  # an optional local causal LM (transformers) with the same tokenizer
+    # Early-exit drafting (engine.client.early_exit): the model's first draft_blocks blocks run here, when
+    # they fit in max_draft_bytes; 0 drafts by prompt lookup. Used by DistributedModelForCausalLM.
+    draft_blocks: int = 0
+    max_draft_bytes: int = 256 * 2**20
     drafter: Any = None  # any object with Drafter's `draft` (overrides both of the above)
 
     def __post_init__(self):
@@ -51,6 +58,8 @@ class SpeculationConfig:
             raise ValueError("probe_every must be >= 1")
         if self.max_ngram < 1 or self.token_cost < 0:
             raise ValueError("max_ngram must be >= 1 and token_cost >= 0")
+        if self.draft_blocks < 0 or self.max_draft_bytes < 0:
+            raise ValueError("draft_blocks and max_draft_bytes must be >= 0")
 
 
 @dataclass
@@ -232,12 +241,14 @@ class DraftLength:
             return 1
         return 0
 
-    def update(self, drafted: int, accepted: int) -> None:
-        if drafted <= 0:
+    def update(self, drafted: int, accepted: int, token_cost: float | None = None) -> None:
+        """Fold in a round's acceptance; `token_cost` (learned) replaces the config's prior when given."""
+        if drafted > 0:
+            rate = accepted / drafted
+            self.acceptance = (1 - self.smoothing) * self.acceptance + self.smoothing * rate
+        elif token_cost is None:
             return
-        rate = accepted / drafted
-        self.acceptance = (1 - self.smoothing) * self.acceptance + self.smoothing * rate
-        self.k = best_draft_length(self.acceptance, self.config)
+        self.k = best_draft_length(self.acceptance, self.config, token_cost)
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -247,15 +258,60 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
-def best_draft_length(acceptance: float, config: SpeculationConfig) -> int:
-    """The draft length in [min_draft, max_draft] with the most expected tokens per round time."""
+def best_draft_length(acceptance: float, config: SpeculationConfig, token_cost: float | None = None) -> int:
+    """The draft length in [min_draft, max_draft] with the most expected tokens per round time.
+
+    `token_cost`: the time one more token adds to a round, relative to a one-token round (default: the
+    config's prior)."""
     acceptance = min(max(acceptance, 0.0), 1.0)
+    cost = config.token_cost if token_cost is None else token_cost
     best, best_rate = config.min_draft, -math.inf
     for k in range(config.min_draft, config.max_draft + 1):
-        rate = expected_tokens(acceptance, k) / (1 + k * config.token_cost)
+        rate = expected_tokens(acceptance, k) / (1 + k * cost)
         if rate > best_rate + 1e-12:
             best, best_rate = k, rate
     return best
+
+
+class RoundCost:
+    """Learns what one more draft token costs, relative to a one-token round, from the rounds themselves.
+
+    A round of n tokens through the swarm takes about base + n * per_token (a least-squares line over the
+    recent rounds, older ones fading by `decay`); drafting costs draft_time per draft token on the client.
+    The ratio (per_token + draft_time) / (base + per_token) is what `best_draft_length` weighs: small on a
+    WAN with GPU servers, large on CPU servers on loopback or with a slow drafter. Until two different round
+    sizes have been seen, the per-token share is the prior's.
+    """
+
+    def __init__(self, prior: float, decay: float = 0.9):
+        self.prior = prior
+        self.decay = decay
+        self._sums = [0.0] * 5  # weight, x, y, xx, xy
+        self._sizes: set[int] = set()
+        self._draft = [0.0, 0.0]  # draft tokens, seconds (fading likewise)
+
+    def observe(self, sent: int, seconds: float, drafted: int = 0, draft_seconds: float = 0.0) -> None:
+        """One round: `sent` tokens through the swarm in `seconds`, after drafting `drafted` tokens."""
+        if drafted > 0:
+            self._draft = [self.decay * self._draft[0] + drafted, self.decay * self._draft[1] + draft_seconds]
+        w, x, y, xx, xy = (self.decay * value for value in self._sums)
+        self._sums = [w + 1, x + sent, y + seconds, xx + sent * sent, xy + sent * seconds]
+        self._sizes.add(sent)
+
+    @property
+    def token_cost(self) -> float:
+        w, x, y, xx, xy = self._sums
+        if w <= 0:
+            return self.prior
+        mean_x, mean_y = x / w, y / w
+        variance = xx / w - mean_x**2
+        if len(self._sizes) < 2 or variance < 1e-9:
+            per_token = self.prior * mean_y / (1 + self.prior * (mean_x - 1))
+        else:
+            per_token = max((xy / w - mean_x * mean_y) / variance, 0.0)
+        one_token_round = max(mean_y - per_token * (mean_x - 1), 1e-6)
+        draft = self._draft[1] / self._draft[0] if self._draft[0] > 0 else 0.0
+        return min((per_token + draft) / one_token_round, 10.0)
 
 
 # --- the decode loop ---
@@ -302,6 +358,7 @@ def speculative_rounds(
             else PromptLookupDrafter(config.max_ngram)
         )
     length = DraftLength(config)
+    cost = RoundCost(config.token_cost) if config.learn_cost else None
     tokens = history[0].tolist()
     pending_ids = pending[0].tolist()
     kept_position = session.position  # what the servers hold and we keep
@@ -310,8 +367,10 @@ def speculative_rounds(
         room = session.max_length - kept_position - len(pending_ids)
         k = max(min(length.next(), room, max_new_tokens - produced - 1), 0)
         draft, draft_probs = [], None
+        started = time.perf_counter()
         if k > 0 and model.can_roll_back(session):
             draft, draft_probs = drafter.draft(tokens, k)
+        drafted_at = time.perf_counter()
         draft = list(draft[:k])
         if draft_probs is not None:
             draft_probs = draft_probs[: len(draft)]
@@ -331,11 +390,13 @@ def speculative_rounds(
                 for i in range(len(draft) + 1)
             ]
             n, token = accept_greedy(targets, draft)
+        if cost is not None and len(pending_ids) == 1:  # a prompt's prefill is not a round to learn from
+            cost.observe(sent.shape[1], time.perf_counter() - drafted_at, len(draft), drafted_at - started)
         stats.rounds += 1
         stats.drafted += len(draft)
         stats.accepted += n
         stats.fallback_rounds += not draft
-        length.update(len(draft), n)
+        length.update(len(draft), n, cost.token_cost if cost is not None else None)
         new = [*draft[:n], token]
         kept_position += len(pending_ids) + n
         produced += len(new)

@@ -319,3 +319,20 @@ def test_speculative_greedy_with_push_matches_transformers(models, drafter):
     if drafter == "oracle":
         assert 0 < stats.accepted < stats.drafted  # some drafts kept, some rolled back
         assert stats.rounds < 20
+
+
+def test_early_exit_speculation_through_the_swarm_matches_transformers(models):
+    """The client drafts with the model's own first 3 blocks (of 4), the swarm verifies: local greedy's
+    tokens; the blocks load once per model."""
+    from engine.client.speculative import SpeculationConfig, SpeculationStats
+
+    remote, local = models("llama", "3servers")
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    expected = local_generate(local, ids, max_new_tokens=16)
+    config = SpeculationConfig(draft_blocks=3)
+    stats = SpeculationStats()
+    output = remote.generate(ids, max_new_tokens=16, speculation=config, stats=stats)
+    assert torch.equal(output, expected)
+    assert stats.tokens == 16 and stats.drafted > 0
+    assert remote.early_exit_blocks(3, config.max_draft_bytes).num_blocks == 3
+    assert remote.early_exit_blocks(4, config.max_draft_bytes) is None  # all blocks: no drafter
