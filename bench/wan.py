@@ -17,7 +17,11 @@ with speculation, that divided by the measured tokens per round; TTFT, H x RTT +
 never pushed). C and the prefill are local transformers' times for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
-        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rows a b c-hop c-push c-spec] [--logs DIR]
+        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rows a b c-hop c-push c-spec c-exit]
+        [--prompts question rewrite] [--draft-blocks N] [--logs DIR]
+
+c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit).
+With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
 from __future__ import annotations
@@ -52,14 +56,30 @@ CLIENT_TIMEOUT = 900.0
 # ~100M parameters in 8 blocks (hidden 1024), the tiny tokenizer's 512-token vocabulary: the blocks hold
 # almost all of it, as they would for a big model; random weights (prompt lookup is mostly rejected there).
 SYNTHETIC = dict(num_layers=8, hidden_size=1024, intermediate_size=2816, num_attention_heads=16)
-# An ordinary question whose answer runs past --new-tokens (no end of turn to generate through).
-CHAT_PROMPT = "Explain in a few sentences what a hash table is and why lookups in it are fast."
+# Chat prompts for real models (--prompts): an ordinary question whose answer runs past --new-tokens (no end
+# of turn to generate through; the headline), and an input-grounded one whose answer reuses the prompt's
+# words (what prompt lookup is for).
+CHAT_PROMPTS = {
+    "question": "Explain in a few sentences what a hash table is and why lookups in it are fast.",
+    "rewrite": (
+        "Rewrite this paragraph in simpler words, keeping its facts: The committee has determined that, "
+        "owing to unforeseen budgetary constraints, the construction of the new public library on Elm "
+        "Street will be postponed until the subsequent fiscal year, and the existing branch will remain "
+        "open with its current hours until the new building is completed."
+    ),
+}
 ROWS = {
     "a": ("Petals client, Petals servers", "petals", "petals", {}),
     "b": ("Petals client, Pollinate servers", "petals", "pollinate", {}),
     "c-hop": ("Pollinate client, no push", "pollinate", "pollinate", {"no_push": True}),
     "c-push": ("Pollinate client, push", "pollinate", "pollinate", {}),
     "c-spec": ("Pollinate client, push + speculation", "pollinate", "pollinate", {"speculate": True}),
+    "c-exit": (
+        "Pollinate, push + early-exit drafts",
+        "pollinate",
+        "pollinate",
+        {"speculate": True, "exit": True},
+    ),
 }
 THREADS = 2  # compute threads per process (--threads): one server computes at a time in a chain
 _MADDR = re.compile(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+")
@@ -252,8 +272,8 @@ def make_petals_compatible(path: Path) -> Path:
     return path
 
 
-def prepare_model(name: str, tmp: Path) -> tuple[Path, torch.Tensor]:
-    """The checkpoint folder and the prompt ids for model `name`."""
+def prepare_model(name: str, tmp: Path, prompts: Sequence[str]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The checkpoint folder and the prompts' ids (by name) for model `name`."""
     if name == "synthetic":
         from engine.models.tiny import build_tiny_checkpoint
 
@@ -261,12 +281,12 @@ def prepare_model(name: str, tmp: Path) -> tuple[Path, torch.Tensor]:
         # A prompt with repeats, so prompt lookup has something to propose (it is still mostly rejected).
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         pattern = torch.randint(5, vocab, (8,), generator=torch.Generator().manual_seed(0))
-        return make_petals_compatible(path), torch.cat([pattern, pattern, pattern[:4]])[None]
+        return make_petals_compatible(path), {"ids": torch.cat([pattern, pattern, pattern[:4]])[None]}
     if name == "tiny":
         from engine.models.tiny import build_tiny_checkpoint
 
         path = make_petals_compatible(build_tiny_checkpoint(tmp / "tiny", "llama", num_layers=8))
-        return path, torch.tensor([[1, 30, 12, 45, 88, 30, 12, 45, 88, 30]])
+        return path, {"ids": torch.tensor([[1, 30, 12, 45, 88, 30, 12, 45, 88, 30]])}
     if name == "smollm2":
         try:
             from engine.smollm2 import ensure_smollm2
@@ -276,14 +296,19 @@ def prepare_model(name: str, tmp: Path) -> tuple[Path, torch.Tensor]:
 
         path = Path(ensure_smollm2(tmp / "models"))  # prepared from the installed GGUF (~20 s)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": CHAT_PROMPT}], tokenize=False, add_generation_prompt=True
-        )
-        return path, torch.tensor([tokenizer(text)["input_ids"]])
+        ids = {}
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": CHAT_PROMPTS[prompt]}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            ids[prompt] = torch.tensor([tokenizer(text)["input_ids"]])
+        return path, ids
     path = Path(name)
     if not (path / "config.json").exists():
         raise SystemExit(f"--models takes synthetic, smollm2 or a checkpoint folder; got {name!r}")
-    return path, torch.tensor([[1, 30, 12, 45, 88, 30, 12, 45]])
+    return path, {"ids": torch.tensor([[1, 30, 12, 45, 88, 30, 12, 45]])}
 
 
 def num_blocks_of(path: Path) -> int:
@@ -318,17 +343,15 @@ def predict(key: str, hops: int, delay: float, local: Local, speculation: dict |
     hop_by_hop = hops * 2 * delay + local.step_s
     pushed = (hops + 1) * delay + local.step_s
     step = hop_by_hop if key == "c-hop" else pushed
-    if key == "c-spec" and speculation and speculation.get("tokens_per_round"):
+    if key in ("c-spec", "c-exit") and speculation and speculation.get("tokens_per_round"):
         step /= speculation["tokens_per_round"]
     return step, hops * 2 * delay + local.prefill_s
 
 
-def _run_rows(name, args, path, ids, local, chains, tmp, logs, boot) -> list[Row]:
+def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
+    """Every row for one model, each prompt in turn against the same servers; `prompts`: name -> (ids,
+    local reference)."""
     env = base_env(tmp)
-    common = [
-        path, "--initial-peers", *boot, "--input-ids", ",".join(map(str, ids[0].tolist())),
-        "--new-tokens", args.new_tokens, "--repeats", args.repeats,
-    ]  # fmt: skip
     rows = []
     for kind in ("petals", "pollinate"):
         keys = [k for k in args.rows if ROWS[k][2] == kind]
@@ -337,37 +360,46 @@ def _run_rows(name, args, path, ids, local, chains, tmp, logs, boot) -> list[Row
         prefix = f"wan-{name}-{kind}".replace("_", "-")
         with servers(kind, chains[kind], path, prefix, boot, tmp, logs):
             time.sleep(2)  # let the last announcement reach the bootstrap peer
-            for key in keys:
-                label, client, _, opts = ROWS[key]
-                log = logs / f"{prefix}-{key}-client.log"
-                if client == "petals":
-                    cmd = [petals_python(), HERE / "petals_client.py", *common, "--dht-prefix", prefix]
-                else:
-                    cmd = [sys.executable, HERE / "pollinate_client.py", *common, "--dht-prefix", prefix]
-                    cmd += ["--no-push"] if opts.get("no_push") else []
-                    cmd += ["--speculate"] if opts.get("speculate") else []
-                print(f"[{name}] {label} ...", flush=True)
-                result = run_client(label, cmd, env, log)
-                ok = all(run["tokens"] == local.tokens for run in result["runs"])
-                if not ok:
-                    first = next(run["tokens"] for run in result["runs"] if run["tokens"] != local.tokens)
-                    pairs = enumerate(zip(first, local.tokens, strict=False))
-                    where = next((i for i, (a, b) in pairs if a != b), None)
-                    print(
-                        f"[{name}] {label}: tokens differ from local's at position {where}:\n"
-                        f"  got   {first}\n  local {local.tokens}",
-                        flush=True,
-                    )
-                step, ttft = predict(key, args.servers, args.delay_ms / 1e3, local, result["speculation"])
-                rows.append(Row(name, key, label, result["runs"], result["speculation"], ok, step, ttft))
-                print(f"[{name}] {label}: {format_row(rows[-1], rows[0])}", flush=True)
+            for prompt, (ids, local) in prompts.items():
+                model = name if prompt == "ids" else f"{name}/{prompt}"
+                common = [
+                    path, "--initial-peers", *boot, "--input-ids", ",".join(map(str, ids[0].tolist())),
+                    "--new-tokens", args.new_tokens, "--repeats", args.repeats, "--dht-prefix", prefix,
+                ]  # fmt: skip
+                for key in keys:
+                    label, client, _, opts = ROWS[key]
+                    log = logs / f"{prefix}-{prompt}-{key}-client.log"
+                    if client == "petals":
+                        cmd = [petals_python(), HERE / "petals_client.py", *common]
+                    else:
+                        cmd = [sys.executable, HERE / "pollinate_client.py", *common]
+                        cmd += ["--no-push"] if opts.get("no_push") else []
+                        cmd += ["--speculate"] if opts.get("speculate") else []
+                        cmd += ["--draft-blocks", args.draft_blocks] if opts.get("exit") else []
+                    print(f"[{model}] {label} ...", flush=True)
+                    result = run_client(label, cmd, env, log)
+                    ok = all(run["tokens"] == local.tokens for run in result["runs"])
+                    if not ok:
+                        first = next(run["tokens"] for run in result["runs"] if run["tokens"] != local.tokens)
+                        pairs = enumerate(zip(first, local.tokens, strict=False))
+                        where = next((i for i, (a, b) in pairs if a != b), None)
+                        print(
+                            f"[{model}] {label}: tokens differ from local's at position {where}:\n"
+                            f"  got   {first}\n  local {local.tokens}",
+                            flush=True,
+                        )
+                    hops, delay = args.servers, args.delay_ms / 1e3
+                    step, ttft = predict(key, hops, delay, local, result["speculation"])
+                    rows.append(Row(model, key, label, result["runs"], result["speculation"], ok, step, ttft))
+                    base = next((r for r in rows if r.model == model and r.key == "a"), rows[-1])
+                    print(f"[{model}] {label}: {format_row(rows[-1], base)}", flush=True)
     return rows
 
 
 # --- report ---
 
 HEADER = (
-    f"{'model':10} {'setup':38} {'ms/token':>9} {'pred':>6} {'tok/s':>6} {'x (a)':>6} "
+    f"{'model':17} {'setup':38} {'ms/token':>9} {'pred':>6} {'tok/s':>6} {'x (a)':>6} "
     f"{'TTFT ms':>8} {'pred':>6} {'accept':>7} {'tok/rnd':>7}  tokens"
 )
 
@@ -378,7 +410,7 @@ def format_row(row: Row, base: Row) -> str:
     per_round = spec.get("tokens_per_round")
     base_rate = 1 / base.step_s if base.key == "a" else float("nan")
     return (
-        f"{row.model:10} {row.label:38} {row.step_s * 1e3:9.1f} {row.predicted_step_s * 1e3:6.0f} "
+        f"{row.model:17} {row.label:38} {row.step_s * 1e3:9.1f} {row.predicted_step_s * 1e3:6.0f} "
         f"{1 / row.step_s:6.2f} {(1 / row.step_s) / base_rate:6.2f} {row.ttft_s * 1e3:8.0f} "
         f"{row.predicted_ttft_s * 1e3:6.0f} "
         f"{'-' if acceptance is None else f'{acceptance:.0%}':>7} "
@@ -400,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument(
+        "--prompts", nargs="+", default=["question"], choices=list(CHAT_PROMPTS), help="real models' prompts"
+    )
+    parser.add_argument("--draft-blocks", type=int, default=4, help="c-exit: blocks the client drafts with")
     parser.add_argument("--threads", type=int, default=THREADS, help="compute threads per process")
     parser.add_argument("--logs", type=Path, default=None, help="keep the process logs here")
     args = parser.parse_args(argv)
@@ -437,15 +473,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench_model(model: str, args, tmp: Path, logs: Path, boot: list[str], env: dict) -> list[Row]:
     """Every row for one model: local reference, then one relay in front of both chains of servers."""
-    path, ids = prepare_model(model, tmp)
+    path, prompt_ids = prepare_model(model, tmp, args.prompts)
     blocks = num_blocks_of(path)
     spans = split_blocks(blocks, args.servers)
-    local = local_reference(path, ids, args.new_tokens, args.repeats)
-    print(
-        f"[{model}] {blocks} blocks over {args.servers} servers {spans}; prompt {ids.shape[1]} tokens; "
-        f"local step {local.step_s * 1e3:.1f} ms, prefill {local.prefill_s * 1e3:.1f} ms",
-        flush=True,
-    )
+    prompts = {}
+    for prompt, ids in prompt_ids.items():
+        local = local_reference(path, ids, args.new_tokens, args.repeats)
+        prompts[prompt] = (ids, local)
+        print(
+            f"[{model}] {blocks} blocks over {args.servers} servers {spans}; prompt {prompt}: {ids.shape[1]} "
+            f"tokens; local step {local.step_s * 1e3:.1f} ms, prefill {local.prefill_s * 1e3:.1f} ms",
+            flush=True,
+        )
     chains = {kind: Chain(spans) for kind in ("petals", "pollinate")}
     routes = [f"0:{port}" for chain in chains.values() for port in chain.ports]
     relay = [
@@ -458,7 +497,7 @@ def bench_model(model: str, args, tmp: Path, logs: Path, boot: list[str], env: d
         listening = {int(target): int(port) for port, target in re.findall(r"(\d+)->(\d+)", line)}
         for chain in chains.values():
             chain.relay_ports = [listening[port] for port in chain.ports]
-        return _run_rows(Path(model).name, args, path, ids, local, chains, tmp, logs, boot)
+        return _run_rows(Path(model).name, args, path, prompts, chains, tmp, logs, boot)
 
 
 if __name__ == "__main__":

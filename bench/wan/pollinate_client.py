@@ -2,6 +2,7 @@
 
     python bench/wan/pollinate_client.py MODEL --initial-peers ADDR.. --dht-prefix P --input-ids 1,2,3
         --new-tokens N --repeats R [--no-push] [--speculate] [--max-draft K]
+        [--draft-blocks N]
 
 One warm-up generation, then R timed ones, each in a fresh inference session. Prints one JSON line:
 {"runs": [{"ttft": s, "step_s": s, "tokens": [...]}, ...], "speculation": {...} or null}.
@@ -35,13 +36,18 @@ def main() -> None:
     parser.add_argument("--no-push", action="store_true", help="do not ask servers to push to each other")
     parser.add_argument("--speculate", action="store_true", help="speculative decoding (prompt lookup)")
     parser.add_argument("--max-draft", type=int, default=8)
+    parser.add_argument(
+        "--draft-blocks", type=int, default=0, help="with --speculate: draft with the first N blocks here"
+    )
     args = parser.parse_args()
 
     ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
     config = ClientConfig(server_to_server=not args.no_push, request_timeout=60.0)
     speculation = None
     if args.speculate:
-        speculation = SpeculationConfig(max_draft=args.max_draft, initial_draft=min(4, args.max_draft))
+        speculation = SpeculationConfig(
+            max_draft=args.max_draft, initial_draft=min(4, args.max_draft), draft_blocks=args.draft_blocks
+        )
     stats = SpeculationStats()
     runs = []
     with DistributedModelForCausalLM.from_pretrained(
