@@ -22,11 +22,13 @@ from contract.names import (
     STATE_FILE,
     TOKEN_FILE,
 )
-from contract.records import ContextFit, HostingPlan, ModelFacts, Pause, Stats, Status, field_docs
+from contract.records import ContextFit, HostingPlan, ModelFacts, Move, Pause, Stats, Status, field_docs
 from contract.states import (
+    MOVE_WORDS,
     QUANT_WORDS,
     HostingState,
     LoadPhase,
+    MoveReason,
     PauseMode,
     PauseSource,
     Quant,
@@ -44,6 +46,7 @@ __all__ = [
     "MAX_STOP_LENGTH",
     "MAX_STOP_SEQUENCES",
     "MAX_TOKENS_LIMIT",
+    "MOVE_WORDS",
     "QUANT_WORDS",
     "SEED_RANGE",
     "STATE_FILE",
@@ -53,6 +56,8 @@ __all__ = [
     "HostingState",
     "LoadPhase",
     "ModelFacts",
+    "Move",
+    "MoveReason",
     "Pause",
     "PauseMode",
     "PauseSource",

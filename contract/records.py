@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from contract.limits import DEFAULT_CONTEXT_TOKENS
-from contract.states import HostingState, LoadPhase, PauseMode, PauseSource, Swarm
+from contract.states import HostingState, LoadPhase, MoveReason, PauseMode, PauseSource, Swarm
 
 
 def _doc(text: str, default: Any = None, factory: Any = None) -> Any:
@@ -86,6 +86,18 @@ class Pause(_Record):
 
 
 @dataclass(frozen=True)
+class Move(_Record):
+    """The hosted span moving to other blocks while sharing (Status.move): drain, then load the new span."""
+
+    reason: MoveReason = _doc('"rebalance", "share" (memory share changed) or "memory" (free memory)',
+                              MoveReason.REBALANCE)  # fmt: skip
+    message: str = _doc('for a person, e.g. "Moving to blocks 4:8 (the swarm needs them more)"', "")
+    from_blocks: list[int] | None = _doc("[start, end) served before the move")
+    to_blocks: list[int] | None = _doc("[start, end) being loaded")
+    since: float = _doc("when the move began (epoch seconds)", 0.0)
+
+
+@dataclass(frozen=True)
 class Status(_Record):
     """Where the hosting state machine is (/api/status and `status` events)."""
 
@@ -112,6 +124,9 @@ class Status(_Record):
         '"port", "helpers_asked", "helpers_answered", "dialled_back", "checked_at"}'
     )
     pause: Pause | None = _doc("why sharing is paused and until when: set while paused or draining to pause")
+    move: Move | None = _doc(
+        "set while the hosted span moves to other blocks (state draining, then loading); null otherwise"
+    )
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,7 @@ class Stats(_Record):
     lifetime_tokens_served: int = _doc("tokens served over every run of the engine", 0)
     lifetime_requests_served: int = _doc("requests served over every run of the engine", 0)
     lifetime_hosting_seconds: float = _doc("seconds spent serving over every run of the engine", 0.0)
+    moves: int = _doc("times the hosted span moved or was resized since the engine started", 0)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,22 @@ class PauseSource(StrEnum):
     POLICY = "policy"
 
 
+class MoveReason(StrEnum):
+    """Why the hosted span moves while sharing (Status.move)."""
+
+    REBALANCE = "rebalance"  # the swarm needs other blocks more (Petals' rule)
+    SHARE = "share"  # the user changed the memory share
+    MEMORY = "memory"  # free memory on the device changed
+
+
+# What a person reads for each move reason.
+MOVE_WORDS = {
+    MoveReason.REBALANCE: "the swarm needs them more",
+    MoveReason.SHARE: "you changed the memory share",
+    MoveReason.MEMORY: "free memory changed",
+}
+
+
 class ServerState(StrEnum):
     """A server's state as the swarm announces it (Petals: OFFLINE=0, JOINING=1, ONLINE=2)."""
 

@@ -59,6 +59,25 @@ def add_commands(subparsers) -> None:
         "--grace-seconds", type=float, default=30.0, help="how long stopping waits for running sessions"
     )
     run.add_argument(
+        "--rebalance-period",
+        type=float,
+        default=120.0,
+        help="while hosting with blocks auto or a count: mean seconds between checks whether to move to "
+        "blocks the swarm needs more or to resize for free memory (jittered; 0 = never on its own)",
+    )
+    run.add_argument(
+        "--balance-quality",
+        type=float,
+        default=0.75,
+        help="move when the swarm's weakest block would get faster by more than 1/this (Petals' rule)",
+    )
+    run.add_argument(
+        "--move-grace",
+        type=float,
+        default=10.0,
+        help="when the hosted span moves: seconds open sessions may finish (then their clients fail over)",
+    )
+    run.add_argument(
         "--no-speculation",
         action="store_true",
         help="decode one token per trip through the swarm (no speculative decoding)",
@@ -224,6 +243,9 @@ def run_service(args: argparse.Namespace) -> int:
             demo_model=args.demo_model,
             grace_seconds=args.grace_seconds,
             speculation=not args.no_speculation,
+            rebalance_period=args.rebalance_period,
+            balance_quality=args.balance_quality,
+            move_grace_seconds=args.move_grace,
         )
     except ValueError as exc:
         print(f"error: {exc}")

@@ -14,6 +14,7 @@ from engine.api.schemas import (
     Hardware,
     Health,
     HostingPlan,
+    HostingResizeRequest,
     HostingStartRequest,
     HostingStopRequest,
     PauseRequest,
@@ -80,6 +81,18 @@ def build_router() -> APIRouter:
             quant=body.quant,
             memory_fraction=body.memory_fraction,
         )
+        return JSONResponse(status, status_code=202)
+
+    @router.post(
+        "/hosting/resize",
+        response_model=Status,
+        status_code=202,
+        responses={**STATE_ERRORS, 400: {"model": ErrorResponse, "description": "Not even one block fits"}},
+        summary="The memory share changed: with blocks auto the span grows or shrinks now (no restart)",
+    )
+    async def hosting_resize(request: Request, body: HostingResizeRequest):
+        service = request.app.state.service
+        status = await run_in_threadpool(service.set_memory_share, body.memory_fraction)
         return JSONResponse(status, status_code=202)
 
     @router.post(

@@ -302,7 +302,11 @@ class HostingStartRequest(_Strict):
 
     model: str | None = Field(default=None, min_length=1, max_length=1024)
     blocks: str | None = Field(
-        default=None, pattern=r"^(auto|\d{1,6}:\d{1,6})$", description='"auto" or "A:B"'
+        default=None,
+        pattern=r"^(auto|\d{1,6}|\d{1,6}:\d{1,6})$",
+        description='"auto" (as many blocks as fit in the memory share, placed and moved where the swarm '
+        'needs them; resized when the share or free memory changes), "N" (N blocks, placed and moved the '
+        'same way) or "A:B" (exactly that span; never moved)',
     )
     quant: Quant | None = None
     memory_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -310,11 +314,19 @@ class HostingStartRequest(_Strict):
     @field_validator("blocks")
     @classmethod
     def _span_not_empty(cls, value):
-        if value and value != "auto":
+        if value and ":" in value:
             start, end = (int(x) for x in value.split(":"))
             if start >= end:
                 raise ValueError(f"block span {value} is empty: it must be A:B with A < B")
+        elif value and value != "auto" and int(value) < 1:
+            raise ValueError("blocks must be at least 1 (or A:B, or auto)")
         return value
+
+
+class HostingResizeRequest(_Strict):
+    """Body of POST /api/hosting/resize: the user's new memory share."""
+
+    memory_fraction: float = Field(gt=0.0, le=1.0, description="share of free memory hosting may use")
 
 
 class HostingStopRequest(_Strict):

@@ -46,7 +46,10 @@ from engine.swarm.records import ModelInfo, ServerInfo, ServerState
 
 logger = logging.getLogger(__name__)
 
+# What a draining server tells clients that still reach it (they fail over either way; the words say why).
 PAUSING_MESSAGE = "this server is pausing (its owner needs the machine); use another server"
+MOVING_MESSAGE = "this server is moving to other blocks; use another server"
+STOPPING_MESSAGE = "this server is leaving the swarm; use another server"
 END_WAIT_SECONDS = 10.0  # after the grace period, how long a drain waits for a computing step to finish
 
 
@@ -339,19 +342,22 @@ class BlockHost:
 
     def stop(self, grace_seconds: float = 0.0) -> None:
         """Drain with DrainMode.RELEASE: announce OFFLINE, let sessions finish, end the rest, free all."""
-        self.drain(grace_seconds, DrainMode.RELEASE)
+        self.drain(grace_seconds, DrainMode.RELEASE, reason=STOPPING_MESSAGE)
 
     def pause(self, grace_seconds: float = 0.0) -> DrainReport:
         """Drain with DrainMode.HOLD: stop accepting work but keep the weights loaded (see resume())."""
         return self.drain(grace_seconds, DrainMode.HOLD)
 
-    def drain(self, grace_seconds: float, mode: DrainMode = DrainMode.RELEASE) -> DrainReport:
+    def drain(
+        self, grace_seconds: float, mode: DrainMode = DrainMode.RELEASE, reason: str = PAUSING_MESSAGE
+    ) -> DrainReport:
         """Step aside without breaking anyone's chat (the steps: engine/server/drain.py).
 
-        Announces OFFLINE and refuses new requests, lets open inference sessions run for up to
-        `grace_seconds`, then ends the rest (our client replays them elsewhere with the same tokens).
-        RELEASE then frees weights, caches and handlers (state STOPPED); HOLD keeps the weights (state
-        PAUSED, `resume()` serves again). Thread-safe; blocks until done.
+        Announces OFFLINE and refuses new requests with `reason` (what clients read: pausing by default,
+        moving for a rebalance), lets open inference sessions run for up to `grace_seconds`, then ends the
+        rest (our client replays them elsewhere with the same tokens). RELEASE then frees weights, caches
+        and handlers (state STOPPED); HOLD keeps the weights (state PAUSED, `resume()` serves again).
+        Thread-safe; blocks until done.
         """
         started = time.monotonic()
         with self._lock:
@@ -368,7 +374,7 @@ class BlockHost:
             self._ready.clear()
         at_start = ended = 0
         if was_serving:
-            at_start, ended = self._drain_sessions(grace_seconds)
+            at_start, ended = self._drain_sessions(grace_seconds, reason)
         quiet = time.monotonic() - started
         if mode == DrainMode.HOLD:
             self.state = HostState.PAUSED
@@ -401,7 +407,7 @@ class BlockHost:
         self.state = HostState.SERVING
         self._ready.set()
 
-    def _drain_sessions(self, grace_seconds: float) -> tuple[int, int]:
+    def _drain_sessions(self, grace_seconds: float, reason: str = STOPPING_MESSAGE) -> tuple[int, int]:
         """Announce OFFLINE, refuse new work, wait up to the grace period, end what is left.
 
         Returns (sessions open at the start, sessions ended by us).
@@ -409,7 +415,7 @@ class BlockHost:
         handler = self._handler
         at_start = 0
         if handler is not None:
-            handler.refuse_new_work(PAUSING_MESSAGE)
+            handler.refuse_new_work(reason)
             at_start = handler.stats.sessions_open
         if self._announcer is not None:
             _guard("announce OFFLINE", lambda: self._announcer.update(state=ServerState.OFFLINE, wait=True))

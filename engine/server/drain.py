@@ -1,9 +1,11 @@
 """Drain: how a block server steps aside without breaking anyone's chat (the records of BlockHost.drain).
 
-`BlockHost.drain(grace_seconds, mode)` is the one entry point (pausing for a game, stopping, rebalancing):
+`BlockHost.drain(grace_seconds, mode, reason)` is the one entry point (pausing for a game, stopping,
+rebalancing):
 
 1. announce OFFLINE, so clients stop routing new sessions here (their next swarm refresh drops us);
-2. refuse new requests at once with a clear error (a client with a stale view bans us and reroutes);
+2. refuse new requests at once with a clear error saying why (`reason`: pausing, moving to other blocks,
+   leaving); a client with a stale view bans us and reroutes whatever the reason;
 3. let open inference sessions run for up to `grace_seconds`;
 4. end the sessions still open: their next step fails, and our client replays its history to another server
    (the same tokens, as after a kill; the KV caches here are freed as each session closes);

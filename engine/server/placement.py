@@ -61,14 +61,17 @@ def resolve_quant(name: str, device: torch.device) -> str:
     return default_quant(device) if name == "auto" else name
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory this server may use on `device`: free GPU memory, or a share of available RAM."""
+def free_memory_bytes(device: torch.device, own_bytes: int = 0) -> int:
+    """Memory this server may use on `device`: free GPU memory, or a share of available RAM.
+
+    `own_bytes`: what a running host of ours already holds there (counted as free: it is ours to re-plan).
+    """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + own_bytes)
     import psutil
 
-    return int(psutil.virtual_memory().available * CPU_MEMORY_FRACTION)
+    return int((psutil.virtual_memory().available + own_bytes) * CPU_MEMORY_FRACTION)
 
 
 def cache_budget_bytes(config: ServerConfig, model_config, num_blocks: int, dtype: torch.dtype) -> int:

@@ -37,6 +37,13 @@ class ServiceConfig:
     max_context: int = DEFAULT_CONTEXT_TOKENS
     # Speculative decoding (prompt lookup) where every server of the route can roll its cache back.
     speculation: bool = True
+    # Hosting with blocks "auto" or a count: mean seconds between checks whether to move to blocks the swarm
+    # needs more, or to resize for free memory (jittered; 0 = never on its own). engine/server/rebalancer.py
+    rebalance_period: float = 120.0
+    # Move when the swarm's weakest block would get faster by more than 1/balance_quality (Petals' rule).
+    balance_quality: float = 0.75
+    # Seconds open sessions may finish when the hosted span moves (then their clients fail over).
+    move_grace_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -51,6 +58,10 @@ class ServiceConfig:
             raise ValueError("--swarm local starts a new swarm: leave out --initial-peers")
         if self.grace_seconds < 0 or self.max_context < 1:
             raise ValueError("grace_seconds must be >= 0 and max_context >= 1")
+        if self.rebalance_period < 0 or self.move_grace_seconds < 0 or not 0 < self.balance_quality <= 1:
+            raise ValueError(
+                "rebalance_period and move_grace_seconds must be >= 0, balance_quality in (0, 1]"
+            )
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,9 @@ class EngineService:
     def stop_hosting(self, grace_seconds: float | None = None) -> dict[str, Any]:
         return self.hosting.stop_hosting(grace_seconds)
 
+    def set_memory_share(self, memory_fraction: float) -> dict[str, Any]:
+        return self.hosting.set_memory_share(memory_fraction)
+
     def pause_sharing(self, *args, **kwargs) -> dict[str, Any]:
         return self.hosting.pause_sharing(*args, **kwargs)
 

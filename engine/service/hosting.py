@@ -1,7 +1,7 @@
 """Hosting: the user's block server and its state machine (idle -> loading -> serving -> draining -> idle).
 
 A part of EngineService (engine/service/engine.py): it uses the ServiceCore and the Catalog; its pause half
-is engine/service/pausing.py.
+is engine/service/pausing.py, its move half (rebalancing, live resize) engine/service/moving.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from engine.service.config import ModelRef
 from engine.service.core import ServiceCore
 from engine.service.errors import InvalidRequestError, WrongStateError
 from engine.service.models import Catalog
+from engine.service.moving import SPAN_COUNT, SPAN_FIXED, MoveMixin, Sizing, span_mode
 from engine.service.pausing import PauseMixin
 
 logger = logging.getLogger(__name__)
@@ -35,13 +36,15 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class Hosting(PauseMixin):
-    """Plan, start, pause and stop the user's hosting (one BlockHost at a time), and count what it served."""
+class Hosting(PauseMixin, MoveMixin):
+    """Plan, start, pause, move and stop the user's hosting (one BlockHost at a time, under a Rebalancer that
+    owns its DHT peer), and count what it served."""
 
     def __init__(self, core: ServiceCore, catalog: Catalog):
         self.core = core
         self.catalog = catalog
         self._host = None  # the user's BlockHost while hosting (or paused with its weights held)
+        self._server = None  # the Rebalancer that owns its DHT peer and moves it (engine/service/moving.py)
         self._hosting_request: dict[str, Any] | None = None  # start_hosting's arguments, to resume a pause
         self._stop_requested = False
         self._served = {"tokens": 0, "requests": 0}  # from hosts that already stopped
@@ -63,16 +66,18 @@ class Hosting(PauseMixin):
                 tokens_served=served["tokens"] + (info.tokens_served if info else 0),
                 requests_served=served["requests"] + (info.requests_served if info else 0),
                 hosting_seconds=round(hosting, 3),
+                moves=self._moves,
             ),
             info,
         )
 
     def take_for_close(self) -> tuple[Any, Any]:
-        """(host, auditor), handed over for stopping (the engine is stopping)."""
+        """(server, auditor), handed over for stopping (the engine is stopping): the server (a Rebalancer)
+        stops its host and its DHT peer."""
         with self.core.lock:
-            host, self._host = self._host, None
+            server, self._server, self._host = self._server, None, None
             auditor, self._auditor = self._auditor, None
-        return host, auditor
+        return server, auditor
 
     def _server_config(self, ref: ModelRef, span: tuple[int, int] | None, quant: str | None, num_blocks=None):
         from engine.models.tiny import is_tiny_checkpoint
@@ -97,19 +102,29 @@ class Hosting(PauseMixin):
             raise InvalidRequestError(str(exc)) from exc
 
     def _plan(self, ref: ModelRef, blocks: str | None, quant: str | None, memory_fraction: float | None):
-        """(ServerConfig with a fixed span, plan facts) for hosting `ref`; what start and /plan both use."""
+        """(ServerConfig with a fixed span, plan facts, Sizing) for hosting `ref`; what start and /plan use.
+
+        `blocks`: "auto"/None (as many as fit in the memory share), "N" (that many) or "A:B" (that span)."""
         from engine.models import load_config, resolve_checkpoint
         from engine.server import placement
 
-        span = None
-        if blocks and blocks != "auto":
+        span = count = None
+        mode = span_mode(blocks)
+        if mode == SPAN_FIXED:
             span = tuple(int(x) for x in blocks.split(":"))
             if not 0 <= span[0] < span[1] <= ref.num_blocks:
                 raise InvalidRequestError(
                     f"blocks {blocks} do not exist: {ref.name} has {ref.num_blocks} blocks "
                     f"(0:{ref.num_blocks})"
                 )
-        config = self._server_config(ref, span, quant)
+        elif mode == SPAN_COUNT:
+            count = int(blocks)
+            if not 1 <= count <= ref.num_blocks:
+                raise InvalidRequestError(
+                    f"cannot host {count} blocks: {ref.name} has {ref.num_blocks} blocks (give 1 to "
+                    f"{ref.num_blocks}, a span A:B or auto)"
+                )
+        config = self._server_config(ref, span, quant, num_blocks=count)
         model_config = load_config(resolve_checkpoint(ref.source))
         try:
             device = placement.resolve_device(config.device)
@@ -127,7 +142,10 @@ class Hosting(PauseMixin):
             )
         except placement.PlacementError as exc:
             raise InvalidRequestError(str(exc)) from exc
-        config = config.replace(start_block=plan.start, end_block=plan.end)
+        # What live resizing needs to size the span for a memory budget again (engine/service/moving.py).
+        unplaced = config.replace(start_block=None, end_block=None, num_blocks=None)
+        sizing = Sizing(unplaced, model_config, dtype, quant_name, device)
+        config = config.replace(start_block=plan.start, end_block=plan.end, num_blocks=None)
         facts = HostingPlan(
             model=ref.name,
             dht_prefix=ref.dht_prefix,
@@ -145,7 +163,7 @@ class Hosting(PauseMixin):
             cache_bytes=int(plan.cache_bytes),
             total_bytes=int(plan.weights_bytes + plan.cache_bytes),
         ).to_dict()
-        return config, facts
+        return config, facts, sizing
 
     def hosting_plan(self, model: str | None, quant: str | None = None, memory_fraction: float | None = None):
         """/api/hosting/plan: which blocks hosting `model` would take and the memory it would use, for the
@@ -164,18 +182,15 @@ class Hosting(PauseMixin):
         )
 
     def _start_host(self, model, blocks, quant, memory_fraction, from_states) -> dict[str, Any]:
-        from engine.server.block_host import BlockHost
-
         ref = self.catalog.find_model(model)
-        config, facts = self._plan(ref, blocks, quant, memory_fraction)
+        config, facts, sizing = self._plan(ref, blocks, quant, memory_fraction)
         with self.core.lock:
             if self.core.status_record.state not in from_states:
                 raise WrongStateError(f"Hosting is already {self.core.status_record.state}.")
-            host = self._host = BlockHost(
-                config, on_progress=self._hosting_progress, **self.core.host_hooks()
-            )
-            host.set_throttle(*self._throttle)
-            self._stop_requested = False
+            mode = span_mode(blocks)
+            server = self._server = self._new_server(config, mode)
+            self._span_mode, self._sizing, self._wanted_before = mode, sizing, None
+            self._stop_requested = self._share_pending = False
             # What a pause that released the weights needs to start the same hosting again.
             self._hosting_request = dict(
                 model=model, blocks=blocks, quant=quant, memory_fraction=memory_fraction
@@ -188,7 +203,7 @@ class Hosting(PauseMixin):
             model=ref.name,
             blocks=[facts["start_block"], facts["end_block"]],
         )
-        self.core.spawn(lambda: self._run_host(host), "pollinate-hosting")
+        self.core.spawn(lambda: self._run_host(server), "pollinate-hosting")
         return status
 
     def _hosting_progress(self, phase: LoadPhase, fraction: float) -> None:
@@ -196,13 +211,15 @@ class Hosting(PauseMixin):
         if self.core.status_record.state == HostingState.LOADING:
             self.core.set_status(phase=phase, progress=hosting_progress(phase, fraction), message=phase.words)
 
-    def _run_host(self, host) -> None:
+    def _run_host(self, server) -> None:
         try:
-            host.start()
+            host = server.start()
         except Exception as exc:
             logger.warning("hosting failed to start: %s", exc)
             with self.core.lock:
                 self._host = None
+                if self._server is server:
+                    self._server = None
             _release_memory()
             self.core.set_status(
                 state=HostingState.ERROR,
@@ -219,7 +236,9 @@ class Hosting(PauseMixin):
             stop_now = self._stop_requested
         self.core.set_status(state=HostingState.SERVING, progress=None, phase=None, message=None, pause=None)
         if stop_now:  # stop was asked for while loading
-            self._drain(host, 0.0)
+            self._drain(server, 0.0)
+        else:
+            self._apply_pending_share()
 
     def _report_reachability(self, host, timeout: float = 120.0) -> None:
         """Put the host's dial-back verdict into the status once its check finished."""
@@ -249,7 +268,8 @@ class Hosting(PauseMixin):
         """
         grace = self.core.config.grace_seconds if grace_seconds is None else grace_seconds
         with self.core.lock:
-            state, host = self.core.status_record.state, self._host
+            state, server, host = self.core.status_record.state, self._server, self._host
+            moving = self.core.status_record.move is not None
             nothing_runs = state == HostingState.ERROR or (state == HostingState.PAUSED and host is None)
             if nothing_runs:  # an error, or a pause that freed the weights: acknowledge, go back to idle
                 self.core.status_record = self.core.status_record.replace(
@@ -261,10 +281,15 @@ class Hosting(PauseMixin):
                     blocks=None,
                     pause=None,
                 )
+            elif moving:  # the move ends after its drain (or its load), then everything stops
+                self._stop_requested = True
+                self.core.status_record = self.core.status_record.replace(move=None)
             elif state in (HostingState.IDLE, HostingState.DRAINING):
                 raise WrongStateError(f"Hosting is {state}; there is nothing to stop.")
             elif state == HostingState.LOADING:
                 self._stop_requested = True
+            else:  # serving or paused: marked at once, so a move that starts now sees "draining"
+                self.core.status_record = self.core.status_record.replace(state=HostingState.DRAINING)
         if nothing_runs:
             status = self.core.status()
             self.core.emit("status", status)
@@ -276,8 +301,8 @@ class Hosting(PauseMixin):
             message="Letting running sessions finish",
             pause=None,
         )
-        if state in (HostingState.SERVING, HostingState.PAUSED):
-            self.core.spawn(lambda: self._drain(host, grace), "pollinate-draining")
+        if state in (HostingState.SERVING, HostingState.PAUSED) and not moving:
+            self.core.spawn(lambda: self._drain(server, grace), "pollinate-draining")
         return status
 
     def _stop_auditor(self) -> None:
@@ -289,7 +314,8 @@ class Hosting(PauseMixin):
             except Exception:
                 logger.warning("error while stopping the ledger's auditor", exc_info=True)
 
-    def _drain(self, host, grace: float) -> None:
+    def _drain(self, server, grace: float) -> None:
+        """Stop the hosting of `server` (a Rebalancer, or None after a pause freed it): drain, free, idle."""
         if self.core.status_record.state != HostingState.DRAINING:
             self.core.set_status(
                 state=HostingState.DRAINING,
@@ -298,14 +324,19 @@ class Hosting(PauseMixin):
                 message="Letting running sessions finish",
             )
         self._stop_auditor()
+        host = server.host if server is not None else None
         try:
-            host.stop(grace_seconds=grace)
+            if server is not None:
+                server.stop(grace_seconds=grace)  # the host, then the DHT peer
         except Exception:
             logger.warning("error while stopping the block host", exc_info=True)
-        self._account_host(host)
+        if host is not None:
+            self._account_host(host)
         with self.core.lock:
             if self._host is host:
                 self._host = None
+            if self._server is server:
+                self._server = None
         del host
         _release_memory()
         self.core.set_status(
@@ -316,6 +347,7 @@ class Hosting(PauseMixin):
             model=None,
             blocks=None,
             reachability=None,
+            move=None,
         )
 
     def _account_host(self, host) -> None:

@@ -5,7 +5,9 @@ user's BlockHost (engine/server/drain.py): in HOLD mode the weights stay loaded 
 announcement; in RELEASE mode the weights and caches are freed and resuming loads them again. The status
 says why sharing is paused and until when (`status["pause"]`); sharing time stops counting while paused.
 Who pauses: the user (through the API) or the politeness monitor (engine/polite), which never overrides a
-pause the user chose.
+pause the user chose. A paused host is never moved or resized (engine/service/moving.py); a move under way
+is not paused (the monitor pauses once it serves again), and a pause that freed the weights ends the
+hosting's Rebalancer, so resuming plans the span afresh.
 """
 
 from __future__ import annotations
@@ -112,6 +114,14 @@ class PauseMixin:
             elif state == HostingState.SERVING and host is not None:
                 needs_release = None  # a fresh drain
                 self._end_sharing_stretch()
+                # Marked at once: a move that would start now sees "draining" and stays put.
+                self.core.status_record = self.core.status_record.replace(state=HostingState.DRAINING)
+            elif self.core.status_record.move is not None:
+                move = self.core.status_record.move
+                raise WrongStateError(
+                    f"Sharing is moving to blocks {move.to_blocks[0]}:{move.to_blocks[1]}; "
+                    "pause again once it serves."
+                )
             else:
                 raise WrongStateError(
                     f"Sharing is {state}; only a block server that is serving can pause."
@@ -155,7 +165,10 @@ class PauseMixin:
         with self.core.lock:
             if self._host is host:
                 self._host = None
+            server, self._server = self._server, None
         del host
+        if server is not None:  # its host is stopped already: this ends the DHT peer and the rebalancing
+            server.stop()
         _release_memory()
 
     def release_paused(self) -> None:
@@ -200,7 +213,9 @@ class PauseMixin:
                 with self.core.lock:
                     self._hosting_since = time.time()
                 self._start_auditor(host)
-                return self.core.set_status(state=HostingState.SERVING, message=None, pause=None)
+                status = self.core.set_status(state=HostingState.SERVING, message=None, pause=None)
+                self._apply_pending_share()  # the memory share changed while paused
+                return status
         self.core.set_status(pause=None)
         try:
             return self._start_host(**request, from_states=(HostingState.PAUSED,))

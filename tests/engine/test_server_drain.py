@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.models.span import load_block_span
+from engine.server.block_host import MOVING_MESSAGE
 from engine.server.drain import DrainMode
 from engine.swarm.discovery import get_block_infos
 from engine.swarm.records import ServerState
@@ -83,6 +84,17 @@ def test_a_session_that_finishes_within_grace_is_not_ended(host, client):
     assert (report.sessions_at_start, report.sessions_ended) == (1, 0)
     assert report.quiet_seconds < 30.0
     host.resume()
+
+
+def test_a_moving_host_tells_clients_it_is_moving(host, client):
+    # A rebalancing move drains with its own reason: clients read why (and fail over the same way).
+    host.drain(0.0, DrainMode.HOLD, reason=MOVING_MESSAGE)
+    try:
+        with pytest.raises(Exception, match="moving to other blocks") as refused:
+            client.forward(UIDS, torch.randn(1, 2, HIDDEN))
+        assert "owner needs" not in str(refused.value)
+    finally:
+        host.resume()
 
 
 def test_release_frees_the_span_and_stops(checkpoint, bootstrap):

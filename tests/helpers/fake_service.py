@@ -165,7 +165,12 @@ class FakeEngineService:
             if self._status.state not in (HostingState.IDLE, HostingState.ERROR):
                 raise WrongStateError(f"Hosting is {self._status.state}; stop it first.")
             self._status = self._status.replace(state=HostingState.LOADING)
-        span = [0, total] if blocks in (None, "auto") else [int(x) for x in blocks.split(":")]
+        if blocks in (None, "auto"):
+            span = [0, total]
+        elif ":" not in blocks:  # a count of blocks
+            span = [0, int(blocks)]
+        else:
+            span = [int(x) for x in blocks.split(":")]
         if span[1] > total:
             self._set_status(state=HostingState.IDLE)
             raise InvalidRequestError(f"{name} has {total} blocks; {blocks} is out of range.")
@@ -200,6 +205,13 @@ class FakeEngineService:
 
         threading.Thread(target=finish, daemon=True).start()
         return status
+
+    def set_memory_share(self, memory_fraction: float) -> dict[str, Any]:
+        with self._lock:
+            if self._status.state in (HostingState.IDLE, HostingState.ERROR):
+                raise WrongStateError(f"Sharing is {self._status.state}: the share applies when it starts.")
+            self.memory_fraction = memory_fraction
+            return self._status.to_dict()
 
     def pause_for(self, seconds=None, until=None, release=True, grace_seconds=None) -> dict[str, Any]:
         if seconds is not None and until is not None:

@@ -2,7 +2,7 @@
 
 import random
 
-from engine.server.rebalancer import best_span_without, jittered
+from engine.server.rebalancer import best_span_without, jittered, memory_resize_target
 from engine.swarm.block_selection import should_rebalance
 from engine.swarm.records import ServerInfo, ServerState
 from engine.swarm.snapshot import SwarmSnapshot
@@ -39,3 +39,12 @@ def test_resize_plans_a_span_of_the_new_length_where_the_swarm_is_weakest():
     assert best_span_without("a", snapshot, 2) == (0, 2)  # blocks 0:2 lose their only server otherwise
     assert best_span_without("a", snapshot, 6) == (0, 6)
     assert best_span_without("newcomer", snapshot, 2) == (0, 2)  # not in the swarm: nothing to take out
+
+
+def test_free_memory_resizes_only_when_two_checks_in_a_row_agree():
+    assert memory_resize_target(4, 4, 2) is None  # still fits what it serves
+    assert memory_resize_target(4, 2, None) is None  # first sight of less memory: maybe a passing spike
+    assert memory_resize_target(4, 2, 3) is None  # the checks disagree
+    assert memory_resize_target(4, 2, 2) == 2  # shrink
+    assert memory_resize_target(4, 6, 6) == 6  # grow
+    assert memory_resize_target(4, None, 2) is None  # could not tell
