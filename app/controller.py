@@ -321,6 +321,8 @@ class AppController(QObject):
         plan_fields = ("quant", "memory_fraction", "host_model")
         if not restart and any(getattr(new, f) != getattr(old, f) for f in plan_fields):
             self.dashboard_model.refresh_plan()  # the plan follows the chosen quantization and memory share
+        if not restart and new.memory_fraction != old.memory_fraction and self.engine.state == RUNNING:
+            self.dashboard_model.set_memory_share(new.memory_fraction)  # hosting resizes without a restart
         hosting = (self.dashboard_model.snapshot.status or {}).get("state") in ("loading", "serving")
         if new.keep_sharing_on_close != old.keep_sharing_on_close and not hosting:
             restart = True  # --parent-pid is given at start, so the choice needs a new engine

@@ -150,6 +150,16 @@ def share_control(snapshot: DashboardSnapshot) -> ShareControl:
     if snapshot.engine_state != "running":
         return ShareControl("Share my GPU", False, False, None, False)
     state = (snapshot.status or {}).get("state", "idle")
+    if (
+        (snapshot.status or {}).get("move")
+        and state in ("draining", "loading")
+        and snapshot.pending != "stop"
+    ):
+        # Sharing goes on while the span moves to other blocks; a click stops it.
+        progress = (snapshot.status or {}).get("progress") if state == "loading" else None
+        return ShareControl(
+            "Moving to other blocks…", True, True, float(progress) if progress is not None else None, True
+        )
     if snapshot.pending == "start" or state == "loading":
         progress = (snapshot.status or {}).get("progress")
         return ShareControl(
@@ -375,8 +385,9 @@ class DashboardModel(QObject):
     def set_sharing(self, on: bool) -> None:
         """Start or stop hosting; the outcome arrives through the status events."""
         state = (self.snapshot.status or {}).get("state", "idle")
+        moving = bool((self.snapshot.status or {}).get("move"))
         if (on and state in ("loading", "serving", "paused")) or (
-            not on and state in ("idle", "draining", "error")
+            (not on and state in ("idle", "error")) or (not on and state == "draining" and not moving)
         ):
             return
         self.sharing_requested.emit(on)
@@ -389,6 +400,17 @@ class DashboardModel(QObject):
         call.succeeded.connect(self._action_done)
         call.failed.connect(
             lambda err, on=on: self._action_failed(err, "start sharing" if on else "stop sharing")
+        )
+
+    def set_memory_share(self, fraction: float) -> None:
+        """The memory share changed in Settings: an "auto" hosting grows or shrinks to it now (the engine
+        moves the span without a restart; the status shows the move). Nothing to do while not sharing."""
+        if (self.snapshot.status or {}).get("state", "idle") in ("idle", "error"):
+            return
+        call = self.client.post("/api/hosting/resize", {"memory_fraction": fraction})
+        call.succeeded.connect(self._action_done)
+        call.failed.connect(
+            lambda err: None if err.status == 409 else self._action_failed(err, "change the memory share")
         )
 
     def pause(self, seconds: float | None = None, until: float | None = None) -> None:

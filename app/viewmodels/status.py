@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contract import MOVE_WORDS
+
 TRAY_STATES = ("idle", "loading", "serving", "paused", "error")
 
 TRAY_TOOLTIPS = {
@@ -24,8 +26,8 @@ def tray_state(engine_state: str, status: dict | None) -> str:
     state = status.get("state")
     if state == "error":
         return "error"
-    if state == "loading":
-        return "loading"
+    if state == "loading" or (state == "draining" and status.get("move")):
+        return "loading"  # a move loads its new span: sharing goes on
     if state == "serving":
         return "serving"
     if state in ("draining", "paused"):
@@ -38,6 +40,9 @@ def tray_tooltip(engine_state: str, engine_message: str, status: dict | None) ->
 
     state = tray_state(engine_state, status)
     text = TRAY_TOOLTIPS[state]
+    moving = move_text(status) if engine_state == "running" else None
+    if moving:
+        return "Pollinate: " + moving[:1].lower() + moving[1:]
     if engine_state == "running" and is_paused(status):
         return "Pollinate: " + pause_text(status)[:1].lower() + pause_text(status)[1:]
     if status and status.get("state") == "serving" and status.get("blocks"):
@@ -50,3 +55,14 @@ def tray_tooltip(engine_state: str, engine_message: str, status: dict | None) ->
     elif status and status.get("message"):
         text += f"\n{status['message']}"
     return text
+
+
+def move_text(status: dict | None) -> str | None:
+    """What the app says while the hosted span moves to other blocks (the typed `status.move`), else None."""
+    move = (status or {}).get("move")
+    if not move or not move.get("to_blocks"):
+        return None
+    start, end = move["to_blocks"]
+    text = f"Moving to blocks {start}–{end - 1} of {status.get('model') or 'the model'}"
+    why = MOVE_WORDS.get(move.get("reason"))
+    return f"{text} ({why})…" if why else f"{text}…"

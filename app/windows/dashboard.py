@@ -35,6 +35,7 @@ from app.viewmodels.dashboard import (
     swarm_note,
 )
 from app.viewmodels.pause import is_paused, pause_actions, pause_text
+from app.viewmodels.status import move_text
 from app.viewmodels.swarm_health import reachability_text
 from app.windows.swarm_health import SwarmHealthView
 from app.windows.widgets import BlockMap, TimePlot
@@ -61,6 +62,9 @@ def headline(model: DashboardModel) -> str:
         return status.get("message") or "The engine could not join the swarm."
     if status.get("ready") is False and state == "idle" and status.get("message"):
         return status["message"]  # e.g. joining the swarm, preparing the demo model (first start)
+    moving = move_text(status)
+    if moving:
+        return moving
     if state == "serving" and status.get("blocks"):
         start, end = status["blocks"]
         return f"Sharing: serving blocks {start}–{end - 1} of {status.get('model')}"

@@ -449,6 +449,10 @@ class FakeHandler(BaseHTTPRequestHandler):
             pause["source"] = "user"
             fake.set_status(state="paused", pause=pause)
             return self._json(202, fake.status)
+        if url.path == "/api/hosting/resize":
+            if fake.status["state"] in ("idle", "error"):
+                return self._json(409, error_body(409, "wrong_state", "Nothing is shared."))
+            return self._json(202, fake.status)
         if url.path == "/api/hosting/resume":
             if fake.status["state"] != "paused":
                 return self._json(409, error_body(409, "wrong_state", "Sharing is not paused."))

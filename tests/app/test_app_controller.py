@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,28 @@ def test_plan_follows_the_chosen_quantization_and_memory_share(qtbot, controller
     request = [r for r in fake_engine.requests if r[1] == "/api/hosting/plan"][-1]
     assert "16.8 GB share" in window.plan_label.text()  # 80 % of the fake GPU's 21 GB free
     assert request[0] == "GET"
+
+
+def test_a_new_memory_share_resizes_the_hosting_and_the_move_shows(qtbot, controller, fake_engine):
+    window = controller.dashboard
+    fake_engine.load_delay = 0.01
+    window.share_button.click()
+    qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
+    controller.apply_settings(Settings(onboarded=True, memory_fraction=0.2))
+    qtbot.waitUntil(lambda: any(r[1] == "/api/hosting/resize" for r in fake_engine.requests), timeout=3000)
+    resize = next(r for r in fake_engine.requests if r[1] == "/api/hosting/resize")
+    assert resize[0] == "POST" and resize[2] == {"memory_fraction": 0.2}
+    assert controller.engine.state == "running"  # no engine restart for a new share
+    # The engine moves the span: the dashboard and the tray say so from the typed status, not its prose.
+    move = dict(reason="share", message="(prose the app does not parse)", from_blocks=[0, 8],
+                to_blocks=[4, 7], since=time.time())  # fmt: skip
+    fake_engine.set_status(state="draining", move=move, message="whatever the engine says")
+    qtbot.waitUntil(lambda: "Moving to blocks 4–6" in window.headline.text(), timeout=3000)
+    assert "you changed the memory share" in window.headline.text()
+    assert window.share_button.isChecked() and window.share_button.text() == "Moving to other blocks…"
+    assert window.share_button.isEnabled() and controller.tray.state == "loading"
+    fake_engine.set_status(state="serving", move=None, blocks=[4, 7])
+    qtbot.waitUntil(lambda: "serving blocks 4–6" in window.headline.text(), timeout=3000)
 
 
 def test_a_slow_swarm_read_is_not_piled_up(qtbot, controller, fake_engine):
