@@ -202,6 +202,12 @@ def test_changing_the_memory_share_resizes_the_span_on_the_same_peer_without_a_r
         too_small = engine.post("/api/hosting/resize", json={"memory_fraction": 1e-12})
         assert too_small.status_code == 400 and "too small" in too_small.text
         assert _status(engine)["blocks"] == [0, total]  # the share in force stays the one that fits
+
+        # Stopping while a move runs (or is about to) ends everything: no span is left announced.
+        assert engine.post("/api/hosting/resize", json={"memory_fraction": share}).status_code == 202
+        assert engine.post("/api/hosting/stop", json={"grace_seconds": 0}).status_code == 202
+        _wait_status(engine, lambda s: s["state"] == "idle" and s["move"] is None, MOVE_SECONDS)
+        assert wait_for(lambda: peer_id not in _spans(client_dht, prefix), timeout=30)
     finally:
         _stop_hosting(engine)
     idle = engine.post("/api/hosting/resize", json={"memory_fraction": 0.5})
