@@ -16,7 +16,7 @@ from app.qt import QApplication, QMessageBox, QObject, Signal
 from app.settings import POLICY_FIELDS, Settings, get_hf_token, save_settings, set_hf_token
 from app.tray import Tray, state_icon
 from app.viewmodels.chat import ChatModel, Sampling
-from app.viewmodels.dashboard import DashboardModel, share_control
+from app.viewmodels.dashboard import DashboardModel, share_control, shareable_memory
 from app.viewmodels.pause import PAUSE_HOUR_SECONDS, pause_actions, until_tomorrow
 from app.viewmodels.status import tray_state, tray_tooltip
 from contract import stores
@@ -276,13 +276,9 @@ class AppController(QObject):
     def settings_dialog(self):
         from app.windows.settings import SettingsDialog
 
-        hardware = self.dashboard_model.snapshot.hardware or {}
-        gpus = hardware.get("gpus") or []
-        # Hosting uses the GPU's own memory when there is a GPU, else main memory: name the one it shares.
-        if gpus:
-            free, name = gpus[0].get("free_bytes"), "GPU memory"
-        else:
-            free, name = (hardware.get("ram") or {}).get("available_bytes"), "RAM"
+        snapshot = self.dashboard_model.snapshot
+        # The same figures as the dashboard's plan: GPU memory or RAM, and what the share is taken of.
+        free, name = shareable_memory(snapshot.hardware, snapshot.plan, self.settings.memory_fraction)
         return SettingsDialog(
             self.settings,
             hf_token_set=get_hf_token() is not None,

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from app.windows.onboarding import OnboardingDialog
 
-        dialog = OnboardingDialog(settings)
+        dialog = OnboardingDialog.for_this_computer(settings)
         dialog.setWindowIcon(controller.dashboard.windowIcon())
 
         def onboarded() -> None:

@@ -8,6 +8,7 @@ the API schema (engine/api/schemas.py) and docs follow from there.
 
 from contract.addresses import peer_address_problem
 from contract.limits import (
+    CPU_MEMORY_SHARE,
     DEFAULT_CONTEXT_TOKENS,
     MAX_STOP_LENGTH,
     MAX_STOP_SEQUENCES,
@@ -38,6 +39,7 @@ from contract.states import (
 )
 
 __all__ = [
+    "CPU_MEMORY_SHARE",
     "DEFAULT_CONTEXT_TOKENS",
     "KEYRING_HF_USER",
     "KEYRING_SERVICE",

@@ -7,3 +7,6 @@ DEFAULT_CONTEXT_TOKENS = 2048
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 SEED_RANGE = 2**63 - 1
+# Hosting on the CPU may use at most this share of the RAM available now; the rest stays with the OS, the app
+# and the user's other programs. The user's memory share (Settings) is taken of what is left.
+CPU_MEMORY_SHARE = 0.8

@@ -10,7 +10,7 @@ from urllib.parse import quote, urlencode
 
 from app.api_client import ApiClient, ApiError, describe_error
 from app.qt import QObject, QTimer, Signal
-from contract import QUANT_WORDS
+from contract import CPU_MEMORY_SHARE, QUANT_WORDS
 
 HISTORY_POINTS = 900  # 15 minutes of once-a-second stats
 
@@ -260,6 +260,26 @@ def hardware_lines(hardware: dict | None) -> list[str]:
     if disk:
         lines.append(f"Disk ({disk.get('path', '')}): {format_bytes(disk.get('free_bytes'))} free")
     return lines
+
+
+def shareable_memory(hardware: dict | None, plan: dict | None, fraction: float) -> tuple[float | None, str]:
+    """(bytes, "GPU memory" or "RAM"): the memory the user's share (the Settings slider) is taken of.
+
+    The engine's plan for that share says it best (budget = shareable x share); without one, the hardware:
+    a GPU's free memory, else the part of the available RAM that hosting on the CPU may use at all.
+    """
+    plan = plan or {}
+    if plan.get("budget_bytes") and fraction > 0:
+        name = "GPU memory" if plan.get("memory_kind") == "gpu" else "RAM"
+        return float(plan["budget_bytes"]) / fraction, name
+    hardware = hardware or {}
+    gpus = hardware.get("gpus") or []
+    if gpus:
+        return gpus[0].get("free_bytes"), "GPU memory"
+    available = (hardware.get("ram") or {}).get("available_bytes")
+    if available:
+        return float(available) * CPU_MEMORY_SHARE, "RAM"
+    return None, "memory"
 
 
 def plan_text(plan: dict | None) -> str:

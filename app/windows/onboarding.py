@@ -39,7 +39,13 @@ SWARM_HELP = {
 class OnboardingDialog(QDialog):
     """Collects the first-run choices; `result_settings()` returns them with onboarded set."""
 
-    def __init__(self, settings: Settings, free_bytes: int | None = None, parent: QWidget | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        free_bytes: float | None = None,
+        parent: QWidget | None = None,
+        memory_name: str = "memory",
+    ):
         super().__init__(parent)
         self.settings = settings
         self.setWindowTitle("Welcome to Pollinate")
@@ -68,7 +74,7 @@ class OnboardingDialog(QDialog):
 
         memory_box = QGroupBox("How much memory may sharing use?")
         memory_layout = QVBoxLayout(memory_box)
-        self.memory = MemorySlider(settings.memory_fraction, free_bytes)
+        self.memory = MemorySlider(settings.memory_fraction, free_bytes, memory_name=memory_name)
         memory_layout.addWidget(self.memory)
         layout.addWidget(memory_box)
         layout.addStretch(1)
@@ -80,6 +86,16 @@ class OnboardingDialog(QDialog):
         self.start_button = buttons.addButton("Get started", QDialogButtonBox.ButtonRole.AcceptRole)
         buttons.accepted.connect(self.accept)
         layout.addWidget(buttons)
+
+    @classmethod
+    def for_this_computer(cls, settings: Settings) -> OnboardingDialog:
+        """The dialog with the memory slider in GB of this computer's GPU memory (NVIDIA) or RAM, before any
+        engine runs: the same figures the engine's plan will use."""
+        from app.local_memory import probe_hardware
+        from app.viewmodels.dashboard import shareable_memory
+
+        free, name = shareable_memory(probe_hardware(), None, settings.memory_fraction)
+        return cls(settings, free_bytes=free, memory_name=name)
 
     def result_settings(self) -> Settings:
         swarm = next(s for s, radio in self.swarm_radios.items() if radio.isChecked())

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from contract import CPU_MEMORY_SHARE
 from engine.models.blocks import block_weight_bytes
 from engine.models.cache import cache_bytes
 from engine.models.quantization import default_quant
@@ -20,7 +21,7 @@ from engine.swarm.block_selection import autograd_reserve_bytes, choose_best_blo
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CPU_MEMORY_FRACTION = 0.8  # leave the rest of the RAM to the OS, the app and the user's other programs
+CPU_MEMORY_FRACTION = CPU_MEMORY_SHARE  # leave the rest of the RAM to the OS, the app and other programs
 
 
 class PlacementError(RuntimeError):

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import psutil
 
-from contract import STATE_FILE, ContextFit, HostingPlan, ModelFacts, Stats, Status
+from contract import CPU_MEMORY_SHARE, STATE_FILE, ContextFit, HostingPlan, ModelFacts, Stats, Status
 
 TOKEN = "fake-token"
 DEMO_ID = "pollinate-demo-tiny-llama"
@@ -254,7 +254,11 @@ class FakeEngine:
     def plan(self, quant: str | None = None, memory_fraction: float | None = None) -> dict:
         """Like the engine: the quantization asked for (auto: nf4 on the GPU) and the memory share."""
         half = self.num_blocks // 2
-        quant = "nf4" if quant in (None, "auto") else quant
+        gpu = bool(self.hardware["gpus"])
+        quant = ("nf4" if gpu else "none") if quant in (None, "auto") else quant
+        # Like engine/server/placement.py: a GPU's free memory, or what CPU hosting may use of the RAM.
+        free = self.hardware["gpus"][0]["free_bytes"] if gpu else self.hardware["ram"]["available_bytes"]
+        free = free if gpu else free * CPU_MEMORY_SHARE
         return HostingPlan(
             model=DEMO_ID,
             dht_prefix="pollinate-demo-tiny-llama-hf",
@@ -263,10 +267,10 @@ class FakeEngine:
             num_blocks=half,
             total_blocks=self.num_blocks,
             quant=quant,
-            dtype="float16",
-            device="cuda",
-            memory_kind="gpu",
-            budget_bytes=int(21 * GiB * (memory_fraction or 1.0)),
+            dtype="float16" if gpu else "float32",
+            device="cuda" if gpu else "cpu",
+            memory_kind="gpu" if gpu else "ram",
+            budget_bytes=int(free * (memory_fraction or 1.0)),
             weights_bytes=3 * 1024**2,
             cache_bytes=16 * 1024**2,
             total_bytes=19 * 1024**2,

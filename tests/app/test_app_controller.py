@@ -340,3 +340,18 @@ def test_chat_offers_no_model_while_the_engine_cannot_join_its_swarm(qtbot, cont
     fake_engine.set_status(state="idle", ready=True, message=None, swarm="local")
     qtbot.waitUntil(lambda: bool(controller.chat_model.models), timeout=3000)
     assert chat.send_button.isEnabled() and sentence not in chat.notice.text()
+
+
+def test_settings_memory_share_says_the_same_gb_as_the_plan(qtbot, controller, fake_engine):
+    """The walk (no GPU): Settings said "50 % of free RAM: about 10.6 GB of 21.1 GB" while the plan said
+    "of the 6.3 GB share you allow" (CPU hosting may use 80 % of the available RAM; the share is of that)."""
+    fake_engine.hardware["gpus"] = []
+    controller.apply_settings(Settings(onboarded=True, memory_fraction=0.5, quant="none"))
+    controller.dashboard_model.refresh_all()
+    window = controller.dashboard
+    qtbot.waitUntil(lambda: "of RAM of the 19.2 GB share" in window.plan_label.text(), timeout=3000)
+    dialog = controller.settings_dialog()
+    qtbot.addWidget(dialog)
+    assert dialog.memory.label.text() == "50 % of free RAM: about 19.2 GB of 38.4 GB"
+    dialog.memory.slider.setValue(25)
+    assert "about 9.6 GB" in dialog.memory.label.text()

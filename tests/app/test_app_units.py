@@ -331,3 +331,44 @@ def test_settings_create_and_join_private_swarms_by_invite(qtbot, app_dirs):
     created = dialog.result_settings()
     assert (created.swarm, created.initial_peers) == ("private", ())
     assert dialog.save_button.isEnabled()
+
+
+def test_shareable_memory_follows_the_plan_else_the_hardware():
+    from app.viewmodels.dashboard import shareable_memory
+
+    GiB = 1024**3
+
+    plan = {"budget_bytes": 6 * GiB, "memory_kind": "ram"}
+    assert shareable_memory(None, plan, 0.5) == (12 * GiB, "RAM")
+    assert shareable_memory(None, dict(plan, memory_kind="gpu"), 0.5) == (12 * GiB, "GPU memory")
+    ram_only = {"gpus": [], "ram": {"available_bytes": 10 * GiB}}
+    assert shareable_memory(ram_only, None, 0.5) == (8 * GiB, "RAM")  # CPU hosting may use 80 % of it
+    assert shareable_memory({"gpus": [{"free_bytes": 20 * GiB}]}, None, 0.5) == (20 * GiB, "GPU memory")
+    assert shareable_memory(None, None, 0.5) == (None, "memory")
+
+
+def test_onboarding_slider_names_ram_or_gpu_memory_in_gb(qtbot, app_dirs, tmp_path, monkeypatch):
+    """The walk: onboarding said "50 % of free memory": no GB, not which memory (no engine runs yet)."""
+    import psutil
+
+    from app.local_memory import probe_hardware
+    from app.windows.onboarding import OnboardingDialog
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi: hosting would use the RAM
+    dialog = OnboardingDialog.for_this_computer(Settings())
+    qtbot.addWidget(dialog)
+    text = dialog.memory.label.text()
+    assert text.startswith("50 % of free RAM: about ") and text.endswith(" GB")
+    shareable = float(text.rsplit(" of ", 1)[1].removesuffix(" GB")) * 2**30  # CPU hosting: 80 % of available
+    assert abs(shareable - psutil.virtual_memory().available * 0.8) < 2**30
+    assert probe_hardware()["gpus"] == []
+    # An NVIDIA GPU (a real nvidia-smi stand-in on PATH): its free memory, named as GPU memory.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA GeForce RTX 4070, 10240, 12282'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    dialog = OnboardingDialog.for_this_computer(Settings(memory_fraction=0.5))
+    qtbot.addWidget(dialog)
+    assert dialog.memory.label.text() == "50 % of free GPU memory: about 5.0 GB of 10.0 GB"
