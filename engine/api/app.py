@@ -10,6 +10,7 @@ from engine.api import control, openai
 from engine.api.auth import PUBLIC_PATHS, SecurityMiddleware
 from engine.api.errors import install_error_handlers
 from engine.api.events import EventBus
+from engine.api.hardware import HardwareProbe
 from engine.api.streaming import OpenStreams
 from engine.service.errors import EngineNotReadyError
 
@@ -61,6 +62,7 @@ def create_app(service, token: str, *, keepalive_seconds: float = KEEPALIVE_SECO
     app.state.service = service
     app.state.events = EventBus()
     app.state.generations = OpenStreams()
+    app.state.hardware = HardwareProbe(service.data_dir)
     app.state.keepalive_seconds = keepalive_seconds
     service.add_listener(app.state.events.publish)
     install_error_handlers(app)

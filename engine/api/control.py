@@ -8,7 +8,6 @@ from starlette.concurrency import run_in_threadpool
 
 from contract import Quant
 from engine.api.events import sse_comment, sse_event
-from engine.api.hardware import probe_hardware
 from engine.api.schemas import (
     ErrorResponse,
     Hardware,
@@ -24,6 +23,7 @@ from engine.api.schemas import (
     Status,
     SwarmInfo,
 )
+from engine.api.threads import run_swarm_read
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
@@ -51,7 +51,7 @@ def build_router() -> APIRouter:
 
     @router.get("/hardware", response_model=Hardware, summary="GPUs, CPU, RAM and disk")
     async def hardware(request: Request):
-        return await run_in_threadpool(probe_hardware, request.app.state.service.data_dir)
+        return await run_in_threadpool(request.app.state.hardware.read)
 
     @router.get(
         "/hosting/plan", response_model=HostingPlan, responses=MODEL_ERRORS, summary="What hosting would use"
@@ -62,7 +62,8 @@ def build_router() -> APIRouter:
         quant: Quant | None = None,
         memory_fraction: float | None = Query(default=None, gt=0.0, le=1.0),
     ):
-        return await run_in_threadpool(request.app.state.service.hosting_plan, model, quant, memory_fraction)
+        service = request.app.state.service
+        return await run_swarm_read(request, service.hosting_plan, model, quant, memory_fraction)
 
     @router.post(
         "/hosting/start",
@@ -154,7 +155,7 @@ def build_router() -> APIRouter:
         "/swarm", response_model=SwarmInfo, responses=MODEL_ERRORS, summary="Block coverage of a model"
     )
     async def swarm(request: Request, model: str | None = ModelQuery):
-        return await run_in_threadpool(request.app.state.service.swarm_info, model)
+        return await run_swarm_read(request, request.app.state.service.swarm_info, model)
 
     @router.get(
         "/events",

@@ -26,6 +26,7 @@ STATUS_BY_TYPE = {
     "method_not_allowed": 405,
     "wrong_state": 409,
     "swarm_unavailable": 503,
+    "swarm_timeout": 503,
     "engine_not_ready": 503,
     "internal_error": 500,
 }

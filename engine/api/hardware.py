@@ -6,6 +6,8 @@ import logging
 import os
 import platform
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,22 @@ def probe_hardware(disk_path: Path) -> dict[str, Any]:
         "ram": {"total_bytes": memory.total, "available_bytes": memory.available},
         "disk": {"path": str(disk_path), "total_bytes": disk.total, "free_bytes": disk.free},
     }
+
+
+class HardwareProbe:
+    """probe_hardware, reused for `max_age` seconds: the app asks often and a GPU query can take seconds
+    (the first one initialises the driver). Callers arriving during a probe wait for it instead of probing."""
+
+    def __init__(self, disk_path: Path, max_age: float = 5.0):
+        self.disk_path = disk_path
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._last: tuple[float, dict[str, Any]] | None = None
+        self.probes = 0
+
+    def read(self) -> dict[str, Any]:
+        with self._lock:
+            if self._last is None or time.monotonic() - self._last[0] > self.max_age:
+                self._last = (time.monotonic(), probe_hardware(self.disk_path))
+                self.probes += 1
+            return self._last[1]

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from contract import ContextFit
 from engine.api.errors import service_error_body
@@ -23,6 +22,7 @@ from engine.api.schemas import (
     ModelList,
 )
 from engine.api.streaming import GenerationStream, wait_for_disconnect
+from engine.api.threads import run_swarm_read
 from engine.service import Finished, GenerationRequest, ServiceError, TextDelta
 
 ERROR_RESPONSES = {
@@ -181,7 +181,7 @@ def build_router() -> APIRouter:
 
     @router.get("/models", response_model=ModelList, summary="Models the swarm can serve, and the demo model")
     async def list_models(request: Request):
-        entries = await run_in_threadpool(request.app.state.service.list_models)
+        entries = await run_swarm_read(request, request.app.state.service.list_models)
         return {"object": "list", "data": entries}
 
     @router.post(

@@ -13,6 +13,10 @@ SWARM_CHOICES = tuple(Swarm)
 DEMO_MODEL_CHOICES = ("smollm2", "tiny")
 SWARM_INDEX_TTL = 5.0  # seconds a read of the swarm's model index is reused
 SWARM_MODELS_TTL = 30.0  # seconds the coverage of every indexed model is reused (a read per model)
+SWARM_SNAPSHOT_TTL = 1.0  # seconds a read of one model's servers is reused (requests at once share it)
+SWARM_WAIT = 4.0  # longest a request waits for a swarm read (the app gives up on a request after 15 s)
+SWARM_READ_TIMEOUT = 30.0  # longest one DHT read runs in the background before it counts as failed
+SWARM_STALE_AFTER = 60.0  # a late read is answered with the last value if it is younger than this
 
 
 @dataclass(frozen=True)

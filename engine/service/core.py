@@ -31,6 +31,7 @@ class ServiceCore:
         self.status_record = Status(swarm=Swarm(config.swarm))
         self.dht = None  # our peer for swarm views, model index, inference (client mode unless local)
         self.swarm_dht = None  # the local swarm's bootstrap peer (swarm "local" only)
+        self._swarm_addresses: tuple[str, ...] | None = None  # swarm_dht's addresses, once known
         self.ledger = None  # engine.ledger.Ledger once started: points, priority, observed contributions
         self._listeners: list[Callable[[str, Any], None]] = []
         self._threads: list[threading.Thread] = []
@@ -81,7 +82,11 @@ class ServiceCore:
         """Addresses a new peer of ours should bootstrap from: the engine's own DHT on a local swarm or a
         private swarm it created, else the swarm's initial peers."""
         if self.swarm_dht is not None:
-            return tuple(str(a) for a in self.swarm_dht.get_visible_maddrs())
+            # Asked once: the peer's addresses do not change, and asking its process on every plan or start
+            # would wait on it whenever it is busy.
+            if self._swarm_addresses is None:
+                self._swarm_addresses = tuple(str(a) for a in self.swarm_dht.get_visible_maddrs())
+            return self._swarm_addresses
         from engine.swarm.presets import get_preset
 
         return get_preset(self.config.swarm, self.config.initial_peers).initial_peers

@@ -46,6 +46,12 @@ class SwarmUnavailableError(ServiceError):
         return {"missing_blocks": self.missing_blocks} if self.missing_blocks else {}
 
 
+class SwarmTimeoutError(ServiceError):
+    """The swarm (its DHT) did not answer in time; the engine keeps reading it in the background."""
+
+    type = "swarm_timeout"
+
+
 def unavailable(model: str, missing) -> SwarmUnavailableError:
     """The error for a model whose blocks `missing` have no server."""
     shown = ", ".join(str(b) for b in missing)

@@ -121,7 +121,8 @@ class Generation:
         from engine.client.speculative import SpeculationConfig, SpeculationStats
 
         ref = self.catalog.find_model(request.model)
-        missing = self.catalog.snapshot(ref).missing_blocks()
+        # Read now, not reused: a server (ours, say) may have come online a moment ago.
+        missing = self.catalog.snapshot(ref, max_age=0.0).missing_blocks()
         if missing:
             raise unavailable(ref.name, missing)
         client = self._client(ref)

@@ -6,13 +6,21 @@ A part of EngineService (engine/service/engine.py): it shares only the ServiceCo
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from contract import DEFAULT_CONTEXT_TOKENS, ModelFacts
-from engine.service.config import SWARM_INDEX_TTL, SWARM_MODELS_TTL, ModelRef
+from engine.service.config import (
+    SWARM_INDEX_TTL,
+    SWARM_MODELS_TTL,
+    SWARM_READ_TIMEOUT,
+    SWARM_SNAPSHOT_TTL,
+    SWARM_STALE_AFTER,
+    SWARM_WAIT,
+    ModelRef,
+)
 from engine.service.core import ServiceCore
 from engine.service.errors import ModelNotFoundError
+from engine.service.swarm_reads import SwarmReads
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +54,8 @@ class Catalog:
     def __init__(self, core: ServiceCore):
         self.core = core
         self._catalog: dict[str, ModelRef] = {}
-        self._swarm_index: tuple[float, dict[str, Any]] = (0.0, {})
-        self._models_coverage: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        # Every DHT read of a request goes through here: one read per key at a time, waits bounded.
+        self.reads = SwarmReads(wait=SWARM_WAIT, stale_after=SWARM_STALE_AFTER)
         self._context_lengths: dict[str, int] = {}
 
     def add(self, ref: ModelRef) -> None:
@@ -56,17 +64,25 @@ class Catalog:
             self._catalog[ref.name] = ref
 
     def _swarm_models(self) -> dict[str, Any]:
-        """The swarm's model index (dht_prefix -> ModelInfo), cached for a few seconds."""
+        """The swarm's model index (dht_prefix -> ModelInfo), re-read at most every SWARM_INDEX_TTL seconds.
+
+        A failed or late read gives the last index read ({} before the first).
+        """
         from engine.swarm.discovery import list_models
 
-        fetched, models = self._swarm_index
-        if time.monotonic() - fetched > SWARM_INDEX_TTL and self.core.dht is not None:
-            try:
-                models = list_models(self.core.dht)
-            except Exception as exc:
-                logger.warning("could not read the swarm's model index: %s", exc)
-            self._swarm_index = (time.monotonic(), models)
-        return models
+        dht = self.core.dht
+        if dht is None:
+            return {}
+        try:
+            return self.reads.get(
+                "index",
+                lambda: list_models(dht, timeout=SWARM_READ_TIMEOUT),
+                max_age=SWARM_INDEX_TTL,
+                what="the swarm's model index",
+            )
+        except Exception as exc:
+            logger.warning("could not read the swarm's model index: %s", exc)
+            return self.reads.peek("index") or {}
 
     @staticmethod
     def _name_for(dht_prefix: str, repository: str | None) -> str:
@@ -127,10 +143,30 @@ class Catalog:
 
         return SMOLLM2_MODEL_NAME
 
-    def snapshot(self, ref: ModelRef):
+    def snapshot(self, ref: ModelRef, max_age: float = SWARM_SNAPSHOT_TTL):
+        """The servers of `ref`'s blocks (a SwarmSnapshot) read less than `max_age` seconds ago; waits at most
+        SWARM_WAIT seconds for a read, then SwarmTimeoutError unless a recent read exists."""
+        return self.snapshots([ref], errors=False, max_age=max_age)[ref.dht_prefix]
+
+    def snapshots(
+        self, refs: list[ModelRef], errors: bool = True, max_age: float = SWARM_SNAPSHOT_TTL
+    ) -> dict[str, Any]:
+        """Snapshots of several models read in parallel: dht_prefix -> snapshot (with `errors`: or error)."""
         from engine.swarm.discovery import fetch_snapshot
 
-        return fetch_snapshot(self.core.dht, ref.dht_prefix, ref.num_blocks)
+        dht = self.core.dht
+
+        def reader(ref: ModelRef):
+            return lambda: fetch_snapshot(dht, ref.dht_prefix, ref.num_blocks, SWARM_READ_TIMEOUT)
+
+        keys = {("snapshot", ref.dht_prefix, ref.num_blocks): ref for ref in refs}
+        found = self.reads.get_many(
+            {key: reader(ref) for key, ref in keys.items()},
+            max_age=max_age,
+            what=f"the servers of {', '.join(ref.name for ref in refs)}",
+            errors=errors,
+        )
+        return {ref.dht_prefix: found[key] for key, ref in keys.items()}
 
     def list_models(self) -> list[dict[str, Any]]:
         """/v1/models: the demo model and every model the swarm can serve fully (one entry per prefix)."""
@@ -142,8 +178,17 @@ class Catalog:
                 name = self._name_for(prefix, info.repository)
                 by_prefix[prefix] = ModelRef(name, name, prefix, int(info.num_blocks), name)
         entries = []
-        for ref in sorted(by_prefix.values(), key=lambda r: (not r.demo, r.name)):
-            missing = self.snapshot(ref).missing_blocks()
+        refs = sorted(by_prefix.values(), key=lambda r: (not r.demo, r.name))
+        snapshots = self.snapshots(refs)  # in parallel, under one deadline
+        for ref in refs:
+            snapshot = snapshots[ref.dht_prefix]
+            if isinstance(snapshot, Exception):
+                if not ref.demo:  # a model not known to be fully served is not listed
+                    logger.info("leaving %s out of the models: %s", ref.name, snapshot)
+                    continue
+                missing = []  # the demo's blocks are ours; its entry must not vanish with a slow read
+            else:
+                missing = snapshot.missing_blocks()
             if ref.demo or not missing:
                 facts = ModelFacts(
                     label=ref.label,
@@ -176,6 +221,7 @@ class Catalog:
         from engine.swarm.records import ServerState
 
         ref = self.find_model(model)
+        self._start_coverage_read()  # in parallel with the model's own read
         snapshot = self.snapshot(ref)
         coverage = snapshot.coverage()
         throughputs = snapshot.block_throughputs(ServerState.ONLINE)
@@ -198,16 +244,38 @@ class Catalog:
             models=self._swarm_models_coverage(),
         )
 
+    def _start_coverage_read(self) -> None:
+        self.reads.start("coverage", self._read_coverage, SWARM_MODELS_TTL)
+
     def _swarm_models_coverage(self) -> list[dict[str, Any]]:
-        """Coverage of each model in the index, re-read at most every SWARM_MODELS_TTL seconds."""
+        """Coverage of each model in the index, re-read at most every SWARM_MODELS_TTL seconds.
+
+        The read (one per model) runs in the background: a request waits for it only when there is no
+        earlier one, and gets [] when the swarm is too slow for that.
+        """
+        earlier = self.reads.peek("coverage")
+        try:
+            return self.reads.get(
+                "coverage",
+                self._read_coverage,
+                max_age=SWARM_MODELS_TTL,
+                what="the coverage of the swarm's models",
+                wait=0.0 if earlier is not None else None,
+                stale_after=float("inf"),
+            )
+        except Exception as exc:
+            logger.warning("could not read the coverage of the swarm's models: %s", exc)
+            return earlier or []
+
+    def _read_coverage(self) -> list[dict[str, Any]]:
+        from engine.swarm.discovery import fetch_snapshot
         from engine.swarm.health import read_swarm_health
 
-        fetched, models = self._models_coverage
-        if time.monotonic() - fetched <= SWARM_MODELS_TTL:
-            return models
-        index = self._swarm_models()
-        view = read_swarm_health(index, lambda prefix, n: self._snapshot_of(prefix, n))
-        models = [
+        dht = self.core.dht
+        view = read_swarm_health(
+            self._swarm_models(), lambda prefix, n: fetch_snapshot(dht, prefix, n, SWARM_READ_TIMEOUT)
+        )
+        return [
             dict(
                 dht_prefix=m.dht_prefix,
                 repository=m.repository,
@@ -219,10 +287,3 @@ class Catalog:
             )
             for m in view
         ]
-        self._models_coverage = (time.monotonic(), models)
-        return models
-
-    def _snapshot_of(self, dht_prefix: str, num_blocks: int):
-        from engine.swarm.discovery import fetch_snapshot
-
-        return fetch_snapshot(self.core.dht, dht_prefix, num_blocks)

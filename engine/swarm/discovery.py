@@ -71,19 +71,33 @@ async def _get_values(dht: DHT, node: Any, keys: list[str]) -> dict[str, Any]:
     return result
 
 
-def get_block_infos(dht: DHT, dht_prefix: str, num_blocks: int) -> list[dict[str, ServerInfo]]:
+def _read(dht: DHT, keys: list[str], timeout: float | None) -> dict[str, Any]:
+    """The values of `keys`; with a `timeout`, TimeoutError when the DHT peer has not answered by then."""
+    if timeout is None:
+        return dht.run_coroutine(partial(_get_values, keys=keys))
+    future = dht.run_coroutine(partial(_get_values, keys=keys), return_future=True)
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        future.cancel()  # nobody waits for it any more (the DHT process may still finish the search)
+        raise TimeoutError(f"the DHT peer did not answer within {timeout:g} s") from None
+
+
+def get_block_infos(
+    dht: DHT, dht_prefix: str, num_blocks: int, timeout: float | None = None
+) -> list[dict[str, ServerInfo]]:
     """For each block ``0..num_blocks-1`` of the model, the valid servers announcing it (by peer id)."""
     validate_dht_prefix(dht_prefix)
     uids = block_uids(dht_prefix, 0, num_blocks)
     if not uids:
         return []
-    values = dht.run_coroutine(partial(_get_values, keys=uids))
+    values = _read(dht, uids, timeout)
     return [parse_block_entries(uid, values.get(uid)) for uid in uids]
 
 
-def fetch_snapshot(dht: DHT, dht_prefix: str, num_blocks: int) -> SwarmSnapshot:
-    """The current state of one model's swarm, read from the DHT."""
-    return SwarmSnapshot(dht_prefix=dht_prefix, blocks=get_block_infos(dht, dht_prefix, num_blocks))
+def fetch_snapshot(dht: DHT, dht_prefix: str, num_blocks: int, timeout: float | None = None) -> SwarmSnapshot:
+    """The current state of one model's swarm, read from the DHT (TimeoutError after `timeout` seconds)."""
+    return SwarmSnapshot(dht_prefix=dht_prefix, blocks=get_block_infos(dht, dht_prefix, num_blocks, timeout))
 
 
 def parse_models_index(entries: Any) -> dict[str, ModelInfo]:
@@ -100,7 +114,7 @@ def parse_models_index(entries: Any) -> dict[str, ModelInfo]:
     return models
 
 
-def list_models(dht: DHT) -> dict[str, ModelInfo]:
+def list_models(dht: DHT, timeout: float | None = None) -> dict[str, ModelInfo]:
     """The models announced in the swarm's index, by dht_prefix (private "_" prefixes never appear)."""
-    values = dht.run_coroutine(partial(_get_values, keys=[MODELS_INDEX_KEY]))
+    values = _read(dht, [MODELS_INDEX_KEY], timeout)
     return parse_models_index(values.get(MODELS_INDEX_KEY))
