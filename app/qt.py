@@ -32,6 +32,7 @@ from PySide6.QtGui import (
     QPen,
     QPixmap,
     QShortcut,
+    QShowEvent,
     QTextDocument,
 )
 from PySide6.QtNetwork import (
@@ -138,6 +139,7 @@ __all__ = [
     "QRadioButton",
     "QRectF",
     "QShortcut",
+    "QShowEvent",
     "QSize",
     "QSizePolicy",
     "QSlider",

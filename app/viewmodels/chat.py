@@ -141,15 +141,24 @@ def tokens_per_second(progress: ReplyProgress, now: float) -> float | None:
     return (tokens - 1) / elapsed
 
 
+def message_speed(tokens: int | None, seconds: float | None) -> float | None:
+    """A saved reply's tokens/s, counted like `tokens_per_second` (from its first token on)."""
+    if not tokens or tokens <= 1 or not seconds or seconds <= 0:
+        return None
+    return (tokens - 1) / seconds
+
+
 def transcript_markdown(messages: list[Message], streaming: str | None = None) -> str:
     """The conversation as Markdown, one section per turn (QTextDocument renders it)."""
     parts = []
     for message in messages:
         who = {"user": "You", "assistant": "Assistant", "system": "System"}.get(message.role, message.role)
-        speed = ""
-        if message.role == "assistant" and message.tokens and message.seconds:
-            speed = f" · {message.tokens / message.seconds:.1f} tokens/s"
-        parts.append(f"**{who}**{speed}\n\n{message.content or '*(empty)*'}")
+        rate = message_speed(message.tokens, message.seconds) if message.role == "assistant" else None
+        speed = f" · {rate:.1f} tokens/s" if rate else ""
+        content = message.content or "*(empty)*"
+        if message.role == "user":  # typed as plain text: each line stays a line (Markdown would join them)
+            content = "  \n".join(content.splitlines())
+        parts.append(f"**{who}**{speed}\n\n{content}")
     if streaming is not None:
         parts.append(f"**Assistant** · *writing…*\n\n{streaming or '…'}")
     return "\n\n---\n\n".join(parts)
@@ -282,8 +291,10 @@ class ChatModel(QObject):
             top_p=_or(conversation.top_p, defaults.top_p),
             max_tokens=_or(conversation.max_tokens, defaults.max_tokens),
         )
-        # Notices and a failed message belong to the conversation they came from.
+        # Notices, a failed message and the speed shown belong to the conversation they came from.
         self.failed_text = None
+        replies = [m for m in self.messages if m.role == "assistant"]
+        self.last_speed = message_speed(replies[-1].tokens, replies[-1].seconds) if replies else None
         if self.notice != self._engine_notice:
             self._set_notice("")
         self.changed.emit()

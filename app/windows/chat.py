@@ -25,10 +25,12 @@ from app.qt import (
     QPlainTextEdit,
     QPushButton,
     QShortcut,
+    QShowEvent,
     QSpinBox,
     QSplitter,
     Qt,
     QTextBrowser,
+    QTimer,
     QVBoxLayout,
     QWidget,
 )
@@ -310,8 +312,7 @@ class ChatWindow(QMainWindow):
         else:
             markdown = "*Start a conversation: type a message below.*"
         self.transcript.setMarkdown(markdown)
-        bar = self.transcript.verticalScrollBar()
-        bar.setValue(bar.maximum())
+        self._scroll_to_latest()
         speed = f"{model.last_speed:.1f} tokens/s" if model.last_speed else ""
         self.speed_label.setText(("Generating… " if streaming else "") + speed)
 
@@ -319,6 +320,15 @@ class ChatWindow(QMainWindow):
         self.notice.setText(text)
         self.notice.setStyleSheet(ERROR_STYLE if self.model.notice_is_error else NOTE_STYLE)
         self.notice.setVisible(bool(text))
+
+    def _scroll_to_latest(self) -> None:
+        bar = self.transcript.verticalScrollBar()
+        bar.setValue(bar.maximum())
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        # Filled while hidden, the transcript had no size to scroll by: show the latest messages once shown.
+        QTimer.singleShot(0, self._scroll_to_latest)
 
     def closeEvent(self, event: QCloseEvent) -> None:
         event.ignore()

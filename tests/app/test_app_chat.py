@@ -317,3 +317,47 @@ def test_a_failed_message_keeps_its_explanation_across_an_engine_restart(qtbot, 
     chat.retry_button.click()
     wait_reply(qtbot, chat, 2)
     assert chat.notice.isHidden() and not chat.retry_button.isVisible()
+
+
+def test_a_message_of_several_lines_is_shown_on_several_lines(qtbot, chat):
+    """The walk: "Write two lines:" Shift+Enter "one about cats." showed as one line in the transcript."""
+    chat.input.setFocus()
+    qtbot.keyClicks(chat.input, "Write two lines:")
+    qtbot.keyClick(chat.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    qtbot.keyClicks(chat.input, "one about cats.")
+    qtbot.keyClick(chat.input, Qt.Key.Key_Return)
+    wait_reply(qtbot, chat, 2)
+    assert "Write two lines:\none about cats." in chat.transcript.toPlainText()
+    assert chat.model.messages[0].content == "Write two lines:\none about cats."  # saved as typed
+
+
+def test_opening_the_chat_window_shows_the_latest_messages(qtbot, api_client, app_dirs):
+    """The walk, after a relaunch: the chat window opened on the first messages of a long conversation."""
+    history = ChatHistory(app_dirs["data"] / "chat-history.sqlite3").open()
+    conversation = history.create_conversation("long", DEMO_ID, "")
+    for turn in range(20):
+        history.add_message(conversation, "user", f"question {turn}")
+        history.add_message(conversation, "assistant", f"answer {turn} " + "blah " * 60)
+    model = ChatModel(api_client, history)
+    window = ChatWindow(model)  # built hidden, as the app does, then the conversation, then shown
+    qtbot.addWidget(window)
+    model.open_conversation(conversation)
+    window.show()
+    qtbot.waitExposed(window)
+    bar = window.transcript.verticalScrollBar()
+    qtbot.waitUntil(lambda: bar.maximum() > 0 and bar.value() == bar.maximum(), timeout=2000)
+    history.close()
+
+
+def test_the_speed_shown_is_the_open_conversations_and_matches_its_transcript(qtbot, chat):
+    """The walk: the bottom line kept the speed of another chat's reply, and said 11.9 tokens/s where the
+    transcript said 12.4 for the same reply."""
+    send(qtbot, chat, "hello")
+    wait_reply(qtbot, chat, 2)
+    first = chat.model.conversation_id
+    shown = chat.speed_label.text()
+    assert shown.endswith(" tokens/s") and f"· {shown}" in chat.transcript.toPlainText()
+    chat.new_button.click()
+    assert chat.speed_label.text() == ""
+    chat.model.open_conversation(first)
+    assert chat.speed_label.text() == shown
