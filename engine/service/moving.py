@@ -9,7 +9,8 @@ once when the user changes the memory share (/api/hosting/resize). A fixed span 
 A move drains the old span (clients read "moving to other blocks" and fail over), frees it, loads the new
 one and serves; meanwhile the status says so (`status["move"]`, state draining then loading). A paused,
 loading or stopping host is never moved; a pause that frees the weights ends the Rebalancer, and resuming
-plans the span afresh. A stop during a move ends it after the drain (or after the load).
+plans the span afresh (a resume that held the weights runs one rebalancing round at once). A stop during
+a move ends it after the drain (or after the load).
 """
 
 from __future__ import annotations
@@ -190,6 +191,20 @@ class MoveMixin(MoveHooks):
             blocks=[info.start_block, info.end_block],
         )
         self._apply_pending_share()
+
+    def _rebalance_soon(self) -> None:
+        """One rebalancing round now instead of at the next period (after a pause that held the weights)."""
+        server = self._server
+        if server is None or self._span_mode == SPAN_FIXED:
+            return
+
+        def check() -> None:
+            try:
+                server.check_once()
+            except Exception:
+                logger.warning("rebalancing check failed", exc_info=True)
+
+        self.core.spawn(check, "pollinate-rebalance-now")
 
     # ---- the memory share -------------------------------------------------------------------------------
 

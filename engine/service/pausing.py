@@ -7,7 +7,7 @@ says why sharing is paused and until when (`status["pause"]`); sharing time stop
 Who pauses: the user (through the API) or the politeness monitor (engine/polite), which never overrides a
 pause the user chose. A paused host is never moved or resized (engine/service/moving.py); a move under way
 is not paused (the monitor pauses once it serves again), and a pause that freed the weights ends the
-hosting's Rebalancer, so resuming plans the span afresh.
+hosting's Rebalancer, so resuming plans the span afresh (after a held pause: one rebalancing round at once).
 """
 
 from __future__ import annotations
@@ -215,6 +215,7 @@ class PauseMixin:
                 self._start_auditor(host)
                 status = self.core.set_status(state=HostingState.SERVING, message=None, pause=None)
                 self._apply_pending_share()  # the memory share changed while paused
+                self._rebalance_soon()  # the swarm may have changed while paused: look again now
                 return status
         self.core.set_status(pause=None)
         try:

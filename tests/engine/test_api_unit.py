@@ -310,10 +310,21 @@ def test_hosting_states(api):
 
 
 @pytest.mark.parametrize(
-    "body", [{"blocks": "3:1"}, {"blocks": "x"}, {"quant": "int3"}, {"memory_fraction": 0}, {"colour": "red"}]
-)
+    "body",
+    [{"blocks": "3:1"}, {"blocks": "x"}, {"blocks": "0"}, {"quant": "int3"}, {"memory_fraction": 0},
+     {"colour": "red"}],
+)  # fmt: skip
 def test_hosting_start_bad_body_is_400(api, body):
     _error(api.post("/api/hosting/start", json=body), 400, "invalid_request")
+
+
+@pytest.mark.parametrize("body", [{}, {"memory_fraction": 0}, {"memory_fraction": 1.5}, {"blocks": "2"}])
+def test_hosting_resize_bad_body_is_400(api, body):
+    _error(api.post("/api/hosting/resize", json=body), 400, "invalid_request")
+
+
+def test_hosting_resize_while_idle_is_409(api):
+    _error(api.post("/api/hosting/resize", json={"memory_fraction": 0.5}), 409, "wrong_state")
 
 
 def test_status_stats_hardware_swarm_plan(api):
