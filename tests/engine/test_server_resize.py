@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contract import MoveReason
 from engine.server.config import ServerConfig
-from engine.server.rebalancer import Rebalancer
+from engine.server.rebalancer import MoveHooks, Rebalancer
 from engine.swarm.discovery import fetch_snapshot
 from tests.helpers.servers import wait_for
 
@@ -42,5 +43,24 @@ def test_resize_shrinks_and_grows_the_span_without_a_restart(tiny_checkpoint_fac
         assert rebalancer.moves == 2
         with pytest.raises(ValueError, match=r"1\.\.8"):
             rebalancer.resize(9)
+
+        # Free memory changed (the owner's hook says so): a round resizes, and the owner hears why.
+        heard = []
+
+        class Hooks(MoveHooks):
+            def wanted_blocks(self, current):
+                return 3
+
+            def move_starting(self, old, span, reason):
+                heard.append((span, reason))
+                return True
+
+        rebalancer.hooks = Hooks()
+        rebalancer.host.pause()  # a paused host is never moved
+        assert not rebalancer.check_once() and heard == []
+        rebalancer.host.resume()
+        assert rebalancer.check_once()
+        assert heard == [((0, 3), MoveReason.MEMORY)] and rebalancer.peer_id == peer_id
+        assert wait_for(lambda: announced() == (0, 3), timeout=20), announced()
     finally:
         rebalancer.stop()
