@@ -69,7 +69,9 @@ def free_memory_bytes(device: torch.device, own_bytes: int = 0) -> int:
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free + own_bytes)
+        # Memory torch's caching allocator holds without using it is ours to reuse, not taken by others.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(0, cached) + own_bytes)
     import psutil
 
     return int((psutil.virtual_memory().available + own_bytes) * CPU_MEMORY_FRACTION)
