@@ -81,7 +81,7 @@ class Catalog:
                 what="the swarm's model index",
             )
         except Exception as exc:
-            logger.warning("could not read the swarm's model index: %s", exc)
+            logger.debug("could not read the swarm's model index: %s", exc)
             return self.reads.peek("index") or {}
 
     @staticmethod

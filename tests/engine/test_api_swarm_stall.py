@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow  # a real engine: DHT peer processes and a demo se
 TOKEN = "stall-test-token"
 WAIT = 1.0  # how long a request waits for a swarm read in this test (the engine's default is longer)
 PROMPT = 2.0  # what "still answers" means for requests that never touch the DHT
-PILE = 60  # more swarm-bound requests than the API's shared pool has threads (40)
+PILE = 45  # more swarm-bound requests than the API's shared pool has threads (40)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,7 @@ def engine(tmp_path_factory):
     service = EngineService(
         ServiceConfig(data_dir=tmp_path_factory.mktemp("stall"), swarm="local", demo_model="tiny")
     )
-    reads = getattr(service.catalog, "reads", None)
-    if reads is not None:
-        reads.wait = WAIT
+    service.catalog.reads.wait = WAIT
     server = ApiServer(create_app(service, TOKEN)).start()
     client = httpx.Client(
         base_url=server.base_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30.0
