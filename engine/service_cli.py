@@ -83,6 +83,13 @@ def add_commands(subparsers) -> None:
         help="decode one token per trip through the swarm (no speculative decoding)",
     )
     run.add_argument(
+        "--draft-blocks",
+        type=int,
+        default=0,
+        help="draft with the model's own first N blocks run here (early exit; at most 256 MiB of them); "
+        "0: prompt lookup",
+    )
+    run.add_argument(
         "--parent-pid",
         type=int,
         default=None,
@@ -246,6 +253,7 @@ def run_service(args: argparse.Namespace) -> int:
             rebalance_period=args.rebalance_period,
             balance_quality=args.balance_quality,
             move_grace_seconds=args.move_grace,
+            draft_blocks=args.draft_blocks,
         )
     except ValueError as exc:
         print(f"error: {exc}")

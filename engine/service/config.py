@@ -48,6 +48,10 @@ class ServiceConfig:
     balance_quality: float = 0.75
     # Seconds open sessions may finish when the hosted span moves (then their clients fail over).
     move_grace_seconds: float = 10.0
+    # Early-exit drafting: the model's first draft_blocks blocks run in the engine to draft (when they fit
+    # in 256 MiB; never all of them); 0: prompt lookup. Off by default: on SmolLM2 no choice of fewer than
+    # 28 of its 30 blocks drafts well enough to pay (bench/early_exit.py).
+    draft_blocks: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -60,6 +64,8 @@ class ServiceConfig:
             )
         if self.swarm == "local" and self.initial_peers:
             raise ValueError("--swarm local starts a new swarm: leave out --initial-peers")
+        if self.draft_blocks < 0:
+            raise ValueError(f"draft_blocks must be >= 0, got {self.draft_blocks}")
         if self.grace_seconds < 0 or self.max_context < 1:
             raise ValueError("grace_seconds must be >= 0 and max_context >= 1")
         if self.rebalance_period < 0 or self.move_grace_seconds < 0 or not 0 < self.balance_quality <= 1:

@@ -156,7 +156,8 @@ class Generation:
         new_ids: list[int] = []
         produced, reason = 0, "length"
         stats = SpeculationStats()
-        speculation = SpeculationConfig() if self.core.config.speculation else None
+        config = self.core.config
+        speculation = SpeculationConfig(draft_blocks=config.draft_blocks) if config.speculation else None
         began = time.perf_counter()
         token_times: list[float] = []
         with self.core.lock:

@@ -28,6 +28,16 @@ def test_run_accepts_parent_pid():
     assert args.parent_pid == 42
 
 
+def test_run_takes_draft_blocks_and_the_config_refuses_a_negative_count(tmp_path):
+    from engine.service.config import ServiceConfig
+
+    assert build_parser().parse_args(["run"]).draft_blocks == 0  # prompt lookup by default
+    assert build_parser().parse_args(["run", "--draft-blocks", "4"]).draft_blocks == 4
+    assert ServiceConfig(data_dir=tmp_path, draft_blocks=4).draft_blocks == 4
+    with pytest.raises(ValueError, match="draft_blocks must be >= 0"):
+        ServiceConfig(data_dir=tmp_path, draft_blocks=-1)
+
+
 def test_parent_gone():
     assert not _parent_gone(None)
     assert not _parent_gone(os.getpid())
