@@ -13,8 +13,10 @@ caches (`start_from_position`) at the start of the next round.
   distribution p whatever the draft distribution q (a point mass for prompt lookup).
 
 Drafters: prompt lookup (the continuation of the latest earlier occurrence of the last n tokens, no model)
-and, optionally, a small local causal LM sharing the tokenizer. The draft length adapts to the observed
-acceptance rate (`DraftLength`).
+and, optionally, a small local causal LM sharing the tokenizer or the model's own first blocks
+(engine.client.early_exit). The draft length adapts to the acceptance observed for each kind of proposal
+(prompt lookup: each match length; `DraftLength`) and to what one more token costs a round, learned from
+the rounds' own times (`RoundCost`).
 """
 
 from __future__ import annotations
@@ -107,9 +109,20 @@ class PromptLookupDrafter:
     def draft(self, history: Sequence[int], k: int) -> tuple[list[int], None]:
         return prompt_lookup(history, k, self.max_ngram), None
 
+    def propose(self, history: Sequence[int], k: int) -> tuple[list[int], None, int]:
+        """Up to k tokens, and the length n of the match they follow: a copy after a 3-token match is
+        right far more often than one after a single token, so each n gets its own draft length."""
+        tokens, n = prompt_lookup_match(history, k, self.max_ngram)
+        return tokens, None, n
+
 
 def prompt_lookup(history: Sequence[int], k: int, max_ngram: int = 3) -> list[int]:
     """The k tokens after the latest earlier occurrence of history's last n tokens (n = max_ngram..1)."""
+    return prompt_lookup_match(history, k, max_ngram)[0]
+
+
+def prompt_lookup_match(history: Sequence[int], k: int, max_ngram: int = 3) -> tuple[list[int], int]:
+    """`prompt_lookup`'s tokens and the n of the match they follow (0 with no match)."""
     history = list(history)
     size = len(history)
     for n in range(min(max_ngram, size - 1), 0, -1):
@@ -118,8 +131,8 @@ def prompt_lookup(history: Sequence[int], k: int, max_ngram: int = 3) -> list[in
             if history[start : start + n] == tail:
                 follow = history[start + n : start + n + k]
                 if follow:
-                    return follow
-    return []
+                    return follow, n
+    return [], 0
 
 
 class DraftModelDrafter:
@@ -357,7 +370,8 @@ def speculative_rounds(
             if config.draft_model is not None
             else PromptLookupDrafter(config.max_ngram)
         )
-    length = DraftLength(config)
+    lengths: dict[Any, DraftLength] = {}  # by kind of proposal (prompt lookup: its match length)
+    propose = getattr(drafter, "propose", None)
     cost = RoundCost(config.token_cost) if config.learn_cost else None
     tokens = history[0].tolist()
     pending_ids = pending[0].tolist()
@@ -365,11 +379,18 @@ def speculative_rounds(
     produced = 0
     while True:
         room = session.max_length - kept_position - len(pending_ids)
-        k = max(min(length.next(), room, max_new_tokens - produced - 1), 0)
-        draft, draft_probs = [], None
+        limit = max(min(room, max_new_tokens - produced - 1), 0)
+        draft, draft_probs, kind, k = [], None, None, 0
         started = time.perf_counter()
-        if k > 0 and model.can_roll_back(session):
-            draft, draft_probs = drafter.draft(tokens, k)
+        if limit > 0 and model.can_roll_back(session):
+            if propose is not None:  # a free proposal first; its kind decides how much of it to send
+                draft, draft_probs, kind = propose(tokens, min(limit, config.max_draft))
+                if draft:
+                    k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
+            else:
+                k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
+                if k > 0:
+                    draft, draft_probs = drafter.draft(tokens, k)
         drafted_at = time.perf_counter()
         draft = list(draft[:k])
         if draft_probs is not None:
@@ -396,7 +417,8 @@ def speculative_rounds(
         stats.drafted += len(draft)
         stats.accepted += n
         stats.fallback_rounds += not draft
-        length.update(len(draft), n, cost.token_cost if cost is not None else None)
+        if kind in lengths:
+            lengths[kind].update(len(draft), n, cost.token_cost if cost is not None else None)
         new = [*draft[:n], token]
         kept_position += len(pending_ids) + n
         produced += len(new)

@@ -234,3 +234,33 @@ def test_a_local_draft_model_drafts_and_greedy_output_is_unchanged(hf, tiny_chec
         assert stats.drafted > 0
         if perfect:
             assert stats.acceptance == 1.0 and stats.rounds <= 4
+
+
+class KindsDrafter:
+    """Proposes the truth after even calls ("good") and wrong tokens after odd ones ("bad")."""
+
+    def __init__(self, truth: list[int], prompt_length: int):
+        self.truth, self.prompt_length, self.calls = truth, prompt_length, 0
+
+    def propose(self, history, k):
+        self.calls += 1
+        done = len(history) - self.prompt_length
+        proposal = list(self.truth[done : done + k])
+        if self.calls % 2:
+            return [(t + 1) % 512 for t in proposal], None, "bad"
+        return proposal, None, "good"
+
+
+def test_each_kind_of_proposal_gets_its_own_draft_length(hf):
+    ids = torch.randint(5, hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    params = SamplingParams(max_new_tokens=40)
+    plain = generate(RollbackModel(hf), ids, params)
+    stats = SpeculationStats()
+    drafter = KindsDrafter(plain[0, 6:].tolist(), 6)
+    config = SpeculationConfig(drafter=drafter, learn_cost=False)
+    output = generate(RollbackModel(hf), ids, params, speculation=config, stats=stats)
+    assert output.tolist() == plain.tolist()
+    # The bad kind soon sends nothing (a one-token probe now and then), the good one whole drafts: with one
+    # draft length for both, each bad round would waste as many tokens as a good one gains.
+    assert stats.acceptance > 0.6 and stats.rounds < 24
+    assert stats.drafted - stats.accepted < 12
