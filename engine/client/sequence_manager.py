@@ -49,6 +49,7 @@ class ClientConfig:
     connect_timeout: float = 5.0  # opening a stream to a server
     request_timeout: float = 180.0  # one forward/backward/inference step
     update_period: float = 60.0  # background refresh of the swarm view
+    read_timeout: float = 30.0  # one read of the swarm view from the DHT (a stalled DHT peer fails it)
     max_age: float = 30.0  # a route is never chosen from a view older than this
     points: float = 0.0  # points offered per request (Petals' spending policy; 0 = none)
     active_adapter: str | None = None  # LoRA adapter name the servers should apply (None: none)
@@ -152,7 +153,7 @@ class SequenceManager:
             with self._lock:
                 if self._snapshot is not None and self._snapshot_time >= started:
                     return self._snapshot  # someone refreshed while we waited
-            snapshot = fetch_snapshot(self.dht, self.dht_prefix, self.num_blocks)
+            snapshot = fetch_snapshot(self.dht, self.dht_prefix, self.num_blocks, self.config.read_timeout)
             with self._lock:
                 self._snapshot, self._snapshot_time = snapshot, time.monotonic()
             return snapshot

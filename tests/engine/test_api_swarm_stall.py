@@ -85,6 +85,7 @@ def test_a_stalled_dht_never_wedges_the_api(engine):
     service, client = engine
     for path in ("/api/swarm", "/api/hosting/plan", "/v1/models"):  # the views the app reads at start
         assert client.get(path).status_code == 200
+    model = client.get("/v1/models").json()["data"][0]["id"]
     reads = service.catalog.reads
 
     with stalled(service.core.dht.pid):
@@ -96,6 +97,12 @@ def test_a_stalled_dht_never_wedges_the_api(engine):
         reads.stale_after = 0.0
         response, seconds = timed(client, "GET", "/api/swarm")
         assert response.status_code == 503 and seconds < WAIT + PROMPT
+        assert_prompt_or_swarm_timeout(response, seconds, WAIT + PROMPT)
+
+        # A chat needs the swarm too: it says so within the bound instead of "writing…" for minutes.
+        chat = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+        response, seconds = timed(client, "POST", "/v1/chat/completions", json=chat)
+        assert response.status_code == 503
         assert_prompt_or_swarm_timeout(response, seconds, WAIT + PROMPT)
 
         # The app keeps polling: far more swarm-bound requests than the shared pool has threads.
@@ -139,3 +146,21 @@ def test_a_stalled_dht_never_wedges_the_api(engine):
     assert response.json()["total_blocks"] > 0
     if client.get("/api/status").json()["state"] != "idle":  # the start above may have gone through
         client.post("/api/hosting/stop", json={"grace_seconds": 0})
+
+
+def test_a_dht_read_gives_up_at_its_bound(engine):
+    """What every swarm read of the engine and its swarm clients rests on: a stalled DHT peer fails a read
+    after its timeout instead of holding the caller forever."""
+    from engine.swarm.discovery import fetch_snapshot, list_models
+
+    service, _client = engine
+    dht = service.core.dht
+    with stalled(dht.pid):
+        for read in (
+            lambda: fetch_snapshot(dht, "pollinate-demo-x-hf", 4, 0.5),
+            lambda: list_models(dht, 0.5),
+        ):
+            start = time.monotonic()
+            with pytest.raises(TimeoutError, match=r"did not answer within 0\.5 s"):
+                read()
+            assert time.monotonic() - start < 0.5 + PROMPT
