@@ -62,8 +62,12 @@ class SwarmReads:
         return flight
 
     def _read(self, key: Hashable, read: Callable[[], Any], flight: threading.Event) -> None:
+        started = self._clock()
         try:
             value, error = read(), None
+            seconds = self._clock() - started
+            if seconds > self.wait:  # requests gave up waiting for it: worth a line when a user reports it
+                logger.warning("reading the swarm (%s) took %.1f s", key, seconds)
         except Exception as exc:  # reported to whoever waits; the next request reads again
             value, error = None, exc
             if isinstance(exc, TimeoutError):  # the DHT peer's own bound: say it as a person would read it
