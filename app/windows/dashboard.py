@@ -191,7 +191,7 @@ class DashboardWindow(QMainWindow):
             plan_layout.addWidget(widget)
         layout.addWidget(plan_box)
 
-        stats_box = QGroupBox("Your contribution")
+        stats_box = QWidget()  # the tab names it
         stats_layout = QVBoxLayout(stats_box)
         grid = QGridLayout()
         self.stat_labels: dict[str, QLabel] = {}

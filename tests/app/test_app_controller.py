@@ -355,3 +355,13 @@ def test_settings_memory_share_says_the_same_gb_as_the_plan(qtbot, controller, f
     assert dialog.memory.label.text() == "50 % of free RAM: about 19.2 GB of 38.4 GB"
     dialog.memory.slider.setValue(25)
     assert "about 9.6 GB" in dialog.memory.label.text()
+
+
+def test_each_part_of_the_dashboard_is_titled_once(qtbot, controller):
+    """The walk: "Your contribution" was written twice, as the tab and again as a box inside it."""
+    from app.qt import QGroupBox
+
+    window = controller.dashboard
+    tabs = {window.tabs.tabText(i) for i in range(window.tabs.count())}
+    boxes = [box.title() for box in window.findChildren(QGroupBox)]
+    assert len(boxes) == len(set(boxes)) and not tabs & set(boxes)
