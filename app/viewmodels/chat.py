@@ -72,6 +72,19 @@ def model_choices(payload: dict) -> list[ModelChoice]:
     return sorted(choices, key=lambda c: (c.random_weights, bool(c.missing_blocks)))
 
 
+# What the transcript adds to a reply that did not finish; for the reader, never sent back to the model.
+STOPPED_MARK = "\n\n*(stopped)*"
+INTERRUPTED_MARK = "\n\n*(interrupted)*"
+
+
+def model_text(message: Message) -> str:
+    """A message as the model should read it again: without the transcript's marks."""
+    text = message.content
+    if message.role == "assistant":
+        text = text.removesuffix(STOPPED_MARK).removesuffix(INTERRUPTED_MARK)
+    return text
+
+
 def build_request(model: str, system_prompt: str, messages: list[Message], sampling: Sampling) -> dict:
     """The body of POST /v1/chat/completions for a conversation so far.
 
@@ -79,7 +92,7 @@ def build_request(model: str, system_prompt: str, messages: list[Message], sampl
     stays, and max_tokens shrinks to what is left; the first chunk says what it did (see `fit_notice`).
     """
     turns = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-    turns += [{"role": m.role, "content": m.content} for m in messages if m.role in ("user", "assistant")]
+    turns += [{"role": m.role, "content": model_text(m)} for m in messages if m.role in ("user", "assistant")]
     return {
         "model": model,
         "messages": turns,
@@ -418,7 +431,7 @@ class ChatModel(QObject):
         seconds = now - reply.first_piece if reply.first_piece is not None else None
         self.last_speed = tokens_per_second(reply, now) or self.last_speed
         if reply.text or not stopped:
-            text = reply.text + ("\n\n*(stopped)*" if stopped else "")
+            text = reply.text + (STOPPED_MARK if stopped else "")
             self.history.add_message(self.conversation_id, "assistant", text, tokens, seconds)
             self.messages = self.history.messages(self.conversation_id)
         if stopped:
@@ -434,7 +447,7 @@ class ChatModel(QObject):
     def _failed(self, error: ApiError) -> None:
         reply, self.reply, self._stream = self.reply, None, None
         if reply is not None and reply.text and self.conversation_id is not None:
-            self.history.add_message(self.conversation_id, "assistant", reply.text + "\n\n*(interrupted)*")
+            self.history.add_message(self.conversation_id, "assistant", reply.text + INTERRUPTED_MARK)
             self.messages = self.history.messages(self.conversation_id)
         elif self.messages and self.messages[-1].role == "user" and self.conversation_id is not None:
             # No reply at all: take the message back out of the conversation (it would otherwise be sent

@@ -361,3 +361,20 @@ def test_the_speed_shown_is_the_open_conversations_and_matches_its_transcript(qt
     assert chat.speed_label.text() == ""
     chat.model.open_conversation(first)
     assert chat.speed_label.text() == shown
+
+
+def test_the_stopped_mark_is_shown_but_never_sent_to_the_model(qtbot, chat, fake_engine):
+    """The walk: after a Stop, "*(stopped)*" went to the model with the history, and SmolLM2 took it up:
+    every later reply ended in a line of italics."""
+    fake_engine.words, fake_engine.word_delay = 200, 0.03
+    send(qtbot, chat, "long story please")
+    qtbot.waitUntil(lambda: "word2" in chat.transcript.toPlainText(), timeout=5000)
+    chat.stop_button.click()
+    assert "(stopped)" in chat.transcript.toPlainText()
+    fake_engine.words, fake_engine.word_delay = 3, 0.0
+    send(qtbot, chat, "and now?")
+    wait_reply(qtbot, chat, 4)
+    request = [r for r in fake_engine.requests if r[1] == "/v1/chat/completions"][-1][2]
+    replies = [m["content"] for m in request["messages"] if m["role"] == "assistant"]
+    assert len(replies) == 1 and "word1" in replies[0] and "stopped" not in replies[0]
+    assert replies[0] == replies[0].strip()
