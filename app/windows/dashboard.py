@@ -292,7 +292,8 @@ def swarm_summary(swarm: dict | None) -> str:
         return "Swarm health: unknown."
     blocks = swarm.get("blocks") or []
     counts = [int(b.get("servers") or 0) for b in blocks]
-    servers = len(swarm.get("servers") or [])
+    # A server that stopped stays in the DHT, announced offline, until its record expires: not counted.
+    servers = sum(1 for server in swarm.get("servers") or [] if server.get("state") != "offline")
     missing = swarm.get("missing_blocks") or [b["index"] for b in blocks if not b.get("servers")]
     text = f"Swarm health for {swarm.get('model')}: "
     if servers:

@@ -372,3 +372,16 @@ def test_onboarding_slider_names_ram_or_gpu_memory_in_gb(qtbot, app_dirs, tmp_pa
     dialog = OnboardingDialog.for_this_computer(Settings(memory_fraction=0.5))
     qtbot.addWidget(dialog)
     assert dialog.memory.label.text() == "50 % of free GPU memory: about 5.0 GB of 10.0 GB"
+
+
+def test_swarm_summary_counts_only_servers_that_serve():
+    """The walk: after Stop sharing the map said 1 server per block but the sentence "3 server(s)" (our
+    server stays in the DHT, announced offline, until its record expires)."""
+    from app.windows.dashboard import swarm_summary
+
+    swarm = {
+        "model": "SmolLM2-135M-Instruct",
+        "blocks": [{"index": 0, "servers": 1}, {"index": 1, "servers": 1}],
+        "servers": [{"state": "online"}, {"state": "offline"}, {"state": "online"}],
+    }
+    assert swarm_summary(swarm).startswith("Swarm health for SmolLM2-135M-Instruct: 2 server(s); 1–1 ")
