@@ -232,7 +232,10 @@ class ChatModel(QObject):
             self.models = []
             self.models_changed.emit()
         if self.join_problem and self.engine_ready:
-            self._engine_notice = f"Chat needs a swarm, and the engine is in none: {self.join_problem}"
+            self._engine_notice = (
+                f"Chat needs a swarm, and the engine could not join one. {self.join_problem} "
+                "(Retry and Use the local demo are on the dashboard.)"
+            )
             self._set_notice(self._engine_notice, error=True)
         elif joined:
             self._clear_engine_notice()

@@ -149,6 +149,8 @@ def share_control(snapshot: DashboardSnapshot) -> ShareControl:
     """The Share toggle's text, check state, progress and whether it can be clicked now."""
     if snapshot.engine_state != "running":
         return ShareControl("Share my GPU", False, False, None, False)
+    if snapshot.status is None:  # the process runs; how the engine is comes with its first status
+        return ShareControl("Connecting…", False, False, None, True)
     state = (snapshot.status or {}).get("state", "idle")
     if (
         (snapshot.status or {}).get("move")

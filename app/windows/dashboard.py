@@ -56,7 +56,9 @@ def headline(model: DashboardModel) -> str:
     snap = model.snapshot
     if snap.engine_state != "running":
         return snap.engine_message or "The engine is not running."
-    status = snap.status or {}
+    if snap.status is None:
+        return "Connecting to the engine…"
+    status = snap.status
     state = status.get("state", "idle")
     if join_failed(snap):  # not a hosting failure: the user may never have asked to host
         return status.get("message") or "The engine could not join the swarm."

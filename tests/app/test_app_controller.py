@@ -25,6 +25,7 @@ def controller(qtbot, app_dirs, fake_engine):
     ctl.start()
     qtbot.waitUntil(lambda: ctl.engine.state == "running" and ctl.feed.connected, timeout=5000)
     qtbot.waitUntil(lambda: ctl.dashboard_model.snapshot.hardware is not None, timeout=5000)
+    qtbot.waitUntil(lambda: ctl.dashboard_model.snapshot.status is not None, timeout=5000)
     yield ctl
     ctl.shutdown()
     for window in (ctl.dashboard, ctl._chat_window):

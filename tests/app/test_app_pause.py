@@ -31,6 +31,7 @@ def controller(qtbot, app_dirs, fake_engine):
 
 def _serve(qtbot, controller, fake_engine):
     fake_engine.load_delay = 0.01
+    qtbot.waitUntil(controller.dashboard.share_button.isEnabled, timeout=3000)  # the first status came
     controller.dashboard.share_button.click()
     qtbot.waitUntil(lambda: controller.tray.state == "serving", timeout=5000)
 

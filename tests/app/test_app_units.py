@@ -59,6 +59,8 @@ def test_tray_state_reducer():
 
 def test_dashboard_reducers():
     snap = with_engine(DashboardSnapshot(), "running", "ok")
+    assert not share_control(snap).enabled  # until the engine's first status says it is ready
+    snap = with_status(snap, {"state": "idle", "ready": True})
     assert share_control(snap).enabled and not share_control(snap).checked
     snap = with_status(snap, {"state": "loading", "progress": 0.25, "blocks": [2, 4]})
     control = share_control(snap)
@@ -385,3 +387,17 @@ def test_swarm_summary_counts_only_servers_that_serve():
         "servers": [{"state": "online"}, {"state": "offline"}, {"state": "online"}],
     }
     assert swarm_summary(swarm).startswith("Swarm health for SmolLM2-135M-Instruct: 2 server(s); 1–1 ")
+
+
+def test_nothing_offers_sharing_before_the_engine_said_how_it_is():
+    """The walk, at relaunch: for a moment after the engine process ran, before its first status, the
+    dashboard said "Not sharing. Turn on Share my GPU" with Share enabled, then "Joining the swarm…"."""
+    from app.viewmodels.dashboard import DashboardSnapshot, share_control
+    from app.windows.dashboard import headline
+
+    class Model:
+        snapshot = DashboardSnapshot(engine_state="running", status=None)
+
+    control = share_control(Model.snapshot)
+    assert not control.enabled and not control.checked and control.busy
+    assert "Turn on" not in headline(Model) and "Share my GPU" not in headline(Model)
