@@ -15,12 +15,14 @@ from app.qt import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QScrollArea,
     QSlider,
     QSpinBox,
     Qt,
@@ -106,7 +108,9 @@ class SettingsDialog(QDialog):
         self.setWindowTitle("Pollinate — Settings")
         self.settings = settings
         self._clear_token = False
-        layout = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        content = QWidget()  # scrolls when the screen is shorter than the dialog; Save/Cancel stay in view
+        layout = QVBoxLayout(content)
         form = QFormLayout()
         layout.addLayout(form)
 
@@ -190,9 +194,24 @@ class SettingsDialog(QDialog):
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         self.save_button = buttons.button(QDialogButtonBox.StandardButton.Save)
-        layout.addWidget(buttons)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(content)
+        outer.addWidget(scroll, 1)
+        outer.addWidget(buttons)
+        self._fit_to_screen(content)
         self._swarm_changed()
         self._update_weights_free()
+
+    def _fit_to_screen(self, content: QWidget) -> None:
+        """As tall as the content, but no taller than the screen (the rest scrolls)."""
+        wanted = content.sizeHint()
+        screen = self.screen().availableGeometry() if self.screen() else None
+        height = wanted.height() + 60  # the buttons and margins
+        if screen is not None:
+            height = min(height, int(screen.height() * 0.9))
+        self.resize(wanted.width() + 40, height)
 
     def _swarm_changed(self) -> None:
         self.peers.setEnabled(self.swarm.currentData() == "private")

@@ -401,3 +401,18 @@ def test_nothing_offers_sharing_before_the_engine_said_how_it_is():
     control = share_control(Model.snapshot)
     assert not control.enabled and not control.checked and control.busy
     assert "Turn on" not in headline(Model) and "Share my GPU" not in headline(Model)
+
+
+def test_settings_fit_a_laptop_screen_with_save_in_reach(qtbot, app_dirs):
+    """The walk (a 1000 px tall screen): the Settings dialog was taller than the screen, its rows were
+    squeezed (the "I am using this computer" row clipped); on a 768 px laptop Save was off the screen."""
+    from app.qt import QScrollArea
+    from app.windows.settings import SettingsDialog
+
+    info = {"detectors": {d: {"unsupported": "not here"} for d in ("gpu", "user_idle", "gpu_temperature")}}
+    dialog = SettingsDialog(Settings(), policy_info=info, invite="pollinate-invite-1." + "x" * 90)
+    qtbot.addWidget(dialog)
+    assert dialog.minimumSizeHint().height() <= 500
+    scroll = dialog.findChild(QScrollArea)
+    assert scroll is not None and scroll.isAncestorOf(dialog.polite)
+    assert not scroll.isAncestorOf(dialog.save_button)  # Save and Cancel stay in view
