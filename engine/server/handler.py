@@ -29,6 +29,7 @@ from engine.server.compute import HostedSpan, SessionState, run_backward, run_fo
 from engine.server.memory_cache import MemoryCache
 from engine.server.peer_gate import PeerGate
 from engine.server.protocol import RequestError
+from engine.server.step_timing import StepTimes
 from engine.server.task_pool import TaskKind, TaskPool
 from engine.server.work_limits import (
     WorkLimits,
@@ -40,6 +41,12 @@ from engine.server.work_limits import (
 from engine.swarm.keys import CHAIN_DELIMITER
 
 logger = logging.getLogger(__name__)
+
+# An inference step of at most this many tokens (x batch) runs on the event loop thread when the compute loop
+# is idle (TaskPool.run_if_idle): a decode or speculative step takes milliseconds, and skipping the hand-off
+# to the compute thread and back saves two thread wake-ups per step. Longer steps (prefills) always queue, so
+# the event loop is never held for long.
+INLINE_STEP_TOKENS = 16
 
 # priority_fn(peer_id, kind, points) -> delay in seconds (lower = sooner; see task_pool). The peer id is the
 # libp2p-authenticated remote; `points` is what the peer declares and should not be trusted.
@@ -342,6 +349,7 @@ class TransformerConnectionHandler(ServicerBase):
         peer = _peer(context)
         self._log("rpc_inference.open", start, end, context, f"max_length={max_length}, batch={batch_size}")
         nbytes = self.hosted.cache_bytes(end - start, batch_size, max_length)
+        times = StepTimes()
         self.stats.sessions_open += 1
         try:
             async with (
@@ -351,18 +359,23 @@ class TransformerConnectionHandler(ServicerBase):
                 session = SessionState(self.hosted.view(start, end), batch_size, max_length)
                 steps = self._iterate_steps(first, requests, pushes, session, deadline, context)
                 async for request, step_metadata in steps:
+                    arrived = time.perf_counter()
                     async with self._gate.enter(peer):  # a peer's 50 sessions do not fill the event loop
-                        outputs, tokens, has_prompts, seconds = await self._inference_step(
+                        outputs, tokens, has_prompts, seconds, inline = await self._inference_step(
                             session, request, step_metadata, args_structure, points, peer
                         )
+                    computed = time.perf_counter()
+                    times.step(arrived, computed, seconds, inline)
                     self._count(peer, TaskKind.INFERENCE, tokens, end - start, seconds)
                     if step_metadata.get("next_servers") and not has_prompts:
                         # Petals' server-to-server mode: hand our outputs straight to the next server.
                         self._spawn(self._push_outputs(request, outputs[0], step_metadata))
                     yield runtime_pb2.ExpertResponse(tensors=outputs)
+                    times.replied(computed)
         finally:
             self.stats.sessions_open -= 1
             self._log("rpc_inference.close", start, end, context)
+            logger.debug("rpc_inference(blocks=%d:%d) step times: %s", start, end, times.summary())
 
     async def _inference_step(
         self, session: SessionState, request, step_metadata, args_structure, points, peer
@@ -390,21 +403,23 @@ class TransformerConnectionHandler(ServicerBase):
                 f"Maximum length exceeded: prefix {position} + current {new_tokens} exceeds "
                 f"pre-allocated maximum {session.max_length}"
             )
-        outputs, seconds = await self.pool.run(
-            _timed,
-            run_inference_step,
-            session,
-            args.hidden,
-            args.prompts,
-            args.hypo_ids,
-            start_from,
-            kind=TaskKind.INFERENCE,
-            priority=self._priority(peer, TaskKind.INFERENCE, points / max(session.max_length, 1)),
-            peer=peer,
-            cost=max(args.hidden.numel() // hosted.hidden_size, 1),
-        )
+        call = (_timed, run_inference_step, session, args.hidden, args.prompts, args.hypo_ids, start_from)
+        cost = max(args.hidden.numel() // hosted.hidden_size, 1)
+        inline = False
+        if cost <= INLINE_STEP_TOKENS:
+            inline, result = self.pool.run_if_idle(*call, kind=TaskKind.INFERENCE, peer=peer, cost=cost)
+        if inline:
+            outputs, seconds = result
+        else:
+            outputs, seconds = await self.pool.run(
+                *call,
+                kind=TaskKind.INFERENCE,
+                priority=self._priority(peer, TaskKind.INFERENCE, points / max(session.max_length, 1)),
+                peer=peer,
+                cost=cost,
+            )
         serialized = protocol.serialize([outputs], hosted.dtype, (self.compression,))
-        return serialized, new_tokens * session.batch_size, args.prompts is not None, seconds
+        return serialized, new_tokens * session.batch_size, args.prompts is not None, seconds, inline
 
     async def _iterate_steps(self, first, requests, pushes: asyncio.Queue | None, session, deadline, context):
         """Steps of a session, from the client or pushed by the previous server; each step_id once."""

@@ -13,6 +13,11 @@ Arrival is counted per peer (the libp2p-authenticated caller): a peer's task arr
 sooner than the end of the work it already has queued (a virtual clock, `FairClock`). A peer that sends 50
 sessions at once gets them queued one after the other in its own line, and another peer's step goes in
 between instead of behind all of them; a peer alone still gets the whole server (the queue never idles).
+
+A small task that finds the loop idle (nothing queued, nothing running, no throttle) may run at once on the
+caller's thread (`run_if_idle`): the queue would have handed it to the worker first anyway, and a decode step
+then skips two thread hand-offs (each a wake-up that a loaded machine may delay by milliseconds). The worker
+takes nothing from the queue while such a task runs, so computations stay one at a time.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ class TaskPool:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._running = False  # a task is computing (on the worker, or inline on a caller's thread)
         self.clock = FairClock()
         # Throttle (polite sharing): the share of wall time the loop may compute; after a task of t seconds
         # it rests t * (1 / share - 1) before the next one. 1.0: no rest.
@@ -171,6 +177,34 @@ class TaskPool:
         future = self.submit(fn, *args, kind=kind, priority=priority, peer=peer, cost=cost)
         return await asyncio.wrap_future(future)
 
+    def run_if_idle(
+        self, fn: Callable[..., Any], *args: Any, kind: TaskKind, peer: str = "", cost: float = 1.0
+    ) -> tuple[bool, Any]:
+        """Run `fn(*args)` on this thread now if the loop is idle: (True, its result); else (False, None).
+
+        Idle: running, nothing queued or computing, and no throttle (a resting loop keeps its rests). The
+        task counts as the loop's work (stats, the peer's fair-share clock); its exceptions propagate.
+        """
+        with self._cond:
+            busy = self._heap or self._running or self.compute_share < 1
+            if busy or self._stopping or self._thread is None:
+                return False, None
+            self._running = True
+            self.clock.arrival(peer, kind, cost, time.monotonic())
+        started = time.perf_counter()
+        try:
+            return True, fn(*args)
+        finally:
+            self._finished(kind, cost, time.perf_counter() - started)
+
+    def _finished(self, kind: TaskKind, cost: float, spent: float) -> None:
+        with self._cond:
+            self._running = False
+            self.stats.busy_seconds += spent
+            self.stats.tasks_done[kind] += 1
+            self.clock.observe(kind, cost, spent)
+            self._cond.notify()  # the worker waits while an inline task runs
+
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop taking tasks, fail the queued ones with PoolStopped, let the running one finish, join."""
         with self._cond:
@@ -190,26 +224,28 @@ class TaskPool:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._heap and not self._stopping:
+                while (not self._heap or self._running) and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
                 task = heapq.heappop(self._heap)
-            if not task.future.set_running_or_notify_cancel():
-                continue  # the requester gave up while the task was queued
+                if not task.future.set_running_or_notify_cancel():
+                    continue  # the requester gave up while the task was queued
+                self._running = True
             started = time.perf_counter()
             try:
                 result = task.fn(*task.args)
             except BaseException as error:  # every failure belongs to the requester, not to the loop
-                task.future.set_exception(error)
+                error_result: BaseException | None = error
+            else:
+                error_result = None
+            spent = time.perf_counter() - started
+            # Free the loop before the requester hears back, so its next small task may run inline at once.
+            self._finished(task.kind, task.cost, spent)
+            if error_result is not None:
+                task.future.set_exception(error_result)
             else:
                 task.future.set_result(result)
-            finally:
-                spent = time.perf_counter() - started
-                self.stats.busy_seconds += spent
-                with self._cond:
-                    self.clock.observe(task.kind, task.cost, spent)
-                self.stats.tasks_done[task.kind] += 1
             share = self.compute_share
             if share < 1.0:
                 with self._cond:  # rest after the answer went out; a stop ends the rest at once

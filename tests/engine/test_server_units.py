@@ -186,6 +186,64 @@ def test_task_pool_stop_fails_queued_tasks():
         queued.result(1)
 
 
+def test_task_pool_runs_a_task_inline_only_when_idle():
+    """run_if_idle computes on the caller's thread when nothing is queued or running; never beside a task."""
+    pool = TaskPool()
+    assert pool.run_if_idle(lambda: 1, kind=TaskKind.INFERENCE) == (False, None)  # not started
+    pool.start()
+    try:
+        assert pool.run_if_idle(threading.get_ident, kind=TaskKind.INFERENCE) == (True, threading.get_ident())
+        assert pool.stats.tasks_done[TaskKind.INFERENCE] == 1
+        with pytest.raises(ZeroDivisionError):  # the caller gets the task's error; the loop stays usable
+            pool.run_if_idle(lambda: 1 / 0, kind=TaskKind.INFERENCE)
+
+        gate, started = threading.Event(), threading.Event()
+        blocker = pool.submit(lambda: (started.set(), gate.wait(5)), kind=TaskKind.FORWARD)
+        started.wait(5)
+        assert pool.run_if_idle(print, kind=TaskKind.INFERENCE) == (False, None)  # the worker computes
+        gate.set()
+        blocker.result(5)
+
+        # While an inline task computes, the worker takes nothing from the queue.
+        inside, release, order = threading.Event(), threading.Event(), []
+
+        def inline_task():
+            inside.set()
+            release.wait(5)
+            order.append("inline")
+
+        runner = threading.Thread(target=pool.run_if_idle, args=(inline_task,), kwargs={"kind": 0})
+        runner.start()
+        inside.wait(5)
+        queued = pool.submit(order.append, "queued", kind=TaskKind.INFERENCE)
+        assert pool.run_if_idle(print, kind=TaskKind.INFERENCE) == (False, None)  # something is queued
+        time.sleep(0.1)
+        assert order == []
+        release.set()
+        queued.result(5)
+        runner.join(5)
+        assert order == ["inline", "queued"]
+
+        pool.compute_share = 0.5  # a throttled loop keeps its rests: nothing runs inline
+        assert pool.run_if_idle(print, kind=TaskKind.INFERENCE) == (False, None)
+    finally:
+        pool.stop()
+
+
+def test_step_times_summary():
+    from engine.server.step_timing import StepTimes
+
+    times = StepTimes()
+    times.step(arrived=10.0, computed=10.013, seconds=0.012, inline=True)
+    times.replied(10.013, now=10.0135)
+    times.step(arrived=10.0335, computed=10.047, seconds=0.013, inline=False)
+    times.replied(10.047, now=10.048)
+    assert times.outside == [pytest.approx(0.02)]
+    assert times.summary() == (
+        "2 steps (1 inline), median ms: decode 0.75, compute 12.50, reply 0.75, outside 20.00"
+    )
+
+
 # --- protocol ---
 
 
