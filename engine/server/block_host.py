@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import uvloop
 from hivemind import DHT
 from hivemind.p2p import P2P
 
@@ -542,7 +543,9 @@ class BlockHost:
         return int(self._memory_cache.bytes_left // per_vector) if self._memory_cache is not None else 0
 
     def _start_loop(self) -> None:
-        self._loop = asyncio.new_event_loop()
+        # uvloop: every step's messages pass through this loop's sockets (to and from the p2p daemon), and
+        # uvloop's are cheaper per message than asyncio's selector loop.
+        self._loop = uvloop.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pollinate-rpc", daemon=True)
         self._loop_thread.start()
 

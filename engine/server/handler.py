@@ -368,8 +368,10 @@ class TransformerConnectionHandler(ServicerBase):
                     times.step(arrived, computed, seconds, inline)
                     self._count(peer, TaskKind.INFERENCE, tokens, end - start, seconds)
                     if step_metadata.get("next_servers") and not has_prompts:
-                        # Petals' server-to-server mode: hand our outputs straight to the next server.
+                        # Petals' server-to-server mode: hand our outputs straight to the next server. The
+                        # push goes out first: the next server's compute waits for it, the client does not.
                         self._spawn(self._push_outputs(request, outputs[0], step_metadata))
+                        await asyncio.sleep(0)
                     yield runtime_pb2.ExpertResponse(tensors=outputs)
                     times.replied(computed)
         finally:
