@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
+from typing import NoReturn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,5 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.handler(args) or 0)
 
 
+def exit_with(code: int) -> NoReturn:
+    """End the process with `code`, skipping the interpreter's last walks over every object.
+
+    At exit Python collects cycles among everything still alive (torch, transformers, sympy: millions of
+    objects), which took 3-4 s of a stopping server on 2 cores. The process is ending anyway: freezing what
+    exists keeps those collections short. atexit handlers, buffered output and finalizers of objects freed
+    by reference counting still run.
+    """
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

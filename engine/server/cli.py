@@ -123,10 +123,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _wait_for_signal() -> None:
+def _catch_stop_signals() -> threading.Event:
+    """SIGINT/SIGTERM set the returned event. Call it before printing "ready": a script that stops us as soon
+    as it reads that line must find the handler in place (else the signal killed us without going OFFLINE)."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for(stop: threading.Event) -> None:
     while not stop.wait(1.0):
         pass
 
@@ -167,13 +173,14 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: could not start the block server: {error}", file=sys.stderr, flush=True)
         return 1
     try:
+        stop = _catch_stop_signals()
         info = host.info()
         _print_address(info.peer_id, info.multiaddrs)
         _say(
             f"ready: serving blocks {info.start_block}:{info.end_block} of {info.total_blocks} "
             f"(dht_prefix {info.dht_prefix}, {info.device}, {info.dtype}, quant {info.quant})"
         )
-        _wait_for_signal()
+        _wait_for(stop)
     finally:
         print("stopping: announcing OFFLINE", flush=True)
         host.stop()
@@ -188,9 +195,10 @@ def run_dht(args: argparse.Namespace) -> int:
     guard_children()
     dht = start_dht(args.initial_peers, host=args.host, port=args.port, new_swarm=not args.initial_peers)
     try:
+        stop = _catch_stop_signals()
         _print_address(dht.peer_id.to_base58(), [str(a) for a in dht.get_visible_maddrs()])
         _say("ready: DHT peer running")
-        _wait_for_signal()
+        _wait_for(stop)
     finally:
         dht.shutdown()
     return 0
