@@ -292,7 +292,7 @@ class ChatModel(QObject):
 
     def open_conversation(self, conversation_id: int) -> None:
         if self.reply is not None:
-            self.stop()
+            self.stop(give_back=False)  # a message without a reply stays where it was asked
         conversation = self.history.conversation(conversation_id)
         if conversation is None:
             return
@@ -418,14 +418,16 @@ class ChatModel(QObject):
     def _finished(self) -> None:
         self._save_reply(stopped=False)
 
-    def stop(self) -> None:
-        """Abort the reply in progress (the engine cancels generation); keep what arrived so far."""
+    def stop(self, give_back: bool = True) -> None:
+        """Abort the reply in progress (the engine cancels generation); keep what arrived so far. Before
+        the first token, the message goes back to the input (give_back) rather than waiting without a reply
+        to be sent again with the next one."""
         if self._stream is not None:
             self._stream.abort()
         if self.reply is not None:
-            self._save_reply(stopped=True)
+            self._save_reply(stopped=True, give_back=give_back)
 
-    def _save_reply(self, stopped: bool) -> None:
+    def _save_reply(self, stopped: bool, give_back: bool = True) -> None:
         reply, self.reply, self._stream = self.reply, None, None
         if reply is None or self.conversation_id is None:
             return
@@ -437,7 +439,11 @@ class ChatModel(QObject):
             text = reply.text + (STOPPED_MARK if stopped else "")
             self.history.add_message(self.conversation_id, "assistant", text, tokens, seconds)
             self.messages = self.history.messages(self.conversation_id)
-        if stopped:
+        if stopped and not reply.text and give_back and self._take_back_last_message():
+            self._set_notice(
+                "Stopped before the reply began: your message is back below, to edit or send again."
+            )
+        elif stopped:
             self._set_notice("Reply stopped.")
         elif reply.finish_reason == "length":
             limit = reply.fit.max_tokens if reply.fit and reply.fit.max_tokens else self.sampling.max_tokens
@@ -452,12 +458,8 @@ class ChatModel(QObject):
         if reply is not None and reply.text and self.conversation_id is not None:
             self.history.add_message(self.conversation_id, "assistant", reply.text + INTERRUPTED_MARK)
             self.messages = self.history.messages(self.conversation_id)
-        elif self.messages and self.messages[-1].role == "user" and self.conversation_id is not None:
-            # No reply at all: take the message back out of the conversation (it would otherwise be sent
-            # again, silently, with the next one) and offer it to retry or edit.
-            self.failed_text = self.messages[-1].content
-            self.history.delete_message(self.messages[-1].id)
-            self.messages = self.history.messages(self.conversation_id)
+        else:
+            self._take_back_last_message()
         if error.unreachable:
             self._set_notice(
                 "The engine stopped or is restarting: the reply was cut off. Retry when it is back.",
@@ -466,6 +468,16 @@ class ChatModel(QObject):
         else:
             self._set_notice(describe_error(error, "get a reply"), error=True)
         self.changed.emit()
+
+    def _take_back_last_message(self) -> bool:
+        """No reply at all: take the message back out of the conversation (it would otherwise be sent again,
+        silently, with the next one) and offer it to retry or edit. False when the last message is a reply."""
+        if not self.messages or self.messages[-1].role != "user" or self.conversation_id is None:
+            return False
+        self.failed_text = self.messages[-1].content
+        self.history.delete_message(self.messages[-1].id)
+        self.messages = self.history.messages(self.conversation_id)
+        return True
 
     def _set_notice(self, text: str, error: bool = False) -> None:
         if text != self.notice or error != self.notice_is_error:

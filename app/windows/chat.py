@@ -162,7 +162,7 @@ class ChatWindow(QMainWindow):
         self.send_button.setDefault(True)
         self.copy_button.clicked.connect(self.copy_last_reply)
         self.regenerate_button.clicked.connect(self.model.regenerate)
-        self.stop_button.clicked.connect(self.model.stop)
+        self.stop_button.clicked.connect(lambda: self.model.stop())
         self.send_button.clicked.connect(self.send)
         bottom.addWidget(self.speed_label, 1)
         bottom.addWidget(self.copy_button)

@@ -378,3 +378,20 @@ def test_the_stopped_mark_is_shown_but_never_sent_to_the_model(qtbot, chat, fake
     replies = [m["content"] for m in request["messages"] if m["role"] == "assistant"]
     assert len(replies) == 1 and "word1" in replies[0] and "stopped" not in replies[0]
     assert replies[0] == replies[0].strip()
+
+
+def test_a_stop_before_any_reply_gives_the_message_back_not_resent_later(qtbot, chat, fake_engine):
+    """The walk: Stop before the first token left the question in the chat without a reply, Regenerate off,
+    and the next message was sent with it (two questions in a row)."""
+    fake_engine.stalled = {"/v1/chat/completions"}  # no token comes before the Stop
+    send(qtbot, chat, "write a long essay")
+    qtbot.waitUntil(lambda: chat.stop_button.isEnabled(), timeout=3000)
+    chat.stop_button.click()
+    assert chat.model.messages == [] and chat.input.toPlainText() == "write a long essay"
+    assert "stopped" in chat.notice.text().lower() and not chat.model.notice_is_error
+    fake_engine.stalled = set()
+    chat.input.setPlainText("what colour is the sky?")
+    chat.send_button.click()
+    wait_reply(qtbot, chat, 2)
+    request = [r for r in fake_engine.requests if r[1] == "/v1/chat/completions"][-1][2]
+    assert [m["content"] for m in request["messages"] if m["role"] == "user"] == ["what colour is the sky?"]
