@@ -123,6 +123,8 @@ def displayed_stats(snapshot: DashboardSnapshot, now: float) -> dict | None:
         serving_for = max(0.0, now - max(snapshot.stats_at, snapshot.serving_since))
         for key in ("hosting_seconds", "lifetime_hosting_seconds"):
             stats[key] = float(stats.get(key) or 0) + serving_for
+    if join_failed(snapshot):  # points and priority belong to a swarm, and the engine is in none
+        stats["points"] = stats["priority"] = None
     return stats
 
 

@@ -276,7 +276,8 @@ class DashboardWindow(QMainWindow):
         snap, now = self.model.snapshot, time.time()
         stats = displayed_stats(snap, now)
         for key, _title, fmt in STAT_FIELDS:
-            self.stat_labels[key].setText(fmt(stats.get(key)) if stats else "—")
+            value = stats.get(key) if stats else None
+            self.stat_labels[key].setText("—" if value is None else fmt(value))
         self.plot.set_points(rate_series(snap.history), now)
 
     def closeEvent(self, event: QCloseEvent) -> None:

@@ -416,3 +416,16 @@ def test_settings_fit_a_laptop_screen_with_save_in_reach(qtbot, app_dirs):
     scroll = dialog.findChild(QScrollArea)
     assert scroll is not None and scroll.isAncestorOf(dialog.polite)
     assert not scroll.isAncestorOf(dialog.save_button)  # Save and Cancel stay in view
+
+
+def test_points_are_not_shown_as_zero_while_the_engine_is_in_no_swarm():
+    """The walk: 7.5 points on the local demo read "0.0" (priority 1.00) while the engine could not join the
+    public swarm, then 7.5 again back on the demo: points belong to a swarm, and there was none."""
+    from app.viewmodels.dashboard import DashboardSnapshot, displayed_stats, with_stats
+
+    snap = with_stats(DashboardSnapshot(engine_state="running"), {"points": 0.0, "priority": 1.0}, 10.0)
+    snap = with_status(snap, {"state": "error", "ready": False, "message": "Cannot reach the public swarm."})
+    stats = displayed_stats(snap, 11.0)
+    assert stats["points"] is None and stats["priority"] is None
+    snap = with_status(snap, {"state": "idle", "ready": True})
+    assert displayed_stats(snap, 11.0)["points"] == 0.0
