@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import statistics
@@ -161,6 +162,16 @@ def blocks_step(model: Path, spans, ids: torch.Tensor, new_tokens: int, repeats:
         torch.set_num_threads(threads)
 
 
+def prepare_synthetic(tmp: Path) -> tuple[Path, torch.Tensor]:
+    """The synthetic checkpoint (readable by Petals 2.2 too) and a 20-token prompt of random ids."""
+    from engine.models.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp / "synthetic", "llama", max_shard_size="200MB", **SYNTHETIC)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    pattern = torch.randint(5, vocab, (8,), generator=torch.Generator().manual_seed(0))
+    return wan.make_petals_compatible(path), torch.cat([pattern, pattern, pattern[:4]])[None]
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         logs = args.logs or tmp / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        path, ids = wan.prepare_model("synthetic", tmp)
+        path, ids = prepare_synthetic(tmp)
         blocks = wan.num_blocks_of(path)
         spans = wan.split_blocks(blocks, 2)
         local = wan.local_reference(path, ids, args.new_tokens, args.repeats)
