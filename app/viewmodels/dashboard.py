@@ -119,6 +119,8 @@ def displayed_stats(snapshot: DashboardSnapshot, now: float) -> dict | None:
     stats = dict(snapshot.stats)
     elapsed = max(0.0, now - snapshot.stats_at)
     stats["uptime_seconds"] = float(stats.get("uptime_seconds") or 0) + elapsed
+    if snapshot.engine_state != "running":  # no engine, no uptime (the lifetime totals stay)
+        stats["uptime_seconds"] = None
     if snapshot.serving_since is not None:
         serving_for = max(0.0, now - max(snapshot.stats_at, snapshot.serving_since))
         for key in ("hosting_seconds", "lifetime_hosting_seconds"):

@@ -88,7 +88,7 @@ def test_displayed_stats_move_the_clocks_on_between_events():
 
     assert displayed_stats(DashboardSnapshot(), 100.0) is None
     stats = {"uptime_seconds": 10, "hosting_seconds": 4, "points": 2}
-    snap = with_stats(DashboardSnapshot(), stats, now=100.0)
+    snap = with_stats(DashboardSnapshot(engine_state="running"), stats, now=100.0)
     idle = displayed_stats(snap, 107.0)
     assert idle["uptime_seconds"] == 17 and idle["hosting_seconds"] == 4 and idle["points"] == 2
     serving = displayed_stats(with_status(snap, {"state": "serving"}, now=90.0), 107.0)
@@ -429,3 +429,14 @@ def test_points_are_not_shown_as_zero_while_the_engine_is_in_no_swarm():
     assert stats["points"] is None and stats["priority"] is None
     snap = with_status(snap, {"state": "idle", "ready": True})
     assert displayed_stats(snap, 11.0)["points"] == 0.0
+
+
+def test_the_uptime_clock_stops_while_the_engine_is_down():
+    """The walk: after kill -9 the dashboard's uptime went on counting ("0m 19s") while no engine ran: no
+    engine, no uptime."""
+    from app.viewmodels.dashboard import DashboardSnapshot, displayed_stats
+
+    snap = with_stats(DashboardSnapshot(engine_state="running"), {"uptime_seconds": 100.0}, 10.0)
+    assert displayed_stats(snap, 15.0)["uptime_seconds"] == 105.0
+    down = with_engine(snap, "restarting", "The engine stopped unexpectedly")
+    assert displayed_stats(down, 15.0)["uptime_seconds"] is None
