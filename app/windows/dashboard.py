@@ -50,6 +50,13 @@ STAT_FIELDS = (
     ("points", "Points", lambda v: f"{float(v or 0):,.1f}"),
     ("priority", "Priority", lambda v: f"{float(v or 0):.2f}"),
 )
+# What a number means where it is not obvious (points stay 0 while only your own chats use your blocks).
+STAT_HINTS = {
+    "lifetime_tokens_served": "Tokens your blocks processed for anyone (your own chats too), over every run.",
+    "points": "Earned when other peers use your blocks (your own chats earn none) and for time online; "
+    "they fade over days. Other servers serve busy queues by these points.",
+    "priority": "How far ahead of others your requests are queued on busy servers, from your points.",
+}
 
 
 def headline(model: DashboardModel) -> str:
@@ -205,6 +212,8 @@ class DashboardWindow(QMainWindow):
             bold = value.font()
             bold.setBold(True)
             value.setFont(bold)
+            for label in (name, value):
+                label.setToolTip(STAT_HINTS.get(key, ""))
             grid.addWidget(name, 0, i)
             grid.addWidget(value, 1, i)
             self.stat_labels[key] = value

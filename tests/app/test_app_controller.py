@@ -84,6 +84,8 @@ def test_stats_events_update_numbers_and_plot(qtbot, controller, fake_engine):
         qtbot.wait(30)
     qtbot.waitUntil(lambda: window.stat_labels["lifetime_tokens_served"].text() == "100", timeout=3000)
     assert window.stat_labels["lifetime_requests_served"].text() == "4"
+    # Points stay at 0 while only the user's own chats use the blocks: the number says why where it stands.
+    assert "your own chats earn none" in window.stat_labels["points"].toolTip()
     assert len(window.plot.points) >= 3
     assert "RTX 4090" in window.hardware_label.text()
     assert "every block is served" in window.swarm_label.text()
