@@ -387,7 +387,7 @@ def speculative_rounds(
                 draft, draft_probs, kind = propose(tokens, min(limit, config.max_draft))
                 if draft:
                     k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
-            else:
+            elif len(pending_ids) == 1:  # a model drafter would read the whole prompt before its prefill
                 k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
                 if k > 0:
                     draft, draft_probs = drafter.draft(tokens, k)

@@ -226,7 +226,9 @@ def test_a_local_draft_model_drafts_and_greedy_output_is_unchanged(hf, tiny_chec
     plain = generate(RollbackModel(hf), ids, params)
     for draft_model, perfect in ((other, False), (hf, True)):
         stats = SpeculationStats()
-        config = SpeculationConfig(draft_model=draft_model)
+        # learn_cost off: here the "swarm" is a local model no dearer than the drafter, so the learned cost
+        # would (rightly) stop the drafting; this test is about the drafting itself.
+        config = SpeculationConfig(draft_model=draft_model, learn_cost=False)
         assert (
             generate(RollbackModel(hf), ids, params, speculation=config, stats=stats).tolist()
             == plain.tolist()
@@ -264,3 +266,21 @@ def test_each_kind_of_proposal_gets_its_own_draft_length(hf):
     # draft length for both, each bad round would waste as many tokens as a good one gains.
     assert stats.acceptance > 0.6 and stats.rounds < 24
     assert stats.drafted - stats.accepted < 12
+
+
+def test_a_model_drafter_does_not_delay_the_first_token(hf):
+    """The prefill round goes out undrafted: a model drafter would first read the whole prompt."""
+    ids = torch.randint(5, hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9))
+    params = SamplingParams(max_new_tokens=10)
+    plain = generate(RollbackModel(hf), ids, params)
+    seen = []
+
+    class Recording(OracleDrafter):
+        def draft(self, history, k):
+            seen.append(len(history))
+            return super().draft(history, k)
+
+    drafter = Recording(plain[0, 6:].tolist(), 6, wrong_every=1000)
+    config = SpeculationConfig(drafter=drafter, learn_cost=False)
+    assert generate(RollbackModel(hf), ids, params, speculation=config).tolist() == plain.tolist()
+    assert seen and min(seen) > 6  # first called after the prefill's token came back
