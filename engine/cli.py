@@ -27,10 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen command; returns the exit code."""
-    from engine import envs, startup
+    from engine import envs
 
     envs.prefer_passive_openmp_threads()  # before anything below imports torch
-    startup.defer_unused_imports()  # before anything below imports hivemind
     from engine.server.cli import configure_logging
 
     args = build_parser().parse_args(argv)
