@@ -195,15 +195,16 @@ class TaskPool:
         try:
             return True, fn(*args)
         finally:
-            self._finished(kind, cost, time.perf_counter() - started)
+            self._finished(kind, cost, time.perf_counter() - started, inline=True)
 
-    def _finished(self, kind: TaskKind, cost: float, spent: float) -> None:
+    def _finished(self, kind: TaskKind, cost: float, spent: float, inline: bool = False) -> None:
         with self._cond:
             self._running = False
             self.stats.busy_seconds += spent
             self.stats.tasks_done[kind] += 1
             self.clock.observe(kind, cost, spent)
-            self._cond.notify()  # the worker waits while an inline task runs
+            if inline and self._heap:  # the worker waited for the inline task; otherwise it sleeps on
+                self._cond.notify()
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop taking tasks, fail the queued ones with PoolStopped, let the running one finish, join."""
