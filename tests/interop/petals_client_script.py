@@ -9,6 +9,7 @@ also "embeds_grad", the gradient of the LM loss on the prompt w.r.t. its input e
 
 import argparse
 import faulthandler
+import gc
 import json
 
 import torch
@@ -46,3 +47,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's last collections over every torch/transformers object (seconds on 2 cores).
+    gc.freeze()

@@ -4,6 +4,7 @@ This is what Petals' health monitor and its clients' routing read, so Pollinate'
 """
 
 import argparse
+import gc
 import json
 
 import hivemind
@@ -44,3 +45,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's last collections over every torch/transformers object (seconds on 2 cores).
+    gc.freeze()

@@ -10,6 +10,7 @@ with --speculate the generation uses speculative decoding and "speculation" hold
 
 import argparse
 import faulthandler
+import gc
 import json
 
 import torch
@@ -54,3 +55,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's last collections over every torch/transformers object (seconds on 2 cores).
+    gc.freeze()
