@@ -100,7 +100,7 @@ class BlockSpan(nn.Module):
         masks = {}
         for kind in {self.family.attention_kind(self.config, i) for i in range(self.start, self.end)}:
             build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-            masks[kind] = build(**mask_args, past_key_values=adapter)
+            masks[kind] = build(**mask_args, **{_mask_cache_argument(build): adapter})
         position_args = self._position_arguments(hidden_states, positions)
         extra = dict(self.family.extra_layer_kwargs)
         for offset, block in enumerate(self.blocks):
@@ -226,3 +226,9 @@ def load_block_span(
     span = BlockSpan(config, family, start, blocks, dtype=dtype, device=device, quant=quant)
     span.load_stats = reader.stats
     return span
+
+
+@functools.cache
+def _mask_cache_argument(build) -> str:
+    """The cache keyword of transformers' mask builders: `cache` (5.24 deprecates `past_key_values`)."""
+    return "cache" if "cache" in inspect.signature(build).parameters else "past_key_values"
