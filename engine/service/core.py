@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from contract import Status, Swarm
+from contract import HostingState, Status, Swarm
 from engine.service.config import ServiceConfig
 from engine.service.errors import EngineNotReadyError
 
@@ -66,6 +66,10 @@ class ServiceCore:
 
     def require_ready(self) -> None:
         status = self.status()
+        if not status["ready"] and status["state"] == HostingState.ERROR:
+            # The join failed and the engine does not try again by itself: waiting would never help.
+            reason = status["message"] or "The engine could not join the swarm."
+            raise EngineNotReadyError(f"{reason} (Restart the engine to try again.)")
         if not status["ready"]:
             detail = status["message"] or "starting"
             raise EngineNotReadyError(f"The engine is still starting ({detail}); try again in a moment.")

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from engine.service import EngineService, ServiceConfig
+from engine.service.errors import EngineNotReadyError
 
 pytestmark = pytest.mark.slow  # a DHT peer process that waits for its bootstrap to time out
 
@@ -20,9 +21,13 @@ def test_unreachable_private_swarm_is_one_actionable_sentence(tmp_path):
     try:
         service.start(wait=True)
         status = service.status()
+        with pytest.raises(EngineNotReadyError) as refused:  # an API request: why, not "try again soon"
+            service.core.require_ready()
     finally:
         service.close(timeout=10)
     assert status["state"] == "error" and status["ready"] is False
     message = status["message"]
     assert message.startswith("Cannot reach your private swarm") and "Retry" in message
     assert "/ip4/" not in message and "--" not in message
+    refusal = str(refused.value)
+    assert refusal.startswith("Cannot reach your private swarm") and "Restart the engine" in refusal
