@@ -49,5 +49,10 @@ def exit_with(code: int) -> NoReturn:
     sys.exit(code)
 
 
-if __name__ == "__main__":
+def console_main() -> NoReturn:
+    """The `pollinate-engine` command: main(), then the quick exit."""
     exit_with(main())
+
+
+if __name__ == "__main__":
+    console_main()
