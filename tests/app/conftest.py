@@ -38,3 +38,25 @@ def api_client(qapp, fake_engine):
     client.set_endpoint(EngineEndpoint(fake_engine.base_url, TOKEN))
     yield client
     client.set_endpoint(None)
+
+
+@pytest.fixture
+def controller(qtbot, app_dirs, fake_engine):
+    """An AppController attached (--no-engine) to the in-process fake engine, running and subscribed."""
+    from app.controller import AppController
+    from app.settings import Settings
+
+    fake_engine.write_state_file(app_dirs["data"])
+    ctl = AppController(Settings(onboarded=True), manage_engine=False, use_system_tray=False)
+    ctl.confirm_quit = False
+    ctl.quit_app = lambda: None
+    ctl.start()
+    qtbot.waitUntil(lambda: ctl.engine.state == "running" and ctl.feed.connected, timeout=5000)
+    qtbot.waitUntil(lambda: ctl.dashboard_model.snapshot.hardware is not None, timeout=5000)
+    qtbot.waitUntil(lambda: ctl.dashboard_model.snapshot.status is not None, timeout=5000)
+    yield ctl
+    ctl.shutdown()
+    for window in (ctl.dashboard, ctl._chat_window):
+        if window is not None:
+            window.deleteLater()
+    qtbot.wait(20)

@@ -6,32 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from app import autostart
 from app.controller import AppController
 from app.settings import Settings, load_settings
 
 FAKE = str(Path(__file__).with_name("fake_engine.py"))
-
-
-@pytest.fixture
-def controller(qtbot, app_dirs, fake_engine):
-    """An AppController attached (--no-engine) to the in-process fake engine, running and subscribed."""
-    fake_engine.write_state_file(app_dirs["data"])
-    ctl = AppController(Settings(onboarded=True), manage_engine=False, use_system_tray=False)
-    ctl.confirm_quit = False
-    ctl.quit_app = lambda: None
-    ctl.start()
-    qtbot.waitUntil(lambda: ctl.engine.state == "running" and ctl.feed.connected, timeout=5000)
-    qtbot.waitUntil(lambda: ctl.dashboard_model.snapshot.hardware is not None, timeout=5000)
-    qtbot.waitUntil(lambda: ctl.dashboard_model.snapshot.status is not None, timeout=5000)
-    yield ctl
-    ctl.shutdown()
-    for window in (ctl.dashboard, ctl._chat_window):
-        if window is not None:
-            window.deleteLater()
-    qtbot.wait(20)
 
 
 def test_without_system_tray_the_dashboard_is_shown_and_closing_it_quits(qtbot, controller):

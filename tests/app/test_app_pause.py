@@ -7,26 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-import pytest
-
-from app.controller import AppController
-from app.settings import Settings, load_settings
+from app.settings import load_settings
 from app.viewmodels.pause import pause_text, until_tomorrow
 from app.viewmodels.status import tray_state, tray_tooltip
-
-
-@pytest.fixture
-def controller(qtbot, app_dirs, fake_engine):
-    fake_engine.write_state_file(app_dirs["data"])
-    ctl = AppController(Settings(onboarded=True), manage_engine=False, use_system_tray=False)
-    ctl.confirm_quit = False
-    ctl.quit_app = lambda: None
-    ctl.start()
-    qtbot.waitUntil(lambda: ctl.engine.state == "running" and ctl.feed.connected, timeout=5000)
-    yield ctl
-    ctl.shutdown()
-    ctl.dashboard.deleteLater()
-    qtbot.wait(20)
 
 
 def _serve(qtbot, controller, fake_engine):

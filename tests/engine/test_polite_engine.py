@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers.engine_run import engine_process
+from tests.helpers.engine_run import engine_process, engine_status, wait_for_status
 from tests.helpers.servers import running_server_process, wait_for
 
 pytestmark = pytest.mark.slow
@@ -98,20 +98,10 @@ def hosted_model(tiny_checkpoint_factory):
     return tiny_checkpoint_factory("llama", num_layers=8, hidden_size=512, seed=3)
 
 
-def _status(engine) -> dict:
-    return engine.get("/api/status").json()
-
-
 def _wait_status(engine, predicate, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = _status(engine)
-        if predicate(status):
-            return status
-        assert time.monotonic() < deadline, (
-            f"status did not change in {timeout} s: {status}; policy: {engine.get('/api/policy').json()}"
-        )
-        time.sleep(0.1)
+    return wait_for_status(
+        engine, predicate, timeout, lambda: f"; policy: {engine.get('/api/policy').json()}"
+    )
 
 
 def _start_hosting(engine, model: Path) -> dict:
@@ -122,7 +112,7 @@ def _start_hosting(engine, model: Path) -> dict:
 
 def _stop_hosting(engine) -> None:
     deadline = time.monotonic() + 120
-    while (state := _status(engine)["state"]) not in ("idle", "error"):
+    while (state := engine_status(engine)["state"]) not in ("idle", "error"):
         if state in ("serving", "paused"):
             engine.post("/api/hosting/stop", json={"grace_seconds": 0})
         assert time.monotonic() < deadline, f"hosting did not stop: {state}"

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from engine.swarm.discovery import fetch_snapshot
-from tests.helpers.engine_run import engine_process
+from tests.helpers.engine_run import engine_process, engine_status, wait_for_status
 from tests.helpers.servers import running_server, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -40,23 +40,9 @@ def engine(tmp_path_factory, bootstrap):
         yield client
 
 
-def _status(engine) -> dict:
-    return engine.get("/api/status").json()
-
-
-def _wait_status(engine, predicate, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = _status(engine)
-        if predicate(status):
-            return status
-        assert time.monotonic() < deadline, f"status did not change in {timeout} s: {status}"
-        time.sleep(0.1)
-
-
 def _stop_hosting(engine) -> None:
     deadline = time.monotonic() + 120
-    while (state := _status(engine)["state"]) not in ("idle", "error"):
+    while (state := engine_status(engine)["state"]) not in ("idle", "error"):
         if state in ("serving", "paused"):
             engine.post("/api/hosting/stop", json={"grace_seconds": 0})
         assert time.monotonic() < deadline, f"hosting did not stop: {state}"
@@ -100,7 +86,7 @@ def _spans(client_dht, prefix: str) -> dict[str, tuple[int, int]]:
 def _start(engine, body: dict) -> dict:
     response = engine.post("/api/hosting/start", json=body)
     assert response.status_code == 202, response.text
-    return _wait_status(engine, lambda s: s["state"] == "serving", 120)
+    return wait_for_status(engine, lambda s: s["state"] == "serving", 120)
 
 
 def test_a_paused_host_stays_put_then_moves_into_the_gap_a_leaving_server_left(
@@ -127,19 +113,19 @@ def test_a_paused_host_stays_put_then_moves_into_the_gap_a_leaving_server_left(
         try:
             paused = engine.post("/api/hosting/pause", json={"release": False, "grace_seconds": 0})
             assert paused.status_code == 202, paused.text
-            _wait_status(engine, lambda s: s["state"] == "paused", 30)
+            wait_for_status(engine, lambda s: s["state"] == "paused", 30)
             leaving.stop()
             assert wait_for(lambda: leaving.info().peer_id not in _spans(client_dht, prefix), timeout=30)
 
             time.sleep(4 * PERIOD)  # several rounds of the rebalancer: a paused host is never moved
-            status = _status(engine)
+            status = engine_status(engine)
             assert status["state"] == "paused" and tuple(status["blocks"]) == span and status["move"] is None
             assert engine.get("/api/stats").json()["moves"] == 0
 
             events = StatusEvents(engine)
             resumed_at = time.monotonic()
             assert engine.post("/api/hosting/resume").status_code == 202
-            status = _wait_status(
+            status = wait_for_status(
                 engine,
                 lambda s: s["state"] == "serving" and tuple(s["blocks"]) == gap and s["move"] is None,
                 MOVE_SECONDS,
@@ -182,7 +168,7 @@ def test_changing_the_memory_share_resizes_the_span_on_the_same_peer_without_a_r
         events = StatusEvents(engine)
         response = engine.post("/api/hosting/resize", json={"memory_fraction": share})
         assert response.status_code == 202, response.text
-        status = _wait_status(
+        status = wait_for_status(
             engine,
             lambda s: s["state"] == "serving" and not s["move"] and s["blocks"][1] - s["blocks"][0] < total,
             MOVE_SECONDS,
@@ -195,18 +181,18 @@ def test_changing_the_memory_share_resizes_the_span_on_the_same_peer_without_a_r
 
         response = engine.post("/api/hosting/resize", json={"memory_fraction": 1.0})
         assert response.status_code == 202, response.text
-        _wait_status(engine, lambda s: s["state"] == "serving" and s["blocks"] == [0, total], MOVE_SECONDS)
+        wait_for_status(engine, lambda s: s["state"] == "serving" and s["blocks"] == [0, total], MOVE_SECONDS)
         assert wait_for(lambda: _spans(client_dht, prefix).get(peer_id) == (0, total), timeout=30)
         assert engine.get("/api/health").json()["pid"] == pid  # no restart: the same engine, the same peer
 
         too_small = engine.post("/api/hosting/resize", json={"memory_fraction": 1e-12})
         assert too_small.status_code == 400 and "too small" in too_small.text
-        assert _status(engine)["blocks"] == [0, total]  # the share in force stays the one that fits
+        assert engine_status(engine)["blocks"] == [0, total]  # the share in force stays the one that fits
 
         # Stopping while a move runs (or is about to) ends everything: no span is left announced.
         assert engine.post("/api/hosting/resize", json={"memory_fraction": share}).status_code == 202
         assert engine.post("/api/hosting/stop", json={"grace_seconds": 0}).status_code == 202
-        _wait_status(engine, lambda s: s["state"] == "idle" and s["move"] is None, MOVE_SECONDS)
+        wait_for_status(engine, lambda s: s["state"] == "idle" and s["move"] is None, MOVE_SECONDS)
         assert wait_for(lambda: peer_id not in _spans(client_dht, prefix), timeout=30)
     finally:
         _stop_hosting(engine)

@@ -56,3 +56,19 @@ def engine_process(data_dir: Path, *args: str, timeout: float = 90.0):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
         log.close()
+
+
+def engine_status(client: httpx.Client) -> dict:
+    """The engine's `/api/status` record."""
+    return client.get("/api/status").json()
+
+
+def wait_for_status(client: httpx.Client, predicate, timeout: float, context=lambda: "") -> dict:
+    """Poll `/api/status` until `predicate(status)`; fail after `timeout` s with it and `context()`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = engine_status(client)
+        if predicate(status):
+            return status
+        assert time.monotonic() < deadline, f"status did not change in {timeout} s: {status}{context()}"
+        time.sleep(0.1)
