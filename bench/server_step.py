@@ -89,7 +89,8 @@ def pollinate_servers(tree: Path, spans, model: Path, prefix: str, boot, home: P
                 "--initial-peers", *boot,
             ]  # fmt: skip
             log = logs / f"{prefix}-server{index}.log"
-            stack.enter_context(_spawn_in(tree, f"{prefix} server {index}", args, env, log, r"^ready"))
+            # In the tree's own folder: baseline servers must import that tree's engine.
+            stack.enter_context(wan.spawn(f"{prefix} server {index}", args, env, log, r"^ready", cwd=tree))
         yield
 
 
@@ -109,27 +110,6 @@ def petals_servers(spans, model: Path, prefix: str, boot, home: Path, logs: Path
             server = wan.spawn(f"petals server {index}", args, wan.base_env(home), log, r"\] Started$")
             stack.enter_context(server)
         yield
-
-
-@contextlib.contextmanager
-def _spawn_in(cwd: Path, name, args, env, log, ready):
-    # wan.spawn runs in the repository root; baseline servers must import their own tree's engine.
-    import re
-
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(
-            list(map(str, args)), stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + wan.SERVER_START_TIMEOUT
-            while not re.search(ready, text := log.read_text(errors="replace"), re.M):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start (see {log}):\n{text[-3000:]}")
-                time.sleep(0.5)
-            yield
-        finally:
-            wan._kill_group(process)
 
 
 def blocks_step(model: Path, spans, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:

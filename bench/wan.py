@@ -126,11 +126,11 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def spawn(name: str, args: Sequence, env: dict, log: Path, ready: str) -> Iterator[str]:
-    """Start a process in its own group; yield its log text once `ready` (a regex) appears in it."""
+def spawn(name: str, args: Sequence, env: dict, log: Path, ready: str, cwd: Path = ROOT) -> Iterator[str]:
+    """Start a process in its own group in `cwd`; yield its log text once `ready` (a regex) appears."""
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            list(map(str, args)), stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            list(map(str, args)), stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd,
             start_new_session=True,
         )  # fmt: skip
         try:
