@@ -165,3 +165,22 @@ def test_cache_is_passed_under_the_name_the_layer_accepts():
 
     assert _cache_argument_of(NewStyleLayer) == "cache"
     assert _cache_argument_of(OldStyleLayer) == "past_key_values"
+
+
+def test_head_logits_for_a_few_rows_equal_nn_linear(tiny_checkpoint):
+    # The client's LM head takes a faster path for 1..SKINNY_ROWS rows (decode, speculative rounds): same
+    # logits as nn.Linear, every shape, and gradients still reach the hidden states (client-side training).
+    from engine.models.client_head import SKINNY_ROWS
+
+    head = load_client_parts(tiny_checkpoint)
+    torch.manual_seed(0)
+    for shape in [(1, 1), (1, 5), (2, 3), (1, SKINNY_ROWS), (1, SKINNY_ROWS + 1), (3, 40)]:
+        hidden = torch.randn(*shape, head.config.hidden_size)
+        expected = head.lm_head(head.norm(hidden))
+        got = head.logits(hidden)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    hidden = torch.randn(1, 2, head.config.hidden_size, requires_grad=True)
+    head.logits(hidden).sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
