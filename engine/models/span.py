@@ -13,6 +13,7 @@ from torch import nn
 from engine.models.blocks import load_block, prepare_config
 from engine.models.cache import SpanCache, kv_shape
 from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
+from engine.models.lean_step import LEAN_STEP_TOKENS, lean_layers, step_mask
 from engine.models.quantization import check_quant
 from engine.models.registry import ModelFamily, family_for
 
@@ -41,6 +42,12 @@ class BlockSpan(nn.Module):
             family.rotary_embedding(config=config).to(self.device) if family.positions == "rotary" else None
         )
         self.load_stats: LoadStats | None = None
+        # Short cached steps of Llama-style blocks on the CPU take a leaner path (lean_step.py).
+        self._lean = lean_layers(blocks, self.device) if quant == "none" else None
+        self._windows = [
+            config.sliding_window if family.attention_kind(config, i) == "sliding_attention" else None
+            for i in range(self.start, self.end)
+        ]
 
     @property
     def num_blocks(self) -> int:
@@ -87,7 +94,10 @@ class BlockSpan(nn.Module):
         if hypo_ids is not None:
             cache.reorder(hypo_ids)
         positions = torch.arange(cache.length, cache.length + length, device=self.device).unsqueeze(0)
-        output = self._run(hidden_states, positions, prompts, cache=cache)
+        if self._lean is not None and length <= LEAN_STEP_TOKENS:
+            output = self._run_lean(hidden_states, positions, prompts, cache)
+        else:
+            output = self._run(hidden_states, positions, prompts, cache=cache)
         cache.length += length
         return output
 
@@ -116,6 +126,20 @@ class BlockSpan(nn.Module):
             # Older transformers return a tuple (hidden, ...); newer return the tensor itself.
             if isinstance(hidden_states, tuple):
                 hidden_states = hidden_states[0]
+        return hidden_states
+
+    def _run_lean(self, hidden_states, positions, prompts, cache: SpanCache) -> torch.Tensor:
+        if not all(layer.current() for layer in self._lean):  # a module was moved or its weights replaced
+            self._lean = lean_layers(self.blocks, self.device)
+        prompts = self._check_prompts(prompts, hidden_states)
+        adapter = cache.adapter(self.start)
+        cos, sin = self.rotary_emb(hidden_states, position_ids=positions)
+        past, length = cache.length, hidden_states.shape[1]
+        masks = {window: step_mask(past, length, window, self.device) for window in set(self._windows)}
+        for offset, layer in enumerate(self._lean):
+            if prompts is not None:
+                hidden_states = _add_prompt(hidden_states, prompts[offset])
+            hidden_states = layer(hidden_states, cos, sin, adapter, masks[self._windows[offset]])
         return hidden_states
 
     def _position_arguments(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> dict:

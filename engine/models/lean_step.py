@@ -1,0 +1,160 @@
+"""A lean path for short cached steps (decode, speculation) through Llama-style blocks on the CPU.
+
+A one-token step of a few blocks on a CPU is bound by reading the weights (matrix-vector products) and then by
+per-op overhead: seven projections per layer, the attention dispatch, Python around them. This path computes
+the same layer with fewer ops: q/k/v and gate/up each as one matrix product (their weights are joined once
+at load time, and the Linear modules keep views of the joint tensor, so memory does not grow and every other
+path sees the same numbers), and SDPA straight on the cache's keys and values (grouped heads shared, no mask
+for one query). The layer's own modules do the norms and the activation, transformers' function the rotary
+embedding, so the arithmetic is the layer's (the tests compare it with transformers).
+
+Only layers whose structure is known take it: Llama, Mistral, Qwen2 and Qwen3 decoder layers with plain
+(unquantized) Linear projections on the CPU. Everything else (and prefills longer than LEAN_STEP_TOKENS) runs
+through transformers as before; a GPU keeps transformers' kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+# Steps of at most this many new tokens take the lean path; longer ones (prefills) keep SDPA's kernels, which
+# pay off once there are many queries.
+LEAN_STEP_TOKENS = 16
+
+_LAYER_CLASSES = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+)
+
+
+@dataclass(frozen=True)
+class LeanLayer:
+    """One decoder layer's modules and joint weights, as the lean step uses them."""
+
+    layer: nn.Module
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qkv_sizes: tuple[int, int, int]
+    gate_up_weight: torch.Tensor
+    head_dim: int
+    scaling: float
+    rotate: object  # the family's apply_rotary_pos_emb(q, k, cos, sin)
+
+    def current(self) -> bool:
+        """Whether the layer's projections still view the joint weights (moving a module replaces them)."""
+        attn, mlp = self.layer.self_attn, self.layer.mlp
+        joints = [(self.qkv_weight, (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))]
+        joints.append((self.gate_up_weight, (mlp.gate_proj.weight, mlp.up_proj.weight)))
+        if self.qkv_bias is not None:
+            joints.append((self.qkv_bias, (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)))
+        for joint, parts in joints:
+            address, row = joint.data_ptr(), joint[0].numel() * joint.element_size()
+            for part in parts:
+                if part.data_ptr() != address:
+                    return False
+                address += len(part) * row
+        return True
+
+    def __call__(self, hidden, cos, sin, adapter, mask: torch.Tensor | None) -> torch.Tensor:
+        layer = self.layer
+        attn, mlp = layer.self_attn, layer.mlp
+        batch, length = hidden.shape[:2]
+        residual = hidden
+        normed = layer.input_layernorm(hidden)
+        qkv = functional.linear(normed, self.qkv_weight, self.qkv_bias)
+        query, key, value = qkv.split(self.qkv_sizes, dim=-1)
+        heads = (batch, length, -1, self.head_dim)
+        query, key, value = query.view(heads), key.view(heads), value.view(heads)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head before the rotation
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        keys, values = adapter.update(key, value.transpose(1, 2), attn.layer_idx)
+        attended = _attention(query, keys, values, self.scaling, mask)
+        hidden = residual + attn.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        residual = hidden
+        gate, up = functional.linear(layer.post_attention_layernorm(hidden), self.gate_up_weight).chunk(2, -1)
+        return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _attention(query, keys, values, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA of [batch, heads, T, dim] queries over [batch, kv_heads, L, dim] cached keys and values, the
+    key/value heads shared by their query groups without copies; `mask` [T, L] (True = may attend) or None."""
+    grouped = query.shape[1] != keys.shape[1]
+    return functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=grouped
+    )
+
+
+def step_mask(past: int, length: int, window: int | None, device) -> torch.Tensor | None:
+    """Which keys each of `length` new queries (after `past` cached tokens) may attend to: [length, past +
+    length], True = may; None when all may (one query inside its window). `window`: sliding-window size."""
+    last = past + length
+    if length == 1 and (window is None or last <= window):
+        return None
+    queries = torch.arange(past, last, device=device)[:, None]
+    keys = torch.arange(last, device=device)[None, :]
+    allowed = keys <= queries
+    if window is not None:
+        allowed &= queries - keys < window
+    return allowed
+
+
+def lean_layers(blocks, device) -> list[LeanLayer] | None:
+    """Lean layers for `blocks` (joining their q/k/v and gate/up weights in place, once), or None when a
+    block cannot take the lean path (unknown layer class, quantized or biased MLP projections, not on CPU)."""
+    if torch.device(device).type != "cpu":
+        return None
+    if not all(_supported(block) for block in blocks):
+        return None
+    return [_lean_layer(block) for block in blocks]
+
+
+def _supported(block: nn.Module) -> bool:
+    if type(block).__name__ not in _LAYER_CLASSES:
+        return False
+    attn, mlp = block.self_attn, block.mlp
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+    projections += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if any(type(p) is not nn.Linear for p in projections):  # bitsandbytes layers are subclasses
+        return False
+    if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+        return False
+    biases = {attn.q_proj.bias is None, attn.k_proj.bias is None, attn.v_proj.bias is None}
+    return len(biases) == 1  # all or none: they are joined too
+
+
+def _lean_layer(block: nn.Module) -> LeanLayer:
+    # Spans that share blocks (a server's views of its span) share the joint weights too.
+    lean = getattr(block, _ATTRIBUTE, None)
+    if lean is not None and lean.current():
+        return lean
+    attn, mlp = block.self_attn, block.mlp
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    qkv_weight = _join(qkv, "weight")
+    qkv_bias = _join(qkv, "bias") if attn.q_proj.bias is not None else None
+    gate_up_weight = _join((mlp.gate_proj, mlp.up_proj), "weight")
+    rotate = importlib.import_module(type(block).__module__).apply_rotary_pos_emb
+    sizes = tuple(p.out_features for p in qkv)
+    lean = LeanLayer(block, qkv_weight, qkv_bias, sizes, gate_up_weight, attn.head_dim, attn.scaling, rotate)
+    object.__setattr__(block, _ATTRIBUTE, lean)  # a plain attribute: not a submodule, not in the state dict
+    return lean
+
+
+_ATTRIBUTE = "_pollinate_lean_layer"
+
+
+def _join(linears, name: str) -> torch.Tensor:
+    """One tensor holding the linears' `name` tensors one after the other along dim 0; each linear then
+    holds a view of its part, so the memory is the same and every path computes with the same numbers."""
+    parts = [getattr(linear, name) for linear in linears]
+    joined = torch.cat([part.detach() for part in parts])
+    offset = 0
+    for linear, part in zip(linears, parts, strict=True):
+        view = joined[offset : offset + len(part)]
+        setattr(linear, name, nn.Parameter(view, requires_grad=part.requires_grad))
+        offset += len(part)
+    return joined
