@@ -93,20 +93,23 @@ def stream_generate(
         if session is None:
             max_length = history.shape[1] + max(params.max_new_tokens - 1, 0)
             session = stack.enter_context(_closing(model.inference_session(max_length=max(max_length, 1))))
-        pending = history[:, session.position :]
-        needed = session.position + pending.shape[1] + max(params.max_new_tokens - 1, 0)
+        # What the servers hold of this conversation: a speculative round that ended the previous turn early
+        # (eos, a stop string) may have left draft tokens past it, which this turn's first step rolls back.
+        held = session.position if previous is None else min(session.position, previous.shape[1] - 1)
+        pending = history[:, held:]
+        needed = held + pending.shape[1] + max(params.max_new_tokens - 1, 0)
         if needed > session.max_length:
             raise ValueError(
-                f"session too short: {session.position} cached + {pending.shape[1]} new + "
+                f"session too short: {held} cached + {pending.shape[1]} new + "
                 f"{params.max_new_tokens} to generate needs max_length >= {needed}, has {session.max_length}"
             )
         if speculation is not None and history.shape[0] == 1 and hasattr(model, "session_logits_all"):
             stats = stats if stats is not None else SpeculationStats()
             yield from _speculative_loop(
-                model, session, history, pending, params, tokenizer, speculation, stats
+                model, session, history, pending, params, tokenizer, speculation, stats, held
             )
         else:
-            yield from _decode_loop(model, session, history, pending, params, tokenizer)
+            yield from _decode_loop(model, session, history, pending, params, tokenizer, held)
 
 
 @contextlib.contextmanager
@@ -162,13 +165,17 @@ class _Emitter:
         return GenerationStep(tokens=tokens, finished=self.finished.clone(), text=new_text)
 
 
-def _decode_loop(model, session, history, pending, params, tokenizer) -> Iterator[GenerationStep]:
+def _decode_loop(model, session, history, pending, params, tokenizer, held) -> Iterator[GenerationStep]:
     generator = None
     if params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
     emitter = _Emitter(session, history, params, tokenizer)
     while not emitter.done:
-        logits = model.session_logits(session, pending)
+        if held < session.position:  # only after a speculative turn, so the model can roll back
+            logits = model.session_logits_all(session, pending, start_from_position=held, last=1)[:, -1]
+        else:
+            logits = model.session_logits(session, pending)
+        held = session.position
         tokens = next_tokens(logits, emitter.history, params, generator)
         step = emitter.emit(tokens)
         yield step
@@ -176,7 +183,7 @@ def _decode_loop(model, session, history, pending, params, tokenizer) -> Iterato
 
 
 def _speculative_loop(
-    model, session, history, pending, params, tokenizer, speculation, stats
+    model, session, history, pending, params, tokenizer, speculation, stats, held
 ) -> Iterator[GenerationStep]:
     generator = None
     if params.seed is not None:
@@ -192,6 +199,7 @@ def _speculative_loop(
         stats,
         max_new_tokens=params.max_new_tokens,
         generator=generator,
+        held=held,
     )
     for new in rounds:
         for token in new:

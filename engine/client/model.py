@@ -40,6 +40,7 @@ class DistributedModelForCausalLM:
         self._tokenizer = None
         self._owned_dht = owned_dht
         self._draft_spans: dict[tuple[int, int], Any] = {}  # early-exit blocks by (blocks, max bytes)
+        self._feature_weights: dict[str, Any] = {}  # feature drafters' weights by path ("auto": shipped)
 
     @classmethod
     def from_pretrained(
@@ -140,9 +141,21 @@ class DistributedModelForCausalLM:
     ) -> torch.Tensor:
         """Feed new tokens (cutting the caches back to `start_from_position` first); logits at each of the
         `last` positions (all by default; the LM head over a long prompt costs more than its blocks here)."""
+        return self.session_forward(session, input_ids, start_from_position=start_from_position, last=last)[0]
+
+    def session_forward(
+        self,
+        session: InferenceSession,
+        input_ids: torch.Tensor,
+        *,
+        start_from_position: int | None = None,
+        last: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`session_logits_all`'s logits, and the last block's outputs (before the final norm) at every new
+        position [batch, tokens, hidden]: what a feature drafter drafts from."""
         with torch.no_grad():
             hidden = session.step(self.head.embed(input_ids), start_from_position=start_from_position)
-            return self.head.logits(hidden if last is None else hidden[:, -last:])
+            return self.head.logits(hidden if last is None else hidden[:, -last:]), hidden
 
     def can_roll_back(self, session: InferenceSession) -> bool:
         """Whether every server of the session's route cuts its cache itself (speculation pays off there)."""
@@ -204,17 +217,40 @@ class DistributedModelForCausalLM:
         )
 
     def _with_drafter(self, speculation: SpeculationConfig | None) -> SpeculationConfig | None:
-        """`speculation` with a fresh early-exit drafter when it asks for draft_blocks (and they fit)."""
-        if speculation is None or speculation.draft_blocks <= 0 or speculation.drafter is not None:
+        """`speculation` with a fresh drafter for this generation (drafters keep a cache): what it asks for
+        (draft_model, a feature drafter path or factory, draft_blocks when they fit), else the feature
+        drafter shipped for this model when there is one (feature_drafter "auto"), else prompt lookup."""
+        if speculation is None or speculation.drafter is not None or speculation.draft_model is not None:
             return speculation
-        if speculation.draft_model is not None:
-            return speculation
-        span = self.early_exit_blocks(speculation.draft_blocks, speculation.max_draft_bytes)
-        if span is None:
-            return speculation  # too big (or the whole model): prompt lookup drafts instead
-        from engine.client.early_exit import EarlyExitDrafter
+        choice = speculation.feature_drafter
+        drafter = None
+        if choice is not None and choice != "auto":
+            drafter = self._feature_drafter(choice)
+        elif speculation.draft_blocks > 0:
+            span = self.early_exit_blocks(speculation.draft_blocks, speculation.max_draft_bytes)
+            if span is not None:  # too big (or the whole model): the next choice drafts instead
+                from engine.client.early_exit import EarlyExitDrafter
 
-        return dataclasses.replace(speculation, drafter=EarlyExitDrafter(self.head, span))
+                drafter = EarlyExitDrafter(self.head, span)
+        if drafter is None and choice == "auto":
+            drafter = self._feature_drafter("auto")
+        return speculation if drafter is None else dataclasses.replace(speculation, drafter=drafter)
+
+    def _feature_drafter(self, choice: Any):
+        """A fresh feature drafter: from a factory (`choice` callable), or from weights at a path, or the
+        ones shipped for this model ("auto": None when none are)."""
+        if callable(choice):
+            return choice()
+        key = str(choice)
+        if key not in self._feature_weights:
+            self._feature_weights[key] = self._load_feature_weights(choice)
+        weights = self._feature_weights[key]
+        return None if weights is None else weights.new_drafter()
+
+    def _load_feature_weights(self, choice: Any):
+        if choice == "auto":
+            return None  # no feature drafter is shipped yet
+        raise ValueError(f"cannot load the feature drafter {choice}: this engine loads none from a path yet")
 
     def early_exit_blocks(self, num_blocks: int, max_bytes: int):
         """The model's first `num_blocks` blocks, loaded here once for early-exit drafting; None when they

@@ -13,8 +13,10 @@ caches (`start_from_position`) at the start of the next round.
   distribution p whatever the draft distribution q (a point mass for prompt lookup).
 
 Drafters: prompt lookup (the continuation of the latest earlier occurrence of the last n tokens, no model)
-and, optionally, a small local causal LM sharing the tokenizer or the model's own first blocks
-(engine.client.early_exit). The draft length adapts to the acceptance observed for each kind of proposal
+and, optionally, a small local causal LM sharing the tokenizer, the model's own first blocks
+(engine.client.early_exit), or a feature drafter (EAGLE-style, engine.client.feature_drafter) that drafts
+from the last block's outputs at the verified positions, which every round brings back with the logits
+(engine.client.feature_history). The draft length adapts to the acceptance observed for each kind of proposal
 (prompt lookup: each match length; `DraftLength`) and to what one more token costs a round, learned from
 the rounds' own times (`RoundCost`).
 """
@@ -29,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from engine.client.feature_history import session_features, wants_features
 from engine.client.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p
 
 
@@ -51,7 +54,12 @@ class SpeculationConfig:
     # they fit in max_draft_bytes; 0 drafts by prompt lookup. Used by DistributedModelForCausalLM.
     draft_blocks: int = 0
     max_draft_bytes: int = 256 * 2**20
-    drafter: Any = None  # any object with Drafter's `draft` (overrides both of the above)
+    drafter: Any = None  # any object with Drafter's `draft` or FeatureDrafter's (overrides all others)
+    # A trained feature drafter (engine.client.feature_drafter): "auto" uses the one shipped for the served
+    # model when there is one; a path loads those weights; a callable returns a fresh drafter (one per
+    # generation: it keeps a cache); None never. Used by DistributedModelForCausalLM, below draft_model
+    # and draft_blocks when those are asked for.
+    feature_drafter: Any = "auto"
 
     def __post_init__(self):
         if not 0 <= self.min_draft <= self.initial_draft <= self.max_draft or self.initial_draft < 1:
@@ -98,6 +106,18 @@ class SpeculationStats:
 class Drafter(Protocol):
     def draft(self, history: Sequence[int], k: int) -> tuple[list[int], torch.Tensor | None]:
         """Up to k tokens to follow `history`, and their draft distributions [n, vocab] (None: point mass)."""
+
+
+class FeatureDrafter(Protocol):
+    """Drafts from the full model's last-block outputs (before the final norm) at the verified positions."""
+
+    wants_features: bool  # True
+
+    def draft_with_features(
+        self, tokens: Sequence[int], features: torch.Tensor, k: int
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Up to k tokens after `tokens` (all n so far) given `features` [n - 1, hidden] (row i: position
+        i; the last token has none yet), and their draft distributions [m, vocab] (None: point mass)."""
 
 
 class PromptLookupDrafter:
@@ -343,6 +363,10 @@ class SpeculativeModel(Protocol):
 
     def can_roll_back(self, session: Any) -> bool: ...
 
+    # Only for feature drafters: `session_logits_all`'s logits and the last block's outputs at every new
+    # position [batch, tokens, hidden] (before the final norm).
+    # def session_forward(self, session, input_ids, *, start_from_position=None, last=None)
+
 
 def speculative_rounds(
     model: SpeculativeModel,
@@ -354,12 +378,14 @@ def speculative_rounds(
     stats: SpeculationStats,
     max_new_tokens: int,
     generator: torch.Generator | None = None,
-    drafter: Drafter | None = None,
+    drafter: Drafter | FeatureDrafter | None = None,
+    held: int | None = None,
 ) -> Iterator[list[int]]:
     """Yield the tokens of each round (batch 1); the caller stops the iterator when it has enough.
 
     `history` [1, n] is every token so far (the conversation), `pending` [1, m >= 1] its tail the servers
-    have not seen. Each round the servers first forget the previous round's rejected draft tokens.
+    have not seen (`held`, default session.position, is where it starts: anything the servers hold past
+    it is rolled back). Each round the servers first forget the previous round's rejected draft tokens.
     """
     if history.shape[0] != 1:
         raise ValueError("speculative decoding runs one sequence at a time (batch 1)")
@@ -370,12 +396,19 @@ def speculative_rounds(
             if config.draft_model is not None
             else PromptLookupDrafter(config.max_ngram)
         )
+    kept_position = session.position if held is None else held  # what the servers hold and we keep
+    features = None  # the last block's outputs at the verified positions, for a feature drafter
+    if wants_features(drafter):
+        if not hasattr(model, "session_forward"):
+            raise TypeError(f"{type(model).__name__} returns no hidden states: a feature drafter needs them")
+        features = session_features(session, kept_position)
+        if features is None:  # earlier turns kept none: this generation drafts by prompt lookup instead
+            drafter = PromptLookupDrafter(config.max_ngram)
     lengths: dict[Any, DraftLength] = {}  # by kind of proposal (prompt lookup: its match length)
     propose = getattr(drafter, "propose", None)
     cost = RoundCost(config.token_cost) if config.learn_cost else None
     tokens = history[0].tolist()
     pending_ids = pending[0].tolist()
-    kept_position = session.position  # what the servers hold and we keep
     produced = 0
     while True:
         room = session.max_length - kept_position - len(pending_ids)
@@ -389,7 +422,9 @@ def speculative_rounds(
                     k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
             elif len(pending_ids) == 1:  # a model drafter would read the whole prompt before its prefill
                 k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
-                if k > 0:
+                if k > 0 and features is not None:
+                    draft, draft_probs = drafter.draft_with_features(tokens, features.view(), k)
+                elif k > 0:
                     draft, draft_probs = drafter.draft(tokens, k)
         drafted_at = time.perf_counter()
         draft = list(draft[:k])
@@ -398,7 +433,12 @@ def speculative_rounds(
         sent = torch.tensor([pending_ids + draft], dtype=torch.int64)
         rollback = kept_position if kept_position < session.position else None
         needed = len(draft) + 1  # the last pending token's and each draft token's
-        logits = model.session_logits_all(session, sent, start_from_position=rollback, last=needed)[0]
+        if features is None:
+            logits = model.session_logits_all(session, sent, start_from_position=rollback, last=needed)[0]
+        else:
+            logits, hidden = model.session_forward(session, sent, start_from_position=rollback, last=needed)
+            logits, hidden = logits[0], hidden[0]
+            features.truncate(kept_position)  # past the previous round's rejected tokens (never appended)
         logits = logits[-needed:].float()  # [len(draft) + 1, vocab]
         contexts = [torch.tensor([tokens + draft[:i]], dtype=torch.int64) for i in range(len(draft) + 1)]
         if params.sampling:
@@ -420,6 +460,8 @@ def speculative_rounds(
         if kind in lengths:
             lengths[kind].update(len(draft), n, cost.token_cost if cost is not None else None)
         new = [*draft[:n], token]
+        if features is not None:  # the verified rows: the pending tokens and the accepted draft
+            features.append(hidden[: len(pending_ids) + n])
         kept_position += len(pending_ids) + n
         produced += len(new)
         tokens.extend(new)

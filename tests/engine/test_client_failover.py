@@ -128,3 +128,53 @@ def test_kill_9_mid_speculation_gives_identical_output(swarm, tiny_checkpoint_fa
         assert [hop.peer_id for hop in session.route] == list(servers)
     assert torch.equal(torch.cat([ids, torch.stack(tokens, dim=1)], dim=1), expected)
     assert 0 < stats.accepted < stats.drafted
+
+
+def test_kill_9_mid_feature_speculation_with_push_gives_identical_output(swarm, tiny_checkpoint_factory):
+    """A chain of two spans with push; a feature drafter drafts (partly rejected). The second span's server
+    dies mid-generation: the replacement replays the kept prefix, the features the drafter gets stay those
+    of local transformers (checked at every call), and the output is local greedy's."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.client.speculative import SpeculationConfig, SpeculationStats
+    from tests.helpers.feature_drafters import CheckingFeatureDrafter
+
+    peers, client_dht = swarm
+    path = tiny_checkpoint_factory("llama")
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(5, local.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = local.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False
+        )
+
+    prefix = "kill9-feat"
+    stats = SpeculationStats()
+    drafter = CheckingFeatureDrafter(local, wrong_every=2, atol=1e-3)
+    with (
+        running_server_process(path, peers, "--blocks", "0:2", "--dht-prefix", prefix),
+        running_server_process(path, peers, "--blocks", "2:4", "--dht-prefix", prefix) as second,
+        running_server_process(path, peers, "--blocks", "2:4", "--dht-prefix", prefix) as third,
+        DistributedModelForCausalLM.from_pretrained(
+            str(path),
+            dht=client_dht,
+            dht_prefix=prefix,
+            client_config=ClientConfig(request_timeout=30.0, push_min_rtt=0.0),
+        ) as remote,
+        remote.inference_session(max_length=40) as session,
+    ):
+        tails = {second.peer_id: second, third.peer_id: third}
+        tokens, calls_at_kill = [], None
+        config = SpeculationConfig(drafter=drafter, learn_cost=False)
+        for step in remote.generate_stream(
+            ids, max_new_tokens=24, session=session, speculation=config, stats=stats
+        ):
+            tokens.append(step.tokens)
+            if len(tokens) >= 8 and calls_at_kill is None:
+                victim = session.route[-1].peer_id
+                tails.pop(victim).kill()
+                calls_at_kill = drafter.calls
+        assert session.route[-1].peer_id == next(iter(tails))
+    assert torch.equal(torch.cat([ids, torch.stack(tokens, dim=1)], dim=1), expected)
+    assert 0 < stats.accepted < stats.drafted
+    assert drafter.calls > calls_at_kill  # drafted (and checked its features) after the failover

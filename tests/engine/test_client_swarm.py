@@ -342,3 +342,33 @@ def test_early_exit_speculation_through_the_swarm_matches_transformers(models):
     assert stats.tokens == 16 and stats.drafted > 0
     assert remote.early_exit_blocks(3, config.max_draft_bytes).num_blocks == 3
     assert remote.early_exit_blocks(4, config.max_draft_bytes) is None  # all blocks: no drafter
+
+
+def test_feature_speculation_with_push_gets_aligned_features_and_matches_transformers(models):
+    """A feature drafter through a 3-server chain with push: at every call the features it gets equal local
+    transformers' last-block outputs for all tokens but the last (across rollbacks), and the output is
+    local greedy's."""
+    from engine.client.speculative import SpeculationConfig, SpeculationStats
+    from tests.helpers.feature_drafters import CheckingFeatureDrafter
+
+    remote, local = models("llama", "3servers")
+    ids = random_ids(local.config.vocab_size, 1, 9, seed=41)
+    expected = local_generate(local, ids, max_new_tokens=20)
+    drafters = []
+
+    def new_drafter():  # the model asks for one per generation (a drafter keeps a cache)
+        drafters.append(CheckingFeatureDrafter(local, wrong_every=2, atol=1e-3))
+        return drafters[-1]
+
+    default = remote.manager.config
+    remote.manager.config = dataclasses.replace(default, push_min_rtt=0.0)  # push even on loopback
+    try:
+        config = SpeculationConfig(feature_drafter=new_drafter, learn_cost=False)
+        for _ in range(2):
+            stats = SpeculationStats()
+            output = remote.generate(ids, max_new_tokens=20, speculation=config, stats=stats)
+            assert torch.equal(output, expected)
+            assert 0 < stats.accepted < stats.drafted and drafters[-1].calls >= 3
+    finally:
+        remote.manager.config = default
+    assert len(drafters) == 2
