@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from engine.models import huge_pages
+
 # Steps of at most this many new tokens take the lean path; longer ones (prefills) keep SDPA's kernels, which
 # pay off once there are many queries.
 LEAN_STEP_TOKENS = 16
@@ -151,7 +153,8 @@ def _join(linears, name: str) -> torch.Tensor:
     """One tensor holding the linears' `name` tensors one after the other along dim 0; each linear then
     holds a view of its part, so the memory is the same and every path computes with the same numbers."""
     parts = [getattr(linear, name) for linear in linears]
-    joined = torch.cat([part.detach() for part in parts])
+    shape = (sum(len(part) for part in parts), *parts[0].shape[1:])
+    joined = torch.cat([part.detach() for part in parts], out=huge_pages.empty(shape, parts[0].dtype))
     offset = 0
     for linear, part in zip(linears, parts, strict=True):
         view = joined[offset : offset + len(part)]

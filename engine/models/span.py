@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.models import huge_pages
 from engine.models.blocks import load_block, prepare_config
 from engine.models.cache import SpanCache, kv_shape
 from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
@@ -244,7 +245,10 @@ def load_block_span(
     family = family.for_checkpoint(reader.has)
     blocks = []
     for index in range(start, end):
-        blocks.append(load_block(reader, family, config, index, dtype=dtype, device=device, quant=quant))
+        block = load_block(reader, family, config, index, dtype=dtype, device=device, quant=quant)
+        if torch.device(device).type == "cpu" and quant == "none":
+            huge_pages.move_module_weights(block)  # a CPU step streams every weight: fewer TLB misses
+        blocks.append(block)
         if on_block is not None:
             on_block(len(blocks))
     span = BlockSpan(config, family, start, blocks, dtype=dtype, device=device, quant=quant)
