@@ -11,6 +11,10 @@ the servers after it, so the step moves down the chain without coming back to us
 still sends every server its own copy (the servers keep whichever arrives first, by step_id), which keeps
 the history needed for failover and costs no wait: the pushed reply is already there when we ask.
 
+A session's first step (the prompt) is pushed too where the servers announce it (`push_per_step`): the
+servers after the first are opened ahead with an empty (0-token) step, so their sessions exist by the time
+the previous server pushes. A push that finds no session is dropped and our own copy serves, as before.
+
 Rollback (`start_from_position`): a step may start at an earlier cache position, dropping what follows (the
 rejected tokens of speculative decoding). Servers that announce it cut their caches; any other server's
 stream is reopened and the kept prefix replayed, so every route can roll back (slowly where unsupported).
@@ -54,8 +58,11 @@ class _SpanStream:
         self._replies: AsyncIterator | None = None
         self._compression = runtime_pb2.CompressionType.NONE
         self.supports_rollback = False
+        # A Pollinate server: follows next_servers in a session's first message, may be opened ahead
+        self.pushes_first_step = False
         self.replay_prefix: torch.Tensor | None = None  # what its successor replays, when ended by a rollback
         self.closed = False
+        self._unanswered = 0  # replies owed to messages sent without waiting (the opening empty step)
 
     @property
     def position(self) -> int:
@@ -69,6 +76,7 @@ class _SpanStream:
         """Take what the server's rpc_info says: its compression, whether it can roll back."""
         self._compression = protocol.schema_compression(info, "inference_schema")
         self.supports_rollback = protocol.supports_start_from_position(info)
+        self.pushes_first_step = protocol.has_feature(info, "push_per_step")
 
     async def _open(self) -> None:
         self._queue = asyncio.Queue()
@@ -106,6 +114,8 @@ class _SpanStream:
         history = self.history
         if self.history is None:
             metadata.update(max_length=self.max_length, **self.manager.request_metadata())
+            if next_servers and self.pushes_first_step:
+                metadata["next_servers"] = next_servers
         else:
             if start_from_position is not None and start_from_position < self.position:
                 if not self.supports_rollback:
@@ -135,12 +145,37 @@ class _SpanStream:
         self.history = inputs if history is None else torch.cat([history, inputs], dim=1)
         return outputs
 
+    def open_ahead(self, batch_size: int, hidden_size: int, dtype: torch.dtype, *, step_id: str) -> None:
+        """Open the server's session now with an empty step (its reply is read before the next one's), so
+        that the previous server can push the session's first step to it."""
+        if self.history is not None or self.closed:
+            return
+        empty = torch.empty(batch_size, 0, hidden_size, dtype=dtype)
+        metadata = dict(session_id=self.session_id, step_id=step_id, max_length=self.max_length)
+        metadata.update(self.manager.request_metadata())
+        compression = self._compression
+        request = protocol.inference_request(self.uid, empty, metadata=metadata, compression=compression)
+        RemoteExpertWorker.run_coroutine(self._send(request))
+        self._unanswered += 1
+        self.history = empty
+
     def next_server_entry(self) -> tuple[str, str, int, int]:
         """How the previous server names this stream when it pushes to it (Petals' next_servers item)."""
         return (self.hop.peer_id, self.session_id, self.hop.start, self.hop.end)
 
     async def _exchange(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        await self._send(request)
+        while self._unanswered:  # the replies to earlier messages come first (their errors too)
+            reply = await self._receive()
+            self._unanswered -= 1
+            if len(reply.tensors) != 1 or list(reply.tensors[0].size)[1:2] != [0]:
+                raise protocol.RemoteCallError(f"peer {self.hop.peer_id} answered an empty step with data")
+        return await self._receive()
+
+    async def _send(self, request: runtime_pb2.ExpertRequest) -> None:
         await self._queue.put(request)
+
+    async def _receive(self) -> runtime_pb2.ExpertResponse:
         try:
             return await asyncio.wait_for(anext(self._replies), self.manager.config.request_timeout)
         except StopAsyncIteration:
@@ -277,6 +312,8 @@ class InferenceSession:
         device, dtype = inputs.device, inputs.dtype
         inputs = inputs.detach().cpu()
         step_id = str(uuid.uuid4())
+        if self._position == 0 and n_tokens > 0:
+            self._open_ahead(inputs)
 
         x = inputs
         index, block = 0, self.start
@@ -347,13 +384,30 @@ class InferenceSession:
             stream.abort()
         self._position = position
 
+    def _open_ahead(self, inputs: torch.Tensor) -> None:
+        """Before a session's first step: open the servers that the first one will push it to (best effort:
+        a failure here is met again, and handled, by the step itself)."""
+        if not self.manager.config.server_to_server:
+            return
+        try:
+            self.open_route()
+            for index in range(1, len(self._streams)):
+                if self._streams[index].pushes_first_step and self._pushes_to(index):
+                    batch, _, hidden = inputs.shape
+                    self._streams[index].open_ahead(batch, hidden, inputs.dtype, step_id=str(uuid.uuid4()))
+        except Exception as e:
+            logger.debug(f"Could not open the route ahead of the first step: {e!r}")
+
+    def _pushes_to(self, index: int) -> bool:
+        """Whether the server before stream `index` is asked to push to it (it is far enough from us)."""
+        rtt = self.manager.network_rtt(self._streams[index].hop.peer_id)
+        return rtt is None or rtt >= self.manager.config.push_min_rtt
+
     def _next_servers(self, index: int) -> list | None:
         """The stepped streams right after `index`, for the server at `index` to push to (Petals' rule)."""
-        config = self.manager.config
-        if not config.server_to_server or index + 1 >= len(self._streams):
+        if not self.manager.config.server_to_server or index + 1 >= len(self._streams):
             return None
-        rtt = self.manager.network_rtt(self._streams[index + 1].hop.peer_id)
-        if rtt is not None and rtt < config.push_min_rtt:
+        if not self._pushes_to(index + 1):
             return None  # the next server is near us: a push would not arrive sooner than our own copy
         entries = []
         for stream in self._streams[index + 1 :]:

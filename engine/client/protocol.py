@@ -107,8 +107,13 @@ def supports_start_from_position(rpc_info: dict) -> bool:
 
     Petals 2.2 servers do not (they would ignore the field and append), so they are never sent it.
     """
+    return has_feature(rpc_info, "start_from_position")
+
+
+def has_feature(rpc_info: dict, name: str) -> bool:
+    """Whether a server announces the Pollinate extension `name` in its rpc_info (Petals 2.2: none)."""
     features = rpc_info.get("pollinate_features")
-    return isinstance(features, list | tuple) and "start_from_position" in features
+    return isinstance(features, list | tuple) and name in features
 
 
 def serialize_tensors(tensors: Sequence[torch.Tensor], compression: int) -> list[runtime_pb2.Tensor]:

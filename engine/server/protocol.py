@@ -34,8 +34,11 @@ SCHEMA_MAX_LENGTH = 2048
 # rpc_info key listing the extensions this server implements beyond Petals 2.2. "start_from_position": an
 # inference step may say where in the cache it starts (the cache is cut back there first), which rolls back
 # rejected speculative tokens. Petals 2.2 servers ignore that field, so clients use it only where announced.
+# "push_per_step": each step's own `next_servers` is followed, the session's first step included (Petals 2.2
+# pushes every step with its first message's metadata, so a client asks it for no push in that message), and a
+# session opened by an empty step takes its first real step by push.
 FEATURES_KEY = "pollinate_features"
-FEATURES = ("start_from_position",)
+FEATURES = ("start_from_position", "push_per_step")
 
 
 class RequestError(ValueError):

@@ -327,6 +327,39 @@ def test_speculative_greedy_with_push_matches_transformers(models, drafter):
         assert stats.rounds < 20
 
 
+def test_every_step_reaches_the_later_servers_by_push_alone(models, monkeypatch):
+    """With push on, the servers after the first get each step, the prompt included (their sessions were
+    opened ahead), from the server before them: the client's own copies are dropped here, and the tokens
+    still equal local greedy's."""
+    from hivemind.utils import MSGPackSerializer
+
+    from engine.client import inference_session
+
+    remote, local = models("llama", "3servers")
+    ids = torch.tensor([[5, 9, 33, 2, 17, 4]])
+    expected = local_generate(local, ids, max_new_tokens=6)
+    send = inference_session._SpanStream._send
+    dropped = []
+
+    async def send_all_but_copies(stream, request):
+        metadata = MSGPackSerializer.loads(request.metadata)
+        is_step = request.tensors and request.tensors[0].size[1] > 0
+        if stream.hop.start > 0 and is_step and "max_length" not in metadata:
+            dropped.append(stream.hop.start)  # a copy of what the previous server pushes: not sent
+            return
+        await send(stream, request)
+
+    monkeypatch.setattr(inference_session._SpanStream, "_send", send_all_but_copies)
+    default = remote.manager.config
+    remote.manager.config = dataclasses.replace(default, push_min_rtt=0.0, request_timeout=15.0)
+    try:
+        output = remote.generate(ids, max_new_tokens=6)
+    finally:
+        remote.manager.config = default
+    assert torch.equal(output, expected)
+    assert sorted(dropped) == [1] * 6 + [3] * 6  # each step's copy for the 2nd and 3rd server, prompt too
+
+
 def test_early_exit_speculation_through_the_swarm_matches_transformers(models):
     """The client drafts with the model's own first 3 blocks (of 4), the swarm verifies: local greedy's
     tokens; the blocks load once per model."""

@@ -147,7 +147,9 @@ class FakeManager(SequenceManager):
     def rpc_info(self, peer_id, block_index=0):
         if not self.servers[peer_id].alive:
             raise ConnectionError(f"{peer_id} is dead")
-        return {"pollinate_features": ["start_from_position"]} if self.servers[peer_id].rollback else {}
+        # A Pollinate server announces its extensions; a Petals 2.2 server (rollback=False) none.
+        features = ["start_from_position", "push_per_step"]
+        return {"pollinate_features": features} if self.servers[peer_id].rollback else {}
 
     @property
     def p2p(self):
@@ -163,13 +165,24 @@ def fake_streams(monkeypatch):
         if not server.alive:
             raise ConnectionError("refused")
         self.configure(self.manager.rpc_info(self.hop.peer_id))
-        self._replies = object()
+        self._replies = []
 
-    async def exchange(self, request):
-        return self.manager.servers[self.hop.peer_id].handle(request)
+    async def send(self, request):
+        # As on the wire: a message's failure reaches us as its reply.
+        try:
+            self._replies.append(self.manager.servers[self.hop.peer_id].handle(request))
+        except Exception as error:
+            self._replies.append(error)
+
+    async def receive(self):
+        reply = self._replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     monkeypatch.setattr(session_module._SpanStream, "open", open_)
-    monkeypatch.setattr(session_module._SpanStream, "_exchange", exchange)
+    monkeypatch.setattr(session_module._SpanStream, "_send", send)
+    monkeypatch.setattr(session_module._SpanStream, "_receive", receive)
     monkeypatch.setattr(session_module._SpanStream, "_aclose", _noop)
     monkeypatch.setattr(session_module._SpanStream, "abort", lambda self: setattr(self, "closed", True))
 
@@ -195,12 +208,17 @@ def test_session_steps_match_reference(fake_streams):
         assert session.position == 9
     torch.testing.assert_close(out, reference(x))
     first, later = servers[0].messages[0], servers[0].messages[1]
-    assert {"session_id", "step_id", "max_length", "points", "active_adapter", "args_structure"} == set(first)
-    # Later steps ask A to push its outputs on to B (server-to-server), naming B's session.
+    opening = {"session_id", "step_id", "max_length", "points", "active_adapter", "args_structure"}
+    # Every step asks A to push its outputs on to B (server-to-server), naming B's session, the first too:
+    # B's session was opened ahead of it by an empty step.
+    assert set(first) == opening | {"next_servers"}
     assert set(later) == {"session_id", "step_id", "args_structure", "next_servers"}
-    b_session = servers[1].messages[0]["session_id"]
+    b_open, b_first = servers[1].messages[:2]
+    assert set(b_open) == opening and "max_length" not in b_first
+    b_session = b_open["session_id"]
+    assert [list(entry) for entry in first["next_servers"]] == [["B", b_session, 3, 6]]
     assert [list(entry) for entry in later["next_servers"]] == [["B", b_session, 3, 6]]
-    assert "next_servers" not in servers[1].messages[1]  # the last server has no one to push to
+    assert "next_servers" not in servers[1].messages[2]  # the last server has no one to push to
     assert first["max_length"] == 16 and first["step_id"] != later["step_id"]
 
 
@@ -371,7 +389,8 @@ def test_rollback_cuts_the_servers_caches(fake_streams):
     _rolled_back_run(servers)
     for server in servers:
         assert len(server.sessions) == 1  # same sessions throughout: the servers cut their caches
-        assert [m.get("start_from_position") for m in server.messages] == [None, None, 6, None]
+    assert [m.get("start_from_position") for m in servers[0].messages] == [None, None, 6, None]
+    assert [m.get("start_from_position") for m in servers[1].messages] == [None, None, None, 6, None]
 
 
 def test_rollback_reopens_a_server_that_cannot_cut_its_cache(fake_streams):
@@ -414,3 +433,71 @@ def test_no_push_to_a_nearby_server(fake_streams):
     with InferenceSession(manager, max_length=8) as session:
         run_steps(session, torch.randn(1, 4, HIDDEN), [2, 1, 1])
     assert "next_servers" in servers[0].messages[-1]
+
+
+# --- the first step pushed too (servers opened ahead) ---
+
+
+def test_first_step_is_pushed_through_servers_opened_ahead(fake_streams):
+    servers = [FakeServer("A", 0, 2), FakeServer("B", 2, 4), FakeServer("C", 4, 6)]
+    x = torch.randn(1, 6, HIDDEN)
+    with InferenceSession(FakeManager(servers), max_length=8) as session:
+        out = run_steps(session, x, [4, 1, 1])
+    torch.testing.assert_close(out, reference(x))
+    b_open, c_open = servers[1].messages[0], servers[2].messages[0]
+    first = servers[0].messages[0]
+    assert [list(e) for e in first["next_servers"]] == [
+        ["B", b_open["session_id"], 2, 4],
+        ["C", c_open["session_id"], 4, 6],
+    ]
+    for server in servers[1:]:
+        assert len(server.sessions) == 1  # the opening step and the steps share one session
+        (inputs,) = server.sessions.values()
+        assert inputs.shape[1] == 6  # the empty step added nothing
+
+
+def test_a_petals_first_server_is_not_asked_to_push_its_first_step(fake_streams):
+    # Petals 2.2 pushes every step with its first message's metadata: it gets next_servers later only.
+    servers = [FakeServer("A", 0, 3, rollback=False), FakeServer("B", 3, 6)]
+    x = torch.randn(1, 5, HIDDEN)
+    with InferenceSession(FakeManager(servers), max_length=8) as session:
+        out = run_steps(session, x, [3, 1, 1])
+    torch.testing.assert_close(out, reference(x))
+    assert "next_servers" not in servers[0].messages[0]
+    assert "next_servers" in servers[0].messages[1]
+
+
+@pytest.mark.parametrize("fail_at_step", [1, 2])
+def test_a_server_opened_ahead_that_fails_is_replaced(fake_streams, fail_at_step):
+    # B refuses the opening empty step (1) or fails on the first real one (2); D takes its blocks over.
+    servers = [FakeServer("A", 0, 3), FakeServer("B", 3, 6, fail_at_step=fail_at_step), FakeServer("D", 3, 6)]
+    manager = FakeManager(servers)
+    x = torch.randn(1, 5, HIDDEN)
+    with InferenceSession(manager, max_length=8) as session:
+        out = run_steps(session, x, [3, 1, 1])
+        assert [hop.peer_id for hop in session.route] == ["A", "D"]
+    torch.testing.assert_close(out, reference(x))
+    assert not servers[1].alive
+    (d_inputs,) = servers[2].sessions.values()
+    assert d_inputs.shape[1] == 5
+
+
+def test_a_petals_server_is_not_opened_ahead(fake_streams):
+    servers = [FakeServer("A", 0, 3), FakeServer("B", 3, 6, rollback=False)]
+    x = torch.randn(1, 5, HIDDEN)
+    with InferenceSession(FakeManager(servers), max_length=8) as session:
+        out = run_steps(session, x, [3, 1, 1])
+    torch.testing.assert_close(out, reference(x))
+    assert "max_length" in servers[1].messages[0] and len(servers[1].messages) == 3
+    assert "next_servers" not in servers[0].messages[0]  # B's session does not exist yet
+    assert "next_servers" in servers[0].messages[1]
+
+
+def test_nearby_servers_are_not_opened_ahead(fake_streams):
+    servers = [FakeServer("A", 0, 3), FakeServer("B", 3, 6)]
+    manager = FakeManager(servers)
+    manager.network_rtt = lambda peer_id: 0.001
+    with InferenceSession(manager, max_length=8) as session:
+        run_steps(session, torch.randn(1, 4, HIDDEN), [2, 1, 1])
+    assert "max_length" in servers[1].messages[0] and servers[1].messages[0]["args_structure"]
+    assert len(servers[1].messages) == 3  # no opening step
