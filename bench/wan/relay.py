@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import queue
 import random
 import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -56,40 +59,39 @@ class Link:
         return self._last_release
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link) -> None:
-    """Copy reader to writer, each chunk held until its release time; EOF is passed on in order."""
-    queue: asyncio.Queue = asyncio.Queue()
+def _forward(source: socket.socket, target: socket.socket, link: Link) -> None:
+    """Copy one direction of a connection: each chunk read is held until its release time, then written;
+    EOF is passed on in order. Two threads (read, write) so that reading goes on while chunks are in flight.
 
-    async def read():
+    Threads and time.sleep rather than an event loop: a loop's timers fire up to a millisecond late (epoll's
+    resolution), which added 0.5-1 ms to every one-way delay; a sleeping thread wakes within ~0.1 ms.
+    """
+    chunks: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read():
         try:
-            while chunk := await reader.read(CHUNK):
-                now = time.monotonic()
-                queue.put_nowait((link.release(now, len(chunk)), chunk))
-        except (ConnectionError, OSError):
+            while chunk := source.recv(CHUNK):
+                chunks.put((link.release(time.monotonic(), len(chunk)), chunk))
+        except OSError:
             pass
         finally:
-            queue.put_nowait((link.release(time.monotonic(), 0), b""))
+            chunks.put((link.release(time.monotonic(), 0), b""))
 
-    async def write():
-        while True:
-            due, chunk = await queue.get()
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if not chunk:
-                with contextlib.suppress(OSError, RuntimeError):
-                    writer.write_eof()
-                return
-            writer.write(chunk)
-            await writer.drain()
+    def write():
+        try:
+            while True:
+                due, chunk = chunks.get()
+                while (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)
+                if not chunk:
+                    target.shutdown(socket.SHUT_WR)
+                    return
+                target.sendall(chunk)
+        except OSError:
+            source.close()  # the other side is gone: stop reading this direction too
 
-    reading = asyncio.ensure_future(read())
-    try:
-        await write()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        reading.cancel()
+    threading.Thread(target=read, daemon=True, name="relay-read").start()
+    threading.Thread(target=write, daemon=True, name="relay-write").start()
 
 
 class Relay:
@@ -109,47 +111,61 @@ class Relay:
         self.listen_port, self.target_port = listen_port, target_port
         self.delay, self.jitter, self.bytes_per_s = delay, jitter, bytes_per_s
         self.host, self.target_host = host, target_host
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._listener: socket.socket | None = None
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def port(self) -> int:
         """The port it listens on (the real one when listen_port was 0)."""
-        assert self._server is not None, "start() first"
-        return self._server.sockets[0].getsockname()[1]
+        assert self._listener is not None, "start() first"
+        return self._listener.getsockname()[1]
 
     async def start(self) -> Relay:
-        self._server = await asyncio.start_server(self._accept, self.host, self.listen_port)
+        """Listen and serve from threads (awaitable, so that asyncio code can start it too)."""
+        self._listener = socket.create_server((self.host, self.listen_port))
+        threading.Thread(target=self._accept_loop, daemon=True, name="relay-accept").start()
         return self
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._closed = True
+            sockets = [self._listener, *self._sockets] if self._listener else list(self._sockets)
+            self._sockets.clear()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def _link(self) -> Link:
         return Link(self.delay, self.jitter, self.bytes_per_s)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
-        except OSError:
-            writer.close()
-            self._tasks.discard(task)
-            return
-        try:
-            await asyncio.gather(
-                _pipe(reader, up_writer, self._link()), _pipe(up_reader, writer, self._link())
-            )
-        finally:
-            for w in (writer, up_writer):
-                with contextlib.suppress(Exception):
-                    w.close()
-            self._tasks.discard(task)
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection((self.target_host, self.target_port))
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, upstream):
+                # Every write goes out at once: Nagle's algorithm would hold a small one back up to an ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets.update((client, upstream))
+            _forward(client, upstream, self._link())
+            _forward(upstream, client, self._link())
 
 
 def parse_route(text: str) -> tuple[int, int]:
@@ -163,25 +179,26 @@ def parse_route(text: str) -> tuple[int, int]:
     return listen, target
 
 
-async def _serve(args) -> None:
+def _serve(args) -> None:
     relays = [
-        await Relay(
-            listen,
-            target,
-            delay=args.delay_ms / 1000,
-            jitter=args.jitter_ms / 1000,
-            bytes_per_s=args.mbit * 1e6 / 8,
-        ).start()
+        asyncio.run(
+            Relay(
+                listen,
+                target,
+                delay=args.delay_ms / 1000,
+                jitter=args.jitter_ms / 1000,
+                bytes_per_s=args.mbit * 1e6 / 8,
+            ).start()
+        )
         for listen, target in args.routes
     ]
     print("relay ready " + " ".join(f"{r.port}->{r.target_port}" for r in relays), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
     for relay in relays:
-        await relay.close()
+        relay.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.delay_ms < 0 or args.jitter_ms < 0 or args.mbit < 0:
         parser.error("--delay-ms, --jitter-ms and --mbit must be >= 0")
-    asyncio.run(_serve(args))
+    _serve(args)
     return 0
 
 
