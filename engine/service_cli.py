@@ -90,6 +90,13 @@ def add_commands(subparsers) -> None:
         "0: prompt lookup",
     )
     run.add_argument(
+        "--feature-drafter",
+        default="auto",
+        metavar="auto|off|PATH",
+        help="speculate with a trained feature drafter (EAGLE-style): auto (default) uses the one shipped "
+        "for the served model when there is one; PATH loads those weights; off never",
+    )
+    run.add_argument(
         "--parent-pid",
         type=int,
         default=None,
@@ -254,6 +261,7 @@ def run_service(args: argparse.Namespace) -> int:
             balance_quality=args.balance_quality,
             move_grace_seconds=args.move_grace,
             draft_blocks=args.draft_blocks,
+            feature_drafter=args.feature_drafter,
         )
     except ValueError as exc:
         print(f"error: {exc}")

@@ -39,6 +39,8 @@ class EarlyExitDrafter:
     cache is its state); the blocks themselves may be shared.
     """
 
+    name = "early_exit"
+
     def __init__(self, head, span: BlockSpan):
         if span.start != 0:
             raise ValueError(

@@ -81,6 +81,7 @@ class SpeculationStats:
     drafted: int = 0  # draft tokens sent for verification
     accepted: int = 0  # draft tokens the full model agreed with
     fallback_rounds: int = 0  # rounds without a draft (nothing to propose, or a route that cannot roll back)
+    drafter: str | None = None  # which drafter drafted: prompt_lookup, feature, early_exit, draft_model, ...
 
     @property
     def acceptance(self) -> float | None:
@@ -97,6 +98,7 @@ class SpeculationStats:
             accepted=self.accepted,
             acceptance=self.acceptance,
             tokens_per_round=self.tokens_per_round,
+            drafter=self.drafter,
         )
 
 
@@ -122,6 +124,8 @@ class FeatureDrafter(Protocol):
 
 class PromptLookupDrafter:
     """Drafts by looking up the last n tokens earlier in the conversation and copying what followed."""
+
+    name = "prompt_lookup"
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
@@ -161,6 +165,8 @@ class DraftModelDrafter:
     It re-reads the whole history each round (no cache kept across rounds): simple and always consistent
     with rollbacks; fine for draft models small enough to be worth using here.
     """
+
+    name = "draft_model"
 
     def __init__(self, model, params: SamplingParams | None = None):
         self.model = model.eval()
@@ -404,6 +410,8 @@ def speculative_rounds(
         features = session_features(session, kept_position)
         if features is None:  # earlier turns kept none: this generation drafts by prompt lookup instead
             drafter = PromptLookupDrafter(config.max_ngram)
+    stats.drafter = getattr(drafter, "name", None) or ("feature" if features is not None else None)
+    stats.drafter = stats.drafter or type(drafter).__name__
     lengths: dict[Any, DraftLength] = {}  # by kind of proposal (prompt lookup: its match length)
     propose = getattr(drafter, "propose", None)
     cost = RoundCost(config.token_cost) if config.learn_cost else None

@@ -52,6 +52,9 @@ class ServiceConfig:
     # in 256 MiB; never all of them); 0: prompt lookup. Off by default: on SmolLM2 no choice of fewer than
     # 28 of its 30 blocks drafts well enough to pay (bench/early_exit.py).
     draft_blocks: int = 0
+    # Feature drafting (EAGLE-style, engine.client.feature_drafter): "auto" uses the drafter shipped for the
+    # served model when there is one (else prompt lookup), "off" never, or the path of a drafter's weights.
+    feature_drafter: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -66,6 +69,11 @@ class ServiceConfig:
             raise ValueError("--swarm local starts a new swarm: leave out --initial-peers")
         if self.draft_blocks < 0:
             raise ValueError(f"draft_blocks must be >= 0, got {self.draft_blocks}")
+        if self.feature_drafter not in ("auto", "off") and not Path(self.feature_drafter).exists():
+            raise ValueError(
+                f"feature_drafter must be auto, off or the path of a drafter's weights; "
+                f"nothing is at {self.feature_drafter}"
+            )
         if self.grace_seconds < 0 or self.max_context < 1:
             raise ValueError("grace_seconds must be >= 0 and max_context >= 1")
         if self.rebalance_period < 0 or self.move_grace_seconds < 0 or not 0 < self.balance_quality <= 1:

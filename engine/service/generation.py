@@ -157,7 +157,10 @@ class Generation:
         produced, reason = 0, "length"
         stats = SpeculationStats()
         config = self.core.config
-        speculation = SpeculationConfig(draft_blocks=config.draft_blocks) if config.speculation else None
+        speculation = None
+        if config.speculation:
+            feature = None if config.feature_drafter == "off" else config.feature_drafter
+            speculation = SpeculationConfig(draft_blocks=config.draft_blocks, feature_drafter=feature)
         began = time.perf_counter()
         token_times: list[float] = []
         with self.core.lock:

@@ -96,6 +96,7 @@ def test_openai_stream_equals_local_greedy(engine):
     assert 1 <= speculation["rounds"] <= usage.completion_tokens
     per_round = usage.completion_tokens / speculation["rounds"]
     assert speculation["tokens_per_round"] == pytest.approx(per_round, rel=1e-2)
+    assert speculation["drafter"] == "prompt_lookup"  # no feature drafter is shipped for the tiny model
 
     whole = client.chat.completions.create(
         model=DEMO_MODEL_NAME, messages=messages, temperature=0, max_tokens=24

@@ -38,6 +38,18 @@ def test_run_takes_draft_blocks_and_the_config_refuses_a_negative_count(tmp_path
         ServiceConfig(data_dir=tmp_path, draft_blocks=-1)
 
 
+def test_run_takes_a_feature_drafter_and_the_config_refuses_a_missing_path(tmp_path):
+    from engine.service.config import ServiceConfig
+
+    assert build_parser().parse_args(["run"]).feature_drafter == "auto"  # the shipped one, if any
+    assert build_parser().parse_args(["run", "--feature-drafter", "off"]).feature_drafter == "off"
+    weights = tmp_path / "drafter.safetensors"
+    weights.write_bytes(b"")
+    assert ServiceConfig(data_dir=tmp_path, feature_drafter=str(weights)).feature_drafter == str(weights)
+    with pytest.raises(ValueError, match="auto, off or the path of a drafter's weights; nothing is at"):
+        ServiceConfig(data_dir=tmp_path, feature_drafter=str(tmp_path / "missing"))
+
+
 def test_parent_gone():
     assert not _parent_gone(None)
     assert not _parent_gone(os.getpid())
