@@ -10,14 +10,20 @@ measures, in one run, greedy generation of batch 1 by:
   (c) Pollinate's client through Pollinate servers: hop by hop (no push), with push, and with push and
       speculative decoding (prompt lookup),
 
-each as one warm-up and --repeats timed generations in one client process. Every row's tokens are checked
-against local transformers' greedy tokens (same weights, same prompt). Beside each measure, a prediction:
-hop by hop, H servers x RTT + C; with push, (H + 1) x one-way delay + C (each hop once, then the way back);
-with speculation, that divided by the measured tokens per round; TTFT, H x RTT + prefill (a first step is
-never pushed). C and the prefill are local transformers' times for the whole model, measured here.
+Both kinds of servers stay up for the whole run. Each Petals-client row is one client process; the rows of
+our client share one process and take turns (a warm-up of each, then one timed generation of each per
+repeat, the order rotating), and with --rounds N the whole set of client processes runs N times in a rotating
+order, so the machine's other load falls on every row alike; the table gives each row's median over all its
+runs and its fastest run. Every row's tokens are checked against local transformers' greedy tokens (same
+weights, same prompt). Beside each measure, a prediction: hop by hop, H servers x RTT + C; with push,
+(H + 1) x one-way delay + C (each hop once, then the way back); with speculation, that divided by the
+measured tokens per round. Petals 2.2 servers push with the metadata of a session's first message, which
+asks for no push, so row (a) is hop by hop. TTFT: the Petals client's first step is not pushed (H x RTT +
+prefill); ours is, (H + 1) x delay + prefill, except in c-hop. C and the prefill are local transformers' times
+for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
-        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rows a b c-hop c-push c-spec c-exit]
+        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1] [--rows a b c-hop c-push c-spec c-exit]
         [--prompts question rewrite] [--draft-blocks N] [--logs DIR]
 
 c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit).
@@ -347,58 +353,115 @@ def predict(key: str, hops: int, delay: float, local: Local, speculation: dict |
     """(decode step seconds, TTFT seconds) the simple latency model expects for row `key`."""
     hop_by_hop = hops * 2 * delay + local.step_s
     pushed = (hops + 1) * delay + local.step_s
-    step = hop_by_hop if key == "c-hop" else pushed
-    if key in ("c-spec", "c-exit") and speculation and speculation.get("tokens_per_round"):
+    step = hop_by_hop if key in ("a", "c-hop") else pushed
+    if speculation and speculation.get("tokens_per_round"):
         step /= speculation["tokens_per_round"]
-    return step, hops * 2 * delay + local.prefill_s
+    ours_pushed = ROWS[key][1] == "pollinate" and key != "c-hop"
+    first_step = (hops + 1) * delay if ours_pushed else hops * 2 * delay
+    return step, first_step + local.prefill_s
+
+
+def load_average() -> str:
+    with contextlib.suppress(OSError):
+        return Path("/proc/loadavg").read_text().split()[0]
+    return "?"
+
+
+def _client_groups(keys: Sequence[str]) -> list[list[str]]:
+    """The rows run by one client process each: every Pollinate-client row together (they take turns per
+    repeat in one process, see bench/wan/pollinate_client.py), each Petals-client row alone."""
+    ours = [k for k in keys if ROWS[k][1] == "pollinate"]
+    groups = [[k] for k in keys if ROWS[k][1] == "petals"]
+    return groups + ([ours] if ours else [])
+
+
+def _pollinate_row_spec(key: str, args) -> dict:
+    """A row of ours as pollinate_client.py's --rows takes it: its key and its options."""
+    opts = dict(ROWS[key][3])
+    if opts.pop("exit", False):
+        opts["draft_blocks"] = args.draft_blocks
+    return dict(key=key, **opts)
 
 
 def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
     """Every row for one model, each prompt in turn against the same servers; `prompts`: name -> (ids,
-    local reference)."""
+    local reference).
+
+    Both kinds of servers stay up for the whole run, and the rows run --rounds times, in an order rotating
+    every round, so that the machine's other load is spread over every row instead of falling on one."""
     env = base_env(tmp)
-    rows = []
-    for kind in ("petals", "pollinate"):
-        keys = [k for k in args.rows if ROWS[k][2] == kind]
-        if not keys:
-            continue
-        prefix = f"wan-{name}-{kind}".replace("_", "-")
-        with servers(kind, chains[kind], path, prefix, boot, tmp, logs):
-            time.sleep(2)  # let the last announcement reach the bootstrap peer
-            for prompt, (ids, local) in prompts.items():
-                model = name if prompt == "ids" else f"{name}/{prompt}"
-                common = [
-                    path, "--initial-peers", *boot, "--input-ids", ",".join(map(str, ids[0].tolist())),
-                    "--new-tokens", args.new_tokens, "--repeats", args.repeats, "--dht-prefix", prefix,
-                ]  # fmt: skip
-                for key in keys:
-                    label, client, _, opts = ROWS[key]
-                    log = logs / f"{prefix}-{prompt}-{key}-client.log"
-                    if client == "petals":
+    kinds = [kind for kind in ("petals", "pollinate") if any(ROWS[k][2] == kind for k in args.rows)]
+    groups = _client_groups(args.rows)
+    results: dict[tuple[str, str], dict] = {}
+    loads = []
+    with contextlib.ExitStack() as stack:
+        for kind in kinds:
+            prefix = f"wan-{name}-{kind}".replace("_", "-")
+            stack.enter_context(servers(kind, chains[kind], path, prefix, boot, tmp, logs))
+        time.sleep(2)  # let the last announcement reach the bootstrap peer
+        for round_ in range(args.rounds):
+            loads.append(load_average())
+            turn = round_ % len(groups)
+            for prompt, (ids, _local) in prompts.items():
+                for group in groups[turn:] + groups[:turn]:
+                    kind = ROWS[group[0]][2]
+                    prefix = f"wan-{name}-{kind}".replace("_", "-")
+                    common = [
+                        path, "--initial-peers", *boot, "--input-ids", ",".join(map(str, ids[0].tolist())),
+                        "--new-tokens", args.new_tokens, "--repeats", args.repeats, "--dht-prefix", prefix,
+                    ]  # fmt: skip
+                    tag = f"{prompt}-{'+'.join(group)}-round{round_}"
+                    labels = ", ".join(ROWS[k][0] for k in group)
+                    print(f"[{name}/{prompt}] round {round_ + 1}: {labels} ...", flush=True)
+                    if ROWS[group[0]][1] == "petals":
                         cmd = [petals_python(), HERE / "petals_client.py", *common]
+                        by_key = {group[0]: run_client(labels, cmd, env, logs / f"{prefix}-{tag}-client.log")}
                     else:
-                        cmd = [sys.executable, HERE / "pollinate_client.py", *common]
-                        cmd += ["--no-push"] if opts.get("no_push") else []
-                        cmd += ["--speculate"] if opts.get("speculate") else []
-                        cmd += ["--draft-blocks", args.draft_blocks] if opts.get("exit") else []
-                    print(f"[{model}] {label} ...", flush=True)
-                    result = run_client(label, cmd, env, log)
-                    ok = all(run["tokens"] == local.tokens for run in result["runs"])
-                    if not ok:
-                        first = next(run["tokens"] for run in result["runs"] if run["tokens"] != local.tokens)
-                        pairs = enumerate(zip(first, local.tokens, strict=False))
-                        where = next((i for i, (a, b) in pairs if a != b), None)
-                        print(
-                            f"[{model}] {label}: tokens differ from local's at position {where}:\n"
-                            f"  got   {first}\n  local {local.tokens}",
-                            flush=True,
+                        specs = json.dumps([_pollinate_row_spec(k, args) for k in group])
+                        cmd = [sys.executable, HERE / "pollinate_client.py", *common, "--rows", specs]
+                        by_key = run_client(labels, cmd, env, logs / f"{prefix}-{tag}-client.log")["rows"]
+                    for key, result in by_key.items():
+                        merged = results.setdefault((prompt, key), dict(runs=[], speculation=None))
+                        merged["runs"] += result["runs"]
+                        merged["speculation"] = _merge_speculation(
+                            merged["speculation"], result["speculation"]
                         )
-                    hops, delay = args.servers, args.delay_ms / 1e3
-                    step, ttft = predict(key, hops, delay, local, result["speculation"])
-                    rows.append(Row(model, key, label, result["runs"], result["speculation"], ok, step, ttft))
-                    base = next((r for r in rows if r.model == model and r.key == "a"), rows[-1])
-                    print(f"[{model}] {label}: {format_row(rows[-1], base)}", flush=True)
+        loads.append(load_average())
+    print(
+        f"[{name}] load average (1 min) at each round's start and at the end: {' | '.join(loads)}", flush=True
+    )
+
+    rows = []
+    for prompt, (_ids, local) in prompts.items():
+        model = name if prompt == "ids" else f"{name}/{prompt}"
+        for key in args.rows:
+            result = results[prompt, key]
+            label = ROWS[key][0]
+            ok = all(run["tokens"] == local.tokens for run in result["runs"])
+            if not ok:
+                first = next(run["tokens"] for run in result["runs"] if run["tokens"] != local.tokens)
+                pairs = enumerate(zip(first, local.tokens, strict=False))
+                where = next((i for i, (a, b) in pairs if a != b), None)
+                print(
+                    f"[{model}] {label}: tokens differ from local's at position {where}:\n"
+                    f"  got   {first}\n  local {local.tokens}",
+                    flush=True,
+                )
+            hops, delay = args.servers, args.delay_ms / 1e3
+            step, ttft = predict(key, hops, delay, local, result["speculation"])
+            rows.append(Row(model, key, label, result["runs"], result["speculation"], ok, step, ttft))
     return rows
+
+
+def _merge_speculation(total: dict | None, more: dict | None) -> dict | None:
+    """Speculation counters of two sets of runs of one row, added up (rates recomputed)."""
+    if more is None or total is None:
+        return more if total is None else total
+    merged = {k: total[k] + more[k] for k in ("rounds", "drafted", "accepted")}
+    tokens = total["tokens_per_round"] * total["rounds"] + more["tokens_per_round"] * more["rounds"]
+    merged["acceptance"] = merged["accepted"] / merged["drafted"] if merged["drafted"] else None
+    merged["tokens_per_round"] = tokens / merged["rounds"] if merged["rounds"] else None
+    return merged
 
 
 # --- report ---
@@ -436,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jitter-ms", type=float, default=0.0)
     parser.add_argument("--mbit", type=float, default=0.0, help="bandwidth cap per direction (0: none)")
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per row and round")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over all rows (order rotating)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument(
         "--prompts", nargs="+", default=["question"], choices=list(CHAT_PROMPTS), help="real models' prompts"
@@ -446,8 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", type=Path, default=None, help="keep the process logs here")
     args = parser.parse_args(argv)
     THREADS = args.threads
-    if args.servers < 1 or args.new_tokens < 2 or args.repeats < 1:
-        parser.error("need --servers >= 1, --new-tokens >= 2, --repeats >= 1")
+    if args.servers < 1 or args.new_tokens < 2 or args.repeats < 1 or args.rounds < 1:
+        parser.error("need --servers >= 1, --new-tokens >= 2, --repeats >= 1, --rounds >= 1")
 
     with tempfile.TemporaryDirectory(prefix="pollinate-wan-") as tmp_name:
         tmp = Path(tmp_name)
@@ -467,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.servers} servers x {args.delay_ms:g} ms one way (RTT {2 * args.delay_ms:g} ms)"
             f"{f', jitter {args.jitter_ms:g} ms' if args.jitter_ms else ''}"
             f"{f', {args.mbit:g} Mbit/s' if args.mbit else ''}; {args.new_tokens} new tokens, "
-            f"median of {args.repeats} runs after a warm-up"
+            f"median of {args.rounds} x {args.repeats} runs (each client process warms up first)"
         )
         print(HEADER)
         print("-" * len(HEADER))

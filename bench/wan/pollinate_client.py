@@ -1,16 +1,23 @@
 """Timed greedy generations by Pollinate's client, for bench/wan.py (run as a subprocess of our venv).
 
     python bench/wan/pollinate_client.py MODEL --initial-peers ADDR.. --dht-prefix P --input-ids 1,2,3
-        --new-tokens N --repeats R [--no-push] [--speculate] [--max-draft K]
-        [--draft-blocks N]
+        --new-tokens N --repeats R [--no-push] [--speculate] [--max-draft K] [--draft-blocks N]
+        [--rows JSON]
 
 One warm-up generation, then R timed ones, each in a fresh inference session. Prints one JSON line:
 {"runs": [{"ttft": s, "step_s": s, "tokens": [...]}, ...], "speculation": {...} or null}.
+
+With --rows '[{"key": "c-push"}, {"key": "c-spec", "speculate": true}, ...]' (each row's options as in the
+flags: no_push, speculate, draft_blocks), the rows share this process and its connections and take turns:
+a warm-up of each, then R rounds with one timed generation of each row, the order rotating every round, so
+that the machine's other load falls on every row alike. Prints {"rows": {key: {"runs": ..., "speculation":
+...}}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -23,6 +30,27 @@ import torch
 from engine.client.model import DistributedModelForCausalLM
 from engine.client.sequence_manager import ClientConfig
 from engine.client.speculative import SpeculationConfig, SpeculationStats
+
+
+def speculation_for(row: dict, max_draft: int) -> SpeculationConfig | None:
+    if not row.get("speculate"):
+        return None
+    return SpeculationConfig(
+        max_draft=max_draft, initial_draft=min(4, max_draft), draft_blocks=int(row.get("draft_blocks", 0))
+    )
+
+
+def timed_generation(model, ids, new_tokens: int, speculation, stats: SpeculationStats) -> dict:
+    """One greedy generation: time to the first token, mean seconds per later token, the tokens."""
+    started = time.perf_counter()
+    times, tokens = [], []
+    for step in model.generate_stream(
+        ids, max_new_tokens=new_tokens, eos_token_id=None, speculation=speculation, stats=stats
+    ):
+        times.append(time.perf_counter())
+        tokens.append(int(step.tokens[0]))
+    step_s = (times[-1] - times[0]) / max(len(times) - 1, 1)
+    return dict(ttft=times[0] - started, step_s=step_s, tokens=tokens)
 
 
 def main() -> None:
@@ -39,38 +67,42 @@ def main() -> None:
     parser.add_argument(
         "--draft-blocks", type=int, default=0, help="with --speculate: draft with the first N blocks here"
     )
+    parser.add_argument("--rows", default=None, help="JSON list of rows taking turns (see the docstring)")
     args = parser.parse_args()
 
     ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
-    config = ClientConfig(server_to_server=not args.no_push, request_timeout=60.0)
-    speculation = None
-    if args.speculate:
-        speculation = SpeculationConfig(
-            max_draft=args.max_draft, initial_draft=min(4, args.max_draft), draft_blocks=args.draft_blocks
-        )
-    stats = SpeculationStats()
-    runs = []
+    if args.rows is None:
+        single = dict(key="", no_push=args.no_push, speculate=args.speculate, draft_blocks=args.draft_blocks)
+        rows = [single]
+    else:
+        rows = json.loads(args.rows)
+    base = ClientConfig(request_timeout=60.0)
+    results = {row["key"]: dict(runs=[], stats=SpeculationStats()) for row in rows}
     with DistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, client_config=config
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, client_config=base
     ) as model:
-        for run in range(args.repeats + 1):
-            run_stats = stats if run > 0 else SpeculationStats()  # the warm-up is not counted
-            started = time.perf_counter()
-            times, tokens = [], []
-            for step in model.generate_stream(
-                ids,
-                max_new_tokens=args.new_tokens,
-                eos_token_id=None,
-                speculation=speculation,
-                stats=run_stats,
-            ):
-                times.append(time.perf_counter())
-                tokens.append(int(step.tokens[0]))
-            if run > 0:
-                step_s = (times[-1] - times[0]) / max(len(times) - 1, 1)
-                runs.append(dict(ttft=times[0] - started, step_s=step_s, tokens=tokens))
-    result = dict(runs=runs, speculation=stats.as_dict() if args.speculate else None)
-    print(json.dumps(result), flush=True)
+
+        def generate(row: dict, stats: SpeculationStats) -> dict:
+            model.manager.config = dataclasses.replace(base, server_to_server=not row.get("no_push"))
+            return timed_generation(model, ids, args.new_tokens, speculation_for(row, args.max_draft), stats)
+
+        for row in rows:  # warm-up, not counted
+            generate(row, SpeculationStats())
+        for repeat in range(args.repeats):
+            turn = repeat % len(rows)
+            for row in rows[turn:] + rows[:turn]:
+                result = results[row["key"]]
+                result["runs"].append(generate(row, result["stats"]))
+
+    def report(row: dict) -> dict:
+        result = results[row["key"]]
+        speculation = result["stats"].as_dict() if row.get("speculate") else None
+        return dict(runs=result["runs"], speculation=speculation)
+
+    if args.rows is None:
+        print(json.dumps(report(rows[0])), flush=True)
+    else:
+        print(json.dumps(dict(rows={row["key"]: report(row) for row in rows})), flush=True)
 
 
 if __name__ == "__main__":
