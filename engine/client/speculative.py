@@ -60,14 +60,17 @@ class SpeculationConfig:
     # generation: it keeps a cache); None never. Used by DistributedModelForCausalLM, below draft_model
     # and draft_blocks when those are asked for.
     feature_drafter: Any = "auto"
+    # With a feature drafter: a prompt-lookup copy after a match of at least this many tokens is sent
+    # instead of the drafter's draft (free, and right more often on input-grounded answers); 0: never.
+    lookup_min_match: int = 2
 
     def __post_init__(self):
         if not 0 <= self.min_draft <= self.initial_draft <= self.max_draft or self.initial_draft < 1:
             raise ValueError("need 0 <= min_draft <= initial_draft <= max_draft and initial_draft >= 1")
         if self.probe_every < 1:
             raise ValueError("probe_every must be >= 1")
-        if self.max_ngram < 1 or self.token_cost < 0:
-            raise ValueError("max_ngram must be >= 1 and token_cost >= 0")
+        if self.max_ngram < 1 or self.token_cost < 0 or self.lookup_min_match < 0:
+            raise ValueError("max_ngram must be >= 1, token_cost and lookup_min_match >= 0")
         if self.draft_blocks < 0 or self.max_draft_bytes < 0:
             raise ValueError("draft_blocks and max_draft_bytes must be >= 0")
 
@@ -422,6 +425,7 @@ def speculative_rounds(
         room = session.max_length - kept_position - len(pending_ids)
         limit = max(min(room, max_new_tokens - produced - 1), 0)
         draft, draft_probs, kind, k = [], None, None, 0
+        copied = False  # a prompt-lookup copy stands in for the model drafter this round (no drafting time)
         started = time.perf_counter()
         if limit > 0 and model.can_roll_back(session):
             if propose is not None:  # a free proposal first; its kind decides how much of it to send
@@ -429,11 +433,20 @@ def speculative_rounds(
                 if draft:
                     k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
             elif len(pending_ids) == 1:  # a model drafter would read the whole prompt before its prefill
-                k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
-                if k > 0 and features is not None:
-                    draft, draft_probs = drafter.draft_with_features(tokens, features.view(), k)
-                elif k > 0:
-                    draft, draft_probs = drafter.draft(tokens, k)
+                if features is not None and config.lookup_min_match > 0:
+                    # A long enough copy from the conversation is free and often right: its own kind.
+                    copy, n = prompt_lookup_match(tokens, min(limit, config.max_draft), config.max_ngram)
+                    if n >= config.lookup_min_match:
+                        kind = ("lookup", n)
+                        k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
+                        draft, copied = (copy, True) if k > 0 else ([], False)
+                if not draft:
+                    kind = None
+                    k = min(lengths.setdefault(kind, DraftLength(config)).next(), limit)
+                    if k > 0 and features is not None:
+                        draft, draft_probs = drafter.draft_with_features(tokens, features.view(), k)
+                    elif k > 0:
+                        draft, draft_probs = drafter.draft(tokens, k)
         drafted_at = time.perf_counter()
         draft = list(draft[:k])
         if draft_probs is not None:
@@ -460,7 +473,8 @@ def speculative_rounds(
             ]
             n, token = accept_greedy(targets, draft)
         if cost is not None and len(pending_ids) == 1:  # a prompt's prefill is not a round to learn from
-            cost.observe(sent.shape[1], time.perf_counter() - drafted_at, len(draft), drafted_at - started)
+            drafted = 0 if copied else len(draft)  # the drafter's own time per token, not diluted by copies
+            cost.observe(sent.shape[1], time.perf_counter() - drafted_at, drafted, drafted_at - started)
         stats.rounds += 1
         stats.drafted += len(draft)
         stats.accepted += n

@@ -165,7 +165,7 @@ def test_kill_9_mid_feature_speculation_with_push_gives_identical_output(swarm, 
     ):
         tails = {second.peer_id: second, third.peer_id: third}
         tokens, calls_at_kill = [], None
-        config = SpeculationConfig(drafter=drafter, learn_cost=False)
+        config = SpeculationConfig(drafter=drafter, learn_cost=False, lookup_min_match=0)
         for step in remote.generate_stream(
             ids, max_new_tokens=24, session=session, speculation=config, stats=stats
         ):

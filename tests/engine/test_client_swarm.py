@@ -396,7 +396,7 @@ def test_feature_speculation_with_push_gets_aligned_features_and_matches_transfo
     default = remote.manager.config
     remote.manager.config = dataclasses.replace(default, push_min_rtt=0.0)  # push even on loopback
     try:
-        config = SpeculationConfig(feature_drafter=new_drafter, learn_cost=False)
+        config = SpeculationConfig(feature_drafter=new_drafter, learn_cost=False, lookup_min_match=0)
         for _ in range(2):
             stats = SpeculationStats()
             output = remote.generate(ids, max_new_tokens=20, speculation=config, stats=stats)

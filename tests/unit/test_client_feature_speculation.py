@@ -65,7 +65,7 @@ def test_a_feature_drafter_gets_the_verified_features_and_greedy_is_unchanged(hf
     plain = generate(FeatureRollbackModel(hf), ids, params)
     drafter = CheckingFeatureDrafter(hf, wrong_every=wrong_every)
     stats = SpeculationStats()
-    config = SpeculationConfig(drafter=drafter, learn_cost=False)
+    config = SpeculationConfig(drafter=drafter, learn_cost=False, lookup_min_match=0)
     spec = generate(FeatureRollbackModel(hf), ids, params, speculation=config, stats=stats)
     assert spec.tolist() == plain.tolist()
     assert drafter.calls >= 2 and min(drafter.seen_lengths) == 8  # first called right after the prefill
@@ -91,7 +91,7 @@ def test_feature_speculation_across_turns_of_one_session(hf, eos_mid_round):
         model = FeatureRollbackModel(hf)
         session = RollbackSession(max_length=40)
         drafter = CheckingFeatureDrafter(hf, wrong_every=1000 if eos_mid_round else 1)
-        config = SpeculationConfig(drafter=drafter, learn_cost=False, initial_draft=6)
+        config = SpeculationConfig(drafter=drafter, learn_cost=False, initial_draft=6, lookup_min_match=0)
         turns = []
         for ids, mode in zip((first, second), modes, strict=True):
             speculation = config if mode == "spec" else None
@@ -111,7 +111,7 @@ def test_sampling_with_a_feature_drafters_distributions(hf):
     for _ in range(2):
         drafter = CheckingFeatureDrafter(hf, sampled=True, seed=1)
         stats = SpeculationStats()
-        config = SpeculationConfig(drafter=drafter, learn_cost=False)
+        config = SpeculationConfig(drafter=drafter, learn_cost=False, lookup_min_match=0)
         runs.append(generate(FeatureRollbackModel(hf), ids, params, speculation=config, stats=stats))
         assert stats.drafted > 0 and stats.tokens == 16
     assert runs[0].tolist() == runs[1].tolist() and runs[0].shape == (1, 22)
@@ -122,3 +122,32 @@ def test_a_model_without_hidden_states_is_refused_for_a_feature_drafter(hf):
     config = SpeculationConfig(drafter=CheckingFeatureDrafter(hf))
     with pytest.raises(TypeError, match="returns no hidden states: a feature drafter needs them"):
         generate(RollbackModel(hf), ids, SamplingParams(max_new_tokens=3), speculation=config)
+
+
+class WrongFeatureDrafter(CheckingFeatureDrafter):
+    """Checks its features, then drafts only wrong tokens (and counts them)."""
+
+    drafted = 0
+
+    def draft_with_features(self, tokens, features, k):
+        draft, _ = super().draft_with_features(tokens, features, k)
+        self.drafted += len(draft)
+        return [(t + 1) % self.hf.config.vocab_size for t in draft], None
+
+
+@pytest.mark.parametrize("lookup_min_match", [0, 2])
+def test_long_prompt_lookup_matches_stand_in_for_the_feature_drafter(hf, lookup_min_match):
+    ids = torch.tensor([[11, 12, 13, 14, 15, 16, 11, 12, 13, 14, 15, 16, 11, 12]])
+    params = SamplingParams(max_new_tokens=24)
+    plain = generate(FeatureRollbackModel(hf), ids, params)
+    drafter = WrongFeatureDrafter(hf)
+    stats = SpeculationStats()
+    config = SpeculationConfig(drafter=drafter, learn_cost=False, lookup_min_match=lookup_min_match)
+    assert generate(FeatureRollbackModel(hf), ids, params, speculation=config, stats=stats).tolist() == (
+        plain.tolist()
+    )
+    assert stats.drafter == "feature" and drafter.calls > 0
+    if lookup_min_match:
+        assert stats.drafted > drafter.drafted and stats.accepted > 0  # copies went out, and some were kept
+    else:
+        assert stats.drafted == drafter.drafted and stats.accepted == 0
