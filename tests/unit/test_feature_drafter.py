@@ -1,0 +1,144 @@
+"""The trained feature drafter (EAGLE-style): saving, the wrong-model refusal, its cache, and training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.train_drafter import train_drafter
+from engine.client.feature_drafter import (
+    CONFIG_FILE,
+    DrafterConfig,
+    DrafterError,
+    DrafterMismatchError,
+    FeatureDrafterFactory,
+    FeatureDrafterModel,
+    load_feature_drafter,
+    save_feature_drafter,
+    shipped_drafter_path,
+)
+from engine.models import load_client_parts, load_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint_factory):
+    """A tiny random Llama, its client head, and its greedy continuations of random prompts with the
+    features (last block's output before the final norm) of every position."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint_factory("llama", num_layers=1)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    head = load_client_parts(path)
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(5, hf.config.vocab_size, (256, 6), generator=generator)
+    kept = []
+    hook = hf.model.layers[-1].register_forward_hook(lambda _m, _i, out: kept.append(out))
+    try:
+        with torch.no_grad():
+            out = hf.generate(prompts, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+            kept.clear()
+            hf(input_ids=out)
+    finally:
+        hook.remove()
+    features = kept[0][0] if isinstance(kept[0], tuple) else kept[0]
+    records = [
+        dict(tokens=out[row].tolist(), prompt_length=6, features=features[row, :-1].clone())
+        for row in range(len(out))
+    ]
+    return path, head, records
+
+
+def new_model(path, head, seed=0):
+    config = DrafterConfig.for_target(load_config(path), head, [path.name, "tiny-llama-hf"])
+    return FeatureDrafterModel(config).init_weights(seed)
+
+
+def first_token_acceptance(factory, records) -> float:
+    """Teacher-forced: how often the 1st draft token is the model's own next token in the answers."""
+    right = total = 0
+    for r in records:
+        drafter = factory()
+        tokens, features = r["tokens"], r["features"]
+        for t in range(r["prompt_length"], len(tokens)):
+            drafts, probs = drafter.draft_with_features(tokens[:t], features[: t - 1], 1)
+            assert probs is None and len(drafts) == 1
+            right += drafts[0] == tokens[t]
+            total += 1
+    return right / total
+
+
+def test_saved_drafter_loads_with_the_same_drafts_and_refuses_another_model(
+    tiny, tiny_checkpoint_factory, tmp_path
+):
+    path, head, records = tiny
+    model = new_model(path, head)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # not the initial pass-through: the weights must survive
+    model.float()
+    folder = save_feature_drafter(model.half().float(), tmp_path / "drafter")  # what float16 keeps
+    loaded = load_feature_drafter(folder, head)
+    assert loaded.config == model.config
+    original = FeatureDrafterFactory(model, head)
+    r = records[0]
+    for t in (8, 15, 29):
+        assert loaded().draft_with_features(
+            r["tokens"][:t], r["features"][: t - 1], 4
+        ) == original().draft_with_features(r["tokens"][:t], r["features"][: t - 1], 4)
+    # Found by any of its target's names; not for another model.
+    assert shipped_drafter_path("HuggingFaceTB/tiny-llama", root=tmp_path) == folder
+    assert shipped_drafter_path(path.name, root=tmp_path) == folder
+    assert shipped_drafter_path("SomeOtherModel-7B", root=tmp_path) is None
+    # Same shape, other weights (another seed): refused with a clear message.
+    other = load_client_parts(tiny_checkpoint_factory("llama", num_layers=2, seed=5))
+    with pytest.raises(DrafterMismatchError, match="embeddings differ"):
+        load_feature_drafter(folder, other)
+    # Another hidden size: refused before anything is read.
+    wide = load_client_parts(tiny_checkpoint_factory("llama", num_layers=2, hidden_size=96))
+    with pytest.raises(DrafterMismatchError, match="hidden size"):
+        load_feature_drafter(folder, wide)
+    # Not a drafter folder / another format: clear errors.
+    with pytest.raises(DrafterError, match=r"no drafter\.json"):
+        load_feature_drafter(tmp_path, head)
+    doc = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**doc, "version": 99}))
+    with pytest.raises(DrafterError, match="version"):
+        load_feature_drafter(folder, head)
+
+
+def test_the_cache_reused_across_rounds_drafts_as_a_fresh_drafter(tiny):
+    path, head, records = tiny
+    model = new_model(path, head, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    factory = FeatureDrafterFactory(model, head)
+    r = records[1]
+    tokens, features = r["tokens"], r["features"]
+    kept = factory()
+    # Rounds as speculation makes them: some drafts kept, then a rollback to a shorter history (another
+    # token at the cut), then a longer one.
+    histories = [tokens[:7], tokens[:9], tokens[:12], [*tokens[:10], 3], tokens[:20], tokens[:21]]
+    for history in histories:
+        n = len(history)
+        feats = features[: n - 1].clone()
+        reused = kept.draft_with_features(history, feats, 4)
+        fresh = factory().draft_with_features(history, feats, 4)
+        assert reused[0] == fresh[0] and len(reused[0]) == 4
+        assert len(kept.cache) == n - 1  # the guesses are never kept
+    assert kept.draft_with_features(tokens[:1], features[:0], 4) == ([], None)  # no feature yet
+    with pytest.raises(ValueError, match="features"):
+        kept.draft_with_features(tokens[:9], features[:5], 2)
+
+
+def test_a_few_training_steps_on_the_models_own_answers_draft_far_better_than_untrained(tiny):
+    path, head, records = tiny
+    train, held_out = records[:224], records[224:]
+    untrained = first_token_acceptance(FeatureDrafterFactory(new_model(path, head), head), held_out)
+    model = new_model(path, head)
+    final = train_drafter(model, head, train, epochs=8, batch_size=16, lr=3e-3, log=lambda _line: None)
+    trained = first_token_acceptance(FeatureDrafterFactory(model, head), held_out)
+    # A one-block random target: the draft layer can in principle learn it; 8 epochs get part of the way.
+    assert trained >= 0.12 and trained > 3 * untrained, (untrained, trained, final)
