@@ -23,10 +23,12 @@ prefill); ours is, (H + 1) x delay + prefill, except in c-hop. C and the prefill
 for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
-        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1] [--rows a b c-hop c-push c-spec c-exit]
+        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1] [--rows a b c-hop c-push c-spec c-exit c-feat]
         [--prompts question rewrite] [--draft-blocks N] [--logs DIR]
 
-c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit).
+c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit);
+c-feat with the trained feature drafter shipped for the model (engine.client.feature_drafter; skipped when
+there is none).
 With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
@@ -85,6 +87,12 @@ ROWS = {
         "pollinate",
         "pollinate",
         {"speculate": True, "exit": True},
+    ),
+    "c-feat": (
+        "Pollinate, push + feature drafts",
+        "pollinate",
+        "pollinate",
+        {"speculate": True, "feature_drafter": "auto"},
     ),
 }
 THREADS = 2  # compute threads per process (--threads): one server computes at a time in a chain
@@ -383,6 +391,12 @@ def _pollinate_row_spec(key: str, args) -> dict:
     return dict(key=key, **opts)
 
 
+def _shipped_drafter(path: Path) -> Path | None:
+    from engine.client.feature_drafter import shipped_drafter_path
+
+    return shipped_drafter_path(Path(path).name)
+
+
 def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
     """Every row for one model, each prompt in turn against the same servers; `prompts`: name -> (ids,
     local reference).
@@ -390,8 +404,12 @@ def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
     Both kinds of servers stay up for the whole run, and the rows run --rounds times, in an order rotating
     every round, so that the machine's other load is spread over every row instead of falling on one."""
     env = base_env(tmp)
-    kinds = [kind for kind in ("petals", "pollinate") if any(ROWS[k][2] == kind for k in args.rows)]
-    groups = _client_groups(args.rows)
+    keys = list(args.rows)
+    if "c-feat" in keys and _shipped_drafter(path) is None:
+        print(f"[{name}] c-feat skipped: no feature drafter is shipped for this model", flush=True)
+        keys.remove("c-feat")
+    kinds = [kind for kind in ("petals", "pollinate") if any(ROWS[k][2] == kind for k in keys)]
+    groups = _client_groups(keys)
     results: dict[tuple[str, str], dict] = {}
     loads = []
     with contextlib.ExitStack() as stack:
@@ -434,7 +452,7 @@ def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
     rows = []
     for prompt, (_ids, local) in prompts.items():
         model = name if prompt == "ids" else f"{name}/{prompt}"
-        for key in args.rows:
+        for key in keys:
             result = results[prompt, key]
             label = ROWS[key][0]
             ok = all(run["tokens"] == local.tokens for run in result["runs"])

@@ -94,7 +94,7 @@ def add_commands(subparsers) -> None:
         default="auto",
         metavar="auto|off|PATH",
         help="speculate with a trained feature drafter (EAGLE-style): auto (default) uses the one shipped "
-        "for the served model when there is one; PATH loads those weights; off never",
+        "for the served model when there is one; PATH: a drafter folder (drafter.json + weights); off never",
     )
     run.add_argument(
         "--parent-pid",

@@ -8,10 +8,10 @@ One warm-up generation, then R timed ones, each in a fresh inference session. Pr
 {"runs": [{"ttft": s, "step_s": s, "tokens": [...]}, ...], "speculation": {...} or null}.
 
 With --rows '[{"key": "c-push"}, {"key": "c-spec", "speculate": true}, ...]' (each row's options as in the
-flags: no_push, speculate, draft_blocks), the rows share this process and its connections and take turns:
-a warm-up of each, then R rounds with one timed generation of each row, the order rotating every round, so
-that the machine's other load falls on every row alike. Prints {"rows": {key: {"runs": ..., "speculation":
-...}}}.
+flags: no_push, speculate, draft_blocks; feature_drafter: "auto" or a drafter folder), the rows share this
+process and its connections and take turns: a warm-up of each, then R rounds with one timed generation of
+each row, the order rotating every round, so that the machine's other load falls on every row alike.
+Prints {"rows": {key: {"runs": ..., "speculation": ...}}}.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def speculation_for(row: dict, max_draft: int) -> SpeculationConfig | None:
     if not row.get("speculate"):
         return None
     return SpeculationConfig(
-        max_draft=max_draft, initial_draft=min(4, max_draft), draft_blocks=int(row.get("draft_blocks", 0))
+        max_draft=max_draft,
+        initial_draft=min(4, max_draft),
+        draft_blocks=int(row.get("draft_blocks", 0)),
+        feature_drafter=row.get("feature_drafter"),  # None: prompt lookup, not the shipped drafter
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ class DistributedModelForCausalLM:
         self._tokenizer = None
         self._owned_dht = owned_dht
         self._draft_spans: dict[tuple[int, int], Any] = {}  # early-exit blocks by (blocks, max bytes)
-        self._feature_weights: dict[str, Any] = {}  # feature drafters' weights by path ("auto": shipped)
+        self._feature_drafters: dict[str, Any] = {}  # loaded drafters (factories) by path; "auto": shipped
 
     @classmethod
     def from_pretrained(
@@ -237,20 +238,36 @@ class DistributedModelForCausalLM:
         return speculation if drafter is None else dataclasses.replace(speculation, drafter=drafter)
 
     def _feature_drafter(self, choice: Any):
-        """A fresh feature drafter: from a factory (`choice` callable), or from weights at a path, or the
-        ones shipped for this model ("auto": None when none are)."""
+        """A fresh feature drafter: from a factory (`choice` callable), from the drafter folder at a path,
+        or ("auto") the one shipped for this model, if any (None otherwise)."""
         if callable(choice):
             return choice()
         key = str(choice)
-        if key not in self._feature_weights:
-            self._feature_weights[key] = self._load_feature_weights(choice)
-        weights = self._feature_weights[key]
-        return None if weights is None else weights.new_drafter()
+        if key not in self._feature_drafters:
+            self._feature_drafters[key] = self._load_feature_drafter(choice)
+        factory = self._feature_drafters[key]
+        return None if factory is None else factory()
 
-    def _load_feature_weights(self, choice: Any):
-        if choice == "auto":
-            return None  # no feature drafter is shipped yet
-        raise ValueError(f"cannot load the feature drafter {choice}: this engine loads none from a path yet")
+    def _load_feature_drafter(self, choice: Any):
+        from engine.client.feature_drafter import (
+            DrafterMismatchError,
+            load_feature_drafter,
+            shipped_drafter_path,
+        )
+
+        if choice != "auto":
+            return load_feature_drafter(choice, self.head)  # named by the user: its errors say what is wrong
+        names = [self.dht_prefix, getattr(self.config, "_name_or_path", None)]
+        if self._tokenizer_path is not None:
+            names.insert(0, Path(self._tokenizer_path).name)
+        folder = shipped_drafter_path(*names)
+        if folder is None:
+            return None
+        try:
+            return load_feature_drafter(folder, self.head)
+        except DrafterMismatchError as error:  # same name, other weights (a fine-tune): draft without it
+            logger.info("shipped feature drafter %s not used: %s", folder, error)
+            return None
 
     def early_exit_blocks(self, num_blocks: int, max_bytes: int):
         """The model's first `num_blocks` blocks, loaded here once for early-exit drafting; None when they

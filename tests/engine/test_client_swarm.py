@@ -405,3 +405,41 @@ def test_feature_speculation_with_push_gets_aligned_features_and_matches_transfo
     finally:
         remote.manager.config = default
     assert len(drafters) == 2
+
+
+def test_a_feature_drafter_folder_drafts_through_the_swarm_and_one_for_another_model_is_refused(
+    models, tmp_path, tiny_checkpoint_factory
+):
+    """SpeculationConfig(feature_drafter=FOLDER) loads a saved drafter (untrained here: the output must be
+    greedy's whatever it drafts); one saved for another model's weights is refused with a clear error, and
+    "auto" without a shipped drafter for this model drafts by prompt lookup."""
+    from engine.client.feature_drafter import (
+        DrafterConfig,
+        DrafterMismatchError,
+        FeatureDrafterModel,
+        save_feature_drafter,
+    )
+    from engine.client.speculative import SpeculationConfig, SpeculationStats
+    from engine.models import load_client_parts
+
+    remote, local = models("llama", "3servers")
+    ids = random_ids(local.config.vocab_size, 1, 8, seed=43)
+    expected = local_generate(local, ids, max_new_tokens=12)
+    torch.manual_seed(0)
+    ours = save_feature_drafter(
+        FeatureDrafterModel(DrafterConfig.for_target(remote.config, remote.head, ["tiny"])), tmp_path / "ours"
+    )
+    other_head = load_client_parts(tiny_checkpoint_factory("llama", seed=9))
+    theirs = save_feature_drafter(
+        FeatureDrafterModel(DrafterConfig.for_target(remote.config, other_head, ["tiny-9"])),
+        tmp_path / "theirs",
+    )
+    stats = SpeculationStats()
+    config = SpeculationConfig(feature_drafter=str(ours), lookup_min_match=0)
+    assert torch.equal(remote.generate(ids, max_new_tokens=12, speculation=config, stats=stats), expected)
+    assert stats.drafter == "feature" and stats.drafted > 0
+    with pytest.raises(DrafterMismatchError, match="trained for tiny-9"):
+        remote.generate(ids, max_new_tokens=2, speculation=SpeculationConfig(feature_drafter=str(theirs)))
+    stats = SpeculationStats()
+    remote.generate(ids, max_new_tokens=4, speculation=SpeculationConfig(), stats=stats)  # "auto"
+    assert stats.drafter == "prompt_lookup"
