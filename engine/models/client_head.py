@@ -10,9 +10,10 @@ from torch import nn
 from engine.models import huge_pages
 from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
 from engine.models.errors import CheckpointError
+from engine.models.few_rows import few_rows_linear
 from engine.models.registry import family_for
 
-# Up to this many rows (a decode step, a speculative round's k + 1), the LM head runs as weight @ rows^T.
+# Up to this many rows (a decode step, a speculative round's k + 1), the LM head runs as weight @ rows.T.
 SKINNY_ROWS = 16
 
 
@@ -48,26 +49,10 @@ class ClientHead(nn.Module):
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Last block's output [B, T, H] -> next-token logits [B, T, vocab] (final norm, then LM head)."""
         hidden_states = self.norm(hidden_states.to(device=self.device, dtype=self.dtype))
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        # The LM head is the client's biggest product of a round (SmolLM2: 113 MB read per token): on CPU
+        # nn.Linear took 9-10 ms for one row and 18-24 ms for 2-5, weight @ rows.T 3-6 ms.
         head = self.lm_head
-        measured = self.device.type == "cpu" and self.dtype == torch.float32 and head.bias is None
-        if not measured or not 0 < rows.shape[0] <= SKINNY_ROWS:
-            return head(hidden_states)
-        return skinny_head(head.weight, rows).reshape(*hidden_states.shape[:-1], -1)
-
-
-def skinny_head(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """rows [n, hidden] @ weight [vocab, hidden]^T for a few rows, as nn.Linear but 2-3x faster on CPU.
-
-    The LM head is the client's biggest step of each round (SmolLM2: 113 MB of weights read per token).
-    On CPU, nn.Linear takes 9-10 ms for one row (a gemv) and 18-24 ms for 2-5 rows (a badly blocked gemm),
-    while weight @ rows^T takes 3-6 ms: a single row is padded to two, which keeps it on that gemm path.
-    Same products, other summation order (differences ~1e-6).
-    """
-    n = rows.shape[0]
-    if n == 1:
-        rows = torch.cat([rows, rows.new_zeros(rows.shape)])
-    return torch.mm(weight, rows.t()).t()[:n].contiguous()
+        return few_rows_linear(hidden_states, head.weight, head.bias, max_rows=SKINNY_ROWS)
 
 
 def load_client_parts(

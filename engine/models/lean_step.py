@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional
 
 from engine.models import huge_pages
+from engine.models.few_rows import few_rows_linear
 
 # Steps of at most this many new tokens take the lean path; longer ones (prefills) keep SDPA's kernels, which
 # pay off once there are many queries.
@@ -67,7 +68,7 @@ class LeanLayer:
         batch, length = hidden.shape[:2]
         residual = hidden
         normed = layer.input_layernorm(hidden)
-        qkv = functional.linear(normed, self.qkv_weight, self.qkv_bias)
+        qkv = few_rows_linear(normed, self.qkv_weight, self.qkv_bias)
         query, key, value = qkv.split(self.qkv_sizes, dim=-1)
         heads = (batch, length, -1, self.head_dim)
         query, key, value = query.view(heads), key.view(heads), value.view(heads)
@@ -76,10 +77,11 @@ class LeanLayer:
         query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         keys, values = adapter.update(key, value.transpose(1, 2), attn.layer_idx)
         attended = _attention(query, keys, values, self.scaling, mask)
-        hidden = residual + attn.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        attended = attended.transpose(1, 2).reshape(batch, length, -1)
+        hidden = residual + few_rows_linear(attended, attn.o_proj.weight, attn.o_proj.bias)
         residual = hidden
-        gate, up = functional.linear(layer.post_attention_layernorm(hidden), self.gate_up_weight).chunk(2, -1)
-        return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+        gate, up = few_rows_linear(layer.post_attention_layernorm(hidden), self.gate_up_weight).chunk(2, -1)
+        return residual + few_rows_linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
 def _attention(query, keys, values, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
