@@ -177,6 +177,9 @@ class SpeculationCounters(BaseModel):
     accepted: int = Field(description="draft tokens the full model agreed with")
     acceptance: float | None = Field(description="accepted / drafted")
     tokens_per_round: float | None = Field(description="tokens produced per trip through the swarm")
+    drafter: str | None = Field(
+        default=None, description="what drafted: feature, prompt_lookup, early_exit or draft_model"
+    )
 
 
 class Timings(BaseModel):
