@@ -28,7 +28,7 @@ for the whole model, measured here.
 
 c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit);
 c-feat with the trained feature drafter shipped for the model (engine.client.feature_drafter; skipped when
-there is none).
+there is none), or the drafter folder --feature-drafter names.
 With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
@@ -388,6 +388,8 @@ def _pollinate_row_spec(key: str, args) -> dict:
     opts = dict(ROWS[key][3])
     if opts.pop("exit", False):
         opts["draft_blocks"] = args.draft_blocks
+    if opts.get("feature_drafter") and args.feature_drafter is not None:
+        opts["feature_drafter"] = str(Path(args.feature_drafter).resolve())
     return dict(key=key, **opts)
 
 
@@ -405,7 +407,7 @@ def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
     every round, so that the machine's other load is spread over every row instead of falling on one."""
     env = base_env(tmp)
     keys = list(args.rows)
-    if "c-feat" in keys and _shipped_drafter(path) is None:
+    if "c-feat" in keys and args.feature_drafter is None and _shipped_drafter(path) is None:
         print(f"[{name}] c-feat skipped: no feature drafter is shipped for this model", flush=True)
         keys.remove("c-feat")
     kinds = [kind for kind in ("petals", "pollinate") if any(ROWS[k][2] == kind for k in keys)]
@@ -524,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
         "--prompts", nargs="+", default=["question"], choices=list(CHAT_PROMPTS), help="real models' prompts"
     )
     parser.add_argument("--draft-blocks", type=int, default=4, help="c-exit: blocks the client drafts with")
+    parser.add_argument(
+        "--feature-drafter",
+        default=None,
+        help="c-feat: a drafter folder (default: the one shipped for the model)",
+    )
     parser.add_argument("--threads", type=int, default=THREADS, help="compute threads per process")
     parser.add_argument("--logs", type=Path, default=None, help="keep the process logs here")
     args = parser.parse_args(argv)
