@@ -78,6 +78,7 @@ def test_rpc_info_has_petals_keys_and_schemas(client):
     assert info["dht_client_mode"] is False
     assert info["cache_tokens_available"] == CACHE_BYTES // BYTES_PER_TOKEN_BLOCK
     assert "start_from_position" in info["pollinate_features"]  # clients may roll caches back here
+    assert "push_per_step" in info["pollinate_features"]  # and push a session's first step through it
     (hidden_schema,), kwargs_schema = info["forward_schema"]
     assert kwargs_schema == {} and info["keyword_names"] == ()
     assert hidden_schema.size == (None, 1, 2048, HIDDEN) and hidden_schema.dtype == torch.float32
