@@ -56,7 +56,7 @@ class SpeculationConfig:
     max_draft_bytes: int = 256 * 2**20
     drafter: Any = None  # any object with Drafter's `draft` or FeatureDrafter's (overrides all others)
     # A trained feature drafter (engine.client.feature_drafter): "auto" uses the one shipped for the served
-    # model when there is one; a path loads those weights; a callable returns a fresh drafter (one per
+    # model when there is one; a path loads that drafter folder; a callable returns a fresh drafter (one per
     # generation: it keeps a cache); None never. Used by DistributedModelForCausalLM, below draft_model
     # and draft_blocks when those are asked for.
     feature_drafter: Any = "auto"
