@@ -57,8 +57,8 @@ class SpeculationConfig:
     drafter: Any = None  # any object with Drafter's `draft` or FeatureDrafter's (overrides all others)
     # A trained feature drafter (engine.client.feature_drafter): "auto" uses the one shipped for the served
     # model when there is one; a path loads that drafter folder; a callable returns a fresh drafter (one per
-    # generation: it keeps a cache); None never. Used by DistributedModelForCausalLM, below draft_model
-    # and draft_blocks when those are asked for.
+    # generation: it keeps a cache); None never. Used by DistributedModelForCausalLM; what drafts, first
+    # that applies: drafter, draft_model, a feature drafter path or callable, draft_blocks, "auto".
     feature_drafter: Any = "auto"
     # With a feature drafter: a prompt-lookup copy after a match of at least this many tokens is sent
     # instead of the drafter's draft (free, and right more often on input-grounded answers); 0: never.
