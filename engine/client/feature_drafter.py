@@ -30,6 +30,7 @@ from torch import nn
 FORMAT = "pollinate-feature-drafter"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "drafter.safetensors"
+DRAFT_VOCAB = "draft_vocab"  # optional tensor of the weights file: the token ids a drafter may propose
 CONFIG_FILE = "drafter.json"
 # Drafters shipped with the engine, one folder each (engine/resources/drafters/<model>/).
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "resources" / "drafters"
@@ -274,13 +275,18 @@ class FeatureDrafterModel(nn.Module):
 # --- saving and loading ---
 
 
-def save_feature_drafter(model: FeatureDrafterModel, folder: str | Path) -> Path:
-    """Write `drafter.safetensors` (float16) and `drafter.json` into `folder`."""
+def save_feature_drafter(
+    model: FeatureDrafterModel, folder: str | Path, draft_vocab: torch.Tensor | None = None
+) -> Path:
+    """Write `drafter.safetensors` (float16) and `drafter.json` into `folder`. `draft_vocab`: the token ids
+    the drafter may propose (None: all); the LM head over a subset costs a fraction of the whole one."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to(torch.float16).contiguous() for name, t in model.state_dict().items()}
+    if draft_vocab is not None:
+        tensors[DRAFT_VOCAB] = torch.as_tensor(draft_vocab, dtype=torch.int64).contiguous()
     save_file(tensors, str(folder / WEIGHTS_FILE))
     config = asdict(model.config)
     config["target_names"] = list(config["target_names"])
@@ -314,17 +320,32 @@ def read_drafter_config(folder: str | Path) -> DrafterConfig:
 class FeatureDrafterFactory:
     """A loaded draft layer checked against the target's client head; call it for a fresh drafter."""
 
-    def __init__(self, model: FeatureDrafterModel, head):
+    def __init__(self, model: FeatureDrafterModel, head, draft_vocab: torch.Tensor | None = None):
         model.config.check_target(head)
         self.model = model.to(dtype=head.dtype, device=head.device).eval().requires_grad_(False)
         self.head = head
+        self.draft_vocab = None
+        self.head_rows = self.head_bias = None  # the LM head's rows of draft_vocab, sliced once
+        if draft_vocab is not None:
+            vocab = torch.as_tensor(draft_vocab, dtype=torch.int64)
+            if (
+                vocab.ndim != 1
+                or len(vocab) == 0
+                or int(vocab.min()) < 0
+                or int(vocab.max()) >= model.config.vocab_size
+            ):
+                raise DrafterError(f"the drafter's {DRAFT_VOCAB} holds ids outside the vocabulary")
+            self.draft_vocab = vocab.to(head.device)
+            self.head_rows = head.lm_head.weight[self.draft_vocab].detach()
+            bias = getattr(head.lm_head, "bias", None)
+            self.head_bias = None if bias is None else bias[self.draft_vocab].detach()
 
     @property
     def config(self) -> DrafterConfig:
         return self.model.config
 
     def __call__(self) -> FeatureDrafter:
-        return FeatureDrafter(self.model, self.head)
+        return FeatureDrafter(self.model, self.head, self.draft_vocab, (self.head_rows, self.head_bias))
 
 
 def load_feature_drafter(folder: str | Path, head) -> FeatureDrafterFactory:
@@ -340,12 +361,13 @@ def load_feature_drafter(folder: str | Path, head) -> FeatureDrafterFactory:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except FileNotFoundError as error:
         raise DrafterError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}") from error
+    draft_vocab = tensors.pop(DRAFT_VOCAB, None)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise DrafterError(
             f"{folder / WEIGHTS_FILE} does not fit its config (missing {missing}, extra {unexpected})"
         )
-    return FeatureDrafterFactory(model, head)
+    return FeatureDrafterFactory(model, head, draft_vocab)
 
 
 def shipped_drafter_path(*names: str | None, root: Path = SHIPPED_DIR) -> Path | None:
@@ -378,9 +400,11 @@ class FeatureDrafter:
 
     wants_features = True
 
-    def __init__(self, model: FeatureDrafterModel, head):
+    def __init__(self, model: FeatureDrafterModel, head, draft_vocab=None, head_rows=(None, None)):
         self.model = model
         self.head = head
+        self.draft_vocab = draft_vocab  # token ids it may propose (None: all), and their LM head rows
+        self.head_rows, self.head_bias = head_rows
         self.cache = LayerCache()
         self.read: list[int] = []  # token_{i+1} of each cached position i read with a real feature
 
@@ -416,7 +440,7 @@ class FeatureDrafter:
             self.read = wanted
             guess = out[:, -1:]
             for step in range(k):
-                token = int(self.head.logits(guess)[0, -1].argmax())
+                token = self._argmax(guess)
                 drafts.append(token)
                 if step + 1 == k:
                     break
@@ -424,6 +448,13 @@ class FeatureDrafter:
                 guess = self.model(guess, embedding, n - 1 + step, self.cache)
         self.cache.crop(n - 1)  # drafted positions are guesses: never reused
         return drafts, None
+
+    def _argmax(self, guess: torch.Tensor) -> int:
+        """The greedy token of a guessed feature [1, 1, d], among draft_vocab when it is set."""
+        if self.draft_vocab is None:
+            return int(self.head.logits(guess)[0, -1].argmax())
+        hidden = self.head.norm(guess.to(dtype=self.head.dtype))[0, -1]
+        return int(self.draft_vocab[F.linear(hidden, self.head_rows, self.head_bias).argmax()])
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

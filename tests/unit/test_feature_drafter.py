@@ -80,7 +80,7 @@ def test_saved_drafter_loads_with_the_same_drafts_and_refuses_another_model(
     model.float()
     folder = save_feature_drafter(model.half().float(), tmp_path / "drafter")  # what float16 keeps
     loaded = load_feature_drafter(folder, head)
-    assert loaded.config == model.config
+    assert loaded.config == model.config and loaded.draft_vocab is None
     original = FeatureDrafterFactory(model, head)
     r = records[0]
     for t in (8, 15, 29):
@@ -106,6 +106,30 @@ def test_saved_drafter_loads_with_the_same_drafts_and_refuses_another_model(
     (folder / CONFIG_FILE).write_text(json.dumps({**doc, "version": 99}))
     with pytest.raises(DrafterError, match="version"):
         load_feature_drafter(folder, head)
+
+
+def test_a_draft_vocabulary_limits_the_proposals_to_it_and_survives_saving(tiny, tmp_path):
+    path, head, records = tiny
+    model = new_model(path, head, seed=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = model.half().float()
+    r = records[2]
+    history, features = r["tokens"][:12], r["features"][:11]
+    drafts, _ = FeatureDrafterFactory(model, head)().draft_with_features(history, features, 4)
+    # Every full-vocabulary choice inside the subset: the same drafts, after a save and load.
+    vocab = torch.tensor(sorted(set(drafts) | set(range(5, 60))))
+    folder = save_feature_drafter(model, tmp_path / "limited", vocab)
+    limited = load_feature_drafter(folder, head)
+    assert torch.equal(limited.draft_vocab, vocab)
+    assert limited().draft_with_features(history, features, 4)[0] == drafts
+    # The first choice left out: the drafter proposes something else, from the subset only.
+    without = vocab[vocab != drafts[0]]
+    other, _ = FeatureDrafterFactory(model, head, without)().draft_with_features(history, features, 4)
+    assert other[0] != drafts[0] and set(other) <= set(without.tolist())
+    with pytest.raises(DrafterError, match="outside the vocabulary"):
+        FeatureDrafterFactory(model, head, torch.tensor([0, 10**6]))
 
 
 def test_the_cache_reused_across_rounds_drafts_as_a_fresh_drafter(tiny):

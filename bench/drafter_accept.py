@@ -1,0 +1,171 @@
+"""How well a trained feature drafter drafts for its model, offline: teacher-forced greedy speculation.
+
+For each prompt, local transformers (float32) generates the greedy answer and keeps the last block's
+features (before the final norm) of every position, exactly what the swarm's last server returns. Then
+greedy speculation is replayed over that answer: at each round the drafter proposes k tokens from the
+verified tokens and features, the longest prefix equal to the answer is kept plus one token of the model's
+own, and the next round starts after it (what a swarm round yields). Reported separately for the held-out
+prompts (bench/drafter_prompts.py: none was trained on) and for the WAN bench's "question" prompt:
+acceptance of the 1st/2nd/3rd draft token (each given that the ones before it were kept), tokens per
+round for k = 1..4, and the drafter's time per drafted token (THREADS threads); prompt lookup beside it.
+
+    python bench/drafter_accept.py [--model smollm2 | FOLDER] [--drafter FOLDER] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from bench.drafter_prompts import HELD_OUT  # noqa: E402
+from bench.train_drafter import FeatureHook, chat_ids, model_path  # noqa: E402
+
+QUESTION = "Explain in a few sentences what a hash table is and why lookups in it are fast."  # bench/wan.py
+KS = (1, 2, 3, 4)
+
+
+def answers_with_features(path: Path, prompts: list[str], new_tokens: int, data: Path) -> list[dict]:
+    """Each prompt's float32 greedy answer, one prompt at a time (no padding), with every position's
+    features; cached in `data`."""
+    key = hashlib.sha256(json.dumps([path.name, prompts, new_tokens, "fp32"]).encode()).hexdigest()[:12]
+    cached = data / f"drafter-eval-{key}.pt"
+    if cached.exists():
+        return torch.load(cached)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    hook = FeatureHook(hf)
+    records = []
+    try:
+        for prompt in prompts:
+            ids = chat_ids(tokenizer, prompt)
+            with torch.no_grad():
+                out = hf.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=eos,
+                )
+            tokens = out[0].tolist()
+            records.append(
+                dict(tokens=tokens, prompt_length=len(ids), features=hook.take()[0, : len(tokens) - 1])
+            )
+    finally:
+        hook.close()
+    data.mkdir(parents=True, exist_ok=True)
+    torch.save(records, cached)
+    return records
+
+
+def replay(records: list[dict], propose, k: int) -> dict:
+    """Greedy speculation with k drafts a round over each record's answer.
+
+    `propose(tokens, features, k)` -> draft tokens (a fresh proposer per record: `propose` is made by a
+    factory called with no arguments). Returns tokens per round, acceptance of draft j given the ones
+    before it were kept, and seconds per drafted token."""
+    tokens_out = rounds = drafted = 0
+    offered = [0] * k
+    kept = [0] * k
+    seconds = 0.0
+    for record in records:
+        draft = propose()
+        sequence, features = record["tokens"], record["features"]
+        t, end = record["prompt_length"], len(sequence)
+        while t < end:
+            room = min(k, end - 1 - t)  # the last token of the answer cannot be checked
+            proposal = []
+            if room > 0:
+                began = time.perf_counter()
+                proposal = draft(sequence[:t], features[: t - 1], room)[:room]
+                seconds += time.perf_counter() - began
+            a = 0
+            while a < len(proposal) and proposal[a] == sequence[t + a]:
+                a += 1
+            for j in range(min(a + 1, len(proposal))):
+                offered[j] += 1
+                kept[j] += j < a
+            drafted += len(proposal)
+            t += a + 1
+            tokens_out += a + 1
+            rounds += 1
+    return dict(
+        per_round=tokens_out / rounds,
+        acceptance=[kept[j] / offered[j] if offered[j] else float("nan") for j in range(k)],
+        seconds=seconds / max(drafted, 1),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2", help="smollm2 or a checkpoint folder")
+    parser.add_argument("--drafter", type=Path, default=None, help="default: the one shipped for the model")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=ROOT / "tmp" / "data")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from engine.client.feature_drafter import load_feature_drafter, shipped_drafter_path
+    from engine.client.speculative import prompt_lookup
+    from engine.models import load_client_parts
+
+    path = model_path(args.model, args.data)
+    head = load_client_parts(path)
+    folder = args.drafter or shipped_drafter_path(path.name)
+    if folder is None:
+        raise SystemExit(
+            f"no drafter shipped for {path.name}: pass --drafter FOLDER (bench/train_drafter.py)"
+        )
+    factory = load_feature_drafter(folder, head)
+
+    def feature_drafter():
+        drafter = factory()
+        return lambda tokens, features, k: drafter.draft_with_features(tokens, features, k)[0]
+
+    def lookup():
+        return lambda tokens, _features, k: prompt_lookup(tokens, k, 3)
+
+    sets = {
+        f"held-out ({len(HELD_OUT)})": answers_with_features(
+            path, list(HELD_OUT), args.new_tokens, args.data
+        ),
+        "question": answers_with_features(path, [QUESTION], args.new_tokens, args.data),
+    }
+    print(f"{path.name}, drafter {folder}; greedy answers of {args.new_tokens} tokens, teacher-forced")
+    header = (
+        f"{'prompts':15} {'drafter':14} {'acc 1st':>7} {'2nd':>5} {'3rd':>5} "
+        + " ".join(f"{f'k={k}':>5}" for k in KS)
+        + f" {'ms/draft':>8}"
+    )
+    print(header + "\n" + "-" * len(header) + "   (k=N: tokens per round)")
+    for name, records in sets.items():
+        for label, make in (("feature", feature_drafter), ("prompt lookup", lookup)):
+            results = {k: replay(records, make, k) for k in KS}
+            acceptance = results[max(KS)]["acceptance"]
+            print(
+                f"{name:15} {label:14} {acceptance[0]:7.0%} {acceptance[1]:5.0%} {acceptance[2]:5.0%} "
+                + " ".join(f"{results[k]['per_round']:5.2f}" for k in KS)
+                + f" {results[max(KS)]['seconds'] * 1e3:8.1f}",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
