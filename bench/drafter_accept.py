@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from engine.client.feature_drafter import load_feature_drafter, shipped_drafter_path
+    from engine.client.feature_drafter import (
+        FeatureDrafterFactory,
+        load_feature_drafter,
+        shipped_drafter_path,
+    )
     from engine.client.speculative import prompt_lookup
     from engine.models import load_client_parts
 
@@ -134,9 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     factory = load_feature_drafter(folder, head)
 
-    def feature_drafter():
-        drafter = factory()
-        return lambda tokens, features, k: drafter.draft_with_features(tokens, features, k)[0]
+    def feature_drafter(of):
+        def make():
+            drafter = of()
+            return lambda tokens, features, k: drafter.draft_with_features(tokens, features, k)[0]
+
+        return make
+
+    drafters = {"feature": feature_drafter(factory)}
+    if factory.draft_vocab is not None:  # the same layer proposing from the whole vocabulary
+        drafters["feature, all"] = feature_drafter(FeatureDrafterFactory(factory.model, head))
 
     def lookup():
         return lambda tokens, _features, k: prompt_lookup(tokens, k, 3)
@@ -147,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "question": answers_with_features(path, [QUESTION], args.new_tokens, args.data),
     }
-    print(f"{path.name}, drafter {folder}; greedy answers of {args.new_tokens} tokens, teacher-forced")
+    vocab = "all tokens" if factory.draft_vocab is None else f"{len(factory.draft_vocab)} draft tokens"
+    print(
+        f"{path.name}, drafter {folder} ({vocab}); greedy answers of {args.new_tokens} tokens, teacher-forced"
+    )
     header = (
         f"{'prompts':15} {'drafter':14} {'acc 1st':>7} {'2nd':>5} {'3rd':>5} "
         + " ".join(f"{f'k={k}':>5}" for k in KS)
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header + "\n" + "-" * len(header) + "   (k=N: tokens per round)")
     for name, records in sets.items():
-        for label, make in (("feature", feature_drafter), ("prompt lookup", lookup)):
+        for label, make in (*drafters.items(), ("prompt lookup", lookup)):
             results = {k: replay(records, make, k) for k in KS}
             acceptance = results[max(KS)]["acceptance"]
             print(
