@@ -23,12 +23,14 @@ prefill); ours is, (H + 1) x delay + prefill, except in c-hop. C and the prefill
 for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
-        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1] [--rows a b c-hop c-push c-spec c-exit c-feat]
-        [--prompts question rewrite] [--draft-blocks N] [--logs DIR]
+        [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1]
+        [--rows a b c-hop c-push c-spec c-exit c-feat c-ngram] [--prompts question rewrite]
+        [--draft-blocks N] [--logs DIR]
 
 c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit);
 c-feat with the trained feature drafter shipped for the model (engine.client.feature_drafter; skipped when
-there is none), or the drafter folder --feature-drafter names.
+there is none), or the drafter folder --feature-drafter names; c-ngram with the table of the model's own
+answers shipped for it (engine.client.ngram_drafter; skipped when there is none).
 With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
@@ -93,6 +95,12 @@ ROWS = {
         "pollinate",
         "pollinate",
         {"speculate": True, "feature_drafter": "auto"},
+    ),
+    "c-ngram": (
+        "Pollinate, push + n-gram table drafts",
+        "pollinate",
+        "pollinate",
+        {"speculate": True, "ngram_table": "auto"},
     ),
 }
 THREADS = 2  # compute threads per process (--threads): one server computes at a time in a chain
@@ -399,6 +407,12 @@ def _shipped_drafter(path: Path) -> Path | None:
     return shipped_drafter_path(Path(path).name)
 
 
+def _shipped_table(path: Path) -> Path | None:
+    from engine.client.ngram_drafter import shipped_table_path
+
+    return shipped_table_path(Path(path).name)
+
+
 def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
     """Every row for one model, each prompt in turn against the same servers; `prompts`: name -> (ids,
     local reference).
@@ -410,6 +424,9 @@ def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
     if "c-feat" in keys and args.feature_drafter is None and _shipped_drafter(path) is None:
         print(f"[{name}] c-feat skipped: no feature drafter is shipped for this model", flush=True)
         keys.remove("c-feat")
+    if "c-ngram" in keys and _shipped_table(path) is None:
+        print(f"[{name}] c-ngram skipped: no n-gram table is shipped for this model", flush=True)
+        keys.remove("c-ngram")
     kinds = [kind for kind in ("petals", "pollinate") if any(ROWS[k][2] == kind for k in keys)]
     groups = _client_groups(keys)
     results: dict[tuple[str, str], dict] = {}

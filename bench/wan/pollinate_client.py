@@ -40,6 +40,7 @@ def speculation_for(row: dict, max_draft: int) -> SpeculationConfig | None:
         initial_draft=min(4, max_draft),
         draft_blocks=int(row.get("draft_blocks", 0)),
         feature_drafter=row.get("feature_drafter"),  # None: prompt lookup, not the shipped drafter
+        ngram_table=row.get("ngram_table"),  # None: prompt lookup, not the shipped table
     )
 
 

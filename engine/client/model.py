@@ -235,7 +235,38 @@ class DistributedModelForCausalLM:
                 drafter = EarlyExitDrafter(self.head, span)
         if drafter is None and choice == "auto":
             drafter = self._feature_drafter("auto")
+        if drafter is None and speculation.ngram_table is not None:
+            drafter = self._ngram_drafter(speculation)
         return speculation if drafter is None else dataclasses.replace(speculation, drafter=drafter)
+
+    def _ngram_drafter(self, speculation: SpeculationConfig):
+        """A drafter from the n-gram table at the path `speculation.ngram_table`, or ("auto") the one
+        shipped for this model; None when there is none (prompt lookup then drafts)."""
+        from engine.client.ngram_drafter import NgramDrafter, NgramTable, NgramTableError, shipped_table_path
+
+        choice = speculation.ngram_table
+        key = ("ngram", str(choice))
+        if key not in self._feature_drafters:
+            vocab = self.head.lm_head.weight.shape[0]
+            table = None
+            if choice != "auto":
+                table = NgramTable.load(
+                    Path(choice), vocab
+                )  # named by the user: its errors say what is wrong
+            else:
+                names = [self.dht_prefix, getattr(self.config, "_name_or_path", None)]
+                if self._tokenizer_path is not None:
+                    names.insert(0, Path(self._tokenizer_path).name)
+                path = shipped_table_path(*names)
+                try:
+                    table = None if path is None else NgramTable.load(path, vocab)
+                except NgramTableError as error:
+                    logger.info("shipped n-gram table not used: %s", error)
+            self._feature_drafters[key] = table
+        table = self._feature_drafters[key]
+        if table is None:
+            return None
+        return NgramDrafter(table, speculation.max_ngram, max(speculation.lookup_min_match, 1))
 
     def _feature_drafter(self, choice: Any):
         """A fresh feature drafter: from a factory (`choice` callable), from the drafter folder at a path,

@@ -60,6 +60,9 @@ class SpeculationConfig:
     # generation: it keeps a cache); None never. Used by DistributedModelForCausalLM; what drafts, first
     # that applies: drafter, draft_model, a feature drafter path or callable, draft_blocks, "auto".
     feature_drafter: Any = "auto"
+    # The table of the model's own habits (engine.client.ngram_drafter): "auto" uses the one shipped for the
+    # served model, a path loads that table, None never; it drafts when no drafter above applies.
+    ngram_table: Any = "auto"
     # With a feature drafter: a prompt-lookup copy after a match of at least this many tokens is sent
     # instead of the drafter's draft (free, and right more often on input-grounded answers); 0: never.
     lookup_min_match: int = 2

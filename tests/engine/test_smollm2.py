@@ -248,8 +248,10 @@ def test_demo_swarm_serves_smollm2_and_it_answers(smollm2_engine, smollm2_checkp
 
 @pytest.mark.slow
 def test_swarm_greedy_equals_local_greedy(smollm2_engine, smollm2_checkpoint):
-    """Through the engine's default speculation: the feature drafter shipped for SmolLM2 when there is one."""
+    """Through the engine's default speculation: the feature drafter shipped for SmolLM2 when there is one,
+    else the n-gram table of its answers when there is one."""
     from engine.client.feature_drafter import shipped_drafter_path
+    from engine.client.ngram_drafter import shipped_table_path
 
     expected = _local_greedy_replies(smollm2_checkpoint)
     drafters = set()
@@ -258,5 +260,8 @@ def test_swarm_greedy_equals_local_greedy(smollm2_engine, smollm2_checkpoint):
         reply = smollm2_engine.post("/v1/chat/completions", json=body, timeout=120).json()
         assert reply["choices"][0]["message"]["content"] == local, messages
         drafters.add(reply["timings"]["speculation"]["drafter"])
-    shipped = shipped_drafter_path(smollm2.SMOLLM2_MODEL_NAME) is not None
-    assert drafters == ({"feature"} if shipped else {"prompt_lookup"})
+    if shipped_drafter_path(smollm2.SMOLLM2_MODEL_NAME) is not None:
+        assert drafters == {"feature"}
+    else:
+        assert shipped_table_path(smollm2.SMOLLM2_MODEL_NAME) is not None  # shipped in engine/resources/ngram
+        assert drafters == {"ngram"}

@@ -1,0 +1,78 @@
+"""The n-gram table of a model's own answers (engine.client.ngram_drafter): building, guessing, files, and
+greedy speculation with it (output unchanged, and answers it has seen draft well)."""
+
+import pytest
+import torch
+
+from engine.client.generation import generate
+from engine.client.ngram_drafter import NgramDrafter, NgramTable, NgramTableError, shipped_table_path
+from engine.client.sampling import SamplingParams
+from engine.client.speculative import SpeculationConfig, SpeculationStats
+from tests.unit.test_client_speculative import RollbackModel
+
+
+def test_the_table_keeps_the_models_likeliest_choice_per_context_and_backs_off():
+    # prompt [1, 2]; the answers (from position 2 on) are what "the model" said
+    answers = [([1, 2, 5, 6, 7], 2), ([1, 2, 5, 6, 8], 2), ([3, 5, 6, 8], 1)]
+    table = NgramTable.build(answers, vocab_size=10)
+    assert table.guess([9, 5, 6]).token == 8  # after (5, 6): 8 twice, 7 once
+    assert table.guess([9, 5, 6]).context == 2 and table.guess([9, 5, 6]).share == pytest.approx(2 / 3)
+    assert table.guess([2, 5, 6]).token == 7 and table.guess([2, 5, 6]).context == 3  # longest context wins
+    assert table.guess([9, 9, 5]).token == 6  # 1-token context
+    assert table.guess([9]) is None  # never seen
+    # the prompt's own tokens are context only: nothing predicts the prompt's second token
+    assert table.guess([1]) is None
+    assert table.meta["answer_tokens"] == 3 + 3 + 3
+
+
+def test_a_table_round_trips_through_its_file_and_refuses_another_vocabulary(tmp_path):
+    table = NgramTable.build([([1, 2, 3, 4, 2, 3, 5], 1)], vocab_size=10, model="m")
+    path = tmp_path / "m" / "ngram.json.gz"
+    table.save(path)
+    again = NgramTable.load(path, vocab_size=10)
+    assert again.entries == table.entries and again.meta["model"] == "m"
+    with pytest.raises(NgramTableError, match="vocabulary of 10 tokens, this model has 12"):
+        NgramTable.load(path, vocab_size=12)
+    (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(NgramTableError, match="cannot read"):
+        NgramTable.load(tmp_path / "bad.json.gz")
+    assert shipped_table_path("org/M-hf", root=tmp_path) == path  # hub id, "-hf", case: one name
+    assert shipped_table_path("other", None, root=tmp_path) is None
+
+
+def test_proposals_copy_the_conversation_first_then_chain_from_the_table():
+    table = NgramTable.build([([1, 5, 6, 7, 8], 1)], vocab_size=10)
+    drafter = NgramDrafter(table, lookup_min_match=2)
+    tokens, probs, kind = drafter.propose([3, 4, 9, 3, 4], 3)  # (3, 4) seen before: copy what followed
+    assert (tokens, probs, kind) == ([9, 3, 4], None, ("lookup", 2))
+    tokens, _, kind = drafter.propose([2, 5], 3)  # chain 6, 7, 8 from the table
+    assert tokens == [6, 7, 8] and kind == ("ngram", 1, 2)
+    assert drafter.propose([2, 9], 3) == ([], None, ("ngram", 0, 0))
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint_factory("llama", num_layers=2)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_greedy_speculation_with_a_table_of_the_models_answers_equals_plain_greedy(hf):
+    prompts = torch.randint(5, hf.config.vocab_size, (6, 5), generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(max_new_tokens=16)
+    answers = []
+    for row in prompts[:4]:  # the table: the model's own answers to four prompts
+        out = generate(RollbackModel(hf), row[None], params)
+        answers.append((out[0].tolist(), 5))
+    table = NgramTable.build(answers, vocab_size=hf.config.vocab_size)
+    for index, seen in ((0, True), (5, False)):
+        ids = prompts[index][None]
+        plain = generate(RollbackModel(hf), ids, params)
+        stats = SpeculationStats()
+        config = SpeculationConfig(drafter=NgramDrafter(table))
+        spec = generate(RollbackModel(hf), ids, params, speculation=config, stats=stats)
+        assert spec.tolist() == plain.tolist()
+        assert stats.drafter == "ngram"
+        if seen:  # an answer the table holds drafts nearly all of itself
+            assert stats.acceptance > 0.8 and stats.tokens_per_round > 2
