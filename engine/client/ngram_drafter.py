@@ -10,9 +10,10 @@ the output exactly the model's, so a table for another model only costs acceptan
 vocabulary size differs is refused).
 
 Each proposal is prompt lookup's copy when the conversation has a match of >= 2 tokens (input-grounded
-answers copy), else a chain from the table (longest known context first, 3 tokens down to 1), stopping at
-the first context the table has not seen. Its kind, which gets its own draft length, is the context length
-and how sure the table is of the first token, so unsure proposals stop costing once they prove useless.
+answers copy), else a chain from the table (longest known context first, 3 tokens down to 1) when the table
+is fairly sure of its first token, else a copy after a 1-token match, else the table's unsure chain. Its
+kind, which gets its own draft length, is the context length and whether the table is sure of the first
+token, so unsure proposals stop costing once they prove useless.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from engine.client.speculative import prompt_lookup_match
 FORMAT = 1
 MAX_CONTEXT = 3
 TABLE_FILE = "ngram.json.gz"
+SURE = 0.6  # a context whose favourite took this share of its continuations drafts before a 1-token copy
+UNSURE = 0.3  # a chain stops at a 1-token context whose favourite took less
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "resources" / "ngram"
 
 
@@ -136,17 +139,24 @@ class NgramDrafter:
         copy, matched = prompt_lookup_match(history, k, self.max_ngram)
         if matched >= self.lookup_min_match:
             return copy, None, ("lookup", matched)
-        tokens = list(history)
-        draft: list[int] = []
-        first = None
+        draft, first = self._chain(history, k)
+        if first is not None and (first.context >= 2 or first.share >= SURE):
+            return draft, None, ("ngram", first.context, first.share >= SURE)
+        if copy:  # a 1-token match: copying beats an unsure guess on input-grounded answers
+            return copy, None, ("lookup", matched)
+        if first is None:
+            return [], None, ("ngram", 0, False)
+        return draft, None, ("ngram", first.context, False)
+
+    def _chain(self, history: Sequence[int], k: int) -> tuple[list[int], Guess | None]:
+        """Up to k guesses, each after the ones before; it stops at a context the table has not seen, and
+        after the first token at an unsure guess (one short context, no clear favourite)."""
+        tokens, draft, first = list(history), [], None
         while len(draft) < k:
             guess = self.table.guess(tokens)
-            if guess is None:
+            if guess is None or (first is not None and guess.context == 1 and guess.share < UNSURE):
                 break
             first = first or guess
             draft.append(guess.token)
             tokens.append(guess.token)
-        if first is None:
-            return [], None, ("ngram", 0, 0)
-        sure = 2 if first.share >= 0.6 else 1 if first.share >= 0.3 else 0
-        return draft, None, ("ngram", first.context, sure)
+        return draft, first

@@ -46,8 +46,12 @@ def test_proposals_copy_the_conversation_first_then_chain_from_the_table():
     tokens, probs, kind = drafter.propose([3, 4, 9, 3, 4], 3)  # (3, 4) seen before: copy what followed
     assert (tokens, probs, kind) == ([9, 3, 4], None, ("lookup", 2))
     tokens, _, kind = drafter.propose([2, 5], 3)  # chain 6, 7, 8 from the table
-    assert tokens == [6, 7, 8] and kind == ("ngram", 1, 2)
-    assert drafter.propose([2, 9], 3) == ([], None, ("ngram", 0, 0))
+    assert tokens == [6, 7, 8] and kind == ("ngram", 1, True)
+    assert drafter.propose([2, 9], 3) == ([], None, ("ngram", 0, False))
+    # an unsure 1-token guess gives way to a 1-token copy from the conversation
+    unsure = NgramTable.build([([1, 5, 6], 1), ([1, 5, 7], 1), ([1, 5, 8], 1)], vocab_size=10)
+    assert NgramDrafter(unsure).propose([5, 2, 3, 5], 2) == ([2, 3], None, ("lookup", 1))
+    assert NgramDrafter(unsure).propose([9, 5], 2)[2] == ("ngram", 1, False)
 
 
 @pytest.fixture(scope="module")
