@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine.client.speculative import common_prefix
 from engine.models.span import BlockSpan
 
 # The most block weights a client loads for drafting by default (a few blocks of a small model).
@@ -57,7 +58,7 @@ class EarlyExitDrafter:
         if k <= 0 or not history:
             return [], None
         self._reserve(len(history) + k)
-        common = _common_prefix(self.cached, history)
+        common = common_prefix(self.cached, history)
         common = min(common, len(history) - 1)  # feed at least one token: its logits start the draft
         self.cache.truncate(common)
         self.cached = history[:common]
@@ -79,15 +80,6 @@ class EarlyExitDrafter:
             size = max(256, 2 * length, self.cache.max_length * 2 if self.cache is not None else 0)
             self.cache = self.span.new_cache(1, size)
             self.cached = []
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def load_early_exit_blocks(

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.client.speculative import common_prefix
+
 FORMAT = "pollinate-feature-drafter"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "drafter.safetensors"
@@ -429,7 +431,7 @@ class FeatureDrafter:
                 f"got {list(features.shape)}"
             )
         wanted = tokens[1:n]  # position i pairs feature_i with token_{i+1}
-        common = min(_common_prefix(self.read, wanted), n - 2)  # read >= 1 position: it starts the draft
+        common = min(common_prefix(self.read, wanted), n - 2)  # read >= 1 position: it starts the draft
         self.cache.crop(common)
         dtype = next(self.model.parameters()).dtype
         drafts: list[int] = []
@@ -455,12 +457,3 @@ class FeatureDrafter:
             return int(self.head.logits(guess)[0, -1].argmax())
         hidden = self.head.norm(guess.to(dtype=self.head.dtype))[0, -1]
         return int(self.draft_vocab[F.linear(hidden, self.head_rows, self.head_bias).argmax()])
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -146,6 +146,16 @@ class PromptLookupDrafter:
         return tokens, None, n
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share (drafters with a cache reuse it that far)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def prompt_lookup(history: Sequence[int], k: int, max_ngram: int = 3) -> list[int]:
     """The k tokens after the latest earlier occurrence of history's last n tokens (n = max_ngram..1)."""
     return prompt_lookup_match(history, k, max_ngram)[0]
