@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "--server-debug", action="store_true", help="this checkout's servers log at debug level (step times)"
     )
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    wan.stop_children_on_exit()
     wan.THREADS = args.threads
     rows = args.rows or [k for k in ROWS if args.baseline or ROWS[k][2] != "baseline"]
     if any(ROWS[k][2] == "baseline" for k in rows) and not args.baseline:

@@ -136,6 +136,15 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
+def stop_children_on_exit() -> None:
+    """Nothing a bench starts outlives it: a SIGTERM unwinds through spawn's clean-up, and the engine's
+    reaper ends whatever is left after a kill -9 (servers and DHT peers run in sessions of their own)."""
+    from engine.lifetime import start_reaper
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    start_reaper()
+
+
 def _kill_group(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()
@@ -551,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=THREADS, help="compute threads per process")
     parser.add_argument("--logs", type=Path, default=None, help="keep the process logs here")
     args = parser.parse_args(argv)
+    stop_children_on_exit()
     THREADS = args.threads
     if args.servers < 1 or args.new_tokens < 2 or args.repeats < 1 or args.rounds < 1:
         parser.error("need --servers >= 1, --new-tokens >= 2, --repeats >= 1, --rounds >= 1")
