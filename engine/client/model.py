@@ -42,6 +42,7 @@ class DistributedModelForCausalLM:
         self._owned_dht = owned_dht
         self._draft_spans: dict[tuple[int, int], Any] = {}  # early-exit blocks by (blocks, max bytes)
         self._feature_drafters: dict[str, Any] = {}  # loaded drafters (factories) by path; "auto": shipped
+        self._ngram_tables: dict[str, Any] = {}  # loaded n-gram tables by path; "auto": shipped
 
     @classmethod
     def from_pretrained(
@@ -242,31 +243,35 @@ class DistributedModelForCausalLM:
     def _ngram_drafter(self, speculation: SpeculationConfig):
         """A drafter from the n-gram table at the path `speculation.ngram_table`, or ("auto") the one
         shipped for this model; None when there is none (prompt lookup then drafts)."""
-        from engine.client.ngram_drafter import NgramDrafter, NgramTable, NgramTableError, shipped_table_path
+        from engine.client.ngram_drafter import NgramDrafter
 
-        choice = speculation.ngram_table
-        key = ("ngram", str(choice))
-        if key not in self._feature_drafters:
-            vocab = self.head.lm_head.weight.shape[0]
-            table = None
-            if choice != "auto":
-                table = NgramTable.load(
-                    Path(choice), vocab
-                )  # named by the user: its errors say what is wrong
-            else:
-                names = [self.dht_prefix, getattr(self.config, "_name_or_path", None)]
-                if self._tokenizer_path is not None:
-                    names.insert(0, Path(self._tokenizer_path).name)
-                path = shipped_table_path(*names)
-                try:
-                    table = None if path is None else NgramTable.load(path, vocab)
-                except NgramTableError as error:
-                    logger.info("shipped n-gram table not used: %s", error)
-            self._feature_drafters[key] = table
-        table = self._feature_drafters[key]
+        choice = str(speculation.ngram_table)
+        if choice not in self._ngram_tables:
+            self._ngram_tables[choice] = self._load_ngram_table(choice)
+        table = self._ngram_tables[choice]
         if table is None:
             return None
         return NgramDrafter(table, speculation.max_ngram, max(speculation.lookup_min_match, 1))
+
+    def _load_ngram_table(self, choice: str):
+        from engine.client.ngram_drafter import NgramTable, NgramTableError, shipped_table_path
+
+        vocab = self.head.lm_head.weight.shape[0]
+        if choice != "auto":
+            return NgramTable.load(Path(choice), vocab)  # named by the user: its errors say what is wrong
+        path = shipped_table_path(*self._model_names())
+        try:
+            return None if path is None else NgramTable.load(path, vocab)
+        except NgramTableError as error:
+            logger.info("shipped n-gram table not used: %s", error)
+            return None
+
+    def _model_names(self) -> list[str | None]:
+        """What this model may be called (checkpoint folder, dht prefix, hub id), for shipped drafters."""
+        names = [self.dht_prefix, getattr(self.config, "_name_or_path", None)]
+        if self._tokenizer_path is not None:
+            names.insert(0, Path(self._tokenizer_path).name)
+        return names
 
     def _feature_drafter(self, choice: Any):
         """A fresh feature drafter: from a factory (`choice` callable), from the drafter folder at a path,
@@ -288,10 +293,7 @@ class DistributedModelForCausalLM:
 
         if choice != "auto":
             return load_feature_drafter(choice, self.head)  # named by the user: its errors say what is wrong
-        names = [self.dht_prefix, getattr(self.config, "_name_or_path", None)]
-        if self._tokenizer_path is not None:
-            names.insert(0, Path(self._tokenizer_path).name)
-        folder = shipped_drafter_path(*names)
+        folder = shipped_drafter_path(*self._model_names())
         if folder is None:
             return None
         try:
