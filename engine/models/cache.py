@@ -7,6 +7,8 @@ methods of transformers' Cache that decoder layers and mask builders call.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from engine.models.errors import CacheOverflowError
@@ -94,6 +96,21 @@ class SpanCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"can only truncate to 0..{self.length} positions, got {length}")
         self.length = length
+
+    @torch.no_grad()
+    def compact(self, base: int, rows: list[int]) -> None:
+        """Keep the tree rows `rows` (offsets from `base`, ascending, a checked path: tree_step.check_path)
+        at positions base, base + 1, ... and forget everything after them."""
+        if not 0 <= base <= self.length or any(not 0 <= r < self.length - base for r in rows):
+            raise ValueError(f"rows {rows} after position {base} are not all among the {self.length} cached")
+        if any(b <= a for a, b in itertools.pairwise(rows)):
+            raise ValueError(f"rows to keep must ascend, got {rows}")
+        # Ascending rows: row j moves down to base + j, never over a row that is still to move.
+        for j, row in enumerate(rows):
+            if row != j:
+                for tensor in (*self.keys, *self.values):
+                    tensor[:, :, base + j] = tensor[:, :, base + row]
+        self.length = base + len(rows)
 
     def adapter(self, first_layer_index: int) -> LayerCacheAdapter:
         """The view that transformers' layers write through; block i of the model uses slot i - first."""

@@ -17,6 +17,19 @@ from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
 from engine.models.lean_step import LEAN_STEP_TOKENS, lean_layers, step_mask
 from engine.models.quantization import check_quant
 from engine.models.registry import ModelFamily, family_for
+from engine.models.tree_step import check_parents, step_positions, tree_mask
+
+# Decoder layers whose attention takes an explicit boolean mask and per-row positions through transformers
+# (tree steps longer than the lean path's, e.g. a replay that rebuilds a cache) as well as on the lean path.
+_TREE_LAYER_CLASSES = frozenset(
+    {
+        "LlamaDecoderLayer",
+        "MistralDecoderLayer",
+        "MixtralDecoderLayer",
+        "Qwen2DecoderLayer",
+        "Qwen3DecoderLayer",
+    }
+)
 
 
 class BlockSpan(nn.Module):
@@ -51,6 +64,16 @@ class BlockSpan(nn.Module):
         ]
 
     @property
+    def supports_trees(self) -> bool:
+        """Whether `step` takes tree_parents (tree_step.py): rotary layers of known kinds with SDPA."""
+        return (
+            self.family.positions == "rotary"
+            and self.family.attn_implementation in (None, "sdpa")
+            and getattr(self.config, "_attn_implementation", "sdpa") == "sdpa"
+            and all(type(block).__name__ in _TREE_LAYER_CLASSES for block in self.blocks)
+        )
+
+    @property
     def num_blocks(self) -> int:
         """How many blocks this span holds."""
         return self.end - self.start
@@ -82,8 +105,12 @@ class BlockSpan(nn.Module):
         cache: SpanCache,
         prompts: torch.Tensor | None = None,
         hypo_ids: torch.Tensor | None = None,
+        tree_parents: list[int] | None = None,
     ) -> torch.Tensor:
-        """One inference step: reorder the cache by hypo_ids (if given), run T new tokens, append them."""
+        """One inference step: reorder the cache by hypo_ids (if given), run T new tokens, append them.
+
+        `tree_parents` makes the step's last len(tree_parents) rows a token tree (tree_step.py): each row at
+        its own depth's position, attending to the rows before the tree and its ancestors only."""
         hidden_states = self._check_hidden(hidden_states)
         batch, length = hidden_states.shape[:2]
         if cache.num_layers != self.num_blocks or batch != cache.batch_size:
@@ -94,15 +121,27 @@ class BlockSpan(nn.Module):
         cache.check_room(length)
         if hypo_ids is not None:
             cache.reorder(hypo_ids)
-        positions = torch.arange(cache.length, cache.length + length, device=self.device).unsqueeze(0)
-        if self._lean is not None and length <= LEAN_STEP_TOKENS:
-            output = self._run_lean(hidden_states, positions, prompts, cache)
+        masks = None
+        if tree_parents is not None:
+            if not self.supports_trees:
+                raise ValueError(f"{type(self.blocks[0]).__name__} spans do not take tree steps")
+            if prompts is not None and prompts.numel():
+                raise ValueError("a tree step cannot carry deep prompts")
+            parents = check_parents(tree_parents, length)
+            positions = torch.tensor([step_positions(cache.length, length, parents)], device=self.device)
+            masks = {w: tree_mask(cache.length, length, parents, w, self.device) for w in set(self._windows)}
         else:
-            output = self._run(hidden_states, positions, prompts, cache=cache)
+            positions = torch.arange(cache.length, cache.length + length, device=self.device).unsqueeze(0)
+        if self._lean is not None and length <= LEAN_STEP_TOKENS:
+            output = self._run_lean(hidden_states, positions, prompts, cache, masks)
+        else:
+            output = self._run(hidden_states, positions, prompts, cache=cache, tree_masks=masks)
         cache.length += length
         return output
 
-    def _run(self, hidden_states, positions, prompts, *, cache: SpanCache | None) -> torch.Tensor:
+    def _run(
+        self, hidden_states, positions, prompts, *, cache: SpanCache | None, tree_masks: dict | None = None
+    ) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         prompts = self._check_prompts(prompts, hidden_states)
@@ -110,6 +149,10 @@ class BlockSpan(nn.Module):
         mask_args = dict(config=self.config, inputs_embeds=hidden_states, attention_mask=None)
         masks = {}
         for kind in {self.family.attention_kind(self.config, i) for i in range(self.start, self.end)}:
+            if tree_masks is not None:  # SDPA takes a boolean [batch, 1, queries, keys] mask as it is
+                window = self.config.sliding_window if kind == "sliding_attention" else None
+                masks[kind] = tree_masks[window][None, None]
+                continue
             build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             masks[kind] = build(**mask_args, **{_mask_cache_argument(build): adapter})
         position_args = self._position_arguments(hidden_states, positions)
@@ -129,14 +172,15 @@ class BlockSpan(nn.Module):
                 hidden_states = hidden_states[0]
         return hidden_states
 
-    def _run_lean(self, hidden_states, positions, prompts, cache: SpanCache) -> torch.Tensor:
+    def _run_lean(self, hidden_states, positions, prompts, cache: SpanCache, masks=None) -> torch.Tensor:
         if not all(layer.current() for layer in self._lean):  # a module was moved or its weights replaced
             self._lean = lean_layers(self.blocks, self.device)
         prompts = self._check_prompts(prompts, hidden_states)
         adapter = cache.adapter(self.start)
         cos, sin = self.rotary_emb(hidden_states, position_ids=positions)
         past, length = cache.length, hidden_states.shape[1]
-        masks = {window: step_mask(past, length, window, self.device) for window in set(self._windows)}
+        if masks is None:
+            masks = {window: step_mask(past, length, window, self.device) for window in set(self._windows)}
         for offset, layer in enumerate(self._lean):
             if prompts is not None:
                 hidden_states = _add_prompt(hidden_states, prompts[offset])

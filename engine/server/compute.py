@@ -101,6 +101,9 @@ class SessionState:
     max_length: int
     cache: SpanCache | None = None
     processed_step_ids: set[str] = field(default_factory=set)
+    # The previous step's token tree: its parents and the cache position of its first row (None: no tree).
+    tree_parents: list[int] | None = None
+    tree_base: int = 0
 
     @property
     def position(self) -> int:
@@ -114,10 +117,19 @@ def run_inference_step(
     prompts: torch.Tensor | None,
     hypo_ids: torch.Tensor | None,
     start_from_position: int | None,
+    tree_parents: list[int] | None = None,
+    tree_accepted: list[int] | None = None,
 ) -> torch.Tensor:
-    """Append `hidden` to the session's cache and return the span's outputs for these tokens."""
+    """Append `hidden` to the session's cache and return the span's outputs for these tokens.
+
+    `tree_accepted` (checked against session.tree_parents) first keeps that path of the previous step's tree
+    and drops its other rows; `start_from_position` then cuts the cache back; `tree_parents` makes this
+    step's last rows a tree (engine/models/tree_step.py)."""
     if session.cache is None:
         session.cache = session.view.new_cache(session.batch_size, max(session.max_length, 1))
+    if tree_accepted is not None:
+        session.cache.compact(session.tree_base, tree_accepted)
+    session.tree_parents = None
     if start_from_position is not None:
         session.cache.truncate(start_from_position)
     if hidden.shape[1] == 0:
@@ -125,5 +137,9 @@ def run_inference_step(
         if hypo_ids is not None:
             session.cache.reorder(hypo_ids)
         return hidden
+    base = session.cache.length + hidden.shape[1] - len(tree_parents or ())
     with torch.inference_mode():  # lighter than no_grad: no version counters or autograd metadata
-        return session.view.step(hidden, session.cache, prompts, hypo_ids).detach().cpu()
+        outputs = session.view.step(hidden, session.cache, prompts, hypo_ids, tree_parents).detach().cpu()
+    if tree_parents is not None:
+        session.tree_parents, session.tree_base = tree_parents, base
+    return outputs

@@ -154,9 +154,15 @@ class TransformerConnectionHandler(ServicerBase):
             dtype=self.hosted.dtype,
             compression=self.compression,
             with_block_info=bool(request.uid),
+            features=self._features(),
         )
         info.update(self.limits.work.announced())
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
+
+    def _features(self) -> tuple[str, ...]:
+        span = self.hosted.span
+        trees = span is not None and span.supports_trees
+        return protocol.FEATURES + ((protocol.TREE_FEATURE,) if trees else ())
 
     # --- forward / backward --------------------------------------------------------------------------------
 
@@ -388,7 +394,17 @@ class TransformerConnectionHandler(ServicerBase):
         num_blocks = session.view.num_blocks
         args = protocol.parse_step(flat, structure, num_blocks, hosted.hidden_size, session.batch_size)
         start_from = step_metadata.get("start_from_position")
+        new_tokens = args.hidden.shape[1]
+        tree = protocol.read_tree(step_metadata, new_tokens, session.tree_parents)
+        if tree.parents is not None and protocol.TREE_FEATURE not in self._features():
+            raise RequestError(
+                "this server's blocks do not take tree steps (it does not announce tree_steps)"
+            )
+        if tree.parents is not None and (args.prompts is not None or args.hypo_ids is not None):
+            raise RequestError("a tree step cannot carry deep prompts or hypo_ids")
         position = session.position
+        if tree.accepted is not None:
+            position = session.tree_base + len(tree.accepted)
         if start_from is not None:
             if (
                 isinstance(start_from, bool)
@@ -399,13 +415,13 @@ class TransformerConnectionHandler(ServicerBase):
                     f"start_from_position must be an int in [0, {position}], got {start_from!r:.40}"
                 )
             position = start_from
-        new_tokens = args.hidden.shape[1]
         if position + new_tokens > session.max_length:
             raise RequestError(
                 f"Maximum length exceeded: prefix {position} + current {new_tokens} exceeds "
                 f"pre-allocated maximum {session.max_length}"
             )
         call = (_timed, run_inference_step, session, args.hidden, args.prompts, args.hypo_ids, start_from)
+        call += (tree.parents, tree.accepted)
         cost = max(args.hidden.numel() // hosted.hidden_size, 1)
         inline = False
         if cost <= INLINE_STEP_TOKENS:

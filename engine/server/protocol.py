@@ -37,8 +37,12 @@ SCHEMA_MAX_LENGTH = 2048
 # "push_per_step": each step's own `next_servers` is followed, the session's first step included (Petals 2.2
 # pushes every step with its first message's metadata, so a client asks it for no push in that message), and a
 # session opened by an empty step takes its first real step by push.
+# "tree_steps" (only where the hosted blocks can: BlockSpan.supports_trees): a step's metadata may carry
+# `tree_parents` (its last rows form a token tree, engine/models/tree_step.py) and the next step's
+# `tree_accepted` (the root-to-node path of that tree to keep; the other rows are dropped), see read_tree.
 FEATURES_KEY = "pollinate_features"
 FEATURES = ("start_from_position", "push_per_step")
+TREE_FEATURE = "tree_steps"
 
 
 class RequestError(ValueError):
@@ -290,6 +294,35 @@ def parse_step(
     return StepArgs(hidden, prompts, hypo_ids)
 
 
+@dataclass(frozen=True)
+class TreeArgs:
+    """A step's tree metadata: parents of its last rows (None: an ordinary step), the previous tree's path
+    to keep (None: nothing to compact)."""
+
+    parents: list[int] | None
+    accepted: list[int] | None
+
+
+def read_tree(metadata: dict, new_tokens: int, previous_parents: Sequence[int] | None) -> TreeArgs:
+    """`tree_parents` / `tree_accepted` of a step, checked (tree_step.py); `previous_parents`: the tree of
+    the session's previous step, the only one `tree_accepted` may refer to (None when it was no tree step)."""
+    from engine.models.tree_step import check_parents, check_path
+
+    parents, accepted = metadata.get("tree_parents"), metadata.get("tree_accepted")
+    try:
+        if parents is not None:
+            parents = check_parents(parents, new_tokens)
+        if accepted is not None:
+            if previous_parents is None:
+                raise ValueError(
+                    "tree_accepted names rows of a tree, but the previous step was not a tree step"
+                )
+            accepted = check_path(accepted, previous_parents)
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+    return TreeArgs(parents, accepted)
+
+
 def batch_size_of(request: runtime_pb2.ExpertRequest) -> int:
     """Batch size of an inference session, from its first message (as Petals reads it, before decoding)."""
     if not request.tensors or not request.tensors[0].size:
@@ -309,6 +342,7 @@ def rpc_info(
     dtype: torch.dtype,
     compression: int,
     with_block_info: bool,
+    features: Sequence[str] = FEATURES,
 ) -> dict[str, Any]:
     """The dict Petals' rpc_info returns (msgpack'ed by the caller).
 
@@ -321,7 +355,7 @@ def rpc_info(
         "version": version,
         "dht_client_mode": bool(dht_client_mode),
         "cache_tokens_available": int(cache_tokens_available),
-        FEATURES_KEY: list(FEATURES),
+        FEATURES_KEY: list(features),
     }
     if with_block_info:
         hidden = BatchTensorDescriptor(

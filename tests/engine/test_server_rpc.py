@@ -79,6 +79,7 @@ def test_rpc_info_has_petals_keys_and_schemas(client):
     assert info["cache_tokens_available"] == CACHE_BYTES // BYTES_PER_TOKEN_BLOCK
     assert "start_from_position" in info["pollinate_features"]  # clients may roll caches back here
     assert "push_per_step" in info["pollinate_features"]  # and push a session's first step through it
+    assert "tree_steps" in info["pollinate_features"]  # llama blocks take token trees
     (hidden_schema,), kwargs_schema = info["forward_schema"]
     assert kwargs_schema == {} and info["keyword_names"] == ()
     assert hidden_schema.size == (None, 1, 2048, HIDDEN) and hidden_schema.dtype == torch.float32
@@ -201,6 +202,62 @@ def test_rpc_push_delivers_a_step_to_an_open_session(client, local):
     assert third.shape == (1, 1, HIDDEN)
     # A push to a session that does not exist is ignored (Petals does the same).
     client.run(client.stub.rpc_push(runtime_pb2.ExpertRequest(uid="tiny.0", metadata=push.metadata)))
+
+
+def test_tree_step_then_accepted_path_equals_the_chain(client, local):
+    # Pending row + a tree of 4 candidates: 0 and 1 are sibling roots, 2 under 0, 3 under 2. The accepted
+    # path [0, 2] then continues like the chain prefix, pending, rows 0, 2. The second span gets its steps
+    # as a push with the same metadata (what the server before it forwards), tree fields included.
+    hidden = torch.randn(1, 8, HIDDEN)
+    prefix, pending, tree, after = hidden[:, :3], hidden[:, 3:4], hidden[:, 4:8], torch.randn(1, 1, HIDDEN)
+    parents = [-1, -1, 0, 2]
+    whole = local(0, 4)
+    expected = whole.forward(torch.cat([prefix, pending, tree[:, [0, 2]], after], dim=1))
+    branch_1 = whole.forward(torch.cat([prefix, pending, tree[:, [1]]], dim=1))[:, -1]
+
+    def push(session, outputs, step_id, **extra):
+        flat, structure = pack_args(outputs, DUMMY, DUMMY_INT64)
+        metadata = dict(session_id=session.session_id, step_id=step_id, args_structure=structure, **extra)
+        request = runtime_pb2.ExpertRequest(
+            uid=uids(2, 4),
+            tensors=[serialize_torch_tensor(t) for t in flat],
+            metadata=MSGPackSerializer.dumps(dict(metadata, pushed=True)),
+        )
+        client.run(client.stub.rpc_push(request))
+        return session.receive()[0]
+
+    with (
+        client.inference(uids(0, 2), max_length=16) as first,
+        client.inference(uids(2, 4), max_length=16) as last,
+    ):
+        last.step(first.step(prefix))
+        middle = first.step(torch.cat([pending, tree], dim=1), tree_parents=parents)
+        out = push(last, middle, "t", tree_parents=parents)
+        kept = dict(tree_accepted=[0, 2], start_from_position=6)
+        continued = push(last, first.step(after, **kept), "a", **kept)
+    assert middle.shape == (1, 5, HIDDEN)
+    assert torch.allclose(out[:, [0, 1, 3]], expected[:, 3:6], atol=1e-5)
+    assert torch.allclose(out[:, 2], branch_1, atol=1e-5)
+    assert torch.allclose(continued, expected[:, -1:], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([dict(tree_parents=[-1, 5])], "earlier tree row"),
+        ([dict(tree_parents=[-1, -1, -1])], "3 entries for a step of 2 rows"),
+        ([dict(), dict(tree_accepted=[0])], "previous step was not a tree step"),
+        ([dict(tree_parents=[-1, -1]), dict(tree_accepted=[0, 1])], "parent is -1, not 0"),
+        ([dict(tree_parents=[-1, 0]), dict(tree_accepted=[0, 1], start_from_position=5)], r"int in \[0, 4\]"),
+    ],
+)
+def test_bad_tree_metadata_gets_a_clear_error(client, steps, message):
+    with client.inference(UIDS, max_length=16) as session:
+        session.step(torch.randn(1, 2, HIDDEN))
+        for extra in steps[:-1]:
+            session.step(torch.randn(1, 2, HIDDEN), **extra)
+        with pytest.raises(Exception, match=message):
+            session.step(torch.randn(1, 2, HIDDEN), **steps[-1])
 
 
 def test_cache_full_waits_then_fails_clearly(client, server):
