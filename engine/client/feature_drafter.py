@@ -11,8 +11,10 @@ whose embedding and the guessed feature feed the next draft step.
 A drafter is trained for one target model (bench/train_drafter.py) and saved as `drafter.safetensors`
 (float16) beside `drafter.json` (its shape and the target's identity, including a probe of the target's
 embedding matrix), so it is never used with another model: loading it against another head raises
-DrafterMismatchError. `FeatureDrafterFactory` holds the loaded layer; each generation takes a fresh,
-cheap `FeatureDrafter` (its state is the layer's KV cache).
+DrafterMismatchError. `FeatureDrafterFactory` holds the loaded layer, prepared once for drafting
+(engine.client.draft_layer: ~1.5-4 ms of CPU per draft token here, not 10-35); each generation takes a
+fresh, cheap `FeatureDrafter` (its state is the layer's KV cache). It drafts a greedy chain
+(`draft_with_features`) or a tree of candidate continuations (`draft_tree`, for tree speculation).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.client.draft_layer import DraftCache, PreparedDraftLayer, draft_threads
 from engine.client.speculative import common_prefix
 
 FORMAT = "pollinate-feature-drafter"
@@ -147,28 +151,6 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return x * cos + rotated * sin
 
 
-class LayerCache:
-    """The draft layer's keys and values for the positions read so far (cut back with `crop`)."""
-
-    def __init__(self):
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    def crop(self, length: int) -> None:
-        if self.keys is not None and length < len(self):
-            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys, self.values = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
-        return self.keys, self.values
-
-
 class FeatureDrafterModel(nn.Module):
     """fc over (feature_i, embedding of token_{i+1}), then one Llama decoder layer: feature_{i+1}'s guess."""
 
@@ -192,25 +174,14 @@ class FeatureDrafterModel(nn.Module):
         self,
         features: torch.Tensor,
         embeddings: torch.Tensor,
-        start: int = 0,
-        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """features, embeddings [B, T, d] at positions start..start+T-1 -> predicted next features [B, T, d].
-
-        With `cache`, the positions before `start` are the cache's (batch 1). Training batches are padded
-        at the end, which causal attention keeps out of every real position's view."""
+        """features, embeddings [B, T, d] at positions 0..T-1 -> predicted next features [B, T, d] (training;
+        drafting runs engine.client.draft_layer). Training batches are padded at the end, which causal
+        attention keeps out of every real position's view."""
         t = features.shape[1]
-        x, q, k, v = self._project(
-            features, embeddings, torch.arange(start, start + t, device=features.device)
-        )
-        if cache is not None:
-            k, v = cache.append(k, v)
+        x, q, k, v = self._project(features, embeddings, torch.arange(t, device=features.device))
         k, v = self._expand(k), self._expand(v)
-        # Causal over the whole cache: query j (position start+j) sees keys 0..start+j.
-        total = k.shape[2]
-        query_positions = total - t + torch.arange(t, device=x.device)
-        mask = torch.arange(total, device=x.device)[None, :] <= query_positions[:, None]
-        return self._finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
     def forward_two_steps(
         self, features: torch.Tensor, embeddings: torch.Tensor, next_embeddings: torch.Tensor
@@ -320,14 +291,21 @@ def read_drafter_config(folder: str | Path) -> DrafterConfig:
 
 
 class FeatureDrafterFactory:
-    """A loaded draft layer checked against the target's client head; call it for a fresh drafter."""
+    """A loaded draft layer checked against the target's client head; call it for a fresh drafter.
 
-    def __init__(self, model: FeatureDrafterModel, head, draft_vocab: torch.Tensor | None = None):
+    `dtype`: the products' dtype when drafting (default: bfloat16 on CPU, see engine.client.draft_layer)."""
+
+    def __init__(
+        self,
+        model: FeatureDrafterModel,
+        head,
+        draft_vocab: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         model.config.check_target(head)
         self.model = model.to(dtype=head.dtype, device=head.device).eval().requires_grad_(False)
         self.head = head
         self.draft_vocab = None
-        self.head_rows = self.head_bias = None  # the LM head's rows of draft_vocab, sliced once
         if draft_vocab is not None:
             vocab = torch.as_tensor(draft_vocab, dtype=torch.int64)
             if (
@@ -338,16 +316,14 @@ class FeatureDrafterFactory:
             ):
                 raise DrafterError(f"the drafter's {DRAFT_VOCAB} holds ids outside the vocabulary")
             self.draft_vocab = vocab.to(head.device)
-            self.head_rows = head.lm_head.weight[self.draft_vocab].detach()
-            bias = getattr(head.lm_head, "bias", None)
-            self.head_bias = None if bias is None else bias[self.draft_vocab].detach()
+        self.layer = PreparedDraftLayer(self.model, head, self.draft_vocab, dtype)  # shared by generations
 
     @property
     def config(self) -> DrafterConfig:
         return self.model.config
 
     def __call__(self) -> FeatureDrafter:
-        return FeatureDrafter(self.model, self.head, self.draft_vocab, (self.head_rows, self.head_bias))
+        return FeatureDrafter(self.layer)
 
 
 def load_feature_drafter(folder: str | Path, head) -> FeatureDrafterFactory:
@@ -396,19 +372,30 @@ def _simple_name(name: str) -> str:
 # --- drafting ---
 
 
+class DraftNode(NamedTuple):
+    """A node of a draft tree: `parent` indexes the tree's node list (-1: follows the last verified token);
+    `score` is the drafter's probability of the whole path from the root to this node."""
+
+    parent: int
+    token: int
+    score: float
+
+
 class FeatureDrafter:
-    """Drafts greedily from the verified positions' features (one object per generation: it keeps the draft
-    layer's KV cache, reused for the prefix that the next call's verified positions share)."""
+    """Drafts from the verified positions' features (one object per generation: it keeps the draft layer's
+    KV cache, reused for the prefix that the next call's verified positions share)."""
 
     wants_features = True
 
-    def __init__(self, model: FeatureDrafterModel, head, draft_vocab=None, head_rows=(None, None)):
-        self.model = model
-        self.head = head
-        self.draft_vocab = draft_vocab  # token ids it may propose (None: all), and their LM head rows
-        self.head_rows, self.head_bias = head_rows
-        self.cache = LayerCache()
+    def __init__(self, layer: PreparedDraftLayer):
+        self.layer = layer
+        c = layer.config
+        self.cache = DraftCache(c.num_key_value_heads, c.head_dim, layer.device)
         self.read: list[int] = []  # token_{i+1} of each cached position i read with a real feature
+
+    @property
+    def draft_vocab(self) -> torch.Tensor | None:
+        return self.layer.vocab
 
     def draft_with_features(
         self, tokens: Sequence[int], features: torch.Tensor, k: int
@@ -421,39 +408,106 @@ class FeatureDrafter:
         n = len(tokens)
         if k <= 0 or n < 2:
             return [], None
-        if (
-            features.ndim != 2
-            or features.shape[0] < n - 1
-            or features.shape[1] != self.model.config.hidden_size
-        ):
-            raise ValueError(
-                f"need features [{n - 1}, {self.model.config.hidden_size}] for {n} tokens, "
-                f"got {list(features.shape)}"
-            )
-        wanted = tokens[1:n]  # position i pairs feature_i with token_{i+1}
-        common = min(common_prefix(self.read, wanted), n - 2)  # read >= 1 position: it starts the draft
-        self.cache.crop(common)
-        dtype = next(self.model.parameters()).dtype
+        layer = self.layer
         drafts: list[int] = []
-        with torch.no_grad():
-            feats = features[common : n - 1].to(device=self.head.device, dtype=dtype)[None]
-            ids = torch.tensor([wanted[common:]], dtype=torch.int64)
-            out = self.model(feats, self.head.embed(ids).to(dtype), common, self.cache)
-            self.read = wanted
-            guess = out[:, -1:]
+        with torch.no_grad(), draft_threads():
+            guess = self._read_verified(tokens, features)
             for step in range(k):
-                token = self._argmax(guess)
-                drafts.append(token)
+                drafts.append(int(layer.token_ids(layer.logits(guess)[0].argmax())))
                 if step + 1 == k:
                     break
-                embedding = self.head.embed(torch.tensor([[token]], dtype=torch.int64)).to(dtype)
-                guess = self.model(guess, embedding, n - 1 + step, self.cache)
+                position = torch.tensor([n - 1 + step])
+                guess = layer.step(guess, layer.embed(drafts[-1:]), position, self.cache)
         self.cache.crop(n - 1)  # drafted positions are guesses: never reused
         return drafts, None
 
-    def _argmax(self, guess: torch.Tensor) -> int:
-        """The greedy token of a guessed feature [1, 1, d], among draft_vocab when it is set."""
-        if self.draft_vocab is None:
-            return int(self.head.logits(guess)[0, -1].argmax())
-        hidden = self.head.norm(guess.to(dtype=self.head.dtype))[0, -1]
-        return int(self.draft_vocab[F.linear(hidden, self.head_rows, self.head_bias).argmax()])
+    def draft_tree(
+        self, tokens: Sequence[int], features: torch.Tensor, *, depth: int, width: int, max_nodes: int
+    ) -> list[DraftNode]:
+        """Candidate continuations after `tokens` as a tree (EAGLE-2's expansion: at each depth the `width`
+        likeliest nodes get their `width` likeliest children, all of a depth in one draft-layer step),
+        cut to the `max_nodes` likeliest nodes. Nodes in topological order (depth by depth, likeliest
+        first, so node 0 is the greedy first draft); `features` as for draft_with_features."""
+        tokens = list(tokens)
+        n = len(tokens)
+        if depth <= 0 or width <= 0 or max_nodes <= 0 or n < 2:
+            return []
+        layer = self.layer
+        verified = n - 1
+        nodes: list[tuple[int, int, float]] = []  # (parent, token, log-probability of the path)
+        inputs: list[torch.Tensor] = []  # each node's input feature: its parent's guess
+        with torch.no_grad(), draft_threads():
+            guess = self._read_verified(tokens, features)
+            frontier = self._children(-1, guess, layer.logits(guess), width, nodes, inputs, 0.0)
+            slots: dict[int, int] = {}  # expanded node -> its row in the cache
+            for level in range(1, depth):
+                expand = sorted(frontier, key=lambda i: -nodes[i][2])[:width]
+                first = len(self.cache)
+                mask = torch.zeros(len(expand), first + len(expand), dtype=torch.bool)
+                mask[:, :verified] = True
+                for row, node in enumerate(expand):
+                    slots[node] = first + row
+                    ancestor = node
+                    while ancestor >= 0:
+                        mask[row, slots[ancestor]] = True
+                        ancestor = nodes[ancestor][0]
+                guesses = layer.step(
+                    torch.stack([inputs[i] for i in expand]),
+                    layer.embed([nodes[i][1] for i in expand]),
+                    torch.full((len(expand),), verified + level - 1),
+                    self.cache,
+                    mask,
+                )
+                logits = layer.logits(guesses)
+                frontier = []
+                for row, node in enumerate(expand):
+                    guess, row_logits = guesses[row : row + 1], logits[row : row + 1]
+                    frontier += self._children(node, guess, row_logits, width, nodes, inputs, nodes[node][2])
+        self.cache.crop(verified)
+        return select_tree(nodes, max_nodes)
+
+    def _children(self, parent, guess, logits, width, nodes, inputs, score) -> list[int]:
+        """Append `parent`'s `width` likeliest children (their input: `guess` [1, d]); their indices."""
+        top = torch.log_softmax(logits[0].float(), -1).topk(min(width, logits.shape[-1]))
+        ids = self.layer.token_ids(top.indices).tolist()
+        added = []
+        for token, logp in zip(ids, top.values.tolist(), strict=True):
+            added.append(len(nodes))
+            nodes.append((parent, int(token), score + logp))
+            inputs.append(guess[0])
+        return added
+
+    def _read_verified(self, tokens: list[int], features: torch.Tensor) -> torch.Tensor:
+        """Reads the verified positions the cache lacks (position i: feature_i with token_{i+1}) and returns
+        the guess of feature_{n-1} [1, d], the last token's, which the servers have not computed yet."""
+        n = len(tokens)
+        d = self.layer.config.hidden_size
+        if features.ndim != 2 or features.shape[0] < n - 1 or features.shape[1] != d:
+            raise ValueError(f"need features [{n - 1}, {d}] for {n} tokens, got {list(features.shape)}")
+        wanted = tokens[1:n]
+        common = min(common_prefix(self.read, wanted), n - 2)  # read >= 1 position: it starts the draft
+        self.cache.crop(common)
+        positions = torch.arange(common, n - 1)
+        mask = None
+        if len(positions) > 1:  # causal among the new rows; every row sees the whole kept prefix
+            mask = torch.arange(n - 1)[None, :] <= positions[:, None]
+        feats = features[common : n - 1].to(device=self.layer.device, dtype=torch.float32)
+        out = self.layer.step(feats, self.layer.embed(wanted[common:]), positions, self.cache, mask)
+        self.read = wanted
+        return out[-1:]
+
+
+def select_tree(nodes: Sequence[tuple[int, int, float]], max_nodes: int) -> list[DraftNode]:
+    """The `max_nodes` likeliest of `nodes` (parent, token, log-probability of the path; parents listed
+    before their children), in topological order: by depth, then likeliest first. A child is never
+    likelier than its parent, and ties go to the shallower node, so every kept node's parent is kept."""
+    depths: list[int] = []
+    for parent, _token, _score in nodes:
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    best = sorted(range(len(nodes)), key=lambda i: (-nodes[i][2], depths[i], i))[:max_nodes]
+    kept = sorted(best, key=lambda i: (depths[i], -nodes[i][2], i))
+    index = {old: new for new, old in enumerate(kept)}
+    return [
+        DraftNode(-1 if nodes[i][0] < 0 else index[nodes[i][0]], nodes[i][1], math.exp(nodes[i][2]))
+        for i in kept
+    ]

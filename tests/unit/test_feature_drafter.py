@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from bench.train_drafter import train_drafter
+from engine.client.draft_layer import DraftCache
 from engine.client.feature_drafter import (
     CONFIG_FILE,
     DrafterConfig,
@@ -17,6 +19,7 @@ from engine.client.feature_drafter import (
     FeatureDrafterModel,
     load_feature_drafter,
     save_feature_drafter,
+    select_tree,
     shipped_drafter_path,
 )
 from engine.models import load_client_parts, load_config
@@ -166,3 +169,93 @@ def test_a_few_training_steps_on_the_models_own_answers_draft_far_better_than_un
     trained = first_token_acceptance(FeatureDrafterFactory(model, head), held_out)
     # A one-block random target: the draft layer can in principle learn it; 8 epochs get part of the way.
     assert trained >= 0.12 and trained > 3 * untrained, (untrained, trained, final)
+
+
+def perturbed_model(path, head, seed, scale=0.05):
+    model = new_model(path, head, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)  # not the initial pass-through
+    return model
+
+
+def test_the_prepared_draft_layer_computes_what_the_module_computes(tiny):
+    """Drafting's layer (joint weights, RoPE table, preallocated cache read in pieces) == the module's
+    forward over the whole sequence, in float32; bfloat16 products stay close."""
+    path, head, records = tiny
+    model = perturbed_model(path, head, seed=5)
+    r = records[3]
+    tokens, features = r["tokens"], r["features"]
+    n = len(tokens)
+    embeds = head.embed(torch.tensor([tokens[1:n]]))
+    with torch.no_grad():
+        expected = model(features[None], embeds)[0]
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        layer = FeatureDrafterFactory(model, head, dtype=dtype).layer
+        cache = DraftCache(model.config.num_key_value_heads, model.config.head_dim, capacity=4)
+        pieces = []
+        with torch.no_grad():
+            for first, end in ((0, 1), (1, 9), (9, 10), (10, n - 1)):  # one row, a run, grows the buffer
+                positions = torch.arange(first, end)
+                mask = torch.arange(end)[None, :] <= positions[:, None]
+                pieces.append(layer.step(features[first:end], embeds[0, first:end], positions, cache, mask))
+        got = torch.cat(pieces)
+        assert len(cache) == n - 1
+        scale = float(expected.abs().max())
+        assert float((got - expected).abs().max()) <= tolerance * scale, dtype
+
+
+def test_a_draft_tree_expands_the_likeliest_paths_and_its_nodes_see_only_their_ancestors(tiny):
+    path, head, records = tiny
+    model = perturbed_model(path, head, seed=6, scale=0.3)  # attention that matters
+    factory = FeatureDrafterFactory(model, head, dtype=torch.float32)
+    r = records[4]
+    history, features = r["tokens"][:14], r["features"][:13]
+    n = len(history)
+    drafter = factory()
+    # Width 1 is the greedy chain.
+    chain, _ = factory().draft_with_features(history, features, 4)
+    line = drafter.draft_tree(history, features, depth=4, width=1, max_nodes=10)
+    assert [node.token for node in line] == chain and [node.parent for node in line] == [-1, 0, 1, 2]
+    tree = drafter.draft_tree(history, features, depth=4, width=3, max_nodes=40)
+    assert len(tree) == 3 + 3 * 9 and len(drafter.cache) == n - 1  # 3 nodes expanded a depth; never kept
+    assert drafter.draft_tree(history, features, depth=4, width=3, max_nodes=7) == tree[:7]
+    assert tree[0].token == chain[0] and tree[0].parent == -1
+    depth = []
+    for i, node in enumerate(tree):
+        assert node.parent < i  # parents come first
+        depth.append(0 if node.parent < 0 else depth[node.parent] + 1)
+        if node.parent >= 0:
+            assert node.score <= tree[node.parent].score
+    assert depth == sorted(depth) and max(depth) == 3
+    # Each node's path probability: what the layer gives when it reads the node's path one row at a time
+    # after the verified positions (the tree's batched rows must see their ancestors and nothing else).
+    layer = factory.layer
+    with torch.no_grad():
+        for node in tree[3:]:
+            path_tokens, at = [], node.parent
+            while at >= 0:
+                path_tokens.insert(0, tree[at].token)
+                at = tree[at].parent
+            reference = factory()
+            guess = reference._read_verified(history, features)
+            logp = 0.0
+            for step, token in enumerate([*path_tokens, node.token]):
+                scores = torch.log_softmax(layer.logits(guess)[0], -1)
+                logp += float(scores[token])
+                position = torch.tensor([n - 1 + step])
+                guess = layer.step(guess, layer.embed([token]), position, reference.cache)
+            assert math.log(node.score) == pytest.approx(logp, rel=1e-5, abs=1e-5), node
+    # The drafter's cache after a tree: the next round drafts as a fresh drafter does.
+    longer, more = r["tokens"][:16], r["features"][:15]
+    assert drafter.draft_with_features(longer, more, 3) == factory().draft_with_features(longer, more, 3)
+
+
+def test_select_tree_keeps_the_likeliest_nodes_with_their_ancestors():
+    # (parent, token, log-probability of the path); node 3 ties its parent (probability 1 at that step).
+    nodes = [(-1, 10, -0.1), (-1, 11, -1.0), (0, 12, -0.5), (0, 13, -0.1), (3, 14, -2.0), (1, 15, -1.2)]
+    tree = select_tree(nodes, 4)
+    assert [(n.parent, n.token) for n in tree] == [(-1, 10), (-1, 11), (0, 13), (0, 12)]
+    assert tree[2].score == pytest.approx(math.exp(-0.1))
+    assert [(n.parent, n.token) for n in select_tree(nodes, 2)] == [(-1, 10), (0, 13)]
+    assert select_tree(nodes, 0) == []
