@@ -178,7 +178,10 @@ class SpeculationCounters(BaseModel):
     acceptance: float | None = Field(description="accepted / drafted")
     tokens_per_round: float | None = Field(description="tokens produced per trip through the swarm")
     drafter: str | None = Field(
-        default=None, description="what drafted: feature, prompt_lookup, early_exit or draft_model"
+        default=None, description="what drafted: feature, prompt_lookup, ngram, early_exit or draft_model"
+    )
+    tree_rounds: int = Field(
+        default=0, description="rounds that verified a token tree (several candidates) instead of a chain"
     )
 
 

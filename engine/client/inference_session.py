@@ -18,6 +18,11 @@ the previous server pushes. A push that finds no session is dropped and our own 
 Rollback (`start_from_position`): a step may start at an earlier cache position, dropping what follows (the
 rejected tokens of speculative decoding). Servers that announce it cut their caches; any other server's
 stream is reopened and the kept prefix replayed, so every route can roll back (slowly where unsupported).
+
+Tree steps (`tree_parents`, where every server announces `tree_steps`): a step's last rows form a token
+tree (engine/models/tree_step.py); `accept_tree(path)` then keeps one root-to-node path of it. That costs no
+trip: each stream compacts its history at once and tells its server with its next step (`tree_accepted`), so
+a replacement server replays the compacted history like any other.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class SessionClosedError(RuntimeError):
     """The inference session was closed (or failed for good); open a new one."""
 
 
+class TreeStepsUnsupportedError(RuntimeError):
+    """A tree step met a server of the route that takes none (a replacement); the step did not happen."""
+
+
 class _SpanStream:
     """One server's rpc_inference stream for blocks [hop.start, hop.end); not fault-tolerant by itself."""
 
@@ -61,6 +70,10 @@ class _SpanStream:
         # A Pollinate server: follows next_servers in a session's first message, may be opened ahead
         self.pushes_first_step = False
         self.replay_prefix: torch.Tensor | None = None  # what its successor replays, when ended by a rollback
+        self.supports_trees = False
+        self.tree: tuple[int, list[int]] | None = None  # last step's tree: (history index of row 0, parents)
+        self._accepted: list[int] | None = None  # the path of that tree to keep, for the next step's metadata
+        self._cut: int | None = None  # a position the server must cut back to with the next step
         self.closed = False
         self._unanswered = 0  # replies owed to messages sent without waiting (the opening empty step)
 
@@ -77,6 +90,7 @@ class _SpanStream:
         self._compression = protocol.schema_compression(info, "inference_schema")
         self.supports_rollback = protocol.supports_start_from_position(info)
         self.pushes_first_step = protocol.has_feature(info, "push_per_step")
+        self.supports_trees = protocol.has_feature(info, "tree_steps")
 
     async def _open(self) -> None:
         self._queue = asyncio.Queue()
@@ -101,12 +115,13 @@ class _SpanStream:
         hypo_ids: torch.Tensor | None = None,
         start_from_position: int | None = None,
         next_servers: list | None = None,
+        tree_parents: list[int] | None = None,
     ) -> torch.Tensor:
         """Send `inputs` [batch, tokens, hidden] (the whole prefix to a new server); return its outputs.
 
         `start_from_position` < position first cuts the server's cache (and our history) back to it; only
         for a server that supports it. `next_servers` [(peer_id, session_id, start, end), ...] asks the
-        server to push its outputs on down the chain.
+        server to push its outputs on down the chain. `tree_parents`: the last rows form a token tree.
         """
         if self.closed:
             raise SessionClosedError(f"stream to {self.hop.peer_id} is closed")
@@ -117,6 +132,8 @@ class _SpanStream:
             if next_servers and self.pushes_first_step:
                 metadata["next_servers"] = next_servers
         else:
+            if self._cut is not None:
+                metadata["start_from_position"] = self._cut
             if start_from_position is not None and start_from_position < self.position:
                 if not self.supports_rollback:
                     raise AssertionError(f"{self.hop.peer_id} cannot roll back: reopen it instead")  # a bug
@@ -124,6 +141,12 @@ class _SpanStream:
                 history = history[:, :start_from_position]
             if next_servers:
                 metadata["next_servers"] = next_servers
+            if self._accepted is not None:
+                metadata["tree_accepted"] = self._accepted
+        if tree_parents is not None:
+            if not self.supports_trees:
+                raise AssertionError(f"{self.hop.peer_id} takes no tree steps")  # a bug: the session checks
+            metadata["tree_parents"] = list(tree_parents)
         request = protocol.inference_request(
             self.uid, inputs, metadata=metadata, compression=self._compression, hypo_ids=hypo_ids
         )
@@ -143,7 +166,24 @@ class _SpanStream:
         if history is not None and hypo_ids is not None:
             history = history[hypo_ids]  # the server reorders its cache before the step
         self.history = inputs if history is None else torch.cat([history, inputs], dim=1)
+        self._accepted = self._cut = None
+        self.tree = (self.position - len(tree_parents), list(tree_parents)) if tree_parents else None
         return outputs
+
+    def discard_after(self, position: int) -> None:
+        """Forget our history from `position` on; the server cuts its cache there with the next step."""
+        if self.history is not None and self.history.shape[1] > position:
+            self.history = self.history[:, :position]
+        self._cut, self.tree, self._accepted = position, None, None
+
+    def accept_tree(self, path: list[int]) -> None:
+        """Keep `path` of the last step's tree in our history now; the server hears it with the next step."""
+        if self.tree is None or self.closed:
+            return
+        base, _ = self.tree
+        kept = self.history[:, [base + row for row in path]]
+        self.history = torch.cat([self.history[:, :base], kept], dim=1)
+        self.tree, self._accepted = None, list(path)
 
     def open_ahead(self, batch_size: int, hidden_size: int, dtype: torch.dtype, *, step_id: str) -> None:
         """Open the server's session now with an empty step (its reply is read before the next one's), so
@@ -225,6 +265,7 @@ class InferenceSession:
         self._streams: list[_SpanStream] = []
         self._position = 0
         self._closed = False
+        self._tree: tuple[int, list[int]] | None = None  # the last step's tree: (position of row 0, parents)
         self.output_ids: torch.Tensor | None = None
 
     @property
@@ -250,6 +291,13 @@ class InferenceSession:
             logger.debug(f"Could not open a route to check rollback support: {e!r}")
             return False
         return bool(self._streams) and all(stream.supports_rollback for stream in self._streams)
+
+    @property
+    def can_take_trees(self) -> bool:
+        """True when every server of the current route announces tree steps (opens the route, as above)."""
+        if not self.can_roll_back:
+            return False
+        return all(stream.supports_trees for stream in self._streams)
 
     def open_route(self) -> None:
         """Choose the route and open its streams now (the first step does it otherwise)."""
@@ -285,10 +333,13 @@ class InferenceSession:
         *,
         hypo_ids: torch.Tensor | None = None,
         start_from_position: int | None = None,
+        tree_parents: list[int] | None = None,
     ) -> torch.Tensor:
         """Run `inputs` [batch, n, hidden] through blocks [start, end); return outputs [batch, n, hidden].
 
         With `start_from_position` (<= position), the servers first forget every token from there on.
+        `tree_parents` makes the last rows a token tree (see the module docstring; only where
+        `can_take_trees`); `accept_tree` then keeps one path of it.
         """
         if self._closed:
             raise SessionClosedError("this inference session is closed")
@@ -303,6 +354,12 @@ class InferenceSession:
                 raise ValueError("a step cannot both reorder (hypo_ids) and roll back (start_from_position)")
             self._roll_back(start_from_position)
         n_tokens = inputs.shape[1]
+        if tree_parents is not None:
+            from engine.models.tree_step import check_parents
+
+            tree_parents = check_parents(tree_parents, n_tokens)
+            if hypo_ids is not None:
+                raise ValueError("a tree step cannot reorder the batch (hypo_ids)")
         if self._position + n_tokens > self.max_length:
             raise ValueError(
                 f"session length exceeded: {self._position} tokens in cache + {n_tokens} new "
@@ -332,22 +389,28 @@ class InferenceSession:
                         # A new server: x carries the whole prefix so that it rebuilds the cache.
                         if x.shape[1] != self._position + n_tokens:
                             raise AssertionError("replay input lost its prefix")  # a bug, never retried
-                        out = stream.step(x, step_id=step_id)
+                        self._check_trees(stream, tree_parents)
+                        out = stream.step(x, step_id=step_id, tree_parents=tree_parents)
                     else:
                         if stream.position > self._position and not stream.supports_rollback:
                             raise AssertionError("a stream that cannot roll back was not reopened")  # a bug
+                        self._check_trees(stream, tree_parents)
                         out = stream.step(
                             x[:, -n_tokens:],
                             step_id=step_id,
                             hypo_ids=hypo_ids,
                             start_from_position=rollback,
                             next_servers=self._next_servers(index),
+                            tree_parents=tree_parents,
                         )
                     self.manager.on_request_success(stream.hop.peer_id)
                     x, index, block = out, index + 1, stream.hop.end
                     break
                 except AssertionError:
                     self.close()
+                    raise
+                except TreeStepsUnsupportedError:
+                    self._abandon_step(index, x[:, :-n_tokens] if x.shape[1] > n_tokens else None)
                     raise
                 except Exception as e:
                     if isinstance(e, _OpenFailed):
@@ -370,7 +433,41 @@ class InferenceSession:
                     )
                     time.sleep(delay)
         self._position += n_tokens
+        self._tree = (self._position - len(tree_parents), list(tree_parents)) if tree_parents else None
         return x[:, -n_tokens:].to(device=device, dtype=dtype)
+
+    def accept_tree(self, path: list[int]) -> None:
+        """After a tree step: keep the tree rows of `path` (a root-to-node path) and forget the others.
+
+        The position becomes the tree's start + len(path); no trip: the servers hear it with the next step."""
+        if self._tree is None:
+            raise ValueError("accept_tree needs a tree step just before it")
+        from engine.models.tree_step import check_path
+
+        base, parents = self._tree
+        path = check_path(list(path), parents)
+        for stream in self._streams:
+            stream.accept_tree(path)
+        self._position, self._tree = base + len(path), None
+
+    def _abandon_step(self, index: int, prefix: torch.Tensor | None) -> None:
+        """Undo a step that reached the streams before `index` only: they cut it off with their next step;
+        the one at `index` (a new server: `prefix` is what it must replay) and the ones after it (which may
+        have had the step pushed, their replies unread) reopen and replay instead."""
+        for stream in self._streams[:index]:
+            stream.discard_after(self._position)
+        self._streams[index].replay_prefix = prefix
+        self._streams[index].abort()
+        for stream in self._streams[index + 1 :]:
+            if stream.history is not None and not stream.closed:
+                stream.replay_prefix = stream.history[:, : self._position]
+                stream.abort()
+        self._tree = None
+
+    def _check_trees(self, stream: _SpanStream, tree_parents: list[int] | None) -> None:
+        if tree_parents is not None and not stream.supports_trees:
+            # A replacement server without tree steps: the caller retries the round without a tree.
+            raise TreeStepsUnsupportedError(f"{stream.hop.peer_id} does not take tree steps")
 
     def _roll_back(self, position: int) -> None:
         """Forget tokens from `position` on: servers that cannot cut their cache get a fresh stream."""

@@ -140,10 +140,14 @@ class DistributedModelForCausalLM:
         *,
         start_from_position: int | None = None,
         last: int | None = None,
+        tree_parents: list[int] | None = None,
     ) -> torch.Tensor:
         """Feed new tokens (cutting the caches back to `start_from_position` first); logits at each of the
-        `last` positions (all by default; the LM head over a long prompt costs more than its blocks here)."""
-        return self.session_forward(session, input_ids, start_from_position=start_from_position, last=last)[0]
+        `last` positions (all by default; the LM head over a long prompt costs more than its blocks here).
+        `tree_parents`: the last tokens form a token tree (InferenceSession.step)."""
+        return self.session_forward(
+            session, input_ids, start_from_position=start_from_position, last=last, tree_parents=tree_parents
+        )[0]
 
     def session_forward(
         self,
@@ -152,16 +156,27 @@ class DistributedModelForCausalLM:
         *,
         start_from_position: int | None = None,
         last: int | None = None,
+        tree_parents: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`session_logits_all`'s logits, and the last block's outputs (before the final norm) at every new
         position [batch, tokens, hidden]: what a feature drafter drafts from."""
         with torch.no_grad():
-            hidden = session.step(self.head.embed(input_ids), start_from_position=start_from_position)
+            hidden = session.step(
+                self.head.embed(input_ids), start_from_position=start_from_position, tree_parents=tree_parents
+            )
             return self.head.logits(hidden if last is None else hidden[:, -last:]), hidden
 
     def can_roll_back(self, session: InferenceSession) -> bool:
         """Whether every server of the session's route cuts its cache itself (speculation pays off there)."""
         return session.can_roll_back
+
+    def can_take_trees(self, session: InferenceSession) -> bool:
+        """Whether every server of the route verifies token trees in one step (tree speculation)."""
+        return session.can_take_trees
+
+    def accept_tree(self, session: InferenceSession, path: list[int]) -> None:
+        """Keep one root-to-node path of the last step's tree (InferenceSession.accept_tree)."""
+        session.accept_tree(path)
 
     def generate_stream(
         self,
@@ -251,7 +266,12 @@ class DistributedModelForCausalLM:
         table = self._ngram_tables[choice]
         if table is None:
             return None
-        return NgramDrafter(table, speculation.max_ngram, max(speculation.lookup_min_match, 1))
+        drafter = NgramDrafter(table, speculation.max_ngram, max(speculation.lookup_min_match, 1))
+        if speculation.tree_rows > 0:  # trees of the table's and prompt lookup's candidates, where allowed
+            from engine.client.draft_tree import NgramTreeDrafter
+
+            return NgramTreeDrafter(drafter, table, speculation.max_ngram)
+        return drafter
 
     def _load_ngram_table(self, choice: str):
         from engine.client.ngram_drafter import NgramTable, NgramTableError, shipped_table_path

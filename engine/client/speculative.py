@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from engine.client.draft_tree import DraftTree, NgramTreeDrafter, verify_greedy
 from engine.client.feature_history import session_features, wants_features
 from engine.client.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p
 
@@ -66,6 +67,10 @@ class SpeculationConfig:
     # With a feature drafter: a prompt-lookup copy after a match of at least this many tokens is sent
     # instead of the drafter's draft (free, and right more often on input-grounded answers); 0: never.
     lookup_min_match: int = 2
+    # Greedy decoding on routes whose servers all take tree steps: up to this many draft rows per round as a
+    # token tree (engine/client/draft_tree.py: several candidates verified at once); 0: chains only. Prompt
+    # lookup and the n-gram table propose trees; feature, early-exit and draft-model drafters draft chains.
+    tree_rows: int = 8
 
     def __post_init__(self):
         if not 0 <= self.min_draft <= self.initial_draft <= self.max_draft or self.initial_draft < 1:
@@ -76,6 +81,8 @@ class SpeculationConfig:
             raise ValueError("max_ngram must be >= 1, token_cost and lookup_min_match >= 0")
         if self.draft_blocks < 0 or self.max_draft_bytes < 0:
             raise ValueError("draft_blocks and max_draft_bytes must be >= 0")
+        if not 0 <= self.tree_rows <= 15:  # with the pending token, a step the servers' lean path takes
+            raise ValueError("tree_rows must be in [0, 15]")
 
 
 @dataclass
@@ -88,6 +95,7 @@ class SpeculationStats:
     accepted: int = 0  # draft tokens the full model agreed with
     fallback_rounds: int = 0  # rounds without a draft (nothing to propose, or a route that cannot roll back)
     drafter: str | None = None  # which drafter drafted: prompt_lookup, feature, early_exit, draft_model, ...
+    tree_rounds: int = 0  # rounds with a token tree (its rows count as drafted, the kept path as accepted)
 
     @property
     def acceptance(self) -> float | None:
@@ -105,6 +113,7 @@ class SpeculationStats:
             acceptance=self.acceptance,
             tokens_per_round=self.tokens_per_round,
             drafter=self.drafter,
+            tree_rounds=self.tree_rounds,
         )
 
 
@@ -413,11 +422,12 @@ def speculative_rounds(
         raise ValueError("speculative decoding runs one sequence at a time (batch 1)")
     drafter = drafter or config.drafter
     if drafter is None:
-        drafter = (
-            DraftModelDrafter(config.draft_model, params)
-            if config.draft_model is not None
-            else PromptLookupDrafter(config.max_ngram)
-        )
+        if config.draft_model is not None:
+            drafter = DraftModelDrafter(config.draft_model, params)
+        elif config.tree_rows > 0:
+            drafter = NgramTreeDrafter(PromptLookupDrafter(config.max_ngram), None, config.max_ngram)
+        else:
+            drafter = PromptLookupDrafter(config.max_ngram)
     kept_position = session.position if held is None else held  # what the servers hold and we keep
     features = None  # the last block's outputs at the verified positions, for a feature drafter
     if wants_features(drafter):
@@ -430,6 +440,9 @@ def speculative_rounds(
     stats.drafter = stats.drafter or type(drafter).__name__
     lengths: dict[Any, DraftLength] = {}  # by kind of proposal (prompt lookup: its match length)
     propose = getattr(drafter, "propose", None)
+    # Trees: greedy only (sampling keeps chains and speculative sampling), where the model can send them.
+    trees = getattr(drafter, "propose_tree", None) is not None and hasattr(model, "can_take_trees")
+    trees = trees and config.tree_rows > 0 and not params.sampling and features is None
     cost = RoundCost(config.token_cost) if config.learn_cost else None
     tokens = history[0].tolist()
     pending_ids = pending[0].tolist()
@@ -440,6 +453,18 @@ def speculative_rounds(
         draft, draft_probs, kind, k = [], None, None, 0
         copied = False  # a prompt-lookup copy stands in for the model drafter this round (no drafting time)
         started = time.perf_counter()
+        if limit > 0 and trees and len(pending_ids) == 1 and model.can_take_trees(session):
+            rollback = kept_position if kept_position < session.position else None
+            new = _tree_round(
+                model, session, drafter, tokens, pending_ids, rollback, params, config, cost, stats, limit
+            )
+            if new is not None:
+                kept_position += len(new)  # the pending token and the kept path
+                produced += len(new)
+                tokens.extend(new)
+                pending_ids = [new[-1]]
+                yield new
+                continue
         if limit > 0 and model.can_roll_back(session):
             if propose is not None:  # a free proposal first; its kind decides how much of it to send
                 draft, draft_probs, kind = propose(tokens, min(limit, config.max_draft))
@@ -502,3 +527,43 @@ def speculative_rounds(
         tokens.extend(new)
         pending_ids = [token]
         yield new
+
+
+def _tree_round(model, session, drafter, tokens, pending_ids, rollback, params, config, cost, stats, limit):
+    """One round with a token tree (draft_tree.py): the new tokens (the kept path's and the model's next),
+    or None when no tree was proposed or a server of the route turned out to take none (the caller then
+    runs an ordinary round)."""
+    from engine.client.inference_session import TreeStepsUnsupportedError
+
+    started = time.perf_counter()
+    row_cost = cost.token_cost if cost is not None else config.token_cost
+    max_rows = min(config.tree_rows, limit)
+    tree = drafter.propose_tree(tokens, max_rows, row_cost)
+    if len(tree) == 0:
+        return None
+    if len(tree) > max_rows:  # parents come before their children: the first rows are a tree too
+        tree = DraftTree(tree.tokens[:max_rows], tree.parents[:max_rows], tree.kinds[:max_rows])
+    drafted_at = time.perf_counter()
+    sent = torch.tensor([pending_ids + tree.tokens], dtype=torch.int64)
+    try:
+        logits = model.session_logits_all(
+            session, sent, start_from_position=rollback, last=len(tree) + 1, tree_parents=tree.parents
+        )[0].float()
+    except TreeStepsUnsupportedError:
+        return None
+    penalty = params.repetition_penalty
+    targets = []
+    for row in range(len(tree) + 1):  # row 0: the pending token; row 1 + i: tree row i
+        context = tokens + [tree.tokens[r] for r in tree.path(row - 1)] if row else tokens
+        context_ids = torch.tensor([context], dtype=torch.int64)
+        targets.append(int(apply_repetition_penalty(logits[row : row + 1], context_ids, penalty).argmax()))
+    path, token = verify_greedy(tree, targets)
+    model.accept_tree(session, path)
+    drafter.observe(tree, path)
+    if cost is not None:
+        cost.observe(sent.shape[1], time.perf_counter() - drafted_at, len(tree), drafted_at - started)
+    stats.rounds += 1
+    stats.tree_rounds += 1
+    stats.drafted += len(tree)
+    stats.accepted += len(path)
+    return [*(tree.tokens[r] for r in path), token]

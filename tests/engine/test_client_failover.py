@@ -73,9 +73,11 @@ def test_kill_9_mid_generation_gives_identical_output(swarm, tiny_checkpoint_fac
     assert recovery < 20, f"recovering from the killed server took {recovery:.1f} s"
 
 
-def test_kill_9_mid_speculation_gives_identical_output(swarm, tiny_checkpoint_factory):
-    """A server dies while speculative rounds run (drafts partly rejected): the replacement replays the
-    kept prefix only, and the output is still local greedy's."""
+@pytest.mark.parametrize("kind", ["chain", "tree"])
+def test_kill_9_mid_speculation_gives_identical_output(swarm, tiny_checkpoint_factory, kind):
+    """A server dies while speculative rounds run (drafts partly rejected; chains, or token trees whose
+    other rows are dropped): the replacement replays the kept prefix only, and the output is still local
+    greedy's."""
     from transformers import AutoModelForCausalLM
 
     from engine.client.speculative import SpeculationConfig, SpeculationStats
@@ -101,7 +103,23 @@ def test_kill_9_mid_speculation_gives_identical_output(swarm, tiny_checkpoint_fa
                 proposal[-1] = (proposal[-1] + 1) % 512  # rejected: the caches must roll back
             return proposal, None
 
-    prefix = "kill9-spec"
+    class HalfRightTrees(HalfRightDrafter):
+        def propose(self, history, k):
+            return [], None, None
+
+        def propose_tree(self, history, max_rows, row_cost):
+            from engine.client.draft_tree import DraftTree
+
+            tree, parent = DraftTree(), -1
+            for token in self.draft(history, 3)[0]:  # the chain, with a wrong sibling at each depth
+                tree.add((token + 7) % 512, parent)
+                parent = tree.add(token, parent)
+            return tree
+
+        def observe(self, tree, path):
+            pass
+
+    prefix = f"kill9-spec-{kind}"
     args = ("--blocks", "0:4", "--dht-prefix", prefix)
     stats = SpeculationStats()
     with (
@@ -117,7 +135,7 @@ def test_kill_9_mid_speculation_gives_identical_output(swarm, tiny_checkpoint_fa
     ):
         servers = {first.peer_id: first, second.peer_id: second}
         tokens = []
-        config = SpeculationConfig(drafter=HalfRightDrafter())
+        config = SpeculationConfig(drafter=HalfRightDrafter() if kind == "chain" else HalfRightTrees())
         for step in remote.generate_stream(
             ids, max_new_tokens=24, session=session, speculation=config, stats=stats
         ):
@@ -128,6 +146,7 @@ def test_kill_9_mid_speculation_gives_identical_output(swarm, tiny_checkpoint_fa
         assert [hop.peer_id for hop in session.route] == list(servers)
     assert torch.equal(torch.cat([ids, torch.stack(tokens, dim=1)], dim=1), expected)
     assert 0 < stats.accepted < stats.drafted
+    assert (stats.tree_rounds > 0) == (kind == "tree")
 
 
 def test_kill_9_mid_feature_speculation_with_push_gives_identical_output(swarm, tiny_checkpoint_factory):

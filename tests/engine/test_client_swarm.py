@@ -300,9 +300,38 @@ class _OracleDrafter:
         return proposal, None
 
 
-@pytest.mark.parametrize("drafter", ["oracle", "prompt-lookup"])
+class _OracleTreeDrafter(_OracleDrafter):
+    """Trees: the true continuation with a wrong sibling at every depth; every third tree puts a wrong root
+    first and leaves the truth out (a round that keeps only the model's own token)."""
+
+    name = "oracle_tree"
+
+    def propose(self, history, k):
+        return [], None, None
+
+    def propose_tree(self, history, max_rows, row_cost):
+        from engine.client.draft_tree import DraftTree
+
+        self.calls += 1
+        done = len(history) - self.prompt_length
+        tree = DraftTree()
+        if self.calls % 3 == 0:
+            tree.add((self.truth[done] + 1) % 512, -1)
+            return tree
+        parent = -1
+        for token in self.truth[done : done + max_rows // 2]:
+            tree.add((token + 3) % 512, parent)
+            parent = tree.add(token, parent)
+        return tree
+
+    def observe(self, tree, path):
+        pass
+
+
+@pytest.mark.parametrize("drafter", ["oracle", "prompt-lookup", "tree-oracle"])
 def test_speculative_greedy_with_push_matches_transformers(models, drafter):
-    """Speculation through a 3-server chain (push on, caches rolled back) gives local greedy's tokens."""
+    """Speculation through a 3-server chain (push on, caches rolled back or trees compacted) gives local
+    greedy's tokens."""
     from engine.client.speculative import SpeculationConfig, SpeculationStats
 
     remote, local = models("llama", "3servers")
@@ -311,12 +340,15 @@ def test_speculative_greedy_with_push_matches_transformers(models, drafter):
     config = SpeculationConfig()
     if drafter == "oracle":
         config = SpeculationConfig(drafter=_OracleDrafter(expected[0, 10:].tolist(), 10))
+    if drafter == "tree-oracle":
+        config = SpeculationConfig(drafter=_OracleTreeDrafter(expected[0, 10:].tolist(), 10))
     stats = SpeculationStats()
     default = remote.manager.config
     remote.manager.config = dataclasses.replace(default, push_min_rtt=0.0)  # push even on loopback
     try:
         with remote.inference_session(max_length=40) as session:
             assert session.can_roll_back  # our servers announce start_from_position
+            assert session.can_take_trees  # and tree_steps
             output = remote.generate(ids, max_new_tokens=20, session=session, speculation=config, stats=stats)
     finally:
         remote.manager.config = default
@@ -324,7 +356,11 @@ def test_speculative_greedy_with_push_matches_transformers(models, drafter):
     assert stats.tokens == 20
     if drafter == "oracle":
         assert 0 < stats.accepted < stats.drafted  # some drafts kept, some rolled back
-        assert stats.rounds < 20
+        assert stats.rounds < 20 and stats.tree_rounds == 0
+    else:  # greedy on a route that takes trees: prompt lookup's candidates go as trees
+        assert stats.tree_rounds > 0 and stats.accepted > 0
+    if drafter == "tree-oracle":
+        assert stats.rounds <= 12 and stats.accepted < stats.drafted
 
 
 def test_every_step_reaches_the_later_servers_by_push_alone(models, monkeypatch):

@@ -86,9 +86,18 @@ def reference(x: torch.Tensor, start: int = 0, end: int = NUM_BLOCKS) -> torch.T
 
 class FakeServer:
     def __init__(
-        self, peer_id: str, start: int, end: int, *, fail_at_step: int | None = None, rollback: bool = True
+        self,
+        peer_id: str,
+        start: int,
+        end: int,
+        *,
+        fail_at_step: int | None = None,
+        rollback: bool = True,
+        trees: bool | None = None,
     ):
         self.peer_id, self.start, self.end = peer_id, start, end
+        self.trees = rollback if trees is None else trees  # announces tree_steps
+        self.last_tree: dict[str, tuple[int, list[int]]] = {}  # session id -> (position of row 0, parents)
         self.fail_at_step = fail_at_step  # the n-th step (over all sessions) kills this server
         self.rollback = rollback  # announces start_from_position (a Petals 2.2 server does not)
         self.steps = 0
@@ -115,12 +124,32 @@ class FakeServer:
             inputs = hidden[:, :0]
         if hypo_ids.numel():
             inputs = inputs[hypo_ids]
+        tree = self.last_tree.pop(metadata["session_id"], None)
+        if self.trees and metadata.get("tree_accepted") is not None:
+            base, _ = tree  # a KeyError here: tree_accepted without a tree step before it
+            kept = [base + r for r in metadata["tree_accepted"]]
+            inputs = torch.cat([inputs[:, :base], inputs[:, kept]], dim=1)
         if self.rollback and metadata.get("start_from_position") is not None:
             inputs = inputs[:, : metadata["start_from_position"]]
+        parents = metadata.get("tree_parents") if self.trees else None
+        before = inputs
         inputs = self.sessions[metadata["session_id"]] = torch.cat([inputs, hidden], dim=1)
         # The blocks are causal: recomputing the whole history gives what a KV cache would.
-        x = reference(inputs, blocks[0], blocks[-1] + 1)[:, -hidden.shape[1] :]
-        return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(x)])
+        if not parents:
+            x = reference(inputs, blocks[0], blocks[-1] + 1)[:, -hidden.shape[1] :]
+            return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(x)])
+        # A tree: the rows before it as a chain, then each tree row as the chain of its own path.
+        chain = hidden.shape[1] - len(parents)
+        before = torch.cat([before, hidden[:, :chain]], dim=1)
+        rows = [reference(before, blocks[0], blocks[-1] + 1)[:, before.shape[1] - chain :]]
+        for row in range(len(parents)):
+            path, r = [], row
+            while r >= 0:
+                path, r = [r, *path], parents[r]
+            sequence = torch.cat([before, hidden[:, [chain + i for i in path]]], dim=1)
+            rows.append(reference(sequence, blocks[0], blocks[-1] + 1)[:, -1:])
+        self.last_tree[metadata["session_id"]] = (before.shape[1], parents)
+        return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(torch.cat(rows, dim=1))])
 
 
 class FakeManager(SequenceManager):
@@ -148,7 +177,7 @@ class FakeManager(SequenceManager):
         if not self.servers[peer_id].alive:
             raise ConnectionError(f"{peer_id} is dead")
         # A Pollinate server announces its extensions; a Petals 2.2 server (rollback=False) none.
-        features = ["start_from_position", "push_per_step"]
+        features = ["start_from_position", "push_per_step"] + ["tree_steps"] * self.servers[peer_id].trees
         return {"pollinate_features": features} if self.servers[peer_id].rollback else {}
 
     @property
@@ -501,3 +530,72 @@ def test_nearby_servers_are_not_opened_ahead(fake_streams):
         run_steps(session, torch.randn(1, 4, HIDDEN), [2, 1, 1])
     assert "max_length" in servers[1].messages[0] and servers[1].messages[0]["args_structure"]
     assert len(servers[1].messages) == 3  # no opening step
+
+
+# --- tree steps ---------------------------------------------------------------------------------------------
+
+TREE = [-1, -1, 0, 2]  # after the pending row: two candidate roots, a child of root 0, its child
+
+
+def _tree_reference(prefix: torch.Tensor, pending: torch.Tensor, tree: torch.Tensor) -> torch.Tensor:
+    """What each row of [pending, tree] computes: pending after the prefix, each tree row after its path."""
+    before = torch.cat([prefix, pending], dim=1)
+    rows = [reference(before)[:, -1:]]
+    for path in ([0], [1], [0, 2], [0, 2, 3]):
+        rows.append(reference(torch.cat([before, tree[:, path]], dim=1))[:, -1:])
+    return torch.cat(rows, dim=1)
+
+
+@pytest.mark.parametrize("fail_at_step", [None, 2, 3])  # no failure, A dies at the tree step, at the next
+def test_tree_step_and_accepted_path_equal_the_chain_through_failover(fake_streams, fail_at_step):
+    servers = [FakeServer("A", 0, 3, fail_at_step=fail_at_step), FakeServer("B", 3, 6), FakeServer("C", 0, 3)]
+    manager = FakeManager(servers)
+    manager.bans.register_failure("C")  # A first; C only once A is gone
+    x = torch.randn(1, 9, HIDDEN)
+    prefix, pending, tree, after = x[:, :3], x[:, 3:4], x[:, 4:8], x[:, 8:9]
+    with InferenceSession(manager, max_length=16) as session:
+        session.step(prefix)
+        manager.bans.register_success("C")
+        assert session.can_take_trees
+        out = session.step(torch.cat([pending, tree], dim=1), tree_parents=TREE)
+        torch.testing.assert_close(out, _tree_reference(prefix, pending, tree))
+        assert session.position == 8
+        session.accept_tree([0, 2])
+        assert session.position == 6
+        last = session.step(after)
+        with pytest.raises(ValueError, match="needs a tree step"):
+            session.accept_tree([0])
+    chain = torch.cat([prefix, pending, tree[:, [0, 2]], after], dim=1)
+    torch.testing.assert_close(last, reference(chain)[:, -1:])
+    b = [m for m in servers[1].messages if "args_structure" in m]
+    assert b[-2]["tree_parents"] == TREE and b[-1]["tree_accepted"] == [0, 2]
+    if fail_at_step is not None:  # C rebuilt A's cache from our history: the tree again, or the kept path
+        replay = servers[2].messages[0]
+        assert ("tree_parents" in replay) == (fail_at_step == 2) and "tree_accepted" not in replay
+
+
+def test_a_replacement_without_trees_abandons_the_tree_step(fake_streams):
+    # A dies at the tree step and only D, which takes no trees, holds its blocks: the step is abandoned (the
+    # speculative loop then runs an ordinary round) and the session goes on consistently.
+    servers = [FakeServer("A", 0, 3, fail_at_step=2), FakeServer("B", 3, 6)]
+    servers.append(FakeServer("D", 0, 3, trees=False))
+    manager = FakeManager(servers)
+    manager.bans.register_failure("D")
+    x = torch.randn(1, 6, HIDDEN)
+    with InferenceSession(manager, max_length=16) as session:
+        session.step(x[:, :3])
+        manager.bans.register_success("D")
+        with pytest.raises(session_module.TreeStepsUnsupportedError):
+            session.step(torch.randn(1, 3, HIDDEN), tree_parents=[-1, -1])
+        assert session.position == 3 and not session.can_take_trees
+        out = session.step(x[:, 3:6])
+        assert [h.peer_id for h in session.route] == ["D", "B"]
+    torch.testing.assert_close(out, reference(x)[:, 3:])
+
+
+def test_routes_with_a_petals_server_take_no_trees(fake_streams):
+    servers = [FakeServer("A", 0, 3), FakeServer("P", 3, 6, rollback=False)]
+    with InferenceSession(FakeManager(servers), max_length=16) as session:
+        assert not session.can_take_trees
+        with pytest.raises(ValueError, match="earlier tree row"):
+            session.step(torch.randn(1, 2, HIDDEN), tree_parents=[0, 0])

@@ -1,0 +1,214 @@
+"""Token trees (engine/client/draft_tree.py) and tree rounds in the speculative loop (greedy == plain)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.client.draft_tree import Calibration, DraftTree, NgramTreeDrafter, build_tree, verify_greedy
+from engine.client.generation import generate
+from engine.client.ngram_drafter import NgramTable
+from engine.client.sampling import SamplingParams
+from engine.client.speculative import PromptLookupDrafter, SpeculationConfig, SpeculationStats
+
+
+def _tree(rows):
+    tree = DraftTree()
+    for token, parent in rows:
+        tree.add(token, parent)
+    return tree
+
+
+def test_verify_greedy_walks_the_models_choices():
+    # roots 5 and 6; 7 under 5; 8 and 9 under 7
+    tree = _tree([(5, -1), (6, -1), (7, 0), (8, 2), (9, 2)])
+    assert tree.path(4) == [0, 2, 4] and tree.children(-1) == [0, 1] and not tree.is_chain()
+    # targets[0] after the last verified token, targets[1 + i] after row i
+    assert verify_greedy(tree, [5, 7, 0, 9, 0, 42]) == ([0, 2, 4], 42)
+    assert verify_greedy(tree, [6, 0, 11, 0, 0, 0]) == ([1], 11)
+    assert verify_greedy(tree, [3, 0, 0, 0, 0, 0]) == ([], 3)
+    assert verify_greedy(tree, [5, 8, 0, 0, 0, 0]) == ([0], 8)  # 8 is a grandchild, not a child of row 0
+    with pytest.raises(ValueError, match="need 6 target tokens"):
+        verify_greedy(tree, [5])
+    with pytest.raises(ValueError, match="not a row"):
+        tree.add(1, 9)
+
+
+def test_build_tree_expands_the_likeliest_rows_first_and_stops_where_rows_cost_more():
+    # A source that is sure of token 1 after anything ending in 1s, and offers two unlikely alternatives.
+    def source(path):
+        return [(1, "sure", 0.9), (2, "maybe", 0.2), (3, "rare", 0.05)]
+
+    # Siblings' chances are scaled to sum to 1 (0.78, 0.17, 0.04): the chain of 1s (0.78^k) goes first, until
+    # 0.78^8 falls below the first alternative 2 (0.17); that one hangs off the root.
+    tree = build_tree(source, max_rows=10, row_cost=0.0)
+    assert len(tree) == 10 and tree.tokens[:7] == [1] * 7 and tree.parents[:7] == [-1, 0, 1, 2, 3, 4, 5]
+    assert (2, -1) in zip(tree.tokens, tree.parents, strict=True) and not tree.is_chain()
+    # The chance of a row is its parent's times its own: 0.9^k for the chain, 0.2 (x 0.9^k) for the 2s.
+    cheap = build_tree(source, max_rows=15, row_cost=0.01)
+    costly = build_tree(source, max_rows=15, row_cost=0.5)
+    assert len(costly) < len(cheap) <= 15
+    assert 3 not in costly.tokens  # a 5% candidate is not worth half a round
+    assert len(build_tree(lambda path: [], max_rows=8, row_cost=0.0)) == 0
+
+
+def test_calibration_learns_how_often_a_kind_is_right():
+    calibration = Calibration(weight=4)
+    assert calibration.chance("x", 0.5) == 0.5
+    tree = _tree([(5, -1), (6, -1), (7, 0)])
+    tree.kinds = ["a", "b", "a"]
+    for _ in range(20):
+        calibration.observe(tree, [1])  # b right every time; a never (its child never reachable)
+    assert calibration.chance("b", 0.1) > 0.8 and calibration.chance("a", 0.5) < 0.1
+
+
+def test_ngram_tree_drafter_offers_every_earlier_continuation_and_the_tables_guesses():
+    history = [1, 2, 3, 9, 1, 2, 4, 7, 1, 2]
+    drafter = NgramTreeDrafter(PromptLookupDrafter(3), None, 3)
+    drafter._update_index(history)
+    candidates = drafter.candidates(history, [])
+    tokens = [token for token, _, _ in candidates]
+    assert tokens[:2] == [4, 3]  # after "1 2": 4 (latest) then 3
+    assert all(kind[0] == "lookup" for _, kind, _ in candidates)
+    tree = drafter.propose_tree(history, max_rows=6, row_cost=0.01)
+    assert set(tree.tokens[r] for r in tree.children(-1)) >= {3, 4}
+    assert tree.tokens[tree.children(tree.tokens.index(4))[0]] == 7  # the branch continues the copy
+    table = NgramTable.build([([50, 60, 70, 80], 0), ([50, 60, 71], 0)], vocab_size=100)
+    with_table = NgramTreeDrafter(PromptLookupDrafter(3), table, 3)
+    with_table._update_index([50, 60])
+    found = with_table.candidates([50, 60], [])
+    assert (70, ("ngram", 2, 2, 0)) in [(token, kind) for token, kind, _ in found]
+    # the chain drafter still drafts chains for routes without trees
+    assert with_table.propose([1, 2, 3, 1, 2], 2)[0] == [3, 1]
+
+
+# --- tree rounds in the loop, against local transformers (each row computed on its own path) ---
+
+
+class TreeSession:
+    def __init__(self, max_length: int):
+        self.tokens: list[int] = []  # what the "servers" hold
+        self.tree: tuple[int, list[int]] | None = None
+        self.max_length = max_length
+        self.output_ids = None
+        self.tree_steps = 0
+
+    @property
+    def position(self) -> int:
+        return len(self.tokens)
+
+    def close(self):
+        pass
+
+
+class TreeModel:
+    """Rolls back, takes trees, and computes every row's logits from the tokens on its own path."""
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    def inference_session(self, *, max_length: int) -> TreeSession:
+        return TreeSession(max_length)
+
+    def _logits_after(self, tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.hf(input_ids=torch.tensor([tokens])).logits[0, -1]
+
+    def session_logits(self, session, input_ids):
+        return self.session_logits_all(session, input_ids)[:, -1]
+
+    def session_logits_all(
+        self, session, input_ids, *, start_from_position=None, last=None, tree_parents=None
+    ):
+        if start_from_position is not None:
+            del session.tokens[start_from_position:]
+        ids = input_ids[0].tolist()
+        assert session.position + len(ids) <= session.max_length
+        chain = len(ids) - len(tree_parents or [])
+        before = session.tokens + ids[:chain]
+        rows = [self._logits_after(before[: len(session.tokens) + i + 1]) for i in range(chain)]
+        for i, _ in enumerate(tree_parents or []):
+            path, r = [], i
+            while r >= 0:
+                path, r = [r, *path], tree_parents[r]
+            rows.append(self._logits_after(before + [ids[chain + j] for j in path]))
+        session.tree = (len(before), list(tree_parents)) if tree_parents else None
+        session.tree_steps += tree_parents is not None
+        session.tokens = before + ids[chain:]
+        logits = torch.stack(rows)[None]
+        return logits if last is None else logits[:, -last:]
+
+    def can_roll_back(self, session):
+        return True
+
+    def can_take_trees(self, session):
+        return True
+
+    def accept_tree(self, session, path):
+        base, _ = session.tree
+        session.tokens = session.tokens[:base] + [session.tokens[base + r] for r in path]
+        session.tree = None
+
+
+class OracleTreeDrafter:
+    """A tree whose first root is wrong every `wrong_every` rounds (the truth is then a sibling or absent)."""
+
+    name = "oracle_tree"
+
+    def __init__(self, truth: list[int], prompt_length: int, wrong_every: int):
+        self.truth, self.prompt_length, self.wrong_every = truth, prompt_length, wrong_every
+        self.calls = 0
+        self.observed = 0
+
+    def propose(self, history, k):
+        return [], None, None
+
+    def propose_tree(self, history, max_rows, row_cost):
+        self.calls += 1
+        done = len(history) - self.prompt_length
+        truth = self.truth[done : done + 3]
+        tree = DraftTree()
+        if not truth:
+            return tree
+        wrong = (truth[0] + 1) % 512
+        if self.calls % self.wrong_every == 0:
+            tree.add(wrong, -1)
+            if self.calls % (2 * self.wrong_every) == 0:
+                return tree  # the truth is absent
+        parent = -1
+        for token in truth:
+            parent = tree.add(token, parent)
+            tree.add((token + 2) % 512, tree.parents[parent])  # a wrong sibling at every depth
+        return tree
+
+    def observe(self, tree, path):
+        self.observed += 1
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoint_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint_factory("llama", num_layers=2)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("wrong_every", [1, 3, 1000])
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_greedy_tree_speculation_equals_plain_greedy(hf, wrong_every, penalty):
+    ids = torch.randint(5, hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7))
+    params = SamplingParams(max_new_tokens=16, repetition_penalty=penalty)
+    plain = generate(TreeModel(hf), ids, params)
+    truth = plain[0, 6:].tolist()
+    stats = SpeculationStats()
+    drafter = OracleTreeDrafter(truth, 6, wrong_every)
+    spec = generate(TreeModel(hf), ids, params, speculation=SpeculationConfig(drafter=drafter), stats=stats)
+    assert spec.tolist() == plain.tolist()
+    assert stats.tokens == 16 and stats.tree_rounds == drafter.observed > 0
+    if wrong_every == 1000:
+        assert stats.rounds <= 6  # 4 tokens a round: three drafted and the model's own
+    # Sampling keeps chains (and speculative sampling): no tree rounds.
+    sampled = SpeculationStats()
+    sampling = SamplingParams(max_new_tokens=4, do_sample=True, seed=1, repetition_penalty=penalty)
+    generate(TreeModel(hf), ids, sampling, speculation=SpeculationConfig(drafter=drafter), stats=sampled)
+    assert sampled.tree_rounds == 0
