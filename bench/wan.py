@@ -24,13 +24,15 @@ for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
         [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1]
-        [--rows a b c-hop c-push c-spec c-exit c-feat c-ngram] [--prompts question rewrite]
+        [--rows a b c-hop c-push c-spec c-exit c-feat c-ngram c-tree] [--prompts question rewrite]
         [--draft-blocks N] [--logs DIR]
 
 c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit);
 c-feat with the trained feature drafter shipped for the model (engine.client.feature_drafter; skipped when
 there is none), or the drafter folder --feature-drafter names; c-ngram with the table of the model's own
-answers shipped for it (engine.client.ngram_drafter; skipped when there is none).
+answers shipped for it (engine.client.ngram_drafter; skipped when there is none); c-tree verifies token trees
+of the table's and prompt lookup's candidates in each round (engine.client.draft_tree; prompt lookup's alone
+when no table is shipped). The other speculative rows draft chains only.
 With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
@@ -101,6 +103,12 @@ ROWS = {
         "pollinate",
         "pollinate",
         {"speculate": True, "ngram_table": "auto"},
+    ),
+    "c-tree": (
+        "Pollinate, push + token trees",
+        "pollinate",
+        "pollinate",
+        {"speculate": True, "ngram_table": "auto", "tree_rows": 8},
     ),
 }
 THREADS = 2  # compute threads per process (--threads): one server computes at a time in a chain
@@ -504,6 +512,7 @@ def _merge_speculation(total: dict | None, more: dict | None) -> dict | None:
     if more is None or total is None:
         return more if total is None else total
     merged = {k: total[k] + more[k] for k in ("rounds", "drafted", "accepted")}
+    merged["tree_rounds"] = total.get("tree_rounds", 0) + more.get("tree_rounds", 0)
     tokens = total["tokens_per_round"] * total["rounds"] + more["tokens_per_round"] * more["rounds"]
     merged["acceptance"] = merged["accepted"] / merged["drafted"] if merged["drafted"] else None
     merged["tokens_per_round"] = tokens / merged["rounds"] if merged["rounds"] else None

@@ -41,6 +41,7 @@ def speculation_for(row: dict, max_draft: int) -> SpeculationConfig | None:
         draft_blocks=int(row.get("draft_blocks", 0)),
         feature_drafter=row.get("feature_drafter"),  # None: prompt lookup, not the shipped drafter
         ngram_table=row.get("ngram_table"),  # None: prompt lookup, not the shipped table
+        tree_rows=int(row.get("tree_rows", 0)),  # chains only unless the row asks for token trees
     )
 
 

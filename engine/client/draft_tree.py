@@ -169,12 +169,19 @@ class NgramTreeDrafter:
     and the n-gram table of the model's own answers (its guesses for the last 3, 2 and 1 tokens, or the
     table's `candidates` when it has them); chains (`propose`) from `chain`, for routes without trees."""
 
-    def __init__(self, chain: Any, table: Any = None, max_ngram: int = 3, max_children: int = 3):
+    def __init__(
+        self,
+        chain: Any,
+        table: Any = None,
+        max_ngram: int = 3,
+        max_children: int = 3,
+        calibration: Calibration | None = None,
+    ):
         self.chain = chain
         self.table = table
         self.max_ngram = max_ngram
         self.max_children = max_children
-        self.calibration = Calibration()
+        self.calibration = calibration or Calibration()
         self.name = getattr(chain, "name", "prompt_lookup")  # tree rounds show in stats.tree_rounds
         self._index: dict[tuple[int, ...], list[int]] = {}
         self._indexed: list[int] = []

@@ -43,6 +43,7 @@ class DistributedModelForCausalLM:
         self._draft_spans: dict[tuple[int, int], Any] = {}  # early-exit blocks by (blocks, max bytes)
         self._feature_drafters: dict[str, Any] = {}  # loaded drafters (factories) by path; "auto": shipped
         self._ngram_tables: dict[str, Any] = {}  # loaded n-gram tables by path; "auto": shipped
+        self._tree_calibrations: dict[str, Any] = {}  # draft_tree.Calibration per n-gram table
 
     @classmethod
     def from_pretrained(
@@ -268,9 +269,11 @@ class DistributedModelForCausalLM:
             return None
         drafter = NgramDrafter(table, speculation.max_ngram, max(speculation.lookup_min_match, 1))
         if speculation.tree_rows > 0:  # trees of the table's and prompt lookup's candidates, where allowed
-            from engine.client.draft_tree import NgramTreeDrafter
+            from engine.client.draft_tree import Calibration, NgramTreeDrafter
 
-            return NgramTreeDrafter(drafter, table, speculation.max_ngram)
+            # What the rounds teach about each kind of candidate holds for the next generations too.
+            calibration = self._tree_calibrations.setdefault(choice, Calibration())
+            return NgramTreeDrafter(drafter, table, speculation.max_ngram, calibration=calibration)
         return drafter
 
     def _load_ngram_table(self, choice: str):

@@ -82,7 +82,7 @@ def test_mixed_chain(client, mixed_chain, petals_python, interop_checkpoint, ref
 
     Besides inference and forward, the client backpropagates through both servers (rpc_backward). Our
     client asks the Petals server to push to ours; with speculation on, it sees that the Petals server
-    cannot roll its cache back and falls back to one-token steps.
+    cannot roll its cache back (nor take token trees) and falls back to one-token steps.
     """
     peers, home = mixed_chain
     opts = dict(log=tmp_path / f"{client}-client.log", home=home, dht_prefix=PREFIX, backward=True)
@@ -96,5 +96,6 @@ def test_mixed_chain(client, mixed_chain, petals_python, interop_checkpoint, ref
         if speculate:
             counters = result["speculation"]
             assert counters["drafted"] == 0 and counters["fallback_rounds"] == counters["rounds"] > 0
+            assert counters["tree_rounds"] == 0  # nor token trees: the Petals server announces no tree_steps
     assert "embeds_grad" in result
     assert_matches_reference(result, reference)
