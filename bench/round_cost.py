@@ -1,0 +1,197 @@
+"""What a server's step of k rows costs: SmolLM2's 30 blocks in 4 spans (as bench/wan.py splits them), in-process.
+
+A speculative round sends k rows (a drafted chain, or a token tree) through every server; it pays only if a
+step of several rows costs about what a step of one does. This probe times the servers' compute alone, with
+no wire: each span steps k new rows on top of a cached prompt through `BlockSpan.step` (the lean path the
+servers take), then forgets them again (the cache is cut back, as a rejected draft is), so every step sees
+the same past. Rows take turns within each repeat, so load that comes and goes hits every row alike.
+
+Columns: `wall` is the median wall-clock time of one step through all 4 spans (what a round pays), `cpu` the
+median CPU time of this process for it (less sensitive to other processes on shared cores), `x 1` the wall
+time over one row's. `--kernels` also times the products alone (the 120 matrix products of the 30 blocks, on
+the spans' own weights) for each way of computing them, and `--profile K` prints where a step of K rows
+spends its time, by operator (torch.profiler).
+
+    python bench/round_cost.py [--rows 1 2 3 4 5 6 8 10] [--repeats 15] [--past 64] [--threads 2]
+        [--kernels] [--profile K]
+
+Quote the load average it prints with the numbers: the CPU is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as servers run: idle OpenMP threads must not spin
+
+import torch  # noqa: E402
+from torch.nn import functional  # noqa: E402
+
+SPANS = [(0, 8), (8, 15), (15, 22), (22, 30)]  # bench/wan.py's split of SmolLM2 over 4 servers
+
+
+def load_spans(path: Path, spans: list[tuple[int, int]]):
+    from engine.models.span import load_block_span
+
+    return [load_block_span(path, start, end) for start, end in spans]
+
+
+def timed(function: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    function()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def step_all(spans, caches, rows: torch.Tensor) -> torch.Tensor:
+    """One step of `rows` new tokens through every span, then forget them (as a rolled-back draft is)."""
+    hidden = rows
+    for span, cache in zip(spans, caches, strict=True):
+        past = cache.length
+        hidden = span.step(hidden, cache)
+        cache.truncate(past)
+    return hidden
+
+
+def measure_steps(spans, caches, row_counts, repeats: int, hidden_size: int) -> dict[int, list]:
+    generator = torch.Generator().manual_seed(0)
+    inputs = {k: torch.randn(1, k, hidden_size, generator=generator) for k in row_counts}
+    for k in row_counts:  # warm-up: first calls allocate
+        step_all(spans, caches, inputs[k])
+    times: dict[int, list] = {k: [] for k in row_counts}
+    for repeat in range(repeats):
+        order = row_counts[repeat % len(row_counts) :] + row_counts[: repeat % len(row_counts)]
+        for k in order:
+            times[k].append(timed(lambda k=k: step_all(spans, caches, inputs[k])))
+    return times
+
+
+# --- the products alone, by kernel ---
+
+
+def _mm(x, weight):
+    return torch.mm(weight, x.t()).t()
+
+
+def _onednn(x, weight):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+KERNELS = {
+    "few_rows": None,  # engine.models.few_rows.few_rows_linear, whatever it chooses
+    "linear": lambda x, weight: functional.linear(x, weight),
+    "mm": _mm,
+    "onednn": _onednn,
+}
+
+
+def product_weights(spans) -> list[torch.Tensor]:
+    """The four matrices a lean layer multiplies by (joint q/k/v, o, joint gate/up, down), every block."""
+    weights = []
+    for span in spans:
+        for lean in span._lean:
+            layer = lean.layer
+            weights += [lean.qkv_weight, layer.self_attn.o_proj.weight, lean.gate_up_weight]
+            weights.append(layer.mlp.down_proj.weight)
+    return weights
+
+
+def measure_kernels(weights, row_counts, repeats: int) -> dict[tuple[str, int], list]:
+    from engine.models.few_rows import few_rows_linear
+
+    kernels = dict(KERNELS, few_rows=few_rows_linear)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {(k, w.shape[1]): torch.randn(k, w.shape[1], generator=generator) for k in row_counts for w in weights}
+    times: dict[tuple[str, int], list] = {}
+    for repeat in range(repeats):
+        for k in row_counts:
+            for name, kernel in kernels.items():
+
+                def run(kernel=kernel, k=k):
+                    for weight in weights:
+                        kernel(inputs[k, weight.shape[1]], weight)
+
+                times.setdefault((name, k), []).append(timed(run))
+    return times
+
+
+def profile_step(spans, caches, rows: int, hidden_size: int, top: int = 18) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = torch.randn(1, rows, hidden_size)
+    step_all(spans, caches, inputs)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step_all(spans, caches, inputs)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def median_ms(samples: list, which: int) -> float:
+    return statistics.median(s[which] for s in samples) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 3, 4, 5, 6, 8, 10])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--past", type=int, default=64, help="tokens already in every span's cache")
+    parser.add_argument("--threads", type=int, default=2, help="compute threads (bench/wan.py's servers: 2)")
+    parser.add_argument("--kernels", action="store_true", help="also time the products alone, by kernel")
+    parser.add_argument("--profile", type=int, default=0, metavar="K", help="operator profile of a K-row step")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2, prepared once)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.model:
+        path = Path(args.model)
+    else:
+        from engine.smollm2 import ensure_smollm2
+
+        path = Path(ensure_smollm2())
+    spans = load_spans(path, SPANS)
+    hidden_size = spans[0].config.hidden_size
+    caches = [span.new_cache(1, args.past + max(args.rows) + 1) for span in spans]
+    prompt = torch.randn(1, args.past, hidden_size, generator=torch.Generator().manual_seed(2))
+    for span, cache in zip(spans, caches, strict=True):
+        prompt = span.step(prompt, cache)
+
+    loads = [os.getloadavg()[0]]
+    steps = measure_steps(spans, caches, args.rows, args.repeats, hidden_size)
+    loads.append(os.getloadavg()[0])
+    kernels = measure_kernels(product_weights(spans), args.rows, args.repeats) if args.kernels else None
+    loads.append(os.getloadavg()[0])
+
+    print(
+        f"\n{path.name}: {spans[-1].end} blocks in spans {SPANS}, fp32, {args.threads} threads, "
+        f"{args.past} cached tokens; median of {args.repeats}; load (1 min) "
+        + " | ".join(f"{load:.2f}" for load in loads)
+    )
+    one = median_ms(steps[args.rows[0]], 0)
+    print(f"\n{'rows':>4} {'wall ms':>8} {'cpu ms':>8} {'x ' + str(args.rows[0]):>6} {'best':>7}")
+    for k in args.rows:
+        wall = median_ms(steps[k], 0)
+        best = min(s[0] for s in steps[k]) * 1e3
+        print(f"{k:>4} {wall:8.1f} {median_ms(steps[k], 1):8.1f} {wall / one:6.2f} {best:7.1f}")
+    if kernels:
+        names = list(KERNELS)
+        print("\nthe 120 products alone, wall ms (cpu ms), median")
+        print(f"{'rows':>4} " + " ".join(f"{name:>16}" for name in names))
+        for k in args.rows:
+            cells = [f"{median_ms(kernels[name, k], 0):7.1f} ({median_ms(kernels[name, k], 1):5.1f})" for name in names]
+            print(f"{k:>4} " + " ".join(f"{cell:>16}" for cell in cells))
+    if args.profile:
+        print(f"\noperators of a {args.profile}-row step (5 steps):")
+        print(profile_step(spans, caches, args.profile, hidden_size))
+
+
+if __name__ == "__main__":
+    main()
