@@ -1,4 +1,4 @@
-"""What a server's step of k rows costs: SmolLM2's 30 blocks in 4 spans (as bench/wan.py splits them), in-process.
+"""What a server's step of k rows costs: SmolLM2's 30 blocks in 4 spans (bench/wan.py's split), in-process.
 
 A speculative round sends k rows (a drafted chain, or a token tree) through every server; it pays only if a
 step of several rows costs about what a step of one does. This probe times the servers' compute alone, with
@@ -62,16 +62,33 @@ def step_all(spans, caches, rows: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def measure_steps(spans, caches, row_counts, repeats: int, hidden_size: int) -> dict[int, list]:
+# The products' kernels a step may be forced to (--step-kernels), beside few_rows' own choice ("auto").
+STEP_KERNELS = {
+    "auto": None,
+    "mm": lambda rows, **_: "pair" if rows == 1 else "mm" if rows <= 8 else "linear",  # before round_cost.py
+    "linear": lambda rows, **_: "linear",  # nn.Linear's products
+}
+
+
+def measure_steps(spans, caches, row_counts, repeats: int, hidden_size: int, kernels: list[str]) -> dict:
+    """{(kernel, k): [(wall, cpu), ...]}: steps of k rows with the products' kernels forced to `kernel`."""
+    from engine.models import few_rows
+
     generator = torch.Generator().manual_seed(0)
     inputs = {k: torch.randn(1, k, hidden_size, generator=generator) for k in row_counts}
-    for k in row_counts:  # warm-up: first calls allocate
-        step_all(spans, caches, inputs[k])
-    times: dict[int, list] = {k: [] for k in row_counts}
-    for repeat in range(repeats):
-        order = row_counts[repeat % len(row_counts) :] + row_counts[: repeat % len(row_counts)]
-        for k in order:
-            times[k].append(timed(lambda k=k: step_all(spans, caches, inputs[k])))
+    chosen = few_rows.kernel_for
+    times: dict[tuple[str, int], list] = {}
+    try:
+        for repeat in range(repeats + 1):  # the first round warms up (first calls allocate)
+            shift = repeat % len(row_counts)
+            for k in row_counts[shift:] + row_counts[:shift]:
+                for kernel in kernels:
+                    few_rows.kernel_for = STEP_KERNELS[kernel] or chosen
+                    sample = timed(lambda k=k: step_all(spans, caches, inputs[k]))
+                    if repeat:
+                        times.setdefault((kernel, k), []).append(sample)
+    finally:
+        few_rows.kernel_for = chosen
     return times
 
 
@@ -110,9 +127,11 @@ def measure_kernels(weights, row_counts, repeats: int) -> dict[tuple[str, int], 
 
     kernels = dict(KERNELS, few_rows=few_rows_linear)
     generator = torch.Generator().manual_seed(1)
-    inputs = {(k, w.shape[1]): torch.randn(k, w.shape[1], generator=generator) for k in row_counts for w in weights}
+    inputs = {
+        (k, w.shape[1]): torch.randn(k, w.shape[1], generator=generator) for k in row_counts for w in weights
+    }
     times: dict[tuple[str, int], list] = {}
-    for repeat in range(repeats):
+    for _ in range(repeats):
         for k in row_counts:
             for name, kernel in kernels.items():
 
@@ -140,13 +159,25 @@ def median_ms(samples: list, which: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 3, 4, 5, 6, 8, 10])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--past", type=int, default=64, help="tokens already in every span's cache")
     parser.add_argument("--threads", type=int, default=2, help="compute threads (bench/wan.py's servers: 2)")
     parser.add_argument("--kernels", action="store_true", help="also time the products alone, by kernel")
-    parser.add_argument("--profile", type=int, default=0, metavar="K", help="operator profile of a K-row step")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="K", help="operator profile of a K-row step"
+    )
+    parser.add_argument(
+        "--step-kernels",
+        nargs="+",
+        default=["auto"],
+        choices=list(STEP_KERNELS),
+        help="the products' kernels for the steps: auto (few_rows' choice), mm (before: weight @ rows.T to "
+        "8 rows), linear (nn.Linear); several take turns",
+    )
     parser.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2, prepared once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -165,7 +196,7 @@ def main() -> None:
         prompt = span.step(prompt, cache)
 
     loads = [os.getloadavg()[0]]
-    steps = measure_steps(spans, caches, args.rows, args.repeats, hidden_size)
+    steps = measure_steps(spans, caches, args.rows, args.repeats, hidden_size, args.step_kernels)
     loads.append(os.getloadavg()[0])
     kernels = measure_kernels(product_weights(spans), args.rows, args.repeats) if args.kernels else None
     loads.append(os.getloadavg()[0])
@@ -175,18 +206,25 @@ def main() -> None:
         f"{args.past} cached tokens; median of {args.repeats}; load (1 min) "
         + " | ".join(f"{load:.2f}" for load in loads)
     )
-    one = median_ms(steps[args.rows[0]], 0)
-    print(f"\n{'rows':>4} {'wall ms':>8} {'cpu ms':>8} {'x ' + str(args.rows[0]):>6} {'best':>7}")
-    for k in args.rows:
-        wall = median_ms(steps[k], 0)
-        best = min(s[0] for s in steps[k]) * 1e3
-        print(f"{k:>4} {wall:8.1f} {median_ms(steps[k], 1):8.1f} {wall / one:6.2f} {best:7.1f}")
+    print("\none step through all 4 spans; x: wall time over the first kernel's first row count")
+    print(f"{'kernels':>8} {'rows':>4} {'wall ms':>8} {'cpu ms':>8} {'x':>6} {'best':>7}")
+    one = median_ms(steps[args.step_kernels[0], args.rows[0]], 0)
+    for kernel in args.step_kernels:
+        for k in args.rows:
+            samples = steps[kernel, k]
+            wall, best = median_ms(samples, 0), min(s[0] for s in samples) * 1e3
+            print(
+                f"{kernel:>8} {k:>4} {wall:8.1f} {median_ms(samples, 1):8.1f} {wall / one:6.2f} {best:7.1f}"
+            )
     if kernels:
         names = list(KERNELS)
         print("\nthe 120 products alone, wall ms (cpu ms), median")
         print(f"{'rows':>4} " + " ".join(f"{name:>16}" for name in names))
         for k in args.rows:
-            cells = [f"{median_ms(kernels[name, k], 0):7.1f} ({median_ms(kernels[name, k], 1):5.1f})" for name in names]
+            cells = [
+                f"{median_ms(kernels[name, k], 0):7.1f} ({median_ms(kernels[name, k], 1):5.1f})"
+                for name in names
+            ]
             print(f"{k:>4} " + " ".join(f"{cell:>16}" for cell in cells))
     if args.profile:
         print(f"\noperators of a {args.profile}-row step (5 steps):")

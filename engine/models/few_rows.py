@@ -1,10 +1,13 @@
 """`x @ weight.T` for a few rows on the CPU, 1.1-2.5x faster than nn.Linear there.
 
-A decode step or a speculative round multiplies 1 to k + 1 rows by each weight matrix. On this machine's MKL
-(torch 2.13 CPU) `nn.Linear` with 2-8 rows is a badly blocked gemm: a SmolLM2 step's 120 products took
-65-95 ms for 2 rows against 27-39 ms as `weight @ rows.T`, and one row (a gemv) 41-54 ms against 43 ms
-padded to two rows (`bench/README.md`, wan.py, third pass). The products are the same; the summation order
-may differ (~1e-6). Other devices, dtypes, gradients and more rows take `nn.functional.linear`.
+A decode step or a speculative round multiplies 1 to k + 1 rows (a chain or a token tree) by each weight
+matrix. On this machine's MKL (torch 2.13 CPU, AMD EPYC) `nn.Linear` with 2-8 rows is a badly blocked gemm:
+a SmolLM2 step's 120 products took 65-95 ms for 2 rows against 27-39 ms as `weight @ rows.T`, and one row (a
+gemv) 41-54 ms against 43 ms padded to two rows (`bench/README.md`, wan.py, third pass). From 6 rows on,
+oneDNN's matmul on the same row-major weight is the fastest (`bench/round_cost.py --kernels`, CPU ms of the
+120 products: 6 rows 47 vs 56, 8 rows 52 vs 59, 12 rows 58 vs 63-100). The products are the same; the
+summation order may differ (~1e-6). Other devices, dtypes, gradients and more rows take
+`nn.functional.linear`.
 """
 
 from __future__ import annotations
@@ -12,21 +15,54 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
-FEW_ROWS = 8  # at 12 rows and more nn.Linear was as fast or faster
+FEW_ROWS = 16  # the lean step's longest step (LEAN_STEP_TOKENS); above it nn.Linear is as fast
+ONEDNN_ROWS = 6  # from this many rows on, oneDNN's matmul beats MKL's gemm as weight @ rows.T
+
+
+def kernel_for(rows: int, *, max_rows: int = FEW_ROWS, onednn: bool = True) -> str:
+    """Which kernel computes `rows` rows: "pair" (one row padded to two: MKL's two-row gemm beats its
+    gemv), "mm" (weight @ rows.T), "onednn" (oneDNN's matmul) or "linear" (nn.functional.linear)."""
+    if not 0 < rows <= max_rows:
+        return "linear"
+    if rows == 1:
+        return "pair"
+    return "onednn" if onednn and rows >= ONEDNN_ROWS else "mm"
 
 
 def few_rows_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, max_rows: int = FEW_ROWS
 ) -> torch.Tensor:
-    """`functional.linear(x, weight, bias)`, computed as weight @ rows.T when x holds 1..max_rows rows."""
+    """`functional.linear(x, weight, bias)`, computed by the fastest kernel here for x's number of rows."""
     rows = x.reshape(-1, x.shape[-1])
-    count = rows.shape[0]
     eligible = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    if not eligible or not 0 < count <= max_rows or (torch.is_grad_enabled() and weight.requires_grad):
+    if not eligible or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
         return functional.linear(x, weight, bias)
-    if count == 1:  # one row is a gemv, slower here than the two-row gemm
-        rows = torch.cat([rows, rows.new_zeros(rows.shape)])
-    out = torch.mm(weight, rows.t()).t()[:count].contiguous()
-    if bias is not None:
-        out = out + bias
+    kernel = kernel_for(rows.shape[0], max_rows=max_rows, onednn=_onednn_available())
+    if kernel == "linear":
+        return functional.linear(x, weight, bias)
+    if kernel == "onednn":
+        out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), weight, bias, "none", [], "")
+    else:
+        count = rows.shape[0]
+        if kernel == "pair":
+            rows = torch.cat([rows, rows.new_zeros(rows.shape)])
+        out = torch.mm(weight, rows.t()).t()[:count].contiguous()
+        if bias is not None:
+            out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_ONEDNN: list[bool] = []
+
+
+def _onednn_available() -> bool:
+    """Whether this torch has oneDNN's linear (CPU builds with MKLDNN; checked once)."""
+    if not _ONEDNN:
+        try:
+            probe = torch.ops.mkldnn._linear_pointwise(
+                torch.ones(1, 2), torch.ones(3, 2), None, "none", [], ""
+            )
+            _ONEDNN.append(torch.isclose(probe, torch.full((1, 3), 2.0)).all().item())
+        except (AttributeError, RuntimeError):
+            _ONEDNN.append(False)
+    return _ONEDNN[0]

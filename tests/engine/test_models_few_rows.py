@@ -6,10 +6,24 @@ import pytest
 import torch
 from torch.nn import functional
 
-from engine.models.few_rows import FEW_ROWS, few_rows_linear
+from engine.models.few_rows import FEW_ROWS, ONEDNN_ROWS, few_rows_linear, kernel_for
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 3), (1, FEW_ROWS), (1, FEW_ROWS + 1), (2, 40), (7,)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 1),
+        (1, 2),
+        (2, 3),
+        (1, ONEDNN_ROWS - 1),
+        (1, ONEDNN_ROWS),
+        (2, 5),
+        (1, FEW_ROWS),
+        (1, FEW_ROWS + 1),
+        (2, 40),
+        (7,),
+    ],
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_equals_linear_for_every_shape(shape, bias):
     generator = torch.Generator().manual_seed(0)
@@ -22,6 +36,25 @@ def test_equals_linear_for_every_shape(shape, bias):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", range(1, FEW_ROWS + 1))
+def test_every_kernel_within_float32_rounding_of_linear_at_model_sizes(rows):
+    # SmolLM2's widest products (joint gate/up 3072 x 576, down 576 x 1536): every row count's kernel.
+    generator = torch.Generator().manual_seed(rows)
+    for out_features, in_features in [(3072, 576), (576, 1536)]:
+        weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+        x = torch.randn(1, rows, in_features, generator=generator)
+        expected = functional.linear(x, weight)
+        torch.testing.assert_close(few_rows_linear(x, weight), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_kernel_choice_by_rows():
+    assert kernel_for(1) == "pair"  # MKL's two-row gemm beats its gemv
+    assert [kernel_for(r) for r in range(2, ONEDNN_ROWS)] == ["mm"] * (ONEDNN_ROWS - 2)
+    assert {kernel_for(r) for r in range(ONEDNN_ROWS, FEW_ROWS + 1)} == {"onednn"}
+    assert kernel_for(ONEDNN_ROWS, onednn=False) == "mm"  # a torch without oneDNN
+    assert kernel_for(0) == kernel_for(FEW_ROWS + 1) == kernel_for(3, max_rows=2) == "linear"
+
+
 def test_other_dtypes_and_gradients_take_linear():
     weight = torch.randn(8, 4, dtype=torch.float64)
     x = torch.randn(1, 2, 4, dtype=torch.float64)
@@ -30,3 +63,7 @@ def test_other_dtypes_and_gradients_take_linear():
     hidden = torch.randn(1, 2, 4, requires_grad=True)
     few_rows_linear(hidden, trained).sum().backward()
     assert trained.grad is not None and hidden.grad is not None
+    frozen = torch.randn(8, 4)
+    hidden = torch.randn(1, ONEDNN_ROWS, 4, requires_grad=True)  # only the input needs a gradient
+    few_rows_linear(hidden, frozen).sum().backward()
+    assert hidden.grad is not None
