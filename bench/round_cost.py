@@ -12,7 +12,7 @@ time over one row's. `--kernels` also times the products alone (the 120 matrix p
 the spans' own weights) for each way of computing them, and `--profile K` prints where a step of K rows
 spends its time, by operator (torch.profiler).
 
-    python bench/round_cost.py [--rows 1 2 3 4 5 6 8 10] [--repeats 15] [--past 64] [--threads 2]
+    python bench/round_cost.py [--rows 1 2 3 4 5 6 8 10] [--repeats 15] [--past 64] [--threads 2 [1]]
         [--kernels] [--profile K]
 
 Quote the load average it prints with the numbers: the CPU is shared.
@@ -70,8 +70,9 @@ STEP_KERNELS = {
 }
 
 
-def measure_steps(spans, caches, row_counts, repeats: int, hidden_size: int, kernels: list[str]) -> dict:
-    """{(kernel, k): [(wall, cpu), ...]}: steps of k rows with the products' kernels forced to `kernel`."""
+def measure_steps(spans, caches, row_counts, repeats: int, hidden_size: int, configs: list) -> dict:
+    """{(kernel, threads, k): [(wall, cpu), ...]}: steps of k rows with the products' kernels forced to
+    `kernel` and `threads` compute threads, for every (kernel, threads) in `configs`, taking turns."""
     from engine.models import few_rows
 
     generator = torch.Generator().manual_seed(0)
@@ -82,11 +83,12 @@ def measure_steps(spans, caches, row_counts, repeats: int, hidden_size: int, ker
         for repeat in range(repeats + 1):  # the first round warms up (first calls allocate)
             shift = repeat % len(row_counts)
             for k in row_counts[shift:] + row_counts[:shift]:
-                for kernel in kernels:
+                for kernel, threads in configs:
                     few_rows.kernel_for = STEP_KERNELS[kernel] or chosen
+                    torch.set_num_threads(threads)
                     sample = timed(lambda k=k: step_all(spans, caches, inputs[k]))
                     if repeat:
-                        times.setdefault((kernel, k), []).append(sample)
+                        times.setdefault((kernel, threads, k), []).append(sample)
     finally:
         few_rows.kernel_for = chosen
     return times
@@ -165,7 +167,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 3, 4, 5, 6, 8, 10])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--past", type=int, default=64, help="tokens already in every span's cache")
-    parser.add_argument("--threads", type=int, default=2, help="compute threads (bench/wan.py's servers: 2)")
+    parser.add_argument(
+        "--threads", nargs="+", type=int, default=[2], help="compute threads (bench/wan.py's servers: 2)"
+    )
     parser.add_argument("--kernels", action="store_true", help="also time the products alone, by kernel")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="K", help="operator profile of a K-row step"
@@ -180,7 +184,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2, prepared once)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
 
     if args.model:
         path = Path(args.model)
@@ -196,26 +200,27 @@ def main() -> None:
         prompt = span.step(prompt, cache)
 
     loads = [os.getloadavg()[0]]
-    steps = measure_steps(spans, caches, args.rows, args.repeats, hidden_size, args.step_kernels)
+    configs = [(kernel, threads) for kernel in args.step_kernels for threads in args.threads]
+    steps = measure_steps(spans, caches, args.rows, args.repeats, hidden_size, configs)
+    torch.set_num_threads(args.threads[0])
     loads.append(os.getloadavg()[0])
     kernels = measure_kernels(product_weights(spans), args.rows, args.repeats) if args.kernels else None
     loads.append(os.getloadavg()[0])
 
     print(
-        f"\n{path.name}: {spans[-1].end} blocks in spans {SPANS}, fp32, {args.threads} threads, "
+        f"\n{path.name}: {spans[-1].end} blocks in spans {SPANS}, fp32, "
         f"{args.past} cached tokens; median of {args.repeats}; load (1 min) "
         + " | ".join(f"{load:.2f}" for load in loads)
     )
-    print("\none step through all 4 spans; x: wall time over the first kernel's first row count")
-    print(f"{'kernels':>8} {'rows':>4} {'wall ms':>8} {'cpu ms':>8} {'x':>6} {'best':>7}")
-    one = median_ms(steps[args.step_kernels[0], args.rows[0]], 0)
-    for kernel in args.step_kernels:
+    print("\none step through all 4 spans; x: wall time over the first row's")
+    print(f"{'kernels':>8} {'threads':>7} {'rows':>4} {'wall ms':>8} {'cpu ms':>8} {'x':>6} {'best':>7}")
+    one = median_ms(steps[(*configs[0], args.rows[0])], 0)
+    for kernel, threads in configs:
         for k in args.rows:
-            samples = steps[kernel, k]
+            samples = steps[kernel, threads, k]
             wall, best = median_ms(samples, 0), min(s[0] for s in samples) * 1e3
-            print(
-                f"{kernel:>8} {k:>4} {wall:8.1f} {median_ms(samples, 1):8.1f} {wall / one:6.2f} {best:7.1f}"
-            )
+            cpu = median_ms(samples, 1)
+            print(f"{kernel:>8} {threads:>7} {k:>4} {wall:8.1f} {cpu:8.1f} {wall / one:6.2f} {best:7.1f}")
     if kernels:
         names = list(KERNELS)
         print("\nthe 120 products alone, wall ms (cpu ms), median")
