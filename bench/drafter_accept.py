@@ -7,9 +7,14 @@ verified tokens and features, the longest prefix equal to the answer is kept plu
 own, and the next round starts after it (what a swarm round yields). Reported separately for the held-out
 prompts (bench/drafter_prompts.py: none was trained on) and for the WAN bench's "question" prompt:
 acceptance of the 1st/2nd/3rd draft token (each given that the ones before it were kept), tokens per
-round for k = 1..4, and the drafter's time per drafted token (THREADS threads); prompt lookup beside it.
+round for k = 1..4, and the drafter's CPU time per drafted token (its own thread's time: under load the
+wall time is longer by the machine's load); the n-gram table shipped for the model (or --ngram) and prompt
+lookup beside it. A tree row ("tree dDwWnN", `FeatureDrafter.draft_tree`) gives the tokens per round of
+tree speculation that verifies a tree of N nodes: 1 + the longest path of the tree the answer follows
+(under k=1..4: trees of depth 1..4), and its CPU time per tree.
 
     python bench/drafter_accept.py [--model smollm2 | FOLDER] [--drafter FOLDER] [--new-tokens 64]
+        [--tree 4 4 16] [--json FILE]
 """
 
 from __future__ import annotations
@@ -89,9 +94,9 @@ def replay(records: list[dict], propose, k: int) -> dict:
             room = min(k, end - 1 - t)  # the last token of the answer cannot be checked
             proposal = []
             if room > 0:
-                began = time.perf_counter()
+                began = time.thread_time()
                 proposal = draft(sequence[:t], features[: t - 1], room)[:room]
-                seconds += time.perf_counter() - began
+                seconds += time.thread_time() - began
             a = 0
             while a < len(proposal) and proposal[a] == sequence[t + a]:
                 a += 1
@@ -109,6 +114,39 @@ def replay(records: list[dict], propose, k: int) -> dict:
     )
 
 
+def replay_tree(records: list[dict], make, depth: int, width: int, nodes: int) -> dict:
+    """Tree speculation over each record's answer: each round the drafter's tree after the verified
+    tokens; the round keeps the longest path of the tree that the answer follows, plus the model's token."""
+    tokens_out = rounds = 0
+    seconds = 0.0
+    first = [0, 0]  # rounds whose tree held the answer's next token, rounds with a tree
+    for record in records:
+        drafter = make()
+        sequence, features = record["tokens"], record["features"]
+        t, end = record["prompt_length"], len(sequence)
+        while t < end:
+            room = min(depth, end - 1 - t)
+            a = 0
+            if room > 0:
+                began = time.thread_time()
+                tree = drafter.draft_tree(
+                    sequence[:t], features[: t - 1], depth=room, width=width, max_nodes=nodes
+                )
+                seconds += time.thread_time() - began
+                at = -1
+                while a < room:
+                    follow = [i for i, n in enumerate(tree) if n.parent == at and n.token == sequence[t + a]]
+                    if not follow:
+                        break
+                    at, a = follow[0], a + 1
+                first[0] += a > 0
+                first[1] += 1
+            t += a + 1
+            tokens_out += a + 1
+            rounds += 1
+    return dict(per_round=tokens_out / rounds, first=first[0] / max(first[1], 1), seconds=seconds / rounds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=ROOT / "tmp" / "data")
+    parser.add_argument("--ngram", type=Path, default=None, help="an n-gram table (default: the shipped one)")
+    parser.add_argument(
+        "--tree",
+        type=int,
+        nargs=3,
+        default=(4, 4, 16),
+        metavar=("DEPTH", "WIDTH", "NODES"),
+        help="0 0 0: none",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="append the results to this file (JSON lines)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -126,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         load_feature_drafter,
         shipped_drafter_path,
     )
+    from engine.client.ngram_drafter import NgramDrafter, NgramTable, shipped_table_path
     from engine.client.speculative import prompt_lookup
     from engine.models import load_client_parts
 
@@ -152,6 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     def lookup():
         return lambda tokens, _features, k: prompt_lookup(tokens, k, 3)
 
+    others = {}
+    table_path = args.ngram or shipped_table_path(path.name)
+    if table_path is not None:
+        table = NgramTable.load(table_path, head.embed_tokens.weight.shape[0])
+
+        def ngram():
+            drafter = NgramDrafter(table)
+            return lambda tokens, _features, k: drafter.draft(tokens, k)[0]
+
+        others["n-gram table"] = ngram
+    others["prompt lookup"] = lookup
+
     sets = {
         f"held-out ({len(HELD_OUT)})": answers_with_features(
             path, list(HELD_OUT), args.new_tokens, args.data
@@ -168,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         + f" {'ms/draft':>8}"
     )
     print(header + "\n" + "-" * len(header) + "   (k=N: tokens per round)")
+    rows = []
     for name, records in sets.items():
-        for label, make in (*drafters.items(), ("prompt lookup", lookup)):
+        for label, make in (*drafters.items(), *others.items()):
             results = {k: replay(records, make, k) for k in KS}
             acceptance = results[max(KS)]["acceptance"]
             print(
@@ -178,6 +242,39 @@ def main(argv: list[str] | None = None) -> int:
                 + f" {results[max(KS)]['seconds'] * 1e3:8.1f}",
                 flush=True,
             )
+            rows.append(
+                dict(
+                    prompts=name,
+                    drafter=label,
+                    acceptance=acceptance[:3],
+                    **{f"per_round_k{k}": results[k]["per_round"] for k in KS},
+                    ms_per_draft=results[max(KS)]["seconds"] * 1e3,
+                )
+            )
+        depth, width, nodes = args.tree
+        if depth > 0:
+            label = f"tree d{depth}w{width}n{nodes}"
+            trees = {d: replay_tree(records, drafters["feature"], d, width, nodes) for d in KS if d <= depth}
+            last = trees[max(trees)]
+            print(
+                f"{name:15} {label:14} {last['first']:7.0%} {'':5} {'':5} "
+                + " ".join(f"{trees[k]['per_round']:5.2f}" if k in trees else f"{'':5}" for k in KS)
+                + f" {last['seconds'] * 1e3:8.1f}   (ms per tree; 1st: the tree holds the next token)",
+                flush=True,
+            )
+            rows.append(
+                dict(
+                    prompts=name,
+                    drafter=label,
+                    first=last["first"],
+                    **{f"per_round_k{k}": trees[k]["per_round"] for k in trees},
+                    ms_per_tree=last["seconds"] * 1e3,
+                )
+            )
+    if args.json is not None:
+        line = dict(drafter=str(folder), notes=factory.config.notes, rows=rows, at=time.time())
+        with args.json.open("a") as file:
+            file.write(json.dumps(line) + "\n")
     return 0
 
 
