@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         depth, width, nodes = args.tree
         if depth > 0:
             label = f"tree d{depth}w{width}n{nodes}"
-            trees = {d: replay_tree(records, drafters["feature"], d, width, nodes) for d in KS if d <= depth}
+            trees = {d: replay_tree(records, factory, d, width, nodes) for d in KS if d <= depth}
             last = trees[max(trees)]
             print(
                 f"{name:15} {label:14} {last['first']:7.0%} {'':5} {'':5} "
