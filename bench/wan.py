@@ -24,7 +24,7 @@ for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
         [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1]
-        [--rows a b c-hop c-push c-spec c-exit c-feat c-ngram c-tree] [--prompts question rewrite]
+        [--rows a b c-hop c-push c-spec c-exit c-feat c-feat-tree c-ngram c-tree] [--prompts ...]
         [--draft-blocks N] [--logs DIR]
 
 c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit);
@@ -32,7 +32,8 @@ c-feat with the trained feature drafter shipped for the model (engine.client.fea
 there is none), or the drafter folder --feature-drafter names; c-ngram with the table of the model's own
 answers shipped for it (engine.client.ngram_drafter; skipped when there is none); c-tree verifies token trees
 of the table's and prompt lookup's candidates in each round (engine.client.draft_tree; prompt lookup's alone
-when no table is shipped). The other speculative rows draft chains only.
+when no table is shipped); c-feat-tree verifies the feature drafter's trees (EAGLE-2 expansion) with prompt
+lookup's copies among the candidates. The other speculative rows draft chains only.
 With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
@@ -103,6 +104,12 @@ ROWS = {
         "pollinate",
         "pollinate",
         {"speculate": True, "ngram_table": "auto"},
+    ),
+    "c-feat-tree": (
+        "Pollinate, push + feature-drafter trees",
+        "pollinate",
+        "pollinate",
+        {"speculate": True, "feature_drafter": "auto", "tree_rows": 8},
     ),
     "c-tree": (
         "Pollinate, push + token trees",
@@ -438,9 +445,10 @@ def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
     every round, so that the machine's other load is spread over every row instead of falling on one."""
     env = base_env(tmp)
     keys = list(args.rows)
-    if "c-feat" in keys and args.feature_drafter is None and _shipped_drafter(path) is None:
-        print(f"[{name}] c-feat skipped: no feature drafter is shipped for this model", flush=True)
-        keys.remove("c-feat")
+    for key in ("c-feat", "c-feat-tree"):
+        if key in keys and args.feature_drafter is None and _shipped_drafter(path) is None:
+            print(f"[{name}] {key} skipped: no feature drafter is shipped for this model", flush=True)
+            keys.remove(key)
     if "c-ngram" in keys and _shipped_table(path) is None:
         print(f"[{name}] c-ngram skipped: no n-gram table is shipped for this model", flush=True)
         keys.remove("c-ngram")

@@ -255,3 +255,69 @@ class NgramTreeDrafter:
             for n in range(1, min(self.max_ngram, end) + 1):
                 self._index.setdefault(tuple(history[end - n : end]), []).append(end)
         self._indexed = list(history)
+
+
+# --- a feature drafter's trees (engine/client/feature_drafter.py `draft_tree`), with prompt lookup's ---
+
+
+class FeatureTreeDrafter:
+    """Trees from a feature drafter's EAGLE-2 expansion (its nodes' conditional probabilities, calibrated
+    by the rounds) merged with prompt lookup's candidates; chains (`draft_with_features`) from the drafter
+    itself, for routes without trees. Drafts from the last block's features, as the drafter does."""
+
+    wants_features = True
+
+    def __init__(
+        self,
+        drafter: Any,
+        *,
+        lookup: NgramTreeDrafter | None = None,
+        depth: int = 4,
+        width: int = 4,
+        calibration: Calibration | None = None,
+    ):
+        self.drafter, self.lookup = drafter, lookup
+        self.depth, self.width = depth, width
+        self.calibration = calibration or Calibration()
+        self.name = getattr(drafter, "name", "feature")
+
+    def draft_with_features(self, tokens: Sequence[int], features: Any, k: int):
+        return self.drafter.draft_with_features(tokens, features, k)
+
+    def propose_tree(
+        self, history: Sequence[int], max_rows: int, row_cost: float, features: Any
+    ) -> DraftTree:
+        history = list(history)
+        nodes = self.drafter.draft_tree(
+            history, features, depth=self.depth, width=self.width, max_nodes=max(2 * max_rows, 1)
+        )
+        paths: dict[int, tuple[int, ...]] = {-1: ()}
+        scores: dict[int, float] = {-1: 1.0}
+        children: dict[tuple[int, ...], list[Candidate]] = defaultdict(list)
+        for index, (parent, token, score) in enumerate(nodes):
+            if parent not in paths:
+                continue  # its parent was cut (select_tree keeps parents; this is a guard)
+            paths[index] = (*paths[parent], int(token))
+            scores[index] = float(score)
+            chance = min(max(float(score) / max(scores[parent], 1e-9), 0.0), 1.0)  # its own softmax share
+            kind = ("feature", min(int(chance * 10), 9))  # tenths of the drafter's own confidence
+            children[paths[parent]].append((int(token), kind, chance))
+        if self.lookup is not None:
+            self.lookup._update_index(history)
+
+        def candidates(path: list[int]) -> list[Candidate]:
+            found = list(children.get(tuple(path), ()))
+            if self.lookup is not None:  # copies from the conversation (input-grounded answers)
+                found += [c for c in self.lookup.candidates(history, path) if c[1][0] == "lookup"]
+            return found
+
+        return build_tree(
+            candidates,
+            max_rows=max_rows,
+            row_cost=row_cost,
+            calibration=self.calibration,
+            max_children=self.width,
+        )
+
+    def observe(self, tree: DraftTree, path: Sequence[int]) -> None:
+        self.calibration.observe(tree, path)

@@ -252,9 +252,25 @@ class DistributedModelForCausalLM:
                 drafter = EarlyExitDrafter(self.head, span)
         if drafter is None and choice == "auto":
             drafter = self._feature_drafter("auto")
+        if drafter is not None and speculation.tree_rows > 0 and hasattr(drafter, "draft_tree"):
+            drafter = self._feature_tree_drafter(drafter, speculation)
         if drafter is None and speculation.ngram_table is not None:
             drafter = self._ngram_drafter(speculation)
         return speculation if drafter is None else dataclasses.replace(speculation, drafter=drafter)
+
+    def _feature_tree_drafter(self, drafter, speculation: SpeculationConfig):
+        """A feature drafter's trees (EAGLE-2), with prompt lookup's copies among the candidates when the
+        config lets copies stand in for the drafter (lookup_min_match > 0); calibration kept per model."""
+        from engine.client.draft_tree import Calibration, FeatureTreeDrafter, NgramTreeDrafter
+        from engine.client.speculative import PromptLookupDrafter
+
+        lookup = None
+        if speculation.lookup_min_match > 0:
+            lookup = NgramTreeDrafter(PromptLookupDrafter(speculation.max_ngram), None, speculation.max_ngram)
+        calibration = self._tree_calibrations.setdefault(
+            ("feature", str(speculation.feature_drafter)), Calibration()
+        )
+        return FeatureTreeDrafter(drafter, lookup=lookup, calibration=calibration)
 
     def _ngram_drafter(self, speculation: SpeculationConfig):
         """A drafter from the n-gram table at the path `speculation.ngram_table`, or ("auto") the one

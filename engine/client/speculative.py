@@ -69,7 +69,7 @@ class SpeculationConfig:
     lookup_min_match: int = 2
     # Greedy decoding on routes whose servers all take tree steps: up to this many draft rows per round as a
     # token tree (engine/client/draft_tree.py: several candidates verified at once); 0: chains only. Prompt
-    # lookup and the n-gram table propose trees; feature, early-exit and draft-model drafters draft chains.
+    # lookup, the n-gram table and feature drafters propose trees; early-exit and draft models draft chains.
     tree_rows: int = 8
 
     def __post_init__(self):
@@ -442,7 +442,7 @@ def speculative_rounds(
     propose = getattr(drafter, "propose", None)
     # Trees: greedy only (sampling keeps chains and speculative sampling), where the model can send them.
     trees = getattr(drafter, "propose_tree", None) is not None and hasattr(model, "can_take_trees")
-    trees = trees and config.tree_rows > 0 and not params.sampling and features is None
+    trees = trees and config.tree_rows > 0 and not params.sampling
     cost = RoundCost(config.token_cost) if config.learn_cost else None
     tokens = history[0].tolist()
     pending_ids = pending[0].tolist()
@@ -455,8 +455,9 @@ def speculative_rounds(
         started = time.perf_counter()
         if limit > 0 and trees and len(pending_ids) == 1 and model.can_take_trees(session):
             rollback = kept_position if kept_position < session.position else None
+            verified = (rollback, kept_position, features)
             new = _tree_round(
-                model, session, drafter, tokens, pending_ids, rollback, params, config, cost, stats, limit
+                model, session, drafter, tokens, pending_ids, verified, params, config, cost, stats, limit
             )
             if new is not None:
                 kept_position += len(new)  # the pending token and the kept path
@@ -529,28 +530,35 @@ def speculative_rounds(
         yield new
 
 
-def _tree_round(model, session, drafter, tokens, pending_ids, rollback, params, config, cost, stats, limit):
+def _tree_round(model, session, drafter, tokens, pending_ids, verified, params, config, cost, stats, limit):
     """One round with a token tree (draft_tree.py): the new tokens (the kept path's and the model's next),
     or None when no tree was proposed or a server of the route turned out to take none (the caller then
     runs an ordinary round)."""
     from engine.client.inference_session import TreeStepsUnsupportedError
 
+    rollback, kept_position, features = verified  # where the servers cut back to; what they keep; features
     started = time.perf_counter()
     row_cost = cost.token_cost if cost is not None else config.token_cost
     max_rows = min(config.tree_rows, limit)
-    tree = drafter.propose_tree(tokens, max_rows, row_cost)
+    if features is None:
+        tree = drafter.propose_tree(tokens, max_rows, row_cost)
+    else:  # a feature drafter's tree, from the last block's outputs at the verified positions
+        tree = drafter.propose_tree(tokens, max_rows, row_cost, features.view())
     if len(tree) == 0:
         return None
     if len(tree) > max_rows:  # parents come before their children: the first rows are a tree too
         tree = DraftTree(tree.tokens[:max_rows], tree.parents[:max_rows], tree.kinds[:max_rows])
     drafted_at = time.perf_counter()
     sent = torch.tensor([pending_ids + tree.tokens], dtype=torch.int64)
+    step = model.session_forward if features is not None else model.session_logits_all
     try:
-        logits = model.session_logits_all(
+        output = step(
             session, sent, start_from_position=rollback, last=len(tree) + 1, tree_parents=tree.parents
-        )[0].float()
+        )
     except TreeStepsUnsupportedError:
         return None
+    logits, hidden = output if features is not None else (output, None)
+    logits = logits[0].float()
     penalty = params.repetition_penalty
     targets = []
     for row in range(len(tree) + 1):  # row 0: the pending token; row 1 + i: tree row i
@@ -559,6 +567,9 @@ def _tree_round(model, session, drafter, tokens, pending_ids, rollback, params, 
         targets.append(int(apply_repetition_penalty(logits[row : row + 1], context_ids, penalty).argmax()))
     path, token = verify_greedy(tree, targets)
     model.accept_tree(session, path)
+    if features is not None:  # the verified rows: the pending token and the kept path
+        features.truncate(kept_position)
+        features.append(hidden[0, [0, *(1 + r for r in path)]])
     drafter.observe(tree, path)
     if cost is not None:
         cost.observe(sent.shape[1], time.perf_counter() - drafted_at, len(tree), drafted_at - started)

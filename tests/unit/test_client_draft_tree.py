@@ -212,3 +212,59 @@ def test_greedy_tree_speculation_equals_plain_greedy(hf, wrong_every, penalty):
     sampling = SamplingParams(max_new_tokens=4, do_sample=True, seed=1, repetition_penalty=penalty)
     generate(TreeModel(hf), ids, sampling, speculation=SpeculationConfig(drafter=drafter), stats=sampled)
     assert sampled.tree_rounds == 0
+
+
+# --- a feature drafter's trees: the features of every verified position reach it, aligned ---
+
+
+class FeatureTreeModel(TreeModel):
+    """TreeModel that also returns each row's last-block output (before the final norm), on its own path."""
+
+    def session_forward(self, session, input_ids, *, start_from_position=None, last=None, tree_parents=None):
+        from tests.helpers.feature_drafters import last_block_outputs
+
+        before = session.tokens[: start_from_position if start_from_position is not None else None]
+        logits = self.session_logits_all(
+            session, input_ids, start_from_position=start_from_position, last=last, tree_parents=tree_parents
+        )
+        ids = input_ids[0].tolist()
+        chain = len(ids) - len(tree_parents or [])
+        contexts = [before + ids[: i + 1] for i in range(chain)]
+        for i, _ in enumerate(tree_parents or []):
+            path, r = [], i
+            while r >= 0:
+                path, r = [r, *path], tree_parents[r]
+            contexts.append(before + ids[:chain] + [ids[chain + j] for j in path])
+        hidden = torch.stack([last_block_outputs(self.hf, context)[-1] for context in contexts])
+        return logits, hidden[None]
+
+
+def test_a_feature_drafters_tree_gets_aligned_features_and_greedy_is_unchanged(hf):
+    from engine.client.draft_tree import FeatureTreeDrafter
+    from tests.helpers.feature_drafters import CheckingFeatureDrafter
+
+    class CheckingTrees(CheckingFeatureDrafter):
+        """Checks the features, then offers the greedy chain with a likelier wrong sibling at every depth
+        of every other tree (so the tree, not the drafter's first choice, finds the kept path)."""
+
+        def draft_tree(self, tokens, features, *, depth, width, max_nodes):
+            chain, _ = self.draft_with_features(tokens, features, depth)  # checks the features
+            nodes, parent, score = [], -1, 1.0
+            for token in chain:
+                if self.calls % 2:
+                    nodes.append((parent, (token + 1) % 512, score * 0.6))
+                nodes.append((parent, token, score * 0.4))
+                parent, score = len(nodes) - 1, score * 0.4
+            return nodes[:max_nodes]
+
+    ids = torch.randint(5, hf.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(11))
+    params = SamplingParams(max_new_tokens=14)
+    plain = generate(TreeModel(hf), ids, params)
+    drafter = CheckingTrees(hf, wrong_every=1000)
+    stats = SpeculationStats()
+    config = SpeculationConfig(drafter=FeatureTreeDrafter(drafter, depth=3), learn_cost=False, token_cost=0.0)
+    spec = generate(FeatureTreeModel(hf), ids, params, speculation=config, stats=stats)
+    assert spec.tolist() == plain.tolist()
+    assert stats.tree_rounds >= stats.rounds - 2 > 0  # every round but the prefill (and a last one) a tree
+    assert drafter.calls == stats.tree_rounds and drafter.checked_rows > 0
+    assert stats.rounds <= 6  # three drafted tokens kept a round, found off the drafter's first choice
