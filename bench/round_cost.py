@@ -1,19 +1,22 @@
-"""What a server's step of k rows costs: SmolLM2's 30 blocks in 4 spans (bench/wan.py's split), in-process.
+"""What a round of k rows costs: SmolLM2's 30 blocks in 4 spans (bench/wan.py's split), in-process, over WAN.
 
 A speculative round sends k rows (a drafted chain, or a token tree) through every server; it pays only if a
-step of several rows costs about what a step of one does. This probe times the servers' compute alone, with
-no wire: each span steps k new rows on top of a cached prompt through `BlockSpan.step` (the lean path the
-servers take), then forgets them again (the cache is cut back, as a rejected draft is), so every step sees
-the same past. Rows take turns within each repeat, so load that comes and goes hits every row alike.
+step of several rows costs about what a step of one does. The probe first times the servers' compute alone,
+with no wire: each span steps k new rows on top of a cached prompt through `BlockSpan.step` (the lean path
+the servers take), then forgets them again (the cache is cut back, as a rejected draft is), so every step
+sees the same past. Rows (and --threads / --step-kernels settings) take turns within each repeat, so load that
+comes and goes hits every row alike.
 
-Columns: `wall` is the median wall-clock time of one step through all 4 spans (what a round pays), `cpu` the
-median CPU time of this process for it (less sensitive to other processes on shared cores), `x 1` the wall
-time over one row's. `--kernels` also times the products alone (the 120 matrix products of the 30 blocks, on
-the spans' own weights) for each way of computing them, and `--profile K` prints where a step of K rows
-spends its time, by operator (torch.profiler).
+Columns: `wall` is the median wall-clock time of one step through all 4 spans, `cpu` the median CPU time of
+this process for it (less sensitive to other processes on shared cores), `x` the wall time over the first
+row's, `best` the fastest step. `--kernels` also times the products alone (the 120 matrix products of the 30
+blocks, on the spans' own weights) for each way of computing them; `--profile K` prints where a step of K
+rows spends its time, by operator (torch.profiler). `--wan` then starts 4 of our servers behind bench/wan.py's
+relay (25 ms one way each) and times whole rounds of k rows from our client (push on, the LM head included,
+each round rolled back to the prompt's end: bench/wan/round_client.py); `--trees` also as k sibling tree rows.
 
     python bench/round_cost.py [--rows 1 2 3 4 5 6 8 10] [--repeats 15] [--past 64] [--threads 2 [1]]
-        [--kernels] [--profile K]
+        [--step-kernels auto [mm linear onednn]] [--kernels] [--profile K] [--wan [--trees]] [--no-steps]
 
 Quote the load average it prints with the numbers: the CPU is shared.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -67,6 +71,7 @@ STEP_KERNELS = {
     "auto": None,
     "mm": lambda rows, **_: "pair" if rows == 1 else "mm" if rows <= 8 else "linear",  # before round_cost.py
     "linear": lambda rows, **_: "linear",  # nn.Linear's products
+    "onednn": lambda rows, **_: "pair" if rows == 1 else "onednn",  # oneDNN's matmul from 2 rows on
 }
 
 
@@ -156,6 +161,70 @@ def profile_step(spans, caches, rows: int, hidden_size: int, top: int = 18) -> s
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
+# --- whole rounds over the WAN bench's chain ---
+
+
+def _wan_helpers():
+    # bench/wan.py sits beside the bench/wan/ package, so it is loaded from its file.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_wan_script", ROOT / "bench" / "wan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_wan_rounds(path: Path, row_counts, repeats: int, delay_ms: float, trees: bool) -> dict:
+    """{"chain" / "tree": {k: [seconds, ...]}}: rounds of k rows through 4 of our servers behind
+    bench/wan.py's relay (`delay_ms` one way each), push on, each rolled back (bench/wan/round_client.py)."""
+    import tempfile
+
+    wan = _wan_helpers()
+    wan.stop_children_on_exit()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": wan.CHAT_PROMPTS["question"]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = ",".join(map(str, tokenizer(text)["input_ids"]))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="pollinate-rounds-") as tmp_name:
+        tmp = Path(tmp_name)
+        logs = tmp / "logs"
+        logs.mkdir()
+        env = wan.base_env(tmp)
+        dht = [sys.executable, "-m", "engine.cli", "dht", "--host", "127.0.0.1"]
+        with wan.spawn("bootstrap peer", dht, env, logs / "bootstrap.log", r"^ready") as text:
+            boot = list(dict.fromkeys(wan._MADDR.findall(text)))
+            chain = wan.Chain(SPANS)
+            relay = [
+                sys.executable, "-m", "bench.wan.relay", "--delay-ms", delay_ms,
+                *[f"0:{port}" for port in chain.ports],
+            ]  # fmt: skip
+            with wan.spawn("relay", relay, env, logs / "relay.log", r"^relay ready") as text:
+                line = next(ln for ln in text.splitlines() if ln.startswith("relay ready"))
+                listening = {int(target): int(port) for port, target in re.findall(r"(\d+)->(\d+)", line)}
+                chain.relay_ports = [listening[port] for port in chain.ports]
+                with wan.servers("pollinate", chain, path, "rounds", boot, tmp, logs):
+                    time.sleep(2)  # let the last announcement reach the bootstrap peer
+                    for mode in ["chain", "tree"] if trees else ["chain"]:
+                        cmd = [
+                            sys.executable, ROOT / "bench" / "wan" / "round_client.py", path,
+                            "--initial-peers", *boot, "--dht-prefix", "rounds", "--input-ids", ids,
+                            "--rows", *row_counts, "--repeats", repeats,
+                        ] + (["--tree"] if mode == "tree" else [])  # fmt: skip
+                        out = wan.run_client(f"rounds ({mode})", cmd, env, logs / f"client-{mode}.log")
+                        if mode == "tree" and not out["trees"]:
+                            print("the servers take no tree steps: no tree rounds", flush=True)
+                            continue
+                        results[mode] = {int(k): v for k, v in out["rounds"].items()}
+    return results
+
+
 def median_ms(samples: list, which: int) -> float:
     return statistics.median(s[which] for s in samples) * 1e3
 
@@ -180,8 +249,16 @@ def main() -> None:
         default=["auto"],
         choices=list(STEP_KERNELS),
         help="the products' kernels for the steps: auto (few_rows' choice), mm (before: weight @ rows.T to "
-        "8 rows), linear (nn.Linear); several take turns",
+        "8 rows), linear (nn.Linear), onednn (oneDNN from 2 rows); several take turns",
     )
+    parser.add_argument(
+        "--wan",
+        action="store_true",
+        help="also time whole rounds of k rows through 4 of our servers behind bench/wan.py's relay",
+    )
+    parser.add_argument("--delay-ms", type=float, default=25.0, help="--wan: one-way delay per server")
+    parser.add_argument("--trees", action="store_true", help="--wan: also rounds of k sibling tree rows")
+    parser.add_argument("--no-steps", action="store_true", help="skip the in-process steps")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2, prepared once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads[0])
@@ -192,35 +269,54 @@ def main() -> None:
         from engine.smollm2 import ensure_smollm2
 
         path = Path(ensure_smollm2())
-    spans = load_spans(path, SPANS)
-    hidden_size = spans[0].config.hidden_size
-    caches = [span.new_cache(1, args.past + max(args.rows) + 1) for span in spans]
-    prompt = torch.randn(1, args.past, hidden_size, generator=torch.Generator().manual_seed(2))
-    for span, cache in zip(spans, caches, strict=True):
-        prompt = span.step(prompt, cache)
-
     loads = [os.getloadavg()[0]]
+    steps = kernels = wan_rounds = None
+    if not args.no_steps or args.kernels or args.profile:
+        spans = load_spans(path, SPANS)
+        hidden_size = spans[0].config.hidden_size
+        caches = [span.new_cache(1, args.past + max(args.rows) + 1) for span in spans]
+        prompt = torch.randn(1, args.past, hidden_size, generator=torch.Generator().manual_seed(2))
+        for span, cache in zip(spans, caches, strict=True):
+            prompt = span.step(prompt, cache)
     configs = [(kernel, threads) for kernel in args.step_kernels for threads in args.threads]
-    steps = measure_steps(spans, caches, args.rows, args.repeats, hidden_size, configs)
-    torch.set_num_threads(args.threads[0])
-    loads.append(os.getloadavg()[0])
-    kernels = measure_kernels(product_weights(spans), args.rows, args.repeats) if args.kernels else None
-    loads.append(os.getloadavg()[0])
+    if not args.no_steps:
+        steps = measure_steps(spans, caches, args.rows, args.repeats, hidden_size, configs)
+        torch.set_num_threads(args.threads[0])
+        loads.append(os.getloadavg()[0])
+    if args.kernels:
+        kernels = measure_kernels(product_weights(spans), args.rows, args.repeats)
+        loads.append(os.getloadavg()[0])
+    if args.wan:
+        wan_rounds = measure_wan_rounds(path, args.rows, args.repeats, args.delay_ms, args.trees)
+        loads.append(os.getloadavg()[0])
 
     print(
-        f"\n{path.name}: {spans[-1].end} blocks in spans {SPANS}, fp32, "
-        f"{args.past} cached tokens; median of {args.repeats}; load (1 min) "
-        + " | ".join(f"{load:.2f}" for load in loads)
+        f"\n{path.name}: 30 blocks in spans {SPANS}, fp32, {args.past} cached tokens in-process; median of "
+        f"{args.repeats}; load (1 min) " + " | ".join(f"{load:.2f}" for load in loads)
     )
-    print("\none step through all 4 spans; x: wall time over the first row's")
-    print(f"{'kernels':>8} {'threads':>7} {'rows':>4} {'wall ms':>8} {'cpu ms':>8} {'x':>6} {'best':>7}")
-    one = median_ms(steps[(*configs[0], args.rows[0])], 0)
-    for kernel, threads in configs:
+    if steps:
+        print("\none step through all 4 spans, in-process; x: wall time over the first row's")
+        print(f"{'kernels':>8} {'threads':>7} {'rows':>4} {'wall ms':>8} {'cpu ms':>8} {'x':>6} {'best':>7}")
+        one = median_ms(steps[(*configs[0], args.rows[0])], 0)
+        for kernel, threads in configs:
+            for k in args.rows:
+                samples = steps[kernel, threads, k]
+                wall, best = median_ms(samples, 0), min(s[0] for s in samples) * 1e3
+                cpu = median_ms(samples, 1)
+                print(f"{kernel:>8} {threads:>7} {k:>4} {wall:8.1f} {cpu:8.1f} {wall / one:6.2f} {best:7.1f}")
+    if wan_rounds:
+        print(
+            f"\nwhole rounds through 4 servers x {args.delay_ms:g} ms one way (push on; client's LM head "
+            "included; rolled back each round): ms"
+        )
+        print(
+            f"{'rows':>4} " + " ".join(f"{mode + ' median':>13} {mode + ' best':>11}" for mode in wan_rounds)
+        )
         for k in args.rows:
-            samples = steps[kernel, threads, k]
-            wall, best = median_ms(samples, 0), min(s[0] for s in samples) * 1e3
-            cpu = median_ms(samples, 1)
-            print(f"{kernel:>8} {threads:>7} {k:>4} {wall:8.1f} {cpu:8.1f} {wall / one:6.2f} {best:7.1f}")
+            cells = []
+            for samples in wan_rounds.values():
+                cells += [f"{statistics.median(samples[k]) * 1e3:13.1f}", f"{min(samples[k]) * 1e3:11.1f}"]
+            print(f"{k:>4} " + " ".join(cells))
     if kernels:
         names = list(KERNELS)
         print("\nthe 120 products alone, wall ms (cpu ms), median")
