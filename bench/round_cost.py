@@ -175,13 +175,16 @@ def _wan_helpers():
     return module
 
 
-def measure_wan_rounds(path: Path, row_counts, repeats: int, delay_ms: float, trees: bool) -> dict:
+def measure_wan_rounds(
+    path: Path, row_counts, repeats: int, delay_ms: float, trees: bool, server_threads: int
+) -> dict:
     """{"chain" / "tree": {k: [seconds, ...]}}: rounds of k rows through 4 of our servers behind
     bench/wan.py's relay (`delay_ms` one way each), push on, each rolled back (bench/wan/round_client.py)."""
     import tempfile
 
     wan = _wan_helpers()
     wan.stop_children_on_exit()
+    wan.THREADS = server_threads  # base_env's OMP/MKL threads of every process it starts
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -258,6 +261,7 @@ def main() -> None:
     )
     parser.add_argument("--delay-ms", type=float, default=25.0, help="--wan: one-way delay per server")
     parser.add_argument("--trees", action="store_true", help="--wan: also rounds of k sibling tree rows")
+    parser.add_argument("--server-threads", type=int, default=2, help="--wan: compute threads per server")
     parser.add_argument("--no-steps", action="store_true", help="skip the in-process steps")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2, prepared once)")
     args = parser.parse_args()
@@ -287,7 +291,9 @@ def main() -> None:
         kernels = measure_kernels(product_weights(spans), args.rows, args.repeats)
         loads.append(os.getloadavg()[0])
     if args.wan:
-        wan_rounds = measure_wan_rounds(path, args.rows, args.repeats, args.delay_ms, args.trees)
+        wan_rounds = measure_wan_rounds(
+            path, args.rows, args.repeats, args.delay_ms, args.trees, args.server_threads
+        )
         loads.append(os.getloadavg()[0])
 
     print(
@@ -306,8 +312,8 @@ def main() -> None:
                 print(f"{kernel:>8} {threads:>7} {k:>4} {wall:8.1f} {cpu:8.1f} {wall / one:6.2f} {best:7.1f}")
     if wan_rounds:
         print(
-            f"\nwhole rounds through 4 servers x {args.delay_ms:g} ms one way (push on; client's LM head "
-            "included; rolled back each round): ms"
+            f"\nwhole rounds through 4 servers x {args.delay_ms:g} ms one way, {args.server_threads} threads "
+            "each (push on; client's LM head included; rolled back each round): ms"
         )
         print(
             f"{'rows':>4} " + " ".join(f"{mode + ' median':>13} {mode + ' best':>11}" for mode in wan_rounds)
