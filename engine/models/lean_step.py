@@ -49,20 +49,12 @@ class LeanLayer:
     head_dim: int
     scaling: float
 
+    addresses: tuple[int, ...] = ()  # where the joined parts' data started when they were joined
+
     def current(self) -> bool:
-        """Whether the layer's projections still view the joint weights (moving a module replaces them)."""
-        attn, mlp = self.layer.self_attn, self.layer.mlp
-        joints = [(self.qkv_weight, (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))]
-        joints.append((self.gate_up_weight, (mlp.gate_proj.weight, mlp.up_proj.weight)))
-        if self.qkv_bias is not None:
-            joints.append((self.qkv_bias, (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)))
-        for joint, parts in joints:
-            address, row = joint.data_ptr(), joint[0].numel() * joint.element_size()
-            for part in parts:
-                if part.data_ptr() != address:
-                    return False
-                address += len(part) * row
-        return True
+        """Whether the layer's projections still view the joint weights (moving a module replaces them).
+        Checked before every step, so it only compares the parts' addresses with those they were given."""
+        return tuple(part.data_ptr() for part in _joined_parts(self.layer)) == self.addresses
 
     def __call__(self, hidden, cos, sin, adapter, mask: torch.Tensor | None) -> torch.Tensor:
         # Few ops, few temporaries: a step of a few rows is bound by the weights' reads, then by per-op
@@ -163,12 +155,25 @@ def _lean_layer(block: nn.Module) -> LeanLayer:
     qkv_bias = _join(qkv, "bias") if attn.q_proj.bias is not None else None
     gate_up_weight = _join((mlp.gate_proj, mlp.up_proj), "weight")
     sizes = tuple(p.out_features for p in qkv)
-    lean = LeanLayer(block, qkv_weight, qkv_bias, sizes, gate_up_weight, attn.head_dim, attn.scaling)
+    addresses = tuple(part.data_ptr() for part in _joined_parts(block))
+    lean = LeanLayer(
+        block, qkv_weight, qkv_bias, sizes, gate_up_weight, attn.head_dim, attn.scaling, addresses
+    )
     object.__setattr__(block, _ATTRIBUTE, lean)  # a plain attribute: not a submodule, not in the state dict
     return lean
 
 
 _ATTRIBUTE = "_pollinate_lean_layer"
+
+
+def _joined_parts(block: nn.Module) -> list[torch.Tensor]:
+    """The tensors that _lean_layer joins: q/k/v weights (and biases, if any), gate/up weights."""
+    attn, mlp = block.self_attn, block.mlp
+    parts = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, mlp.gate_proj.weight]
+    parts.append(mlp.up_proj.weight)
+    if attn.q_proj.bias is not None:
+        parts += [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+    return parts
 
 
 def _join(linears, name: str) -> torch.Tensor:
