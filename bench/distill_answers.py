@@ -93,6 +93,9 @@ class SlotDecoder:
         self.values = torch.zeros(shape, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long)
         self.max_len = max_len
+        # the last decoder layer's outputs (before the final norm) of the last prefill [T, d] or step [B, d]:
+        # the feature drafter's inputs (bench/train_drafter.py)
+        self.features = torch.empty(0)
 
     def _norm(self, x, weight):
         variance = x.float().pow(2).mean(-1, keepdim=True)
@@ -140,6 +143,7 @@ class SlotDecoder:
 
         x = self._layers(x, positions, attend)
         self.lengths[slot] = t
+        self.features = x[0]
         if every:
             return self._logits(x[0]).argmax(-1).tolist()
         return int(self._logits(x[:, -1]).argmax(-1))
@@ -177,18 +181,28 @@ class SlotDecoder:
 
         x = self._layers(x, positions[:, None], attend)
         self.lengths += 1
+        self.features = x[:, 0]
         return self._logits(x[:, 0]).argmax(-1)
 
 
 @torch.inference_mode()
-def generate_all(decoder: SlotDecoder, prompts, eos: int, new_tokens: int, on_answer) -> None:
+def generate_all(decoder: SlotDecoder, prompts, eos: int, new_tokens: int, on_answer, features=False) -> None:
     """Greedy answers to `prompts` [(key, prompt_ids)], up to eos (kept) or `new_tokens`, keeping every slot
-    busy; `on_answer(key, answer_ids, stop)` gets each as it finishes."""
+    busy; `on_answer(key, answer_ids, stop, rows)` gets each as it finishes. With `features`, rows holds
+    the last decoder layer's output (float16) at every position read: [len(prompt) + len(answer) - 1, d]
+    (the last answer token is never read); else None."""
     pending = list(prompts)[::-1]
     slots = len(decoder.lengths)
     owner: list = [None] * slots
     answers: list[list[int]] = [[] for _ in range(slots)]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(slots)]
     tokens = torch.full((slots,), eos, dtype=torch.long)
+
+    def finish(slot, stop):
+        kept = torch.cat(rows[slot]) if features else None
+        on_answer(owner[slot], answers[slot], stop, kept)
+        owner[slot], rows[slot] = None, []
+
     while True:
         for slot in range(slots):
             while owner[slot] is None and pending:
@@ -196,23 +210,27 @@ def generate_all(decoder: SlotDecoder, prompts, eos: int, new_tokens: int, on_an
                 if len(ids) + new_tokens > decoder.max_len:
                     continue
                 owner[slot], answers[slot] = key, [decoder.prefill(slot, ids)]
+                if features:
+                    rows[slot] = [decoder.features.to(torch.float16)]
                 tokens[slot] = answers[slot][0]
                 if answers[slot][0] == eos or new_tokens == 1:
-                    on_answer(key, answers[slot], "eos" if answers[slot][0] == eos else "length")
-                    owner[slot] = None
+                    finish(slot, "eos" if answers[slot][0] == eos else "length")
         if all(o is None for o in owner):
             return
         tokens = decoder.step(tokens)
+        if features:
+            stepped = decoder.features.to(torch.float16)
         for slot in range(slots):
             if owner[slot] is None:
                 continue
             answers[slot].append(int(tokens[slot]))
+            if features:
+                rows[slot].append(stepped[slot : slot + 1].clone())
             stop = (
                 "eos" if answers[slot][-1] == eos else "length" if len(answers[slot]) >= new_tokens else None
             )
             if stop:
-                on_answer(owner[slot], answers[slot], stop)
-                owner[slot] = None
+                finish(slot, stop)
 
 
 def answered_prompts(out: Path) -> set[str]:
@@ -236,12 +254,14 @@ class ShardWriter:
     def __init__(self, out: Path, size: int, meta: dict):
         self.out, self.size, self.meta = out, size, meta
         self.rows: list[dict] = []
+        self.features: list[torch.Tensor | None] = []
         self.began = time.time()
         self.total = 0
         out.mkdir(parents=True, exist_ok=True)
 
-    def add(self, row: dict) -> None:
+    def add(self, row: dict, features: torch.Tensor | None = None) -> None:
         self.rows.append(row)
+        self.features.append(features)
         if len(self.rows) >= self.size:
             self.flush()
 
@@ -253,7 +273,10 @@ class ShardWriter:
         now = time.time()
         minutes = (now - self.began) / 60
         body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self.rows)
-        write_atomically(self.out / f"{name}.jsonl.gz", gzip.compress(body.encode()))
+        if any(f is not None for f in self.features):  # written first: a shard's jsonl comes last
+            aside = self.out / f"{name}.features.pt.part"
+            torch.save(self.features, aside)
+            aside.replace(self.out / f"{name}.features.pt")
         meta = dict(
             self.meta,
             format=FORMAT,
@@ -266,13 +289,14 @@ class ShardWriter:
             load_average=[round(x, 2) for x in os.getloadavg()],
         )
         write_atomically(self.out / f"{name}.meta.json", json.dumps(meta, indent=1).encode())
+        write_atomically(self.out / f"{name}.jsonl.gz", gzip.compress(body.encode()))
         self.total += len(self.rows)
         print(
             f"{name}: {len(self.rows)} answers, {meta['answers_per_min']} answers/min, "
             f"load {meta['load_average'][0]}, {self.total} this run",
             flush=True,
         )
-        self.rows, self.began = [], now
+        self.rows, self.features, self.began = [], [], now
 
 
 def load_model(name: str, dtype: torch.dtype):
@@ -299,7 +323,9 @@ def check(args) -> int:
     decoder = SlotDecoder(reference, args.slots, args.max_len, getattr(torch, args.dtype))
     ours: dict[str, list[int]] = {}
     began = time.perf_counter()
-    generate_all(decoder, prompts, eos, args.new_tokens, lambda key, answer, stop: ours.update({key: answer}))
+    generate_all(
+        decoder, prompts, eos, args.new_tokens, lambda key, answer, stop, _: ours.update({key: answer})
+    )
     took = time.perf_counter() - began
     same = total = prefix = forced = 0
     for prompt, ids in prompts:
@@ -346,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         help="1: under load, 2 threads spent most of a step waiting for each other",
     )
     parser.add_argument(
+        "--features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write each answer's last-layer outputs (float16) to shard-N.features.pt",
+    )
+    parser.add_argument(
         "--prompts",
         default="pool",
         choices=("pool", "measure"),
@@ -379,13 +411,14 @@ def main(argv: list[str] | None = None) -> int:
             new_tokens=args.new_tokens,
             made_by="bench/distill_answers.py",
             prompts=args.prompts,
+            features=args.features,
             eos=eos,
         ),
     )
     ids = {}
 
-    def keep(prompt, answer, stop):
-        writer.add(dict(prompt=prompt, prompt_ids=ids.pop(prompt), answer_ids=answer, stop=stop))
+    def keep(prompt, answer, stop, rows):
+        writer.add(dict(prompt=prompt, prompt_ids=ids.pop(prompt), answer_ids=answer, stop=stop), rows)
 
     def feed():
         for prompt in todo:
@@ -393,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             yield prompt, ids[prompt]
 
     try:
-        generate_all(decoder, list(feed()), eos, args.new_tokens, keep)
+        generate_all(decoder, list(feed()), eos, args.new_tokens, keep, features=args.features)
     finally:
         writer.flush()
     return 0

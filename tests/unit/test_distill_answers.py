@@ -28,13 +28,13 @@ def test_slots_answer_like_transformers_greedy_one_prompt_at_a_time(hf):
     ]
     # an end token the model actually says, so some answers stop early and free their slot mid-run
     eos = int(hf(torch.tensor([prompts[0][1]])).logits[0, -1].argmax())
-    got, stops = {}, {}
+    got, stops, features = {}, {}, {}
 
-    def keep(key, answer, stop):
-        got[key], stops[key] = answer, stop
+    def keep(key, answer, stop, rows):
+        got[key], stops[key], features[key] = answer, stop, rows
 
     decoder = SlotDecoder(hf, slots=3, max_len=40, dtype=torch.float32)
-    generate_all(decoder, prompts, eos, 12, keep)
+    generate_all(decoder, prompts, eos, 12, keep, features=True)
     assert set(got) == {key for key, _ in prompts}  # 7 prompts through 3 slots
     assert "eos" in stops.values()
     for key, ids in prompts:
@@ -47,6 +47,17 @@ def test_slots_answer_like_transformers_greedy_one_prompt_at_a_time(hf):
             want = want[: want.index(eos) + 1]
         assert got[key] == want, key
         assert stops[key] == ("eos" if want[-1] == eos else "length")
+        # the features: the last decoder layer's output (before the final norm) at every position read
+        kept = []
+        hook = hf.model.layers[-1].register_forward_hook(lambda _m, _i, out, kept=kept: kept.append(out))
+        try:
+            with torch.inference_mode():
+                hf(torch.tensor([ids + want[:-1]]))
+        finally:
+            hook.remove()
+        expected = (kept[0][0] if isinstance(kept[0], tuple) else kept[0])[0]
+        assert features[key].dtype == torch.float16 and features[key].shape == expected.shape
+        torch.testing.assert_close(features[key].float(), expected, atol=2e-3, rtol=2e-3)
 
 
 def test_a_prompt_longer_than_the_cache_is_refused(hf):
@@ -58,11 +69,13 @@ def test_a_prompt_longer_than_the_cache_is_refused(hf):
 def test_shards_are_whole_numbered_and_make_the_run_resumable(tmp_path):
     writer = ShardWriter(tmp_path, 2, dict(model="m", dtype="bfloat16"))
     for i in range(5):
-        writer.add(dict(prompt=f"q{i}", prompt_ids=[1, i], answer_ids=[7, 2], stop="eos"))
+        row = dict(prompt=f"q{i}", prompt_ids=[1, i], answer_ids=[7, 2], stop="eos")
+        writer.add(row, torch.full((3, 4), float(i), dtype=torch.float16))
     writer.flush()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"shard-{n:05d}.{ext}" for n in range(3) for ext in ("jsonl.gz", "meta.json")
+        f"shard-{n:05d}.{ext}" for n in range(3) for ext in ("features.pt", "jsonl.gz", "meta.json")
     ]
+    assert [f[0, 0].item() for f in torch.load(tmp_path / "shard-00001.features.pt")] == [2.0, 3.0]
     with gzip.open(tmp_path / "shard-00002.jsonl.gz", "rt") as file:
         assert [json.loads(line)["prompt"] for line in file] == ["q4"]
     meta = json.loads((tmp_path / "shard-00000.meta.json").read_text())
