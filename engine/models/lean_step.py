@@ -17,6 +17,8 @@ through transformers as before; a GPU keeps transformers' kernels.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 from torch.nn import functional
 
 from engine.models import huge_pages
-from engine.models.few_rows import few_rows_linear
+from engine.models.few_rows import ONEDNN_ROWS, few_rows_linear
 
 # Steps of at most this many new tokens take the lean path; longer ones (prefills) keep SDPA's kernels, which
 # pay off once there are many queries.
@@ -104,6 +106,35 @@ def _attention(query, keys, values, scaling: float, mask: torch.Tensor | None) -
     return functional.scaled_dot_product_attention(
         query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=grouped
     )
+
+
+def lean_threads(rows: int, threads: int) -> int:
+    """Compute threads for a lean step of `rows` rows (batch x tokens) when `threads` are configured.
+
+    Below ONEDNN_ROWS every product is MKL's few-row gemm, which runs on one thread whatever the setting (on
+    torch 2.13 even for an 11008 x 4096 matrix), so more threads only wake up for the tiny attention and
+    elementwise ops, and lose: a SmolLM2 step through 30 blocks took 33.7 ms on 1 thread against 38.6 on 2
+    (`bench/round_cost.py --threads 2 1`). With oneDNN's products (6+ rows) more threads may pay on a CPU
+    with many idle cores; with 2 (this bench machine) one was faster again (8 rows 64.5 vs 68.2 ms)."""
+    if rows < ONEDNN_ROWS or threads <= 2:
+        return 1
+    return threads
+
+
+@contextlib.contextmanager
+def step_threads(rows: int) -> Iterator[None]:
+    """Run a lean step of `rows` rows on `lean_threads` compute threads, then restore the setting (the
+    server computes one step at a time, so the process-wide setting is this step's)."""
+    threads = torch.get_num_threads()
+    wanted = lean_threads(rows, threads)
+    if wanted == threads:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def step_mask(past: int, length: int, window: int | None, device) -> torch.Tensor | None:

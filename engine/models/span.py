@@ -14,7 +14,7 @@ from engine.models import huge_pages
 from engine.models.blocks import load_block, prepare_config
 from engine.models.cache import SpanCache, kv_shape
 from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
-from engine.models.lean_step import LEAN_STEP_TOKENS, lean_layers, step_mask
+from engine.models.lean_step import LEAN_STEP_TOKENS, lean_layers, step_mask, step_threads
 from engine.models.quantization import check_quant
 from engine.models.registry import ModelFamily, family_for
 from engine.models.tree_step import check_parents, step_positions, tree_mask
@@ -181,10 +181,11 @@ class BlockSpan(nn.Module):
         past, length = cache.length, hidden_states.shape[1]
         if masks is None:
             masks = {window: step_mask(past, length, window, self.device) for window in set(self._windows)}
-        for offset, layer in enumerate(self._lean):
-            if prompts is not None:
-                hidden_states = _add_prompt(hidden_states, prompts[offset])
-            hidden_states = layer(hidden_states, cos, sin, adapter, masks[self._windows[offset]])
+        with step_threads(hidden_states.shape[0] * length):  # few rows: one thread is faster (lean_step.py)
+            for offset, layer in enumerate(self._lean):
+                if prompts is not None:
+                    hidden_states = _add_prompt(hidden_states, prompts[offset])
+                hidden_states = layer(hidden_states, cos, sin, adapter, masks[self._windows[offset]])
         return hidden_states
 
     def _position_arguments(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> dict:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine.models import load_block_span
-from engine.models.lean_step import LEAN_STEP_TOKENS, step_mask
+from engine.models.few_rows import ONEDNN_ROWS
+from engine.models.lean_step import LEAN_STEP_TOKENS, lean_threads, step_mask, step_threads
 
 LEAN_ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -94,3 +95,22 @@ def test_step_mask():
     assert step_mask(1, 2, None, "cpu").tolist() == [[True, True, False], [True, True, True]]
     assert step_mask(1, 2, 2, "cpu").tolist() == [[True, True, False], [False, True, True]]
     assert LEAN_STEP_TOKENS >= 8  # speculative steps of a few tokens take the lean path
+
+
+def test_lean_steps_take_one_thread_where_more_do_not_pay(tiny_checkpoint_factory):
+    # MKL's few-row products run on one thread anyway; oneDNN's (6+ rows) may use many idle cores.
+    assert lean_threads(1, 16) == lean_threads(ONEDNN_ROWS - 1, 16) == 1
+    assert lean_threads(ONEDNN_ROWS, 2) == 1 and lean_threads(ONEDNN_ROWS, 8) == 8
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        with step_threads(3):
+            seen.append(torch.get_num_threads())
+        assert seen == [1] and torch.get_num_threads() == 2  # restored after the step
+        span = load_block_span(tiny_checkpoint_factory("llama"), 0, 2)
+        cache = span.new_cache(1, 8)
+        span.step(torch.randn(1, 3, span.config.hidden_size), cache)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
