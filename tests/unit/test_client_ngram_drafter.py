@@ -1,11 +1,20 @@
 """The n-gram table of a model's own answers (engine.client.ngram_drafter): building, guessing, files, and
 greedy speculation with it (output unchanged, and answers it has seen draft well)."""
 
+import gzip
+import json
+
 import pytest
 import torch
 
 from engine.client.generation import generate
-from engine.client.ngram_drafter import NgramDrafter, NgramTable, NgramTableError, shipped_table_path
+from engine.client.ngram_drafter import (
+    Guess,
+    NgramDrafter,
+    NgramTable,
+    NgramTableError,
+    shipped_table_path,
+)
 from engine.client.sampling import SamplingParams
 from engine.client.speculative import SpeculationConfig, SpeculationStats
 from tests.unit.test_client_speculative import RollbackModel
@@ -25,6 +34,33 @@ def test_the_table_keeps_the_models_likeliest_choice_per_context_and_backs_off()
     assert table.meta["answer_tokens"] == 3 + 3 + 3
 
 
+def test_candidates_list_the_top_followers_of_the_longest_context_then_shorter_ones():
+    # after (5, 6): 8 three times, 7 twice, 9 once; after (6,) alone also 4 (from "3 6 4")
+    answers = [([1, 5, 6, 8], 1)] * 3 + [([1, 5, 6, 7], 1)] * 2 + [([1, 5, 6, 9], 1), ([1, 3, 6, 4, 0], 1)]
+    table = NgramTable.build(answers, vocab_size=10, top_k=4)
+    found = table.candidates([2, 5, 6], 4)
+    assert [(g.token, g.context) for g in found] == [(8, 2), (7, 2), (9, 2), (4, 1)]
+    assert found[0].share == pytest.approx(3 / 6) and found[3].share == pytest.approx(1 / 7)
+    assert [g.token for g in table.candidates([2, 5, 6], 2)] == [8, 7]
+    assert table.candidates([2, 5, 6], 1)[0] == table.guess([2, 5, 6])
+    assert table.candidates([0], 3) == [] and table.guess([0]) is None  # 0 ends an answer: no followers
+    # contexts of up to 4 tokens; a longer known context wins over a shorter one
+    long = NgramTable.build([([1, 2, 3, 4, 5], 0), ([9, 2, 3, 4, 6], 0), ([9, 2, 3, 4, 6], 0)], 10)
+    assert long.max_context == 4 and long.guess([1, 2, 3, 4]) == Guess(5, 4, 1.0)
+    assert [g.token for g in long.candidates([1, 2, 3, 4], 2)] == [5, 6]
+
+
+def test_pruning_drops_rare_contexts_and_followers_but_keeps_each_favourite(tmp_path):
+    answers = [([1, 5, 6, 8], 1)] * 3 + [([1, 5, 6, 7], 1)] * 2 + [([1, 5, 6, 9], 1), ([1, 3, 6, 4, 0], 1)]
+    table = NgramTable.build(answers, vocab_size=10)
+    small = table.pruned([1, 4], min_share=0.3)  # 2+ token contexts need 4 sightings; followers 30%
+    assert small.entries[(5, 6)] == (((8, 3), (7, 2)), 6)  # 9 had 1 of 6
+    assert (3, 6) not in small.entries and (1, 3, 6) not in small.entries  # seen once
+    assert small.entries[(4,)] == (((0, 1),), 1)  # 1-token contexts: all kept, with their favourite
+    small.save(tmp_path / "t.json.gz")
+    assert NgramTable.load(tmp_path / "t.json.gz", 10).entries == small.entries
+
+
 def test_a_table_round_trips_through_its_file_and_refuses_another_vocabulary(tmp_path):
     table = NgramTable.build([([1, 2, 3, 4, 2, 3, 5], 1)], vocab_size=10, model="m")
     path = tmp_path / "m" / "ngram.json.gz"
@@ -36,6 +72,10 @@ def test_a_table_round_trips_through_its_file_and_refuses_another_vocabulary(tmp
     (tmp_path / "bad.json.gz").write_bytes(b"not gzip")
     with pytest.raises(NgramTableError, match="cannot read"):
         NgramTable.load(tmp_path / "bad.json.gz")
+    old = tmp_path / "old.json.gz"  # the first format: one follower per context
+    old.write_bytes(gzip.compress(json.dumps(dict(format=1, vocab_size=10, rows=[[1, 2, 3, 4]])).encode()))
+    with pytest.raises(NgramTableError, match="format 1, not 2: rebuild it"):
+        NgramTable.load(old)
     assert shipped_table_path("org/M-hf", root=tmp_path) == path  # hub id, "-hf", case: one name
     assert shipped_table_path("other", None, root=tmp_path) is None
 
