@@ -176,7 +176,7 @@ def _wan_helpers():
 
 
 def measure_wan_rounds(
-    path: Path, row_counts, repeats: int, delay_ms: float, trees: bool, server_threads: int
+    path: Path, row_counts, repeats: int, delay_ms: float, trees: bool, server_threads: int, logs: Path | None
 ) -> dict:
     """{"chain" / "tree": {k: [seconds, ...]}}: rounds of k rows through 4 of our servers behind
     bench/wan.py's relay (`delay_ms` one way each), push on, each rolled back (bench/wan/round_client.py)."""
@@ -197,8 +197,8 @@ def measure_wan_rounds(
     results = {}
     with tempfile.TemporaryDirectory(prefix="pollinate-rounds-") as tmp_name:
         tmp = Path(tmp_name)
-        logs = tmp / "logs"
-        logs.mkdir()
+        logs = logs or tmp / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
         env = wan.base_env(tmp)
         dht = [sys.executable, "-m", "engine.cli", "dht", "--host", "127.0.0.1"]
         with wan.spawn("bootstrap peer", dht, env, logs / "bootstrap.log", r"^ready") as text:
@@ -262,6 +262,9 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=25.0, help="--wan: one-way delay per server")
     parser.add_argument("--trees", action="store_true", help="--wan: also rounds of k sibling tree rows")
     parser.add_argument("--server-threads", type=int, default=2, help="--wan: compute threads per server")
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="--wan: keep the process logs here (WAN_DEBUG=1: servers' -v)"
+    )
     parser.add_argument("--no-steps", action="store_true", help="skip the in-process steps")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2, prepared once)")
     args = parser.parse_args()
@@ -292,7 +295,7 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
     if args.wan:
         wan_rounds = measure_wan_rounds(
-            path, args.rows, args.repeats, args.delay_ms, args.trees, args.server_threads
+            path, args.rows, args.repeats, args.delay_ms, args.trees, args.server_threads, args.logs
         )
         loads.append(os.getloadavg()[0])
 
