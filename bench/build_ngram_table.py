@@ -62,8 +62,13 @@ def read_answers(sources: list[str]) -> list[tuple[list[int], int]]:
 def wan_answers(new_tokens: int, cache: Path = WAN_CACHE) -> dict[str, tuple[list[int], int]]:
     """The WAN bench's prompts (bench/wan.py CHAT_PROMPTS) and SmolLM2's float32 greedy answers to them
     (transformers, one at a time), cached. Measured on only: never in a table."""
-    from bench.wan import CHAT_PROMPTS
+    import importlib.util
 
+    # bench/wan.py, not the bench/wan/ package beside it
+    spec = importlib.util.spec_from_file_location("wan_bench", ROOT / "bench" / "wan.py")
+    wan = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = wan  # dataclasses look their module up there
+    spec.loader.exec_module(wan)
     path = cache / f"wan-answers-{new_tokens}.json"
     if path.exists():
         return {k: (v[0], v[1]) for k, v in json.loads(path.read_text()).items()}
@@ -78,7 +83,7 @@ def wan_answers(new_tokens: int, cache: Path = WAN_CACHE) -> dict[str, tuple[lis
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     made = {}
-    for name, prompt in CHAT_PROMPTS.items():
+    for name, prompt in wan.CHAT_PROMPTS.items():
         ids = chat_ids(tokenizer, prompt)
         with torch.inference_mode():
             out = hf.generate(
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "--wan", action=argparse.BooleanOptionalAction, default=True, help="measure the WAN prompts"
     )
     parser.add_argument("--wan-tokens", type=int, default=192)
+    parser.add_argument("--compare", type=Path, default=None, help="also measure this table (the shipped)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--vocab-size", type=int, default=VOCAB)
@@ -198,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return built.pruned(args.min_counts, args.min_share)
 
+    if args.compare:
+        other = NgramTable.load(args.compare, args.vocab_size)
+        cells = "; ".join(f"{n}: {summary(measure(other, sets, f))}" for n, (sets, f) in measures.items())
+        print(f"{args.compare} ({other.meta.get('sequences')} answers): {cells}", flush=True)
     if args.curve:
         print(
             f"learning curve (pruned as shipped: min counts {args.min_counts}, min share {args.min_share}):"

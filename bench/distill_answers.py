@@ -251,8 +251,9 @@ def write_atomically(path: Path, data: bytes) -> None:
 class ShardWriter:
     """Collects answers and writes a shard of `size` answers (and its metadata) whenever one is full."""
 
-    def __init__(self, out: Path, size: int, meta: dict):
+    def __init__(self, out: Path, size: int, meta: dict, worker: tuple[int, int] = (0, 1)):
         self.out, self.size, self.meta = out, size, meta
+        self.worker = worker  # (i, n): this writer's shard numbers are i modulo n, so n workers never clash
         self.rows: list[dict] = []
         self.features: list[torch.Tensor | None] = []
         self.began = time.time()
@@ -269,7 +270,9 @@ class ShardWriter:
         if not self.rows:
             return
         numbers = [int(p.name.split("-")[1].split(".")[0]) for p in self.out.glob("shard-*.jsonl.gz")]
-        name = f"shard-{max(numbers, default=-1) + 1:05d}"
+        number = max(numbers, default=-1) + 1
+        number += (self.worker[0] - number) % self.worker[1]
+        name = f"shard-{number:05d}"
         now = time.time()
         minutes = (now - self.began) / 60
         body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in self.rows)
@@ -397,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     done = answered_prompts(args.out)
     pool = distill_prompts() if args.prompts == "pool" else measure_prompts()
-    todo = [p for p in pool if p not in done][: args.limit]
+    index, workers = (int(x) for x in args.worker.split("/"))
+    todo = [p for p in pool if p not in done][index::workers][: args.limit]
     print(f"{len(done)} prompts answered in {args.out}; {len(todo)} to go", flush=True)
     decoder = SlotDecoder(hf, args.slots, args.max_len, getattr(torch, args.dtype))
     del hf

@@ -86,6 +86,12 @@ def test_shards_are_whole_numbered_and_make_the_run_resumable(tmp_path):
         and meta["answers_per_min"] > 0
     )
     assert answered_prompts(tmp_path) == {f"q{i}" for i in range(5)}
+    # a second worker (1 of 2) beside them takes odd numbers only, so two writers never clash
+    other = ShardWriter(tmp_path, 1, {}, worker=(1, 2))
+    other.add(dict(prompt="q5", prompt_ids=[1], answer_ids=[2], stop="eos"))
+    other.add(dict(prompt="q6", prompt_ids=[1], answer_ids=[2], stop="eos"))
+    assert (tmp_path / "shard-00003.jsonl.gz").exists() and (tmp_path / "shard-00005.jsonl.gz").exists()
+    assert not (tmp_path / "shard-00004.jsonl.gz").exists()
 
 
 def test_the_distillation_pool_is_large_distinct_and_keeps_away_from_the_measures():
