@@ -356,7 +356,7 @@ def check(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=320, help="cache length per slot (prompt + answer)")
     parser.add_argument("--shard-size", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="answer at most this many new prompts")
+    parser.add_argument("--worker", default="0/1", help="i/n: answer every n-th prompt from the i-th")
     parser.add_argument(
         "--threads",
         type=int,
@@ -388,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--check", type=int, default=0, help="compare N held-out answers with float32")
     args = parser.parse_args(argv)
+    index, workers = (int(x) for x in args.worker.split("/"))
+    if not 0 <= index < workers:
+        parser.error(f"--worker {args.worker}: want i/n with 0 <= i < n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.check:
         return check(args)

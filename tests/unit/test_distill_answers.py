@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import drafter_prompts
-from bench.distill_answers import ShardWriter, SlotDecoder, answered_prompts, generate_all
+from bench.distill_answers import ShardWriter, SlotDecoder, answered_prompts, generate_all, parse_args
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,14 @@ def test_shards_are_whole_numbered_and_make_the_run_resumable(tmp_path):
     other.add(dict(prompt="q6", prompt_ids=[1], answer_ids=[2], stop="eos"))
     assert (tmp_path / "shard-00003.jsonl.gz").exists() and (tmp_path / "shard-00005.jsonl.gz").exists()
     assert not (tmp_path / "shard-00004.jsonl.gz").exists()
+
+
+def test_the_command_line_takes_a_worker_share_and_refuses_a_wrong_one(capsys):
+    args = parse_args(["--worker", "1/2", "--slots", "8"])
+    assert (args.worker, args.slots, args.dtype, args.features) == ("1/2", 8, "bfloat16", True)
+    with pytest.raises(SystemExit):
+        parse_args(["--worker", "2/2"])
+    assert "want i/n with 0 <= i < n" in capsys.readouterr().err
 
 
 def test_the_distillation_pool_is_large_distinct_and_keeps_away_from_the_measures():
