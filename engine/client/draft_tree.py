@@ -31,6 +31,11 @@ class DraftTree:
     parents: list[int] = field(default_factory=list)
     kinds: list[Hashable] = field(default_factory=list)  # what proposed each row (for Calibration)
 
+    def __post_init__(self):
+        if len(self.parents) != len(self.tokens):
+            raise ValueError(f"{len(self.tokens)} tokens need as many parents, got {len(self.parents)}")
+        self.kinds = list(self.kinds) + [None] * (len(self.tokens) - len(self.kinds))
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -232,7 +237,8 @@ class NgramTreeDrafter:
 
     def _table_candidates(self, tokens: list[int]) -> list[Candidate]:
         candidates = getattr(self.table, "candidates", None)
-        if candidates is not None:  # a table with several followers per context (14g's v2)
+        ranked = candidates is None  # guesses of several context lengths: a later one is right less often
+        if candidates is not None:  # a table with several followers per context: its shares say it all
             guesses = candidates(tokens, len(RANK_FACTOR))
         else:
             guesses = []
@@ -244,7 +250,8 @@ class NgramTreeDrafter:
         for rank, guess in enumerate(guesses[: len(RANK_FACTOR)]):
             bucket = min(int(guess.share * 4), 3)  # quarters of the context's continuations
             kind = ("ngram", guess.context, bucket, min(rank, 2))
-            found.append((guess.token, kind, guess.share * RANK_FACTOR[min(rank, 3)] * 0.7))
+            factor = RANK_FACTOR[min(rank, 3)] if ranked else 1.0
+            found.append((guess.token, kind, guess.share * factor * 0.7))
         return found
 
     def _update_index(self, history: list[int]) -> None:
@@ -266,6 +273,10 @@ class FeatureTreeDrafter:
     itself, for routes without trees. Drafts from the last block's features, as the drafter does."""
 
     wants_features = True
+    # Drafting a tree costs the drafter's time on every round, however few rows it keeps: while the kept
+    # paths average fewer than MIN_GAIN tokens, a tree is drafted only every PROBE_EVERY rounds.
+    MIN_GAIN = 0.1
+    PROBE_EVERY = 8
 
     def __init__(
         self,
@@ -280,6 +291,8 @@ class FeatureTreeDrafter:
         self.depth, self.width = depth, width
         self.calibration = calibration or Calibration()
         self.name = getattr(drafter, "name", "feature")
+        self.gain = 0.5  # running mean of the kept path's length
+        self._idle = 0
 
     def draft_with_features(self, tokens: Sequence[int], features: Any, k: int):
         return self.drafter.draft_with_features(tokens, features, k)
@@ -287,6 +300,11 @@ class FeatureTreeDrafter:
     def propose_tree(
         self, history: Sequence[int], max_rows: int, row_cost: float, features: Any
     ) -> DraftTree:
+        if self.gain < self.MIN_GAIN:
+            self._idle += 1
+            if self._idle < self.PROBE_EVERY:
+                return DraftTree()
+        self._idle = 0
         history = list(history)
         nodes = self.drafter.draft_tree(
             history, features, depth=self.depth, width=self.width, max_nodes=max(2 * max_rows, 1)
@@ -321,3 +339,4 @@ class FeatureTreeDrafter:
 
     def observe(self, tree: DraftTree, path: Sequence[int]) -> None:
         self.calibration.observe(tree, path)
+        self.gain = 0.7 * self.gain + 0.3 * len(path)

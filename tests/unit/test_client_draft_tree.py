@@ -268,3 +268,27 @@ def test_a_feature_drafters_tree_gets_aligned_features_and_greedy_is_unchanged(h
     assert stats.tree_rounds >= stats.rounds - 2 > 0  # every round but the prefill (and a last one) a tree
     assert drafter.calls == stats.tree_rounds and drafter.checked_rows > 0
     assert stats.rounds <= 6  # three drafted tokens kept a round, found off the drafter's first choice
+
+
+def test_a_feature_drafter_whose_trees_are_never_kept_drafts_only_now_and_then():
+    from engine.client.draft_tree import FeatureTreeDrafter
+
+    class Wrong:
+        calls = 0
+
+        def draft_tree(self, tokens, features, *, depth, width, max_nodes):
+            self.calls += 1
+            return [(-1, 7, 0.9), (0, 8, 0.8)]
+
+    drafter = Wrong()
+    trees = FeatureTreeDrafter(drafter)
+    for _ in range(40):
+        tree = trees.propose_tree([1, 2, 3], 8, 0.0, None)
+        trees.observe(tree, [])  # the model never agreed
+    assert drafter.calls < 12  # about 5 rounds to learn, then one probe every 8 rounds
+    trees.observe(DraftTree([7], [-1]), [0])
+    trees.observe(DraftTree([7], [-1]), [0])  # agreeing again: a tree every round
+    before = drafter.calls
+    for _ in range(3):
+        trees.propose_tree([1, 2, 3], 8, 0.0, None)
+    assert drafter.calls == before + 3
