@@ -7,7 +7,8 @@ Facts from Petals 2.2 (server/handler.py, block_functions.py, utils/packaging.py
 - request uid = block uids joined by " ", e.g. "llama-hf.3 llama-hf.4"; they must be hosted here.
 - metadata = msgpack dict: points, active_adapter, args_structure, output_compression (forward/backward);
   rpc_inference's first message adds session_id, step_id, max_length, alloc_timeout; later messages carry
-  session_id, step_id, args_structure and optionally next_servers / pushed / start_from_position.
+  session_id, step_id, args_structure and optionally next_servers / pushed / start_from_position, and
+  (Pollinate's `tree_steps`) tree_parents / tree_accepted.
 - tensors = pack_args_kwargs(...) flattened, with args_structure = ((args...), {}) where each tensor is
   replaced by b"__T<index>": forward (hidden, prompts), backward (inputs, grad_outputs, prompts),
   inference (hidden, prompts, hypo_ids). An empty tensor ("DUMMY") means "no prompts" / "no hypo_ids".
