@@ -426,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             prompts=args.prompts,
             features=args.features,
             eos=eos,
+            worker=args.worker,
         ),
+        worker=(index, workers),
     )
     ids = {}
 
