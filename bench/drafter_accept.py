@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         help="0 0 0: none",
     )
     parser.add_argument(
+        "--whole-vocab", action=argparse.BooleanOptionalAction, default=True, help="a row over all tokens too"
+    )
+    parser.add_argument(
         "--json", type=Path, default=None, help="append the results to this file (JSON lines)"
     )
     args = parser.parse_args(argv)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return make
 
     drafters = {"feature": feature_drafter(factory)}
-    if factory.draft_vocab is not None:  # the same layer proposing from the whole vocabulary
+    if factory.draft_vocab is not None and args.whole_vocab:  # the same layer over the whole vocabulary
         drafters["feature, all"] = feature_drafter(FeatureDrafterFactory(factory.model, head))
 
     def lookup():
