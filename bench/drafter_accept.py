@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -156,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=ROOT / "tmp" / "data")
+    parser.add_argument(
+        "--measure", type=Path, default=None, help="held-out answer shards (bench/distill_answers.py)"
+    )
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="draft lengths replayed")
     parser.add_argument("--ngram", type=Path, default=None, help="an n-gram table (default: the shipped one)")
     parser.add_argument(
         "--tree",
@@ -218,31 +223,38 @@ def main(argv: list[str] | None = None) -> int:
         others["n-gram table"] = ngram
     others["prompt lookup"] = lookup
 
-    sets = {
-        f"held-out ({len(HELD_OUT)})": answers_with_features(
+    sets = {}
+    if args.measure is not None:  # float32 greedy answers to held-out prompts (bench/distill_answers.py)
+        from bench.drafter_features import answer_records
+
+        cache = args.data / "measure"
+        measured = answer_records(path, args.measure, cache, dtype=torch.float32, held_out=True)
+        sets[f"measure ({len(measured)})"] = measured
+    else:
+        sets[f"held-out ({len(HELD_OUT)})"] = answers_with_features(
             path, list(HELD_OUT), args.new_tokens, args.data
-        ),
-        "question": answers_with_features(path, [QUESTION], args.new_tokens, args.data),
-    }
+        )
+    sets["question"] = answers_with_features(path, [QUESTION], args.new_tokens, args.data)
+    ks = tuple(args.ks)
     vocab = "all tokens" if factory.draft_vocab is None else f"{len(factory.draft_vocab)} draft tokens"
     print(
         f"{path.name}, drafter {folder} ({vocab}); greedy answers of {args.new_tokens} tokens, teacher-forced"
     )
     header = (
         f"{'prompts':15} {'drafter':14} {'acc 1st':>7} {'2nd':>5} {'3rd':>5} "
-        + " ".join(f"{f'k={k}':>5}" for k in KS)
+        + " ".join(f"{f'k={k}':>5}" for k in ks)
         + f" {'ms/draft':>8}"
     )
     print(header + "\n" + "-" * len(header) + "   (k=N: tokens per round)")
     rows = []
     for name, records in sets.items():
         for label, make in (*drafters.items(), *others.items()):
-            results = {k: replay(records, make, k) for k in KS}
-            acceptance = results[max(KS)]["acceptance"]
+            results = {k: replay(records, make, k) for k in ks}
+            acceptance = [*results[max(ks)]["acceptance"], math.nan, math.nan][:3]
             print(
                 f"{name:15} {label:14} {acceptance[0]:7.0%} {acceptance[1]:5.0%} {acceptance[2]:5.0%} "
-                + " ".join(f"{results[k]['per_round']:5.2f}" for k in KS)
-                + f" {results[max(KS)]['seconds'] * 1e3:8.1f}",
+                + " ".join(f"{results[k]['per_round']:5.2f}" for k in ks)
+                + f" {results[max(ks)]['seconds'] * 1e3:8.1f}",
                 flush=True,
             )
             rows.append(
@@ -250,18 +262,18 @@ def main(argv: list[str] | None = None) -> int:
                     prompts=name,
                     drafter=label,
                     acceptance=acceptance[:3],
-                    **{f"per_round_k{k}": results[k]["per_round"] for k in KS},
-                    ms_per_draft=results[max(KS)]["seconds"] * 1e3,
+                    **{f"per_round_k{k}": results[k]["per_round"] for k in ks},
+                    ms_per_draft=results[max(ks)]["seconds"] * 1e3,
                 )
             )
         depth, width, nodes = args.tree
         if depth > 0:
             label = f"tree d{depth}w{width}n{nodes}"
-            trees = {d: replay_tree(records, factory, d, width, nodes) for d in KS if d <= depth}
+            trees = {d: replay_tree(records, factory, d, width, nodes) for d in ks if d <= depth}
             last = trees[max(trees)]
             print(
                 f"{name:15} {label:14} {last['first']:7.0%} {'':5} {'':5} "
-                + " ".join(f"{trees[k]['per_round']:5.2f}" if k in trees else f"{'':5}" for k in KS)
+                + " ".join(f"{trees[k]['per_round']:5.2f}" if k in trees else f"{'':5}" for k in ks)
                 + f" {last['seconds'] * 1e3:8.1f}   (ms per tree; 1st: the tree holds the next token)",
                 flush=True,
             )

@@ -35,11 +35,14 @@ QUESTION = "Explain in a few sentences what a hash table is and why lookups in i
 NEVER = {*HELD_OUT, QUESTION}
 
 
-def read_shard(shard: Path) -> list[dict]:
-    """A shard's answers that may be trained on: {"prompt", "prompt_ids", "answer_ids", "stop"} each."""
+def read_shard(shard: Path, held_out: bool = False) -> list[dict]:
+    """A shard's answers that may be trained on: {"prompt", "prompt_ids", "answer_ids", "stop"} each
+    (`held_out`: a measuring set's, all of them)."""
     with gzip.open(shard, "rt", encoding="utf-8") as file:
         lines = [json.loads(line) for line in file]
-    return [line for line in lines if line["prompt"] not in NEVER and len(line["answer_ids"]) >= 2]
+    return [
+        line for line in lines if (held_out or line["prompt"] not in NEVER) and len(line["answer_ids"]) >= 2
+    ]
 
 
 def shards(folder: Path) -> list[Path]:
@@ -90,9 +93,11 @@ def prefill_features(hf, sequences: list[list[int]], batch_tokens: int = 4096) -
     return out
 
 
-def shard_records(shard: Path, cache: Path, dtype: torch.dtype, load_model) -> list[dict]:
+def shard_records(
+    shard: Path, cache: Path, dtype: torch.dtype, load_model, held_out: bool = False
+) -> list[dict]:
     """The training records of one shard (features from the generator's file, else computed and cached)."""
-    lines = read_shard(shard)
+    lines = read_shard(shard, held_out)
     stem = shard.name.removesuffix(".jsonl.gz")
     sequences = [line["prompt_ids"] + line["answer_ids"] for line in lines]
     kept = shard.with_name(f"{stem}.features.pt")
@@ -130,8 +135,10 @@ def answer_records(
     cache: Path = FEATURES,
     limit: int | None = None,
     dtype: torch.dtype = torch.float32,
+    held_out: bool = False,
 ) -> list[dict]:
-    """Records of the first `limit` usable answers of the shards in `answers` (all: None), shard by shard."""
+    """Records of the first `limit` usable answers of the shards in `answers` (all: None), shard by shard
+    (`held_out`: a measuring set, whose prompts are kept whatever they are)."""
     model = None
 
     def load_model():
@@ -149,7 +156,7 @@ def answer_records(
     for shard in found:
         if limit is not None and len(records) >= limit:
             break
-        records += shard_records(shard, cache, dtype, load_model)
+        records += shard_records(shard, cache, dtype, load_model, held_out)
     return records if limit is None else records[:limit]
 
 
@@ -163,12 +170,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--watch", type=float, default=0, help="look for new shards every N s (until killed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from bench.train_drafter import model_path
 
     path = model_path(args.model, args.features)
-    records = answer_records(path, args.answers, args.features, args.limit, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if args.watch:  # keep up with a running generator: each new shard's features as it appears
+        hf = None
+        while True:
+            for shard in shards(args.answers):
+                stem = shard.name.removesuffix(".jsonl.gz")
+                done = args.features / f"{stem}-{args.dtype}.pt"
+                if done.exists() or shard.with_name(f"{stem}.features.pt").exists():
+                    continue
+                if hf is None:
+                    from transformers import AutoModelForCausalLM
+
+                    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+                shard_records(shard, args.features, dtype, lambda model=hf: model)
+            time.sleep(args.watch)
+    records = answer_records(path, args.answers, args.features, args.limit, dtype)
     answer_tokens = sum(len(r["tokens"]) - r["prompt_length"] for r in records)
     print(f"{len(records)} answers, {answer_tokens} answer tokens")
     return 0
