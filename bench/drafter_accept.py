@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         shipped_drafter_path,
     )
     from engine.client.ngram_drafter import NgramDrafter, NgramTable, shipped_table_path
-    from engine.client.speculative import prompt_lookup
+    from engine.client.speculative import prompt_lookup, prompt_lookup_match
     from engine.models import load_client_parts
 
     path = model_path(args.model, args.data)
@@ -204,7 +204,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return make
 
-    drafters = {"feature": feature_drafter(factory)}
+    def feature_with_copies():
+        """As the client drafts with a feature drafter: a copy from the conversation after a match of 2+
+        tokens (SpeculationConfig.lookup_min_match), else the drafter's drafts."""
+        drafter = factory()
+
+        def propose(tokens, features, k):
+            copy, matched = prompt_lookup_match(tokens, k, 3)
+            return copy if matched >= 2 else drafter.draft_with_features(tokens, features, k)[0]
+
+        return propose
+
+    drafters = {"feature": feature_drafter(factory), "feature+copies": feature_with_copies}
     if factory.draft_vocab is not None and args.whole_vocab:  # the same layer over the whole vocabulary
         drafters["feature, all"] = feature_drafter(FeatureDrafterFactory(factory.model, head))
 
