@@ -49,6 +49,10 @@ def shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("shard-*.jsonl.gz"))
 
 
+class NotReady(Exception):
+    """A shard whose generator-written features cannot be read yet."""
+
+
 class LastLayerHook:
     """Keeps the last decoder layer's output (the features, before the final norm) of one forward."""
 
@@ -102,8 +106,13 @@ def shard_records(
     sequences = [line["prompt_ids"] + line["answer_ids"] for line in lines]
     kept = shard.with_name(f"{stem}.features.pt")
     cached = cache / f"{stem}-{str(dtype).removeprefix('torch.')}.pt"
-    if kept.exists():
-        by_prompt = dict(zip(_prompts(shard), torch.load(kept), strict=True))
+    meta = shard.with_name(f"{stem}.meta.json")
+    promised = meta.exists() and json.loads(meta.read_text()).get("features", False)
+    if promised or kept.exists():
+        try:
+            by_prompt = dict(zip(_prompts(shard), torch.load(kept), strict=True))
+        except (OSError, RuntimeError, ValueError) as error:  # still being written by the generator
+            raise NotReady(f"{kept.name}: {error}") from error
         features = [by_prompt[line["prompt"]] for line in lines]
     elif cached.exists():
         features = torch.load(cached)
@@ -156,7 +165,10 @@ def answer_records(
     for shard in found:
         if limit is not None and len(records) >= limit:
             break
-        records += shard_records(shard, cache, dtype, load_model, held_out)
+        try:
+            records += shard_records(shard, cache, dtype, load_model, held_out)
+        except NotReady as error:
+            print(f"  skipping {shard.name}: its features cannot be read (yet?): {str(error)[:80]}")
     return records if limit is None else records[:limit]
 
 
