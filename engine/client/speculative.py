@@ -305,14 +305,15 @@ class DraftLength:
             return 1
         return 0
 
-    def update(self, drafted: int, accepted: int, token_cost: float | None = None) -> None:
-        """Fold in a round's acceptance; `token_cost` (learned) replaces the config's prior when given."""
+    def update(self, drafted: int, accepted: int, token_cost: float | None = None, round_cost=None) -> None:
+        """Fold in a round's acceptance; `token_cost` (learned) replaces the config's prior when given, and
+        `round_cost(rows)` (RoundCost.relative), when given, prices each draft length as measured."""
         if drafted > 0:
             rate = accepted / drafted
             self.acceptance = (1 - self.smoothing) * self.acceptance + self.smoothing * rate
         elif token_cost is None:
             return
-        self.k = best_draft_length(self.acceptance, self.config, token_cost)
+        self.k = best_draft_length(self.acceptance, self.config, token_cost, round_cost)
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -322,16 +323,20 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return (1 - acceptance ** (k + 1)) / (1 - acceptance)
 
 
-def best_draft_length(acceptance: float, config: SpeculationConfig, token_cost: float | None = None) -> int:
+def best_draft_length(
+    acceptance: float, config: SpeculationConfig, token_cost: float | None = None, round_cost=None
+) -> int:
     """The draft length in [min_draft, max_draft] with the most expected tokens per round time.
 
     `token_cost`: the time one more token adds to a round, relative to a one-token round (default: the
-    config's prior)."""
+    config's prior). `round_cost(rows)`: a round of `rows` tokens relative to a one-token round, where it
+    is known better than a straight line (RoundCost.relative); it overrides `token_cost`."""
     acceptance = min(max(acceptance, 0.0), 1.0)
     cost = config.token_cost if token_cost is None else token_cost
     best, best_rate = config.min_draft, -math.inf
     for k in range(config.min_draft, config.max_draft + 1):
-        rate = expected_tokens(acceptance, k) / (1 + k * cost)
+        relative = round_cost(k + 1) if round_cost is not None else 1 + k * cost
+        rate = expected_tokens(acceptance, k) / relative
         if rate > best_rate + 1e-12:
             best, best_rate = k, rate
     return best
@@ -345,13 +350,17 @@ class RoundCost:
     The ratio (per_token + draft_time) / (base + per_token) is what `best_draft_length` weighs: small on a
     WAN with GPU servers, large on CPU servers on loopback or with a slow drafter. Until two different round
     sizes have been seen, the per-token share is the prior's.
+
+    A line misprices steps whose cost rises in stairs (CPU servers: a round of 2 tokens costs what one does,
+    3 cost 15% more, 5-8 alike), so `relative(rows)` uses each size's own mean time where it has been seen:
+    otherwise the stair after 2 rows makes every draft look dear and drafting stops.
     """
 
     def __init__(self, prior: float, decay: float = 0.9):
         self.prior = prior
         self.decay = decay
         self._sums = [0.0] * 5  # weight, x, y, xx, xy
-        self._sizes: set[int] = set()
+        self._sizes: dict[int, list[float]] = {}  # round size -> [weight, seconds] (fading likewise)
         self._draft = [0.0, 0.0]  # draft tokens, seconds (fading likewise)
 
     def observe(self, sent: int, seconds: float, drafted: int = 0, draft_seconds: float = 0.0) -> None:
@@ -360,22 +369,48 @@ class RoundCost:
             self._draft = [self.decay * self._draft[0] + drafted, self.decay * self._draft[1] + draft_seconds]
         w, x, y, xx, xy = (self.decay * value for value in self._sums)
         self._sums = [w + 1, x + sent, y + seconds, xx + sent * sent, xy + sent * seconds]
-        self._sizes.add(sent)
+        for size in self._sizes.values():
+            size[0] *= self.decay
+            size[1] *= self.decay
+        size = self._sizes.setdefault(sent, [0.0, 0.0])
+        size[0] += 1
+        size[1] += seconds
 
     @property
     def token_cost(self) -> float:
+        line = self._line()
+        if line is None:
+            return self.prior
+        per_token, one_token_round = line
+        return min((per_token + self._draft_seconds()) / one_token_round, 10.0)
+
+    def relative(self, rows: int) -> float:
+        """A round of `rows` tokens (drafting included) relative to a one-token round: from that size's own
+        mean time once it was seen (against the one-token rounds' mean, or the line's when there were none),
+        else the straight line of `token_cost`."""
+        size, line = self._sizes.get(rows), self._line()
+        if rows == 1 or size is None or size[0] < 0.5 or line is None:
+            return 1 + (rows - 1) * self.token_cost
+        one = self._sizes.get(1)
+        one_token_round = one[1] / one[0] if one is not None and one[0] >= 0.5 else line[1]
+        seconds = size[1] / size[0] + (rows - 1) * self._draft_seconds()
+        return min(seconds / max(one_token_round, 1e-6), 10.0)
+
+    def _line(self) -> tuple[float, float] | None:
+        """(seconds per extra token, seconds of a one-token round) of the fitted line; None before any."""
         w, x, y, xx, xy = self._sums
         if w <= 0:
-            return self.prior
+            return None
         mean_x, mean_y = x / w, y / w
         variance = xx / w - mean_x**2
         if len(self._sizes) < 2 or variance < 1e-9:
             per_token = self.prior * mean_y / (1 + self.prior * (mean_x - 1))
         else:
             per_token = max((xy / w - mean_x * mean_y) / variance, 0.0)
-        one_token_round = max(mean_y - per_token * (mean_x - 1), 1e-6)
-        draft = self._draft[1] / self._draft[0] if self._draft[0] > 0 else 0.0
-        return min((per_token + draft) / one_token_round, 10.0)
+        return per_token, max(mean_y - per_token * (mean_x - 1), 1e-6)
+
+    def _draft_seconds(self) -> float:
+        return self._draft[1] / self._draft[0] if self._draft[0] > 0 else 0.0
 
 
 # --- the decode loop ---
@@ -519,7 +554,10 @@ def speculative_rounds(
         stats.accepted += n
         stats.fallback_rounds += not draft
         if kind in lengths:
-            lengths[kind].update(len(draft), n, cost.token_cost if cost is not None else None)
+            if cost is not None:
+                lengths[kind].update(len(draft), n, cost.token_cost, cost.relative)
+            else:
+                lengths[kind].update(len(draft), n)
         new = [*draft[:n], token]
         if features is not None:  # the verified rows: the pending tokens and the accepted draft
             features.append(hidden[: len(pending_ids) + n])

@@ -107,6 +107,33 @@ def test_draft_length_stops_drafting_when_nothing_is_accepted_and_probes():
     assert length.next() == 8
 
 
+def test_round_costs_in_stairs_keep_one_draft_token_where_a_line_stops_drafting():
+    """CPU servers over a WAN: 2 rows cost what 1 does, 3+ rows ~15-35% more (bench/round_cost.py). A line
+    through those rounds prices every extra token alike and stops drafting at 20% acceptance; each size's
+    own time keeps the nearly free single draft token."""
+    from engine.client.speculative import DraftLength, RoundCost
+
+    stairs = {1: 0.181, 2: 0.184, 3: 0.209, 4: 0.216, 5: 0.235, 6: 0.241}
+    cost = RoundCost(prior=0.05, decay=0.95)
+    for _ in range(3):
+        for rows, seconds in stairs.items():
+            cost.observe(rows, seconds, drafted=rows - 1, draft_seconds=0.003 * (rows - 1))
+    assert cost.relative(1) == 1.0
+    assert cost.relative(2) == pytest.approx((0.184 + 0.003) / 0.181, rel=1e-6)
+    assert cost.relative(5) == pytest.approx((0.235 + 4 * 0.003) / 0.181, rel=1e-6)
+    assert cost.relative(9) == pytest.approx(1 + 8 * cost.token_cost)  # never seen: the line
+    config = SpeculationConfig(max_draft=8, token_cost=0.05)
+    line = DraftLength(config, acceptance=0.2)
+    line.update(drafted=1, accepted=0, token_cost=0.2)  # the line's slope over these stairs is dear
+    assert line.k == 0
+    measured = DraftLength(config, acceptance=0.2)
+    measured.update(drafted=1, accepted=0, token_cost=0.2, round_cost=cost.relative)
+    assert measured.k == 1
+    measured.update(drafted=1, accepted=1, token_cost=0.2, round_cost=cost.relative)
+    measured.update(drafted=1, accepted=1, token_cost=0.2, round_cost=cost.relative)
+    assert measured.k >= 2  # most drafts right: longer drafts pay even at the stair
+
+
 # --- the loop, against a local transformers model with a rollback-capable cache ---
 
 
