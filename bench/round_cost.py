@@ -164,23 +164,14 @@ def profile_step(spans, caches, rows: int, hidden_size: int, top: int = 18) -> s
 # --- whole rounds over the WAN bench's chain ---
 
 
-def _wan_helpers():
-    # bench/wan.py sits beside the bench/wan/ package, so it is loaded from its file.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_wan_script", ROOT / "bench" / "wan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def measure_wan_rounds(
     path: Path, row_counts, repeats: int, delay_ms: float, trees: bool, server_threads: int, logs: Path | None
 ) -> dict:
     """{"chain" / "tree": {k: [seconds, ...]}}: rounds of k rows through 4 of our servers behind
     bench/wan.py's relay (`delay_ms` one way each), push on, each rolled back (bench/wan/round_client.py)."""
     import tempfile
+
+    from bench.server_step import _wan_helpers  # bench/wan.py, loaded from its file
 
     wan = _wan_helpers()
     wan.stop_children_on_exit()
