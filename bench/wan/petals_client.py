@@ -7,11 +7,11 @@ One warm-up generation, then R timed ones (Petals opens a fresh inference sessio
 Prints one JSON line: {"runs": [{"ttft": s, "step_s": s, "tokens": [...]}, ...], "speculation": null}.
 """
 
-import argparse
 import json
 import time
 
 import torch
+from client_args import input_ids, swarm_parser  # this folder (the script's)
 from petals import AutoDistributedModelForCausalLM
 from petals.client.inference_session import _ServerInferenceSession
 
@@ -40,19 +40,14 @@ class TimingStreamer:
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--initial-peers", nargs="+", required=True)
-    parser.add_argument("--dht-prefix", required=True)
-    parser.add_argument("--input-ids", required=True)
+    parser = swarm_parser()
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, torch_dtype=torch.float32
     )
-    ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
+    ids = torch.tensor(input_ids(args))
     model.generation_config.eos_token_id = None  # every row runs all --new-tokens, as ours do
     runs = []
     for run in range(args.repeats + 1):

@@ -16,7 +16,6 @@ Prints {"rows": {key: {"runs": ..., "speculation": ...}}}.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from client_args import input_ids, swarm_parser  # this folder (the script's)
 
 from engine.client.model import DistributedModelForCausalLM
 from engine.client.sequence_manager import ClientConfig
@@ -59,13 +59,8 @@ def timed_generation(model, ids, new_tokens: int, speculation, stats: Speculatio
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--initial-peers", nargs="+", required=True)
-    parser.add_argument("--dht-prefix", required=True)
-    parser.add_argument("--input-ids", required=True)
+    parser = swarm_parser()
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-push", action="store_true", help="do not ask servers to push to each other")
     parser.add_argument("--speculate", action="store_true", help="speculative decoding (prompt lookup)")
     parser.add_argument("--max-draft", type=int, default=8)
@@ -75,7 +70,7 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="JSON list of rows taking turns (see the docstring)")
     args = parser.parse_args()
 
-    ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
+    ids = torch.tensor(input_ids(args))
     if args.rows is None:
         single = dict(key="", no_push=args.no_push, speculate=args.speculate, draft_blocks=args.draft_blocks)
         rows = [single]

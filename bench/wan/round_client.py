@@ -12,7 +12,6 @@ Prints one JSON line: {"rounds": {k: [seconds, ...]}, "trees": bool}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,23 +20,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from client_args import input_ids, swarm_parser  # this folder (the script's)
 
 from engine.client.model import DistributedModelForCausalLM
 from engine.client.sequence_manager import ClientConfig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--initial-peers", nargs="+", required=True)
-    parser.add_argument("--dht-prefix", required=True)
-    parser.add_argument("--input-ids", required=True)
+    parser = swarm_parser(repeats=10)
     parser.add_argument("--rows", nargs="+", type=int, required=True)
-    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tree", action="store_true", help="send the rows as k siblings of one tree")
     args = parser.parse_args()
 
-    ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
+    ids = torch.tensor(input_ids(args))
     config = ClientConfig(request_timeout=60.0, server_to_server=True)
     rounds: dict[int, list[float]] = {k: [] for k in args.rows}
     length = ids.shape[1] + max(args.rows) + 1
