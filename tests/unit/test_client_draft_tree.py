@@ -10,6 +10,7 @@ from engine.client.generation import generate
 from engine.client.ngram_drafter import NgramTable
 from engine.client.sampling import SamplingParams
 from engine.client.speculative import PromptLookupDrafter, SpeculationConfig, SpeculationStats
+from tests.unit.test_client_speculative import RollbackModel
 
 
 def _tree(rows):
@@ -101,21 +102,14 @@ class TreeSession:
         pass
 
 
-class TreeModel:
+class TreeModel(RollbackModel):
     """Rolls back, takes trees, and computes every row's logits from the tokens on its own path."""
 
-    def __init__(self, hf):
-        self.hf = hf
-
-    def inference_session(self, *, max_length: int) -> TreeSession:
-        return TreeSession(max_length)
+    session_type = TreeSession
 
     def _logits_after(self, tokens: list[int]) -> torch.Tensor:
         with torch.no_grad():
             return self.hf(input_ids=torch.tensor([tokens])).logits[0, -1]
-
-    def session_logits(self, session, input_ids):
-        return self.session_logits_all(session, input_ids)[:, -1]
 
     def session_logits_all(
         self, session, input_ids, *, start_from_position=None, last=None, tree_parents=None
@@ -137,9 +131,6 @@ class TreeModel:
         session.tokens = before + ids[chain:]
         logits = torch.stack(rows)[None]
         return logits if last is None else logits[:, -last:]
-
-    def can_roll_back(self, session):
-        return True
 
     def can_take_trees(self, session):
         return True
@@ -183,14 +174,6 @@ class OracleTreeDrafter:
 
     def observe(self, tree, path):
         self.observed += 1
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_checkpoint_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint_factory("llama", num_layers=2)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("wrong_every", [1, 3, 1000])

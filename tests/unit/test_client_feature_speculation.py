@@ -32,14 +32,6 @@ class FeatureRollbackModel(RollbackModel):
         return logits, captured[0].reshape(input_ids.shape[0], input_ids.shape[1], -1)
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_checkpoint_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint_factory("llama", num_layers=2)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def test_feature_history_appends_in_place_grows_and_truncates():
     history = FeatureHistory(capacity=2)
     rows = torch.arange(12.0).reshape(6, 2)

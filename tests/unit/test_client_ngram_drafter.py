@@ -101,14 +101,6 @@ def test_proposals_copy_the_conversation_first_then_chain_from_the_table():
     assert NgramDrafter(unsure2).propose([5, 2, 4, 5], 1) == ([2], None, ("lookup", 1))  # (4, 5): 1 of 2
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_checkpoint_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint_factory("llama", num_layers=2)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def test_greedy_speculation_with_a_table_of_the_models_answers_equals_plain_greedy(hf):
     prompts = torch.randint(5, hf.config.vocab_size, (6, 5), generator=torch.Generator().manual_seed(3))
     params = SamplingParams(max_new_tokens=16)

@@ -152,11 +152,13 @@ class RollbackSession:
 
 
 class RollbackModel:
+    session_type = RollbackSession
+
     def __init__(self, hf):
         self.hf = hf
 
-    def inference_session(self, *, max_length: int) -> RollbackSession:
-        return RollbackSession(max_length)
+    def inference_session(self, *, max_length: int):
+        return self.session_type(max_length)
 
     def session_logits(self, session, input_ids):
         return self.session_logits_all(session, input_ids)[:, -1]
@@ -192,14 +194,6 @@ class OracleDrafter:
         if proposal and self.calls % self.wrong_every == 0:
             proposal[len(proposal) // 2] = (proposal[len(proposal) // 2] + 1) % 512
         return proposal, None
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_checkpoint_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_checkpoint_factory("llama", num_layers=2)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("wrong_every", [1, 2, 1000])
