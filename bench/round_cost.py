@@ -16,7 +16,8 @@ relay (25 ms one way each) and times whole rounds of k rows from our client (pus
 each round rolled back to the prompt's end: bench/wan/round_client.py); `--trees` also as k sibling tree rows.
 
     python bench/round_cost.py [--rows 1 2 3 4 5 6 8 10] [--repeats 15] [--past 64] [--threads 2 [1]]
-        [--step-kernels auto [mm linear onednn]] [--kernels] [--profile K] [--wan [--trees]] [--no-steps]
+        [--step-kernels auto [rule mkl onednn linear]] [--kernels] [--profile K] [--wan [--trees]]
+        [--no-steps]
 
 Quote the load average it prints with the numbers: the CPU is shared.
 """
@@ -39,6 +40,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as servers run: idle Open
 
 import torch  # noqa: E402
 from torch.nn import functional  # noqa: E402
+
+from engine.models import few_rows  # noqa: E402
 
 SPANS = [(0, 8), (8, 15), (15, 22), (22, 30)]  # bench/wan.py's split of SmolLM2 over 4 servers
 
@@ -66,36 +69,52 @@ def step_all(spans, caches, rows: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-# The products' kernels a step may be forced to (--step-kernels), beside few_rows' own choice ("auto").
-STEP_KERNELS = {
-    "auto": None,
-    "mm": lambda rows, **_: "pair" if rows == 1 else "mm" if rows <= 8 else "linear",  # before round_cost.py
-    "linear": lambda rows, **_: "linear",  # nn.Linear's products
-    "onednn": lambda rows, **_: "pair" if rows == 1 else "onednn",  # oneDNN's matmul from 2 rows on
-}
+# How the steps' products run (--step-kernels): "auto" as a server runs them (each span's step tuner picks a
+# kernel and threads per row count from its own steps' times: engine/models/step_tuner.py), "rule" the fixed
+# rule of before the tuner (few_rows.kernel_for, one thread below 6 rows), "mkl" / "onednn" that kernel on
+# exactly --threads threads, "linear" nn.Linear's products.
+STEP_KERNELS = ("auto", "rule", "mkl", "onednn", "linear")
+
+
+def use_step_kernel(spans, kernel: str, threads: int, tuners: dict) -> None:
+    """Make the spans' next steps run their products as `kernel` says on `threads` configured threads
+    (`tuners` keeps each span's "auto" tuner between turns, so it goes on learning)."""
+    from engine.models.step_tuner import StepPlan, StepTuner, step_plans
+
+    torch.set_num_threads(threads)
+    few_rows.kernel_for = _RULE if kernel != "linear" else (lambda rows, **_: "linear")
+    for index, span in enumerate(spans):
+        span.tune_steps = kernel in ("auto", "mkl", "onednn")
+        if kernel == "auto":
+            plans = step_plans(threads, few_rows.onednn_available())
+            span._tuner = tuners.setdefault((index, threads), StepTuner(plans))
+        elif kernel in ("mkl", "onednn"):
+            span._tuner = StepTuner((StepPlan(kernel, threads),))
+
+
+_RULE = few_rows.kernel_for
 
 
 def measure_steps(spans, caches, row_counts, repeats: int, hidden_size: int, configs: list) -> dict:
-    """{(kernel, threads, k): [(wall, cpu), ...]}: steps of k rows with the products' kernels forced to
-    `kernel` and `threads` compute threads, for every (kernel, threads) in `configs`, taking turns."""
-    from engine.models import few_rows
-
+    """{(kernel, threads, k): [(wall, cpu), ...]}: steps of k rows with the products run as `kernel` says
+    (STEP_KERNELS) on `threads` threads, for every (kernel, threads) in `configs`, taking turns."""
     generator = torch.Generator().manual_seed(0)
     inputs = {k: torch.randn(1, k, hidden_size, generator=generator) for k in row_counts}
-    chosen = few_rows.kernel_for
     times: dict[tuple[str, int], list] = {}
+    tuners: dict = {}
     try:
         for repeat in range(repeats + 1):  # the first round warms up (first calls allocate)
             shift = repeat % len(row_counts)
             for k in row_counts[shift:] + row_counts[:shift]:
                 for kernel, threads in configs:
-                    few_rows.kernel_for = STEP_KERNELS[kernel] or chosen
-                    torch.set_num_threads(threads)
+                    use_step_kernel(spans, kernel, threads, tuners)
                     sample = timed(lambda k=k: step_all(spans, caches, inputs[k]))
                     if repeat:
                         times.setdefault((kernel, threads, k), []).append(sample)
     finally:
-        few_rows.kernel_for = chosen
+        use_step_kernel(spans, "auto", configs[0][1], tuners)
+    for (index, threads), tuner in tuners.items():
+        print(f"span {index} ({threads} threads), auto's plans: {tuner.summary()}")
     return times
 
 
@@ -241,9 +260,10 @@ def main() -> None:
         "--step-kernels",
         nargs="+",
         default=["auto"],
-        choices=list(STEP_KERNELS),
-        help="the products' kernels for the steps: auto (few_rows' choice), mm (before: weight @ rows.T to "
-        "8 rows), linear (nn.Linear), onednn (oneDNN from 2 rows); several take turns",
+        choices=STEP_KERNELS,
+        help="how the steps' products run: auto (each span's step tuner, as servers run), rule (the fixed "
+        "rule before the tuner), mkl or onednn (that kernel on exactly --threads threads), linear "
+        "(nn.Linear); several take turns",
     )
     parser.add_argument(
         "--wan",

@@ -12,6 +12,10 @@ summation order may differ (~1e-6). Other devices, dtypes, gradients and more ro
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch.nn import functional
 
@@ -19,11 +23,19 @@ FEW_ROWS = 16  # the lean step's longest step (LEAN_STEP_TOKENS); above it nn.Li
 ONEDNN_ROWS = 6  # from this many rows on, oneDNN's matmul beats MKL's gemm as weight @ rows.T
 
 
-def kernel_for(rows: int, *, max_rows: int = FEW_ROWS, onednn: bool = True) -> str:
+def kernel_for(
+    rows: int, *, max_rows: int = FEW_ROWS, onednn: bool = True, preferred: str | None = None
+) -> str:
     """Which kernel computes `rows` rows: "pair" (one row padded to two: MKL's two-row gemm beats its
-    gemv), "mm" (weight @ rows.T), "onednn" (oneDNN's matmul) or "linear" (nn.functional.linear)."""
+    gemv), "mm" (weight @ rows.T), "onednn" (oneDNN's matmul) or "linear" (nn.functional.linear).
+
+    `preferred` ("mkl" or "onednn", a step tuner's choice: step_tuner.py) overrides the fixed rule below."""
     if not 0 < rows <= max_rows:
         return "linear"
+    if preferred == "onednn" and onednn:
+        return "onednn"
+    if preferred == "mkl":
+        return "pair" if rows == 1 else "mm"
     if rows == 1:
         return "pair"
     return "onednn" if onednn and rows >= ONEDNN_ROWS else "mm"
@@ -37,7 +49,8 @@ def few_rows_linear(
     eligible = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     if not eligible or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
         return functional.linear(x, weight, bias)
-    kernel = kernel_for(rows.shape[0], max_rows=max_rows, onednn=_onednn_available())
+    preferred = getattr(_PREFERRED, "kernel", None)
+    kernel = kernel_for(rows.shape[0], max_rows=max_rows, onednn=onednn_available(), preferred=preferred)
     if kernel == "linear":
         return functional.linear(x, weight, bias)
     if kernel == "onednn":
@@ -52,10 +65,24 @@ def few_rows_linear(
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+_PREFERRED = threading.local()
+
+
+@contextlib.contextmanager
+def preferred_kernel(kernel: str | None) -> Iterator[None]:
+    """Within the block, this thread's few-row products use `kernel` ("mkl" / "onednn"; None: the rule)."""
+    before = getattr(_PREFERRED, "kernel", None)
+    _PREFERRED.kernel = kernel
+    try:
+        yield
+    finally:
+        _PREFERRED.kernel = before
+
+
 _ONEDNN: list[bool] = []
 
 
-def _onednn_available() -> bool:
+def onednn_available() -> bool:
     """Whether this torch has oneDNN's linear (CPU builds with MKLDNN; checked once)."""
     if not _ONEDNN:
         try:

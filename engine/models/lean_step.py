@@ -109,24 +109,26 @@ def _attention(query, keys, values, scaling: float, mask: torch.Tensor | None) -
 
 
 def lean_threads(rows: int, threads: int) -> int:
-    """Compute threads for a lean step of `rows` rows (batch x tokens) when `threads` are configured.
+    """Compute threads for a lean step of `rows` rows (batch x tokens) when `threads` are configured and no
+    step tuner chooses (step_tuner.py; POLLINATE_STEP_TUNING=0): the fixed rule of before the tuner.
 
-    Below ONEDNN_ROWS every product is MKL's few-row gemm, which runs on one thread whatever the setting (on
-    torch 2.13 even for an 11008 x 4096 matrix), so more threads only wake up for the tiny attention and
-    elementwise ops, and lose: a SmolLM2 step through 30 blocks took 33.7 ms on 1 thread against 38.6 on 2
-    (`bench/round_cost.py --threads 2 1`). With oneDNN's products (6+ rows) more threads may pay on a CPU
-    with many idle cores; with 2 (this bench machine) one was faster again (8 rows 64.5 vs 68.2 ms)."""
+    Below ONEDNN_ROWS every product is MKL's few-row gemm; under load (this rule was measured with other
+    processes on both cores) a second thread mostly waited: a SmolLM2 step through 30 blocks took 33.7 ms on
+    1 thread against 38.6 on 2 (`bench/round_cost.py --threads 2 1`). With oneDNN's products (6+ rows) more
+    threads may pay on a CPU with many idle cores; with 2 one was faster again (8 rows 64.5 vs 68.2 ms). On
+    a quiet machine 2 threads can be faster (step_tuner.py's table), which is why the tuner measures."""
     if rows < ONEDNN_ROWS or threads <= 2:
         return 1
     return threads
 
 
 @contextlib.contextmanager
-def step_threads(rows: int) -> Iterator[None]:
-    """Run a lean step of `rows` rows on `lean_threads` compute threads, then restore the setting (the
-    server computes one step at a time, so the process-wide setting is this step's)."""
+def step_threads(rows: int, wanted: int | None = None) -> Iterator[None]:
+    """Run a lean step of `rows` rows on `wanted` compute threads (default: `lean_threads`), then restore the
+    setting (the server computes one step at a time, so the process-wide setting is this step's)."""
     threads = torch.get_num_threads()
-    wanted = lean_threads(rows, threads)
+    if wanted is None:
+        wanted = lean_threads(rows, threads)
     if wanted == threads:
         yield
         return

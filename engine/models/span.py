@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.models import huge_pages
+from engine.models import few_rows, huge_pages
 from engine.models.blocks import load_block, prepare_config
 from engine.models.cache import SpanCache, kv_shape
 from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
 from engine.models.lean_step import LEAN_STEP_TOKENS, lean_layers, step_mask, step_threads
 from engine.models.quantization import check_quant
 from engine.models.registry import ModelFamily, family_for
+from engine.models.step_tuner import StepTuner, step_plans
 from engine.models.tree_step import check_parents, step_positions, tree_mask
 
 # Decoder layers whose attention takes an explicit boolean mask and per-row positions through transformers
@@ -58,6 +61,10 @@ class BlockSpan(nn.Module):
         self.load_stats: LoadStats | None = None
         # Short cached steps of Llama-style blocks on the CPU take a leaner path (lean_step.py).
         self._lean = lean_layers(blocks, self.device) if quant == "none" else None
+        # Which kernel and threads the lean steps' products use, learnt from the steps' times (step_tuner.py);
+        # POLLINATE_STEP_TUNING=0 keeps the fixed rule (few_rows.kernel_for, lean_step.lean_threads).
+        self.tune_steps = os.environ.get("POLLINATE_STEP_TUNING", "1") != "0"
+        self._tuner: StepTuner | None = None
         self._windows = [
             config.sliding_window if family.attention_kind(config, i) == "sliding_attention" else None
             for i in range(self.start, self.end)
@@ -181,12 +188,30 @@ class BlockSpan(nn.Module):
         past, length = cache.length, hidden_states.shape[1]
         if masks is None:
             masks = {window: step_mask(past, length, window, self.device) for window in set(self._windows)}
-        with step_threads(hidden_states.shape[0] * length):  # few rows: one thread is faster (lean_step.py)
+        rows = hidden_states.shape[0] * length
+        tuner = self.step_tuner()
+        plan = tuner.choose(rows) if tuner is not None else None
+        started = time.perf_counter()
+        with (
+            step_threads(rows, plan.threads if plan else None),
+            few_rows.preferred_kernel(plan.kernel if plan else None),
+        ):
             for offset, layer in enumerate(self._lean):
                 if prompts is not None:
                     hidden_states = _add_prompt(hidden_states, prompts[offset])
                 hidden_states = layer(hidden_states, cos, sin, adapter, masks[self._windows[offset]])
+        if tuner is not None:
+            tuner.record(rows, plan, time.perf_counter() - started)
         return hidden_states
+
+    def step_tuner(self) -> StepTuner | None:
+        """The tuner of this span's lean steps (made at the first step, for the compute threads configured
+        then), or None when tuning is off."""
+        if not self.tune_steps or self._lean is None:
+            return None
+        if self._tuner is None:
+            self._tuner = StepTuner(step_plans(torch.get_num_threads(), few_rows.onednn_available()))
+        return self._tuner
 
     def _position_arguments(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> dict:
         """What blocks need to know where tokens are: rotary position embeddings, or BLOOM's alibi bias."""

@@ -356,13 +356,15 @@ class TransformerConnectionHandler(ServicerBase):
         self._log("rpc_inference.open", start, end, context, f"max_length={max_length}, batch={batch_size}")
         nbytes = self.hosted.cache_bytes(end - start, batch_size, max_length)
         times = StepTimes()
+        view = None
         self.stats.sessions_open += 1
         try:
             async with (
                 self.memory_cache.allocate(nbytes, alloc_timeout),
                 self._open_session(session_id) as pushes,
             ):
-                session = SessionState(self.hosted.view(start, end), batch_size, max_length)
+                view = self.hosted.view(start, end)
+                session = SessionState(view, batch_size, max_length)
                 steps = self._iterate_steps(first, requests, pushes, session, deadline, context)
                 async for request, step_metadata in steps:
                     arrived = time.perf_counter()
@@ -384,6 +386,9 @@ class TransformerConnectionHandler(ServicerBase):
             self.stats.sessions_open -= 1
             self._log("rpc_inference.close", start, end, context)
             logger.debug("rpc_inference(blocks=%d:%d) step times: %s", start, end, times.summary())
+            tuner = view.step_tuner() if view is not None else None
+            if tuner is not None and logger.isEnabledFor(logging.DEBUG):
+                logger.debug("step plans (kernel/threads, median): %s", tuner.summary())
 
     async def _inference_step(
         self, session: SessionState, request, step_metadata, args_structure, points, peer

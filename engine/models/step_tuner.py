@@ -1,0 +1,103 @@
+"""Which kernel and how many compute threads a short CPU step's products use, chosen from the steps' times.
+
+A cached step of a few rows is bound by reading the span's weights, and which way of reading them is fastest
+depends on the matrices' shapes, the CPU and what else runs on it. Measured on this project's 2-core bench
+machine (one step, quiet machine, ms):
+
+    span                              rows   MKL 1 thread   MKL 2 threads   oneDNN 1 thread   oneDNN 2 threads
+    8 blocks, hidden 1024 (synthetic)    1           26.3            20.7              20.4               17.7
+    SmolLM2's 30 blocks (hidden 576)     1           33.6            41.0              40.2               38.5
+    SmolLM2's 30 blocks                  8           73.3            64.8              63.9               49.8
+
+and under load from other processes a second thread may cost more than it brings. No fixed rule fits all of
+that, so each span tries every plan (kernel x threads) a few times per row count, then keeps the plan whose
+recent steps were fastest, trying another one now and then so it notices when the machine's load changes.
+Every plan computes the same products (summation order may differ by ~1e-6), so the choice never changes
+what a step means, only how long it takes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a step's products run: `kernel` "mkl" (MKL's gemm as weight @ rows.T, one row padded to two) or
+    "onednn" (oneDNN's matmul), on `threads` compute threads."""
+
+    kernel: str
+    threads: int
+
+
+def step_plans(threads: int, onednn: bool) -> tuple[StepPlan, ...]:
+    """The plans worth trying with `threads` configured compute threads (one thread, and all of them)."""
+    kernels = ("mkl", "onednn") if onednn else ("mkl",)
+    counts = sorted({1, max(1, threads)})
+    return tuple(StepPlan(kernel, count) for count in counts for kernel in kernels)
+
+
+class StepTuner:
+    """Per row count: try each plan `trials` times, then use the plan with the lowest median over its last
+    `window` steps; every `explore_every`-th step of a row count goes to the plan tried longest ago instead.
+
+    `choose` and `record` are called around each step (one step at a time: a server computes one step at a
+    time, and a span belongs to one server)."""
+
+    def __init__(
+        self, plans: tuple[StepPlan, ...], *, trials: int = 3, window: int = 5, explore_every: int = 32
+    ):
+        if not plans:
+            raise ValueError("a step tuner needs at least one plan")
+        if not 1 <= trials <= window:
+            raise ValueError(f"trials ({trials}) must be between 1 and window ({window})")
+        self.plans = plans
+        self.trials = trials
+        self.window = window
+        self.explore_every = explore_every
+        self._times: dict[tuple[int, StepPlan], deque[float]] = {}
+        self._last_tried: dict[tuple[int, StepPlan], int] = {}
+        self._steps: dict[int, int] = {}
+
+    def choose(self, rows: int) -> StepPlan:
+        """The plan for the next step of `rows` rows."""
+        for plan in self.plans:
+            if len(self._times.get((rows, plan), ())) < self.trials:
+                return plan
+        best = self.best(rows)
+        steps = self._steps.get(rows, 0)
+        if len(self.plans) > 1 and steps and steps % self.explore_every == 0:
+            others = [plan for plan in self.plans if plan != best]
+            return min(others, key=lambda plan: self._last_tried.get((rows, plan), -1))
+        return best
+
+    def record(self, rows: int, plan: StepPlan, seconds: float) -> None:
+        """How long a step of `rows` rows took with `plan`."""
+        key = (rows, plan)
+        self._times.setdefault(key, deque(maxlen=self.window)).append(seconds)
+        steps = self._steps.get(rows, 0) + 1
+        self._steps[rows] = steps
+        self._last_tried[key] = steps
+
+    def best(self, rows: int) -> StepPlan:
+        """The plan with the fastest recent steps of `rows` rows (the first plan while none is timed)."""
+        timed = [plan for plan in self.plans if self._times.get((rows, plan))]
+        if not timed:
+            return self.plans[0]
+        return min(timed, key=lambda plan: statistics.median(self._times[(rows, plan)]))
+
+    def summary(self) -> str:
+        """Every plan timed so far, by row count, e.g. "1 row: onednn/1 9.7 ms, mkl/1 12.8 ms; 2 rows: ..."
+        (kernel/threads, median of the recent steps; the plan in use first)."""
+        parts = []
+        for rows in sorted(self._steps):
+            timed = [plan for plan in self.plans if self._times.get((rows, plan))]
+            timed.sort(key=lambda plan: statistics.median(self._times[(rows, plan)]))
+            plans = ", ".join(
+                f"{plan.kernel}/{plan.threads} {statistics.median(self._times[(rows, plan)]) * 1e3:.1f} ms"
+                for plan in timed
+            )
+            parts.append(f"{rows} row{'s' if rows > 1 else ''}: {plans}")
+        return "; ".join(parts)
