@@ -24,7 +24,7 @@ for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
         [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1]
-        [--rows a b c-hop c-push c-spec c-exit c-feat c-feat-tree c-ngram c-tree] [--prompts ...]
+        [--rows a b c-hop c-push c-spec c-exit c-feat c-feat-tree c-ngram c-tree c-tree-line] [--prompts ...]
         [--draft-blocks N] [--logs DIR]
 
 c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit);
@@ -33,7 +33,9 @@ there is none), or the drafter folder --feature-drafter names; c-ngram with the 
 answers shipped for it (engine.client.ngram_drafter; skipped when there is none); c-tree verifies token trees
 of the table's and prompt lookup's candidates in each round (engine.client.draft_tree; prompt lookup's alone
 when no table is shipped); c-feat-tree verifies the feature drafter's trees (EAGLE-2 expansion) with prompt
-lookup's copies among the candidates. The other speculative rows draft chains only.
+lookup's copies among the candidates; c-tree-line is c-tree with each tree's size priced by one straight line
+through the rounds' times (SpeculationConfig.tree_cost="line", the policy before per-size costs), for a paired
+comparison. The other speculative rows draft chains only.
 With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
@@ -116,6 +118,12 @@ ROWS = {
         "pollinate",
         "pollinate",
         {"speculate": True, "ngram_table": "auto", "tree_rows": 8},
+    ),
+    "c-tree-line": (
+        "Pollinate, push + token trees (line-priced)",
+        "pollinate",
+        "pollinate",
+        {"speculate": True, "ngram_table": "auto", "tree_rows": 8, "tree_cost": "line"},
     ),
 }
 THREADS = 2  # compute threads per process (--threads): one server computes at a time in a chain

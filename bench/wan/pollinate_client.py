@@ -8,9 +8,10 @@ One warm-up generation, then R timed ones, each in a fresh inference session. Pr
 {"runs": [{"ttft": s, "step_s": s, "tokens": [...]}, ...], "speculation": {...} or null}.
 
 With --rows '[{"key": "c-push"}, {"key": "c-spec", "speculate": true}, ...]' (each row's options as in the
-flags: no_push, speculate, draft_blocks; feature_drafter: "auto" or a drafter folder), the rows share this
-process and its connections and take turns: a warm-up of each, then R rounds with one timed generation of
-each row, the order rotating every round, so that the machine's other load falls on every row alike.
+flags: no_push, speculate, draft_blocks; feature_drafter: "auto" or a drafter folder; ngram_table, tree_rows,
+tree_cost as in SpeculationConfig), the rows share this process and its connections and take turns: a warm-up
+of each, then R rounds with one timed generation of each row, the order rotating every round, so that the
+machine's other load falls on every row alike.
 Prints {"rows": {key: {"runs": ..., "speculation": ...}}}.
 """
 
@@ -42,6 +43,7 @@ def speculation_for(row: dict, max_draft: int) -> SpeculationConfig | None:
         feature_drafter=row.get("feature_drafter"),  # None: prompt lookup, not the shipped drafter
         ngram_table=row.get("ngram_table"),  # None: prompt lookup, not the shipped table
         tree_rows=int(row.get("tree_rows", 0)),  # chains only unless the row asks for token trees
+        tree_cost=row.get("tree_cost", "measured"),
     )
 
 

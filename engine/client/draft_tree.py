@@ -7,11 +7,11 @@ a trip whose cost hardly grows with a few more rows keeps the longest branch the
 (SpecInfer, Miao et al. 2023; Medusa; EAGLE-2's best-first expansion by estimated path probability).
 
 Everything here is pure: `DraftTree` (tokens + parent rows), `verify_greedy` (walk the tree along the model's
-argmax tokens), `build_tree` (best-first expansion from any candidate source, stopping where one more row
-costs more than it is expected to bring), `Calibration` (how often each kind of candidate turns out right,
-learned from the rounds), and `NgramTreeDrafter`, the first candidate source: prompt lookup's continuations
-of every earlier occurrence plus the n-gram table's guesses. Other sources (a feature drafter's top-k) only
-need `candidates(context) -> [(token, kind, prior)]`.
+argmax tokens), `build_tree` (best-first expansion from any candidate source, cut to the size whose round
+brings the most expected tokens per unit of round time: `best_tree_size`), `Calibration` (how often each
+kind of candidate turns out right, learned from the rounds), and `NgramTreeDrafter`, the first candidate
+source: prompt lookup's continuations of every earlier occurrence plus the n-gram table's guesses. Other
+sources (a feature drafter's top-k) only need `candidates(context) -> [(token, kind, prior)]`.
 """
 
 from __future__ import annotations
@@ -104,22 +104,46 @@ class Calibration:
                 self._hits[tree.kinds[row]] += row in reached
 
 
+def line_cost(row_cost: float) -> Callable[[int], float]:
+    """A straight line: a round of `rows` rows costs 1 + (rows - 1) * row_cost one-row rounds."""
+    return lambda rows: 1 + (rows - 1) * row_cost
+
+
+def best_tree_size(chances: Sequence[float], round_cost: Callable[[int], float]) -> int:
+    """How many of the rows, in best-first order with these chances of being reached and right, give the
+    most expected tokens per unit of round time: (1 + chances[0] + ... + chances[n-1]) / round_cost(1 + n)
+    (the round also carries the pending token, and the model's own next token always comes); the fewest
+    rows on a tie. The whole curve is weighed, not one row at a time: where round times rise in stairs
+    (CPU servers), a row that climbs a stair may not pay alone while the rows up to the stair's end do."""
+    best, best_rate, expected = 0, 1.0 / round_cost(1), 1.0
+    for n, chance in enumerate(chances, start=1):
+        expected += chance
+        rate = expected / round_cost(1 + n)
+        if rate > best_rate * (1 + 1e-12):
+            best, best_rate = n, rate
+    return best
+
+
 def build_tree(
     candidates: Callable[[list[int]], list[Candidate]],
     *,
     max_rows: int,
-    row_cost: float,
+    row_cost: float | Callable[[int], float],
     calibration: Calibration | None = None,
     max_children: int = 3,
 ) -> DraftTree:
     """Best-first: the row with the highest chance of being reached and right goes in next (its chance is
-    its parent's times its own), while that chance beats what one more row costs a round: with n rows and
-    E expected tokens so far, a row of chance p raises tokens per unit of round time when
-    p > row_cost * E / (1 + n * row_cost) (`row_cost`: one more row's time over a one-row round's).
+    its parent's times its own), up to `max_rows`; then the tree is cut to the size with the most expected
+    tokens per unit of round time (`best_tree_size`). Every cut is a tree: a row comes after its parent.
 
-    `candidates(path_tokens)` proposes tokens after the verified history plus `path_tokens`."""
+    `row_cost`: a round of k rows relative to a one-row round, as a callable (the rounds' measured times per
+    size, RoundCost.relative) or as one more row's share of a one-row round (a straight line). On a line
+    this keeps a row of chance p while p > row_cost * E / (1 + n * row_cost), with n rows and E expected
+    tokens so far. `candidates(path_tokens)` proposes tokens after the verified history plus `path_tokens`."""
+    round_cost = row_cost if callable(row_cost) else line_cost(row_cost)
     calibration = calibration or Calibration()
     tree = DraftTree()
+    chances: list[float] = []
     frontier: list[tuple[float, int, int, int, Hashable]] = []  # (-chance, order, parent, token, kind)
     order = 0
 
@@ -139,16 +163,16 @@ def build_tree(
             order += 1
 
     expand(-1, 1.0)
-    expected = 1.0  # the model's own token comes whatever the tree holds
     while frontier and len(tree) < max_rows:
         negative, _, parent, token, kind = heapq.heappop(frontier)
-        chance = -negative
-        if chance <= row_cost * expected / (1 + len(tree) * row_cost):
-            break
+        if -negative <= 0.0:
+            break  # the rest cannot be right either
         row = tree.add(token, parent, kind)
-        expected += chance
-        expand(row, chance)
-    return tree
+        chances.append(-negative)
+        if len(tree) < max_rows:
+            expand(row, -negative)
+    size = best_tree_size(chances, round_cost)
+    return DraftTree(tree.tokens[:size], tree.parents[:size], tree.kinds[:size])
 
 
 # --- the first candidate source: prompt lookup's every occurrence + the n-gram table ---
@@ -164,7 +188,9 @@ class TreeProposer(Protocol):
 
     name: str
 
-    def propose_tree(self, history: Sequence[int], max_rows: int, row_cost: float) -> DraftTree: ...
+    def propose_tree(
+        self, history: Sequence[int], max_rows: int, row_cost: float | Callable[[int], float]
+    ) -> DraftTree: ...
 
     def observe(self, tree: DraftTree, path: Sequence[int]) -> None: ...
 
@@ -201,7 +227,9 @@ class NgramTreeDrafter:
         return self.chain.draft(history, k)
 
     # trees
-    def propose_tree(self, history: Sequence[int], max_rows: int, row_cost: float) -> DraftTree:
+    def propose_tree(
+        self, history: Sequence[int], max_rows: int, row_cost: float | Callable[[int], float]
+    ) -> DraftTree:
         history = list(history)
         self._update_index(history)
         return build_tree(
@@ -298,7 +326,7 @@ class FeatureTreeDrafter:
         return self.drafter.draft_with_features(tokens, features, k)
 
     def propose_tree(
-        self, history: Sequence[int], max_rows: int, row_cost: float, features: Any
+        self, history: Sequence[int], max_rows: int, row_cost: float | Callable[[int], float], features: Any
     ) -> DraftTree:
         if self.gain < self.MIN_GAIN:
             self._idle += 1

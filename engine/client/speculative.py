@@ -71,6 +71,10 @@ class SpeculationConfig:
     # token tree (engine/client/draft_tree.py: several candidates verified at once); 0: chains only. Prompt
     # lookup, the n-gram table and feature drafters propose trees; early-exit and draft models draft chains.
     tree_rows: int = 8
+    # How a tree's size is priced: "measured" weighs each round size's own measured time (RoundCost.relative:
+    # CPU servers' rounds rise in stairs); "line" one straight line through all rounds (the policy before
+    # per-size costs, kept for paired benches).
+    tree_cost: str = "measured"
 
     def __post_init__(self):
         if not 0 <= self.min_draft <= self.initial_draft <= self.max_draft or self.initial_draft < 1:
@@ -83,6 +87,8 @@ class SpeculationConfig:
             raise ValueError("draft_blocks and max_draft_bytes must be >= 0")
         if not 0 <= self.tree_rows <= 15:  # with the pending token, a step the servers' lean path takes
             raise ValueError("tree_rows must be in [0, 15]")
+        if self.tree_cost not in ("measured", "line"):
+            raise ValueError(f"tree_cost must be 'measured' or 'line', not {self.tree_cost!r}")
 
 
 @dataclass
@@ -576,7 +582,10 @@ def _tree_round(model, session, drafter, tokens, pending_ids, verified, params, 
 
     rollback, kept_position, features = verified  # where the servers cut back to; what they keep; features
     started = time.perf_counter()
-    row_cost = cost.token_cost if cost is not None else config.token_cost
+    if cost is None:
+        row_cost = config.token_cost
+    else:  # the measured time of each round size (a line through them misprices stairs), or the line
+        row_cost = cost.relative if config.tree_cost == "measured" else cost.token_cost
     max_rows = min(config.tree_rows, limit)
     if features is None:
         tree = drafter.propose_tree(tokens, max_rows, row_cost)

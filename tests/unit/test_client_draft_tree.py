@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from engine.client.draft_tree import Calibration, DraftTree, NgramTreeDrafter, build_tree, verify_greedy
+from engine.client.draft_tree import (
+    Calibration,
+    DraftTree,
+    NgramTreeDrafter,
+    best_tree_size,
+    build_tree,
+    line_cost,
+    verify_greedy,
+)
 from engine.client.generation import generate
 from engine.client.ngram_drafter import NgramTable
 from engine.client.sampling import SamplingParams
@@ -51,6 +61,52 @@ def test_build_tree_expands_the_likeliest_rows_first_and_stops_where_rows_cost_m
     assert len(costly) < len(cheap) <= 15
     assert 3 not in costly.tokens  # a 5% candidate is not worth half a round
     assert len(build_tree(lambda path: [], max_rows=8, row_cost=0.0)) == 0
+
+
+def test_best_tree_size_on_a_line_is_the_one_row_at_a_time_rule():
+    """On a straight line the whole-curve choice keeps exactly the rows the per-row rule kept (a row of
+    chance p while p > c * E / (1 + n * c)): the rate rises, then falls, once."""
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        chances = sorted(torch.rand(8, generator=generator).pow(3).tolist(), reverse=True)
+        c = [0.0, 0.01, 0.05, 0.2, 1.0][trial % 5]
+        kept, expected = 0, 1.0
+        for p in chances:
+            if p <= c * expected / (1 + kept * c):
+                break
+            kept, expected = kept + 1, expected + p
+        assert best_tree_size(chances, line_cost(c)) == kept, (chances, c)
+    assert best_tree_size([], line_cost(0.05)) == 0
+
+
+def test_best_tree_size_weighs_whole_stairs_and_prices_a_nearly_free_row_as_such():
+    # Rows 2 and 3 climb a stair together: the second row alone does not pay for it, both do.
+    stairs = {1: 1.0, 2: 1.0, 3: 1.2, 4: 1.2, 5: 1.4}.__getitem__
+    assert best_tree_size([0.5, 0.15, 0.15], stairs) == 1  # 1.80 / 1.2 = 1.5: a tie, the fewest rows
+    assert best_tree_size([0.5, 0.16, 0.16], stairs) == 3  # 1.82 / 1.2 > 1.5
+    assert best_tree_size([0.5, 0.16], stairs) == 1  # a grow-while-better rule stops here, and so it should
+    # 14i's WAN rounds (ms, one row 181): a second row costs 2%, so a 5% candidate goes in, where the line
+    # fitted through the same rounds (~9 ms a row, 0.05 of a round) sends none.
+    wan = dict(zip(range(1, 9), (181, 184, 209, 216, 227, 241, 243, 244), strict=True))
+    measured = lambda rows: wan[rows] / wan[1]  # noqa: E731
+    assert best_tree_size([0.05], measured) == 1 and best_tree_size([0.05], line_cost(0.05)) == 0
+    # Low chances: the stair from 2 to 3+ rows is not worth 0.03-chance rows, 7 such rows over 2 not either.
+    assert best_tree_size([0.2, 0.03, 0.03, 0.03, 0.03, 0.03, 0.03], measured) == 1
+    # Likely rows: up to the end of the 6-8-row stair.
+    assert best_tree_size([0.6, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12], measured) == 7
+
+
+def test_build_tree_cuts_at_the_measured_size_and_matches_the_float_on_a_line():
+    def source(path):
+        return [(1, "sure", 0.9), (2, "maybe", 0.2), (3, "rare", 0.05)]
+
+    for c in (0.0, 0.01, 0.05, 0.5):  # a float and the same line as a callable give the same tree
+        by_float = build_tree(source, max_rows=12, row_cost=c)
+        by_curve = build_tree(source, max_rows=12, row_cost=line_cost(c))
+        assert (by_float.tokens, by_float.parents) == (by_curve.tokens, by_curve.parents)
+    # Rounds of up to 4 rows cost the same, more rows twice as much: the tree stops at 3 rows.
+    flat = build_tree(source, max_rows=12, row_cost=lambda rows: 1.0 if rows <= 4 else 2.0)
+    assert flat.tokens == [1, 1, 1] and flat.parents == [-1, 0, 1]
 
 
 def test_calibration_learns_how_often_a_kind_is_right():
@@ -195,6 +251,46 @@ def test_greedy_tree_speculation_equals_plain_greedy(hf, wrong_every, penalty):
     sampling = SamplingParams(max_new_tokens=4, do_sample=True, seed=1, repetition_penalty=penalty)
     generate(TreeModel(hf), ids, sampling, speculation=SpeculationConfig(drafter=drafter), stats=sampled)
     assert sampled.tree_rounds == 0
+
+
+def test_tree_rounds_price_rows_by_the_measured_round_sizes_unless_told_the_line(hf):
+    class Recording(OracleTreeDrafter):
+        def propose_tree(self, history, max_rows, row_cost):
+            costs.append(row_cost)
+            return super().propose_tree(history, max_rows, row_cost)
+
+    ids = torch.randint(5, hf.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7))
+    params = SamplingParams(max_new_tokens=8)
+    truth = generate(TreeModel(hf), ids, params)[0, 6:].tolist()
+    for config, expected in (
+        (SpeculationConfig(), "curve"),
+        (SpeculationConfig(tree_cost="line"), float),
+        (SpeculationConfig(learn_cost=False, token_cost=0.07), 0.07),
+    ):
+        costs = []
+        config = dataclasses.replace(config, drafter=Recording(truth, 6, 1000))
+        generate(TreeModel(hf), ids, params, speculation=config)
+        assert costs
+        if expected == "curve":  # RoundCost.relative: a one-row round is the unit, other sizes as measured
+            assert all(callable(c) and c(1) == 1.0 for c in costs) and costs[-1](4) > 1.0
+        elif expected is float:
+            assert all(isinstance(c, float) for c in costs)
+        else:
+            assert costs == [expected] * len(costs)
+    with pytest.raises(ValueError, match="tree_cost must be 'measured' or 'line'"):
+        SpeculationConfig(tree_cost="stairs")
+
+
+def test_ngram_trees_priced_by_measured_sizes_keep_greedy_output(hf):
+    # A repetitive prompt, so prompt lookup's trees are often kept; the rounds' real times price them.
+    ids = torch.tensor([[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8, 9]])
+    params = SamplingParams(max_new_tokens=12)
+    plain = generate(TreeModel(hf), ids, params)
+    stats = SpeculationStats()
+    drafter = NgramTreeDrafter(PromptLookupDrafter(3), None, 3)
+    spec = generate(TreeModel(hf), ids, params, speculation=SpeculationConfig(drafter=drafter), stats=stats)
+    assert spec.tolist() == plain.tolist()
+    assert stats.tree_rounds > 0
 
 
 # --- a feature drafter's trees: the features of every verified position reach it, aligned ---
