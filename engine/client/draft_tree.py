@@ -114,11 +114,15 @@ def best_tree_size(chances: Sequence[float], round_cost: Callable[[int], float])
     most expected tokens per unit of round time: (1 + chances[0] + ... + chances[n-1]) / round_cost(1 + n)
     (the round also carries the pending token, and the model's own next token always comes); the fewest
     rows on a tie. The whole curve is weighed, not one row at a time: where round times rise in stairs
-    (CPU servers), a row that climbs a stair may not pay alone while the rows up to the stair's end do."""
-    best, best_rate, expected = 0, 1.0 / round_cost(1), 1.0
+    (CPU servers), a row that climbs a stair may not pay alone while the rows up to the stair's end do. A
+    size priced below a smaller one (noise, or an unseen size's straight line under a measured stair) costs
+    what the smaller one does."""
+    cost = round_cost(1)
+    best, best_rate, expected = 0, 1.0 / cost, 1.0
     for n, chance in enumerate(chances, start=1):
         expected += chance
-        rate = expected / round_cost(1 + n)
+        cost = max(cost, round_cost(1 + n))  # more rows never cost less: a cheaper size is noise or a guess
+        rate = expected / cost
         if rate > best_rate * (1 + 1e-12):
             best, best_rate = n, rate
     return best

@@ -94,6 +94,10 @@ def test_best_tree_size_weighs_whole_stairs_and_prices_a_nearly_free_row_as_such
     assert best_tree_size([0.2, 0.03, 0.03, 0.03, 0.03, 0.03, 0.03], measured) == 1
     # Likely rows: up to the end of the 6-8-row stair.
     assert best_tree_size([0.6, 0.4, 0.3, 0.25, 0.2, 0.15, 0.12], measured) == 7
+    # A size measured cheaper than a smaller one (noise, or an unseen size's line below a seen stair) is
+    # priced as the smaller one: it does not lure the tree past a stair that does not pay.
+    dip = {1: 1.0, 2: 1.2, 3: 1.1}.__getitem__
+    assert best_tree_size([0.15, 0.01], dip) == 0  # 1.16 / 1.1 would look better than one row alone
 
 
 def test_build_tree_cuts_at_the_measured_size_and_matches_the_float_on_a_line():
