@@ -24,8 +24,8 @@ for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
         [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1]
-        [--rows a b c-hop c-push c-spec c-exit c-feat c-feat-tree c-ngram c-tree c-tree-line] [--prompts ...]
-        [--draft-blocks N] [--logs DIR]
+        [--rows a b c-hop c-push c-spec c-exit c-feat c-feat-tree c-ngram c-ngram-known c-tree c-tree-line]
+        [--prompts ...] [--draft-blocks N] [--logs DIR]
 
 c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit);
 c-feat with the trained feature drafter shipped for the model (engine.client.feature_drafter; skipped when
@@ -35,7 +35,8 @@ of the table's and prompt lookup's candidates in each round (engine.client.draft
 when no table is shipped); c-feat-tree verifies the feature drafter's trees (EAGLE-2 expansion) with prompt
 lookup's copies among the candidates; c-tree-line is c-tree with each tree's size priced by one straight line
 through the rounds' times (SpeculationConfig.tree_cost="line", the policy before per-size costs), for a paired
-comparison. The other speculative rows draft chains only.
+comparison; c-ngram-known is c-ngram with the table's chain before a 1-token copy after any 2+-token context
+(NgramDrafter table_first="known", the rule before d284824). The other speculative rows draft chains only.
 With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
@@ -120,10 +121,16 @@ ROWS = {
         {"speculate": True, "ngram_table": "auto", "tree_rows": 8},
     ),
     "c-tree-line": (
-        "Pollinate, push + token trees (line-priced)",
+        "Pollinate, push + trees, line-priced",
         "pollinate",
         "pollinate",
         {"speculate": True, "ngram_table": "auto", "tree_rows": 8, "tree_cost": "line"},
+    ),
+    "c-ngram-known": (
+        "Pollinate, push + n-gram, known first",
+        "pollinate",
+        "pollinate",
+        {"speculate": True, "ngram_table": "auto", "ngram_rule": "known"},
     ),
 }
 THREADS = 2  # compute threads per process (--threads): one server computes at a time in a chain
@@ -457,9 +464,10 @@ def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
         if key in keys and args.feature_drafter is None and _shipped_drafter(path) is None:
             print(f"[{name}] {key} skipped: no feature drafter is shipped for this model", flush=True)
             keys.remove(key)
-    if "c-ngram" in keys and _shipped_table(path) is None:
-        print(f"[{name}] c-ngram skipped: no n-gram table is shipped for this model", flush=True)
-        keys.remove("c-ngram")
+    for key in ("c-ngram", "c-ngram-known"):
+        if key in keys and _shipped_table(path) is None:
+            print(f"[{name}] {key} skipped: no n-gram table is shipped for this model", flush=True)
+            keys.remove(key)
     kinds = [kind for kind in ("petals", "pollinate") if any(ROWS[k][2] == kind for k in keys)]
     groups = _client_groups(keys)
     results: dict[tuple[str, str], dict] = {}

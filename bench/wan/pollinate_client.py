@@ -9,9 +9,10 @@ One warm-up generation, then R timed ones, each in a fresh inference session. Pr
 
 With --rows '[{"key": "c-push"}, {"key": "c-spec", "speculate": true}, ...]' (each row's options as in the
 flags: no_push, speculate, draft_blocks; feature_drafter: "auto" or a drafter folder; ngram_table, tree_rows,
-tree_cost as in SpeculationConfig), the rows share this process and its connections and take turns: a warm-up
-of each, then R rounds with one timed generation of each row, the order rotating every round, so that the
-machine's other load falls on every row alike.
+tree_cost as in SpeculationConfig; ngram_rule: the shipped table's chains with NgramDrafter's table_first),
+the rows share this process and its connections and take turns: a warm-up of each, then R rounds with one
+timed generation of each row, the order rotating every round, so that the machine's other load falls on
+every row alike.
 Prints {"rows": {key: {"runs": ..., "speculation": ...}}}.
 """
 
@@ -33,10 +34,11 @@ from engine.client.sequence_manager import ClientConfig
 from engine.client.speculative import SpeculationConfig, SpeculationStats
 
 
-def speculation_for(row: dict, max_draft: int) -> SpeculationConfig | None:
+def speculation_for(row: dict, max_draft: int, drafter=None) -> SpeculationConfig | None:
     if not row.get("speculate"):
         return None
     return SpeculationConfig(
+        drafter=drafter,  # None: the model picks, from the options below
         max_draft=max_draft,
         initial_draft=min(4, max_draft),
         draft_blocks=int(row.get("draft_blocks", 0)),
@@ -45,6 +47,18 @@ def speculation_for(row: dict, max_draft: int) -> SpeculationConfig | None:
         tree_rows=int(row.get("tree_rows", 0)),  # chains only unless the row asks for token trees
         tree_cost=row.get("tree_cost", "measured"),
     )
+
+
+def ngram_drafter_for(row: dict, model, name: str):
+    """The shipped table's chain drafter with another rule for when the table goes before a 1-token copy
+    (row option ngram_rule: NgramDrafter's table_first), built as the client builds its own; None for rows
+    without one."""
+    if not row.get("ngram_rule"):
+        return None
+    from engine.client.ngram_drafter import NgramDrafter, NgramTable, shipped_table_path
+
+    table = NgramTable.load(shipped_table_path(name), model.head.lm_head.weight.shape[0])
+    return NgramDrafter(table, SpeculationConfig.max_ngram, 2, table_first=row["ngram_rule"])
 
 
 def timed_generation(model, ids, new_tokens: int, speculation, stats: SpeculationStats) -> dict:
@@ -83,10 +97,12 @@ def main() -> None:
     with DistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, client_config=base
     ) as model:
+        drafters = {row["key"]: ngram_drafter_for(row, model, Path(args.model).name) for row in rows}
 
         def generate(row: dict, stats: SpeculationStats) -> dict:
             model.manager.config = dataclasses.replace(base, server_to_server=not row.get("no_push"))
-            return timed_generation(model, ids, args.new_tokens, speculation_for(row, args.max_draft), stats)
+            speculation = speculation_for(row, args.max_draft, drafters[row["key"]])
+            return timed_generation(model, ids, args.new_tokens, speculation, stats)
 
         for row in rows:  # warm-up, not counted
             generate(row, SpeculationStats())

@@ -184,10 +184,18 @@ class NgramDrafter:
 
     name = "ngram"
 
-    def __init__(self, table: NgramTable, max_ngram: int = 3, lookup_min_match: int = 2):
+    def __init__(
+        self, table: NgramTable, max_ngram: int = 3, lookup_min_match: int = 2, table_first: str = "sure"
+    ):
+        """`table_first`: when the table's chain goes before a 1-token copy: "sure", with a clear favourite
+        after 2+ tokens; "known", after any 2+-token context or with any clear favourite (the rule before
+        d284824, kept for paired benches)."""
+        if table_first not in ("sure", "known"):
+            raise ValueError(f"table_first must be 'sure' or 'known', not {table_first!r}")
         self.table = table
         self.max_ngram = max_ngram
         self.lookup_min_match = lookup_min_match
+        self.table_first = table_first
 
     def draft(self, history: Sequence[int], k: int) -> tuple[list[int], None]:
         return self.propose(history, k)[:2]
@@ -200,8 +208,10 @@ class NgramDrafter:
         # Before a 1-token copy only when sure: a clear favourite after 2+ tokens. (With ~2,000 answers a
         # 2-token context is found almost everywhere; going first on any of them cut the WAN rewrite from
         # 2.39 to 2.21 tokens per round in a replay, and held-out answers gained nothing.)
-        if first is not None and first.context >= 2 and first.share >= SURE:
-            return draft, None, ("ngram", first.context, True)
+        sure = first is not None and first.share >= SURE
+        known = first is not None and first.context >= 2
+        if (known and sure) if self.table_first == "sure" else (known or sure):
+            return draft, None, ("ngram", first.context, sure)
         if copy:  # a 1-token match: copying beats an unsure guess on input-grounded answers
             return copy, None, ("lookup", matched)
         if first is None:

@@ -99,6 +99,13 @@ def test_proposals_copy_the_conversation_first_then_chain_from_the_table():
     unsure2 = NgramTable.build([([1, 4, 5, 6], 1), ([1, 4, 5, 7], 1)], 10)
     assert NgramDrafter(unsure2).propose([4, 5, 2, 4, 5], 1)[2] == ("lookup", 2)
     assert NgramDrafter(unsure2).propose([5, 2, 4, 5], 1) == ([2], None, ("lookup", 1))  # (4, 5): 1 of 2
+    # the rule before (table_first="known", for paired benches): any 2+-token context or any clear favourite
+    known = dict(table_first="known")
+    assert NgramDrafter(unsure2, **known).propose([5, 2, 4, 5], 1)[2] == ("ngram", 2, False)
+    assert NgramDrafter(table, **known).propose([8, 3, 8], 1) == ([6], None, ("ngram", 1, True))
+    assert NgramDrafter(unsure2, **known).propose([4, 5, 2, 4, 5], 1)[2] == ("lookup", 2)  # copies first
+    with pytest.raises(ValueError, match="table_first must be 'sure' or 'known'"):
+        NgramDrafter(table, table_first="always")
 
 
 def test_greedy_speculation_with_a_table_of_the_models_answers_equals_plain_greedy(hf):
