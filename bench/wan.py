@@ -24,7 +24,7 @@ for the whole model, measured here.
 
     python bench/wan.py [--models synthetic smollm2] [--servers 4] [--delay-ms 25] [--jitter-ms 0]
         [--mbit 0] [--new-tokens 24] [--repeats 3] [--rounds 1]
-        [--rows a b c-hop c-push c-spec c-exit c-feat c-feat-tree c-ngram c-ngram-known c-tree c-tree-line]
+        [--rows a b c-hop c-push c-spec c-exit c-feat c-feat-tree c-ngram c-ngram-sure c-tree c-tree-line]
         [--prompts ...] [--draft-blocks N] [--logs DIR]
 
 c-exit drafts with the model's own first --draft-blocks blocks on the client (engine.client.early_exit);
@@ -35,8 +35,9 @@ of the table's and prompt lookup's candidates in each round (engine.client.draft
 when no table is shipped); c-feat-tree verifies the feature drafter's trees (EAGLE-2 expansion) with prompt
 lookup's copies among the candidates; c-tree-line is c-tree with each tree's size priced by one straight line
 through the rounds' times (SpeculationConfig.tree_cost="line", the policy before per-size costs), for a paired
-comparison; c-ngram-known is c-ngram with the table's chain before a 1-token copy after any 2+-token context
-(NgramDrafter table_first="known", the rule before d284824). The other speculative rows draft chains only.
+comparison; c-ngram-sure is c-ngram with the table's chain before a 1-token copy only with a clear favourite
+after 2+ tokens (NgramDrafter table_first="sure", d284824's rule). The other speculative rows draft chains
+only.
 With several --prompts (real models), each row runs every prompt against the same servers.
 """
 
@@ -126,11 +127,11 @@ ROWS = {
         "pollinate",
         {"speculate": True, "ngram_table": "auto", "tree_rows": 8, "tree_cost": "line"},
     ),
-    "c-ngram-known": (
-        "Pollinate, push + n-gram, known first",
+    "c-ngram-sure": (
+        "Pollinate, push + n-gram, sure first",
         "pollinate",
         "pollinate",
-        {"speculate": True, "ngram_table": "auto", "ngram_rule": "known"},
+        {"speculate": True, "ngram_table": "auto", "ngram_rule": "sure"},
     ),
 }
 THREADS = 2  # compute threads per process (--threads): one server computes at a time in a chain
@@ -464,7 +465,7 @@ def _run_rows(name, args, path, prompts, chains, tmp, logs, boot) -> list[Row]:
         if key in keys and args.feature_drafter is None and _shipped_drafter(path) is None:
             print(f"[{name}] {key} skipped: no feature drafter is shipped for this model", flush=True)
             keys.remove(key)
-    for key in ("c-ngram", "c-ngram-known"):
+    for key in ("c-ngram", "c-ngram-sure"):
         if key in keys and _shipped_table(path) is None:
             print(f"[{name}] {key} skipped: no n-gram table is shipped for this model", flush=True)
             keys.remove(key)

@@ -10,10 +10,9 @@ the output exactly the model's, so a table for another model only costs acceptan
 vocabulary size differs is refused).
 
 Each proposal is prompt lookup's copy when the conversation has a match of >= 2 tokens (input-grounded
-answers copy), else a chain from the table (longest known context first, 4 tokens down to 1) when the table
-is sure of its first token (a clear favourite after 2+ tokens), else a copy after a 1-token match, else the
-table's chain. Its
-kind, which gets its own draft length, is the context length and whether the table is sure of the first
+answers copy), else a chain from the table (longest known context first, 4 tokens down to 1) when it knows
+a context of 2+ tokens or has a clear favourite, else a copy after a 1-token match, else the table's chain.
+Its kind, which gets its own draft length, is the context length and whether the table is sure of the first
 token, so unsure proposals stop costing once they prove useless. `NgramTable.candidates` gives the top few
 next tokens of a context for token trees (engine/client/draft_tree.py).
 """
@@ -185,11 +184,12 @@ class NgramDrafter:
     name = "ngram"
 
     def __init__(
-        self, table: NgramTable, max_ngram: int = 3, lookup_min_match: int = 2, table_first: str = "sure"
+        self, table: NgramTable, max_ngram: int = 3, lookup_min_match: int = 2, table_first: str = "known"
     ):
-        """`table_first`: when the table's chain goes before a 1-token copy: "sure", with a clear favourite
-        after 2+ tokens; "known", after any 2+-token context or with any clear favourite (the rule before
-        d284824, kept for paired benches)."""
+        """`table_first`: when the table's chain goes before a 1-token copy: "known", after any 2+-token
+        context or with any clear favourite; "sure", only with a clear favourite after 2+ tokens (d284824;
+        through the WAN swarm it kept fewer tokens per round on both bench prompts, bench/README eighth
+        pass, so it stays for paired benches only)."""
         if table_first not in ("sure", "known"):
             raise ValueError(f"table_first must be 'sure' or 'known', not {table_first!r}")
         self.table = table
@@ -205,9 +205,9 @@ class NgramDrafter:
         if matched >= self.lookup_min_match:
             return copy, None, ("lookup", matched)
         draft, first = self._chain(history, k)
-        # Before a 1-token copy only when sure: a clear favourite after 2+ tokens. (With ~2,000 answers a
-        # 2-token context is found almost everywhere; going first on any of them cut the WAN rewrite from
-        # 2.39 to 2.21 tokens per round in a replay, and held-out answers gained nothing.)
+        # "sure" (d284824) was for the rewrite: a fixed-length replay lost 2.39 -> 2.21 tokens per round when
+        # any known 2-token context went first. Through the swarm, with adaptive lengths, "known" kept more on
+        # both prompts (question 1.23 vs 1.19, rewrite 2.04-2.09 vs 2.00 in two paired runs).
         sure = first is not None and first.share >= SURE
         known = first is not None and first.context >= 2
         if (known and sure) if self.table_first == "sure" else (known or sure):

@@ -92,18 +92,19 @@ def test_proposals_copy_the_conversation_first_then_chain_from_the_table():
     unsure = NgramTable.build([([1, 5, 6], 1), ([1, 5, 7], 1), ([1, 5, 8], 1)], vocab_size=10)
     assert NgramDrafter(unsure).propose([5, 2, 3, 5], 2) == ([2, 3], None, ("lookup", 1))
     assert NgramDrafter(unsure).propose([9, 5], 2)[2] == ("ngram", 1, False)
-    # only a clear favourite after 2+ tokens goes before a 1-token copy
+    # any known 2+-token context or any clear favourite goes before a 1-token copy (table_first="known")
     table = NgramTable.build([([1, 4, 5, 6], 1)] * 3 + [([1, 4, 5, 7], 1)] * 2 + [([1, 8, 6], 1)], 10)
-    assert NgramDrafter(table).propose([4, 2, 4, 5], 1) == ([6], None, ("ngram", 2, True))  # 6: 3 of 5
-    assert NgramDrafter(table).propose([8, 3, 8], 1) == ([3], None, ("lookup", 1))  # (8,) -> 6 sure, 1 token
     unsure2 = NgramTable.build([([1, 4, 5, 6], 1), ([1, 4, 5, 7], 1)], 10)
-    assert NgramDrafter(unsure2).propose([4, 5, 2, 4, 5], 1)[2] == ("lookup", 2)
-    assert NgramDrafter(unsure2).propose([5, 2, 4, 5], 1) == ([2], None, ("lookup", 1))  # (4, 5): 1 of 2
-    # the rule before (table_first="known", for paired benches): any 2+-token context or any clear favourite
-    known = dict(table_first="known")
-    assert NgramDrafter(unsure2, **known).propose([5, 2, 4, 5], 1)[2] == ("ngram", 2, False)
-    assert NgramDrafter(table, **known).propose([8, 3, 8], 1) == ([6], None, ("ngram", 1, True))
-    assert NgramDrafter(unsure2, **known).propose([4, 5, 2, 4, 5], 1)[2] == ("lookup", 2)  # copies first
+    assert NgramDrafter(unsure2).table_first == "known"
+    assert NgramDrafter(unsure2).propose([5, 2, 4, 5], 1)[2] == ("ngram", 2, False)
+    assert NgramDrafter(table).propose([8, 3, 8], 1) == ([6], None, ("ngram", 1, True))
+    assert NgramDrafter(unsure2).propose([4, 5, 2, 4, 5], 1)[2] == ("lookup", 2)  # 2+-token copies first
+    # table_first="sure" (d284824, for paired benches): only a clear favourite after 2+ tokens
+    sure = dict(table_first="sure")
+    assert NgramDrafter(table, **sure).propose([4, 2, 4, 5], 1) == ([6], None, ("ngram", 2, True))  # 3 of 5
+    assert NgramDrafter(table, **sure).propose([8, 3, 8], 1) == ([3], None, ("lookup", 1))  # (8,): 1 token
+    assert NgramDrafter(unsure2, **sure).propose([4, 5, 2, 4, 5], 1)[2] == ("lookup", 2)
+    assert NgramDrafter(unsure2, **sure).propose([5, 2, 4, 5], 1) == ([2], None, ("lookup", 1))  # 1 of 2
     with pytest.raises(ValueError, match="table_first must be 'sure' or 'known'"):
         NgramDrafter(table, table_first="always")
 
