@@ -14,7 +14,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-# As the engine does (engine.envs.prefer_passive_openmp_threads): set before torch loads. Local reference
+# As the engine does (engine.envs.prefer_passive_openmp_threads, which also lets idle threads spin ~0.1 ms
+# first: servers the tests start as processes get that): set before torch loads. Local reference
 # models run in the test process while servers compute in others; spinning OpenMP threads would steal the
 # shared cores (a one-token SmolLM2 forward took 1.24 s spinning vs 0.16 s passive on the loaded 2 cores).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
