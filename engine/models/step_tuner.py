@@ -10,10 +10,12 @@ machine (one step, quiet machine, ms):
     SmolLM2's 30 blocks                  8           73.3            64.8              63.9               49.8
 
 and under load from other processes a second thread may cost more than it brings. No fixed rule fits all of
-that, so each span tries every plan (kernel x threads) a few times per row count, then keeps the plan whose
-recent steps were fastest, trying another one now and then so it notices when the machine's load changes.
-Every plan computes the same products (summation order may differ by ~1e-6), so the choice never changes
-what a step means, only how long it takes.
+that, so each span tries every plan (kernel x threads) per row count (once, the close ones a few times), then
+keeps the plan whose recent steps were fastest, trying another one now and then so it notices when the
+machine's load changes. Every plan computes the same products (summation order may differ by ~1e-6), so the
+choice never changes what a step means, only how long it takes. In the chains of bench/server_step.py (2
+servers of the synthetic model) the servers settle on oneDNN on one thread; in bench/wan.py's (4 SmolLM2
+servers sharing 2 cores) on MKL on one thread, the fixed rule's choice.
 """
 
 from __future__ import annotations
@@ -40,14 +42,24 @@ def step_plans(threads: int, onednn: bool) -> tuple[StepPlan, ...]:
 
 
 class StepTuner:
-    """Per row count: try each plan `trials` times, then use the plan with the lowest median over its last
-    `window` steps; every `explore_every`-th step of a row count goes to the plan tried longest ago instead.
+    """Per row count: try each plan once, then the plans within `contender` times the fastest so far up to
+    `trials` times, then use the plan with the lowest median over its last `window` steps; every
+    `explore_every`-th step of a row count goes to the plan tried longest ago instead.
+
+    A clearly slower plan is not tried again at once: each trial of it costs a step that much slower, and a
+    client that learns round times per size (speculation) would see them too.
 
     `choose` and `record` are called around each step (one step at a time: a server computes one step at a
     time, and a span belongs to one server)."""
 
     def __init__(
-        self, plans: tuple[StepPlan, ...], *, trials: int = 3, window: int = 5, explore_every: int = 32
+        self,
+        plans: tuple[StepPlan, ...],
+        *,
+        trials: int = 3,
+        window: int = 5,
+        explore_every: int = 64,
+        contender: float = 1.2,
     ):
         if not plans:
             raise ValueError("a step tuner needs at least one plan")
@@ -57,6 +69,7 @@ class StepTuner:
         self.trials = trials
         self.window = window
         self.explore_every = explore_every
+        self.contender = contender
         self._times: dict[tuple[int, StepPlan], deque[float]] = {}
         self._last_tried: dict[tuple[int, StepPlan], int] = {}
         self._steps: dict[int, int] = {}
@@ -64,14 +77,22 @@ class StepTuner:
     def choose(self, rows: int) -> StepPlan:
         """The plan for the next step of `rows` rows."""
         for plan in self.plans:
-            if len(self._times.get((rows, plan), ())) < self.trials:
+            if (rows, plan) not in self._times:
                 return plan
         best = self.best(rows)
+        fastest = self._median(rows, best)
+        for plan in self.plans:
+            tried = len(self._times[(rows, plan)])
+            if tried < self.trials and self._median(rows, plan) <= self.contender * fastest:
+                return plan
         steps = self._steps.get(rows, 0)
         if len(self.plans) > 1 and steps and steps % self.explore_every == 0:
             others = [plan for plan in self.plans if plan != best]
             return min(others, key=lambda plan: self._last_tried.get((rows, plan), -1))
         return best
+
+    def _median(self, rows: int, plan: StepPlan) -> float:
+        return statistics.median(self._times[(rows, plan)])
 
     def record(self, rows: int, plan: StepPlan, seconds: float) -> None:
         """How long a step of `rows` rows took with `plan`."""
@@ -86,7 +107,7 @@ class StepTuner:
         timed = [plan for plan in self.plans if self._times.get((rows, plan))]
         if not timed:
             return self.plans[0]
-        return min(timed, key=lambda plan: statistics.median(self._times[(rows, plan)]))
+        return min(timed, key=lambda plan: self._median(rows, plan))
 
     def summary(self) -> str:
         """Every plan timed so far, by row count, e.g. "1 row: onednn/1 9.7 ms, mkl/1 12.8 ms; 2 rows: ..."

@@ -40,14 +40,15 @@ def _run(tuner: StepTuner, rows: int, cost: dict[StepPlan, float], steps: int) -
 
 
 def test_tries_every_plan_then_keeps_the_fastest_and_explores_now_and_then():
-    tuner = StepTuner((MKL1, DNN1, MKL2, DNN2), trials=2, window=3, explore_every=10)
+    tuner = StepTuner((MKL1, DNN1, MKL2, DNN2), trials=3, window=3, explore_every=10, contender=1.3)
     cost = {MKL1: 0.013, DNN1: 0.010, MKL2: 0.014, DNN2: 0.008}
     chosen = _run(tuner, 1, cost, 40)
-    assert chosen[:8] == [MKL1, MKL1, DNN1, DNN1, MKL2, MKL2, DNN2, DNN2]  # each plan `trials` times
+    # Each plan once, then only the close ones (within 1.3x of the fastest: DNN1 at 1.25x) up to 3 times.
+    assert chosen[:8] == [MKL1, DNN1, MKL2, DNN2, DNN1, DNN1, DNN2, DNN2]
     assert tuner.best(1) == DNN2
     explored = [step for step, plan in enumerate(chosen) if step >= 8 and plan != DNN2]
     assert explored == [10, 20, 30]  # one step in explore_every, to the plan tried longest ago
-    assert [chosen[step] for step in explored] == [MKL1, DNN1, MKL2]
+    assert [chosen[step] for step in explored] == [MKL1, MKL2, DNN1]
     # Row counts are tuned apart: two rows start from scratch.
     assert tuner.choose(2) == MKL1
     assert "1 row: onednn/2 8.0 ms, onednn/1 10.0 ms, mkl/1 13.0 ms, mkl/2 14.0 ms" in tuner.summary()
@@ -55,7 +56,7 @@ def test_tries_every_plan_then_keeps_the_fastest_and_explores_now_and_then():
 
 def test_follows_the_machine_when_the_best_plan_becomes_slow():
     # Two threads win on idle cores; once other processes take a core they lose, and the tuner moves.
-    tuner = StepTuner((DNN1, DNN2), trials=2, window=3, explore_every=4)
+    tuner = StepTuner((DNN1, DNN2), trials=2, window=3, explore_every=4, contender=2.0)
     _run(tuner, 1, {DNN1: 0.010, DNN2: 0.007}, 12)
     assert tuner.best(1) == DNN2
     chosen = _run(tuner, 1, {DNN1: 0.010, DNN2: 0.020}, 12)
