@@ -35,9 +35,13 @@ class StepPlan:
 
 
 def step_plans(threads: int, onednn: bool) -> tuple[StepPlan, ...]:
-    """The plans worth trying with `threads` configured compute threads (one thread, and all of them)."""
+    """The plans worth trying with `threads` configured compute threads: each kernel on one thread, and on
+    all of them where more than 2 are configured. With 2, the second thread shares its core with the p2p
+    daemons, the client and the other servers of a chain on the same machine: it won in isolation and lost
+    in every chain measured here (bench/wan.py: SmolLM2, 1-9 rows; bench/server_step.py: one row), and each
+    trial of a losing plan is a slow step a speculating client also sees."""
     kernels = ("mkl", "onednn") if onednn else ("mkl",)
-    counts = sorted({1, max(1, threads)})
+    counts = (1,) if threads <= 2 else (1, threads)
     return tuple(StepPlan(kernel, count) for count in counts for kernel in kernels)
 
 
