@@ -19,7 +19,7 @@ from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
 from engine.models.lean_step import LEAN_STEP_TOKENS, lean_layers, step_mask, step_threads
 from engine.models.quantization import check_quant
 from engine.models.registry import ModelFamily, family_for
-from engine.models.step_tuner import StepTuner, step_plans
+from engine.models.step_tuner import StepTuner, rule_plan, step_plans
 from engine.models.tree_step import check_parents, step_positions, tree_mask
 
 # Decoder layers whose attention takes an explicit boolean mask and per-row positions through transformers
@@ -210,7 +210,10 @@ class BlockSpan(nn.Module):
         if not self.tune_steps or self._lean is None:
             return None
         if self._tuner is None:
-            self._tuner = StepTuner(step_plans(torch.get_num_threads(), few_rows.onednn_available()))
+            threads, onednn = torch.get_num_threads(), few_rows.onednn_available()
+            self._tuner = StepTuner(
+                step_plans(threads, onednn), default=functools.partial(rule_plan, threads)
+            )
         return self._tuner
 
     def _position_arguments(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> dict:

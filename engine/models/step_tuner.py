@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -45,10 +46,23 @@ def step_plans(threads: int, onednn: bool) -> tuple[StepPlan, ...]:
     return tuple(StepPlan(kernel, count) for count in counts for kernel in kernels)
 
 
+def rule_plan(threads: int, rows: int) -> StepPlan:
+    """The fixed rule's plan for `rows` rows with `threads` configured (few_rows.kernel_for's kernel,
+    lean_step.lean_threads' threads): the tuner's default."""
+    from engine.models.few_rows import kernel_for, onednn_available
+    from engine.models.lean_step import lean_threads
+
+    kernel = kernel_for(rows, onednn=onednn_available())
+    return StepPlan("onednn" if kernel == "onednn" else "mkl", lean_threads(rows, threads))
+
+
 class StepTuner:
     """Per row count: try each plan once, then the plans within `contender` times the fastest so far up to
     `trials` times, then use the plan with the lowest median over its last `window` steps; every
     `explore_every`-th step of a row count goes to the plan tried longest ago instead.
+
+    With a `default` (rows -> plan, the fixed rule), another plan is used only when its median is faster by
+    more than `margin` (1.1: 10%), so noise on a shared machine does not flip close plans back and forth.
 
     A clearly slower plan is not tried again at once: each trial of it costs a step that much slower, and a
     client that learns round times per size (speculation) would see them too.
@@ -64,6 +78,8 @@ class StepTuner:
         window: int = 5,
         explore_every: int = 64,
         contender: float = 1.2,
+        default: Callable[[int], StepPlan] | None = None,
+        margin: float = 1.1,
     ):
         if not plans:
             raise ValueError("a step tuner needs at least one plan")
@@ -74,6 +90,8 @@ class StepTuner:
         self.window = window
         self.explore_every = explore_every
         self.contender = contender
+        self.default = default
+        self.margin = margin
         self._times: dict[tuple[int, StepPlan], deque[float]] = {}
         self._last_tried: dict[tuple[int, StepPlan], int] = {}
         self._steps: dict[int, int] = {}
@@ -110,8 +128,12 @@ class StepTuner:
         """The plan with the fastest recent steps of `rows` rows (the first plan while none is timed)."""
         timed = [plan for plan in self.plans if self._times.get((rows, plan))]
         if not timed:
-            return self.plans[0]
-        return min(timed, key=lambda plan: self._median(rows, plan))
+            return self.default(rows) if self.default is not None else self.plans[0]
+        fastest = min(timed, key=lambda plan: self._median(rows, plan))
+        usual = self.default(rows) if self.default is not None else None
+        if usual in timed and self._median(rows, fastest) * self.margin > self._median(rows, usual):
+            return usual  # not clearly faster: keep the default (noise must not flip plans back and forth)
+        return fastest
 
     def summary(self) -> str:
         """Every plan timed so far, by row count, e.g. "1 row: onednn/1 9.7 ms, mkl/1 12.8 ms; 2 rows: ..."

@@ -136,3 +136,17 @@ def test_engine_sets_a_short_openmp_spin_unless_the_user_chose():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert ran.stdout.split() == ["ACTIVE", "5"]
+
+
+def test_a_default_plan_is_left_only_for_one_clearly_faster():
+    rule = lambda rows: MKL1  # noqa: E731
+    close = StepTuner((MKL1, DNN1), trials=2, window=3, default=rule, margin=1.1)
+    assert close.best(1) == MKL1  # nothing timed yet: the default
+    _run(close, 1, {MKL1: 0.0100, DNN1: 0.0095}, 8)  # oneDNN 5% faster: within the margin
+    assert close.best(1) == MKL1
+    clear = StepTuner((MKL1, DNN1), trials=2, window=3, default=rule, margin=1.1)
+    chosen = _run(clear, 1, {MKL1: 0.0128, DNN1: 0.0097}, 8)  # 24% faster (the synthetic model's one row)
+    assert clear.best(1) == DNN1 and chosen[-1] == DNN1
+    from engine.models.step_tuner import rule_plan
+
+    assert rule_plan(2, 1) == MKL1 and rule_plan(2, 8).threads == 1 and rule_plan(8, 8).threads == 8
