@@ -14,8 +14,8 @@ that, so each span tries every plan (kernel x threads) per row count (once, the 
 keeps the plan whose recent steps were fastest, trying another one now and then so it notices when the
 machine's load changes. Every plan computes the same products (summation order may differ by ~1e-6), so the
 choice never changes what a step means, only how long it takes. In the chains of bench/server_step.py (2
-servers of the synthetic model) the servers settle on oneDNN on one thread; in bench/wan.py's (4 SmolLM2
-servers sharing 2 cores) on MKL on one thread, the fixed rule's choice.
+servers of the synthetic model) the servers settle on oneDNN on one thread for one row; in bench/wan.py's (4
+SmolLM2 servers sharing 2 cores) mostly on the fixed rule's choices (oneDNN for 3 and 5 rows too).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class StepTuner:
             if (rows, plan) not in self._times:
                 return plan
         best = self.best(rows)
-        fastest = self._median(rows, best)
+        fastest = min(self._median(rows, plan) for plan in self.plans)
         for plan in self.plans:
             tried = len(self._times[(rows, plan)])
             if tried < self.trials and self._median(rows, plan) <= self.contender * fastest:
