@@ -16,7 +16,7 @@ relay (25 ms one way each) and times whole rounds of k rows from our client (pus
 each round rolled back to the prompt's end: bench/wan/round_client.py); `--trees` also as k sibling tree rows.
 
     python bench/round_cost.py [--rows 1 2 3 4 5 6 8 10] [--repeats 15] [--past 64] [--threads 2 [1]]
-        [--step-kernels auto [rule mkl onednn linear]] [--kernels] [--profile K] [--wan [--trees]]
+        [--step-kernels auto [rule native mkl onednn linear]] [--kernels] [--profile K] [--wan [--trees]]
         [--no-steps]
 
 Quote the load average it prints with the numbers: the CPU is shared.
@@ -41,7 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as servers run: idle Open
 import torch  # noqa: E402
 from torch.nn import functional  # noqa: E402
 
-from engine.models import few_rows  # noqa: E402
+from engine.models import few_rows, native_linear  # noqa: E402
 
 SPANS = [(0, 8), (8, 15), (15, 22), (22, 30)]  # bench/wan.py's split of SmolLM2 over 4 servers
 
@@ -71,9 +71,10 @@ def step_all(spans, caches, rows: torch.Tensor) -> torch.Tensor:
 
 # How the steps' products run (--step-kernels): "auto" as a server runs them (each span's step tuner picks a
 # kernel and threads per row count from its own steps' times: engine/models/step_tuner.py), "rule" the fixed
-# rule of before the tuner (few_rows.kernel_for, one thread below 6 rows), "mkl" / "onednn" that kernel on
-# exactly --threads threads, "linear" nn.Linear's products.
-STEP_KERNELS = ("auto", "rule", "mkl", "onednn", "linear")
+# rule (few_rows.kernel_for: the native kernel below 6 rows where it is built, one thread below 6 rows),
+# "native" / "mkl" / "onednn" that kernel on exactly --threads threads (native: its products on one thread
+# whatever --threads says), "linear" nn.Linear's products.
+STEP_KERNELS = ("auto", "rule", "native", "mkl", "onednn", "linear")
 
 
 def use_step_kernel(spans, kernel: str, threads: int, tuners: dict) -> None:
@@ -84,11 +85,11 @@ def use_step_kernel(spans, kernel: str, threads: int, tuners: dict) -> None:
     torch.set_num_threads(threads)
     few_rows.kernel_for = _RULE if kernel != "linear" else (lambda rows, **_: "linear")
     for index, span in enumerate(spans):
-        span.tune_steps = kernel in ("auto", "mkl", "onednn")
+        span.tune_steps = kernel in ("auto", "native", "mkl", "onednn")
         if kernel == "auto":
-            plans = step_plans(threads, few_rows.onednn_available())
+            plans = step_plans(threads, few_rows.onednn_available(), native_linear.available())
             span._tuner = tuners.setdefault((index, threads), StepTuner(plans))
-        elif kernel in ("mkl", "onednn"):
+        elif kernel in ("native", "mkl", "onednn"):
             span._tuner = StepTuner((StepPlan(kernel, threads),))
 
 
@@ -134,6 +135,7 @@ KERNELS = {
     "linear": lambda x, weight: functional.linear(x, weight),
     "mm": _mm,
     "onednn": _onednn,
+    "native": lambda x, weight: native_linear.linear(x, weight),
 }
 
 

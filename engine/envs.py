@@ -45,6 +45,11 @@ def prefer_passive_openmp_threads() -> None:
 OPENMP_SPIN_COUNT = "10000"
 
 
+def native_kernels_enabled() -> bool:
+    """POLLINATE_NATIVE_KERNELS=0: never build or use the C kernel for short CPU steps (native_linear.py)."""
+    return os.environ.get("POLLINATE_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no")
+
+
 def polite_cpu_watch() -> str | None:
     """POLLINATE_POLITE_CPU_WATCH: count only processes whose command line contains this text as "other
     CPU use" (benches and tests on a shared machine watch their own load generator; unset: all others)."""

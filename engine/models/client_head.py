@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.models import huge_pages
+from engine.models import huge_pages, native_linear
 from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
 from engine.models.errors import CheckpointError
 from engine.models.few_rows import few_rows_linear
@@ -85,6 +85,7 @@ def load_client_parts(
         for key in (family.embed_key, family.lm_head_key):
             if key in tensors:
                 tensors[key] = huge_pages.copy_to_huge_pages(tensors[key])
+        native_linear.available()  # build the few-row kernel now, not in the first round (once per machine)
 
     embed_weight = tensors[family.embed_key]
     vocab_size, hidden_size = embed_weight.shape

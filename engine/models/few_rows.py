@@ -19,23 +19,36 @@ from collections.abc import Iterator
 import torch
 from torch.nn import functional
 
+from engine.models import native_linear
+
 FEW_ROWS = 16  # the lean step's longest step (LEAN_STEP_TOKENS); above it nn.Linear is as fast
 ONEDNN_ROWS = 6  # from this many rows on, oneDNN's matmul beats MKL's gemm as weight @ rows.T
 
 
 def kernel_for(
-    rows: int, *, max_rows: int = FEW_ROWS, onednn: bool = True, preferred: str | None = None
+    rows: int,
+    *,
+    max_rows: int = FEW_ROWS,
+    onednn: bool = True,
+    native: bool = False,
+    preferred: str | None = None,
 ) -> str:
-    """Which kernel computes `rows` rows: "pair" (one row padded to two: MKL's two-row gemm beats its
-    gemv), "mm" (weight @ rows.T), "onednn" (oneDNN's matmul) or "linear" (nn.functional.linear).
+    """Which kernel computes `rows` rows: "native" (native_linear.py's C kernel, where it is built),
+    "pair" (one row padded to two: MKL's two-row gemm beats its gemv), "mm" (weight @ rows.T), "onednn"
+    (oneDNN's matmul) or "linear" (nn.functional.linear).
 
-    `preferred` ("mkl" or "onednn", a step tuner's choice: step_tuner.py) overrides the fixed rule below."""
+    `preferred` ("native", "mkl" or "onednn", a step tuner's choice: step_tuner.py) overrides the fixed
+    rule below."""
     if not 0 < rows <= max_rows:
         return "linear"
+    if preferred == "native" and native:
+        return "native"
     if preferred == "onednn" and onednn:
         return "onednn"
     if preferred == "mkl":
         return "pair" if rows == 1 else "mm"
+    if native and rows < ONEDNN_ROWS:
+        return "native"
     if rows == 1:
         return "pair"
     return "onednn" if onednn and rows >= ONEDNN_ROWS else "mm"
@@ -50,10 +63,17 @@ def few_rows_linear(
     if not eligible or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
         return functional.linear(x, weight, bias)
     preferred = getattr(_PREFERRED, "kernel", None)
-    kernel = kernel_for(rows.shape[0], max_rows=max_rows, onednn=onednn_available(), preferred=preferred)
+    native = weight.is_contiguous() and native_linear.available()
+    kernel = kernel_for(
+        rows.shape[0], max_rows=max_rows, onednn=onednn_available(), native=native, preferred=preferred
+    )
     if kernel == "linear":
         return functional.linear(x, weight, bias)
-    if kernel == "onednn":
+    if kernel == "native":
+        out = native_linear.linear(rows, weight)
+        if bias is not None:
+            out += bias
+    elif kernel == "onednn":
         out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), weight, bias, "none", [], "")
     else:
         count = rows.shape[0]

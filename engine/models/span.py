@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.models import few_rows, huge_pages
+from engine.models import few_rows, huge_pages, native_linear
 from engine.models.blocks import load_block, prepare_config
 from engine.models.cache import SpanCache, kv_shape
 from engine.models.checkpoint import CheckpointReader, LoadStats, load_config
@@ -61,6 +61,8 @@ class BlockSpan(nn.Module):
         self.load_stats: LoadStats | None = None
         # Short cached steps of Llama-style blocks on the CPU take a leaner path (lean_step.py).
         self._lean = lean_layers(blocks, self.device) if quant == "none" else None
+        if self._lean is not None:
+            native_linear.available()  # build the native kernel now, not in the first step (once per machine)
         # Which kernel and threads the lean steps' products use, learnt from the steps' times (step_tuner.py);
         # POLLINATE_STEP_TUNING=0 keeps the fixed rule (few_rows.kernel_for, lean_step.lean_threads).
         self.tune_steps = os.environ.get("POLLINATE_STEP_TUNING", "1") != "0"
@@ -211,9 +213,8 @@ class BlockSpan(nn.Module):
             return None
         if self._tuner is None:
             threads, onednn = torch.get_num_threads(), few_rows.onednn_available()
-            self._tuner = StepTuner(
-                step_plans(threads, onednn), default=functools.partial(rule_plan, threads)
-            )
+            plans = step_plans(threads, onednn, native_linear.available())
+            self._tuner = StepTuner(plans, default=functools.partial(rule_plan, threads))
         return self._tuner
 
     def _position_arguments(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> dict:

@@ -28,32 +28,38 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How a step's products run: `kernel` "mkl" (MKL's gemm as weight @ rows.T, one row padded to two) or
-    "onednn" (oneDNN's matmul), on `threads` compute threads."""
+    """How a step's products run: `kernel` "native" (native_linear.py's C kernel), "mkl" (MKL's gemm as
+    weight @ rows.T, one row padded to two) or "onednn" (oneDNN's matmul), on `threads` compute threads."""
 
     kernel: str
     threads: int
 
 
-def step_plans(threads: int, onednn: bool) -> tuple[StepPlan, ...]:
-    """The plans worth trying with `threads` configured compute threads: each kernel on one thread, and on
-    all of them where more than 2 are configured. With 2, the second thread shares its core with the p2p
-    daemons, the client and the other servers of a chain on the same machine: it won in isolation and lost
-    in every chain measured here (bench/wan.py: SmolLM2, 1-9 rows; bench/server_step.py: one row), and each
-    trial of a losing plan is a slow step a speculating client also sees."""
+def step_plans(threads: int, onednn: bool, native: bool = False) -> tuple[StepPlan, ...]:
+    """The plans worth trying with `threads` configured compute threads: each kernel on one thread, and
+    MKL's and oneDNN's on all of them where more than 2 are configured (native_linear.py's kernel is
+    single-threaded). With 2, the second thread shares its core with the p2p daemons, the client and the
+    other servers of a chain on the same machine: it won in isolation and lost in every chain measured here
+    (bench/wan.py: SmolLM2, 1-9 rows; bench/server_step.py: one row), and each trial of a losing plan is a
+    slow step a speculating client also sees."""
     kernels = ("mkl", "onednn") if onednn else ("mkl",)
-    counts = (1,) if threads <= 2 else (1, threads)
-    return tuple(StepPlan(kernel, count) for count in counts for kernel in kernels)
+    plans = [StepPlan("native", 1)] if native else []
+    plans += [StepPlan(kernel, 1) for kernel in kernels]
+    if threads > 2:
+        plans += [StepPlan(kernel, threads) for kernel in kernels]
+    return tuple(plans)
 
 
 def rule_plan(threads: int, rows: int) -> StepPlan:
     """The fixed rule's plan for `rows` rows with `threads` configured (few_rows.kernel_for's kernel,
     lean_step.lean_threads' threads): the tuner's default."""
+    from engine.models import native_linear
     from engine.models.few_rows import kernel_for, onednn_available
     from engine.models.lean_step import lean_threads
 
-    kernel = kernel_for(rows, onednn=onednn_available())
-    return StepPlan("onednn" if kernel == "onednn" else "mkl", lean_threads(rows, threads))
+    kernel = kernel_for(rows, onednn=onednn_available(), native=native_linear.available())
+    named = {"native": "native", "onednn": "onednn"}.get(kernel, "mkl")
+    return StepPlan(named, 1 if named == "native" else lean_threads(rows, threads))
 
 
 class StepTuner:

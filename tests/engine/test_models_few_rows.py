@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from engine.models.few_rows import FEW_ROWS, ONEDNN_ROWS, few_rows_linear, kernel_for
+from engine.models.few_rows import FEW_ROWS, ONEDNN_ROWS, few_rows_linear, kernel_for, preferred_kernel
 
 
 @pytest.mark.parametrize(
@@ -37,18 +37,24 @@ def test_equals_linear_for_every_shape(shape, bias):
 
 
 @pytest.mark.parametrize("rows", range(1, FEW_ROWS + 1))
-def test_every_kernel_within_float32_rounding_of_linear_at_model_sizes(rows):
-    # SmolLM2's widest products (joint gate/up 3072 x 576, down 576 x 1536): every row count's kernel.
+@pytest.mark.parametrize("kernel", [None, "native", "mkl", "onednn"])
+def test_every_kernel_within_float32_rounding_of_linear_at_model_sizes(rows, kernel):
+    # SmolLM2's widest products (joint gate/up 3072 x 576, down 576 x 1536): the rule's kernel for every
+    # row count, and each kernel a step tuner may prefer (where this machine has it).
     generator = torch.Generator().manual_seed(rows)
     for out_features, in_features in [(3072, 576), (576, 1536)]:
         weight = torch.randn(out_features, in_features, generator=generator) * 0.05
         x = torch.randn(1, rows, in_features, generator=generator)
         expected = functional.linear(x, weight)
-        torch.testing.assert_close(few_rows_linear(x, weight), expected, rtol=1e-5, atol=2e-5)
+        with preferred_kernel(kernel):
+            torch.testing.assert_close(few_rows_linear(x, weight), expected, rtol=1e-5, atol=2e-5)
 
 
 def test_kernel_choice_by_rows():
-    assert kernel_for(1) == "pair"  # MKL's two-row gemm beats its gemv
+    # with the native kernel built: it up to ONEDNN_ROWS - 1 rows, oneDNN from there
+    assert [kernel_for(r, native=True) for r in range(1, ONEDNN_ROWS)] == ["native"] * (ONEDNN_ROWS - 1)
+    assert kernel_for(ONEDNN_ROWS, native=True) == "onednn"
+    assert kernel_for(1) == "pair"  # without it: MKL's two-row gemm beats its gemv
     assert [kernel_for(r) for r in range(2, ONEDNN_ROWS)] == ["mm"] * (ONEDNN_ROWS - 2)
     assert {kernel_for(r) for r in range(ONEDNN_ROWS, FEW_ROWS + 1)} == {"onednn"}
     assert kernel_for(ONEDNN_ROWS, onednn=False) == "mm"  # a torch without oneDNN

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from engine.models import few_rows, load_block_span
+from engine.models import few_rows, load_block_span, native_linear
 from engine.models.step_tuner import StepPlan, StepTuner, step_plans
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +21,9 @@ MKL1, DNN1, MKL2, DNN2 = StepPlan("mkl", 1), StepPlan("onednn", 1), StepPlan("mk
 
 def test_plans_are_each_kernel_on_one_thread_and_on_all_of_more_than_two():
     assert step_plans(8, onednn=True) == (MKL1, DNN1, StepPlan("mkl", 8), StepPlan("onednn", 8))
+    native = StepPlan("native", 1)  # the C kernel is single-threaded: never a plan on more threads
+    assert step_plans(8, onednn=True, native=True) == (native, *step_plans(8, onednn=True))
+    assert step_plans(2, onednn=False, native=True) == (native, MKL1)
     assert step_plans(2, onednn=True) == step_plans(1, onednn=True) == (MKL1, DNN1)  # 2 cores: 1 thread
     assert step_plans(4, onednn=False) == (MKL1, StepPlan("mkl", 4))
     with pytest.raises(ValueError, match="at least one plan"):
@@ -70,6 +73,8 @@ def test_preferred_kernel_overrides_the_fixed_rule_for_this_thread_only():
     )
     assert few_rows.kernel_for(1, onednn=False, preferred="onednn") == "pair"  # no oneDNN: the rule
     assert few_rows.kernel_for(few_rows.FEW_ROWS + 1, preferred="onednn") == "linear"
+    assert few_rows.kernel_for(8, native=True, preferred="native") == "native"
+    assert few_rows.kernel_for(1, native=False, preferred="native") == "pair"  # not built: the rule
     weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
     x = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(1))
     seen, used = [], []
@@ -109,7 +114,8 @@ def test_spans_tune_their_lean_steps_and_every_plan_computes_the_same(tiny_check
     finally:
         torch.set_num_threads(before)
     tuner = span.step_tuner()
-    assert set(outputs) == set(tuner.plans) and len(tuner.plans) == 4  # mkl/onednn x 1/3 threads, all tried
+    # mkl/onednn x 1/3 threads (and the native kernel on 1 where it is built): all tried
+    assert set(outputs) == set(tuner.plans) and len(tuner.plans) == 4 + native_linear.available()
     assert "1 row:" in tuner.summary() and "8 rows:" in tuner.summary()
     reference = outputs[tuner.plans[0]]
     for plan, output in outputs.items():
@@ -149,4 +155,5 @@ def test_a_default_plan_is_left_only_for_one_clearly_faster():
     assert clear.best(1) == DNN1 and chosen[-1] == DNN1
     from engine.models.step_tuner import rule_plan
 
-    assert rule_plan(2, 1) == MKL1 and rule_plan(2, 8).threads == 1 and rule_plan(8, 8).threads == 8
+    one_row = StepPlan("native", 1) if native_linear.available() else MKL1
+    assert rule_plan(2, 1) == one_row and rule_plan(2, 8).threads == 1 and rule_plan(8, 8).threads == 8

@@ -1,0 +1,162 @@
+"""A few rows times a weight matrix (fp32, CPU, one thread) by a small C kernel built on this machine.
+
+A decode step or a short speculative round is bound by reading the weights. MKL's and oneDNN's products read
+them at 60-70% of the rate one core streams memory here (a 1024-wide Llama layer's four products, 1 row:
+oneDNN 19.5-21 GB/s, `sum()` over the same tensors 30-32 GB/s), because they read several weight rows side by
+side. `native/few_rows.c` reads each weight row as one sequential stream and dots it with every row of x
+while it sits in L1: 8 such layers, one thread, ms (bench/round_cost.py --step-kernels):
+
+    rows                         1      2      3      4      6      8
+    hidden 1024 (synthetic)   native 13.6 / oneDNN 18.9 / MKL pair 25.0 ... see bench/README.md
+
+The kernel is compiled once per machine with the system's C compiler (`cc -O3 -march=native`: the vectors
+become this CPU's widest registers) into the user cache and loaded with ctypes; its results are checked
+against torch's before first use. Without a compiler, on another OS's loader, or with
+POLLINATE_NATIVE_KERNELS=0, `available()` is False and the products keep torch's kernels (few_rows.py). The
+sums may differ from MKL's or oneDNN's in the last bits (~1e-6 relative), as those differ from each other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from engine import envs, paths
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "few_rows.c"
+FLAG_SETS = (("-O3", "-march=native"), ("-O3",))  # the second where the compiler does not know -march=native
+BUILD_TIMEOUT_S = 120
+
+
+class _Kernel:
+    def __init__(self, library: ctypes.CDLL):
+        self.library = library  # keeps the shared object loaded
+        self.function = library.pollinate_few_rows
+        self.function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
+        self.function.restype = None
+
+
+_LOCK = threading.Lock()
+_STATE: dict[str, _Kernel | None] = {}
+
+
+def available() -> bool:
+    """Whether the native kernel is built, loaded and checked (builds it on the first call: ~1 s, once per
+    machine; later processes load the cached build)."""
+    if "kernel" not in _STATE:
+        with _LOCK:
+            if "kernel" not in _STATE:
+                _STATE["kernel"] = _load() if envs.native_kernels_enabled() else None
+    return _STATE["kernel"] is not None
+
+
+def linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`rows @ weight.T` for fp32 CPU `rows` [n, inputs] and a row-major `weight` [outputs, inputs]
+    (`available()` must be True; callers check eligibility: few_rows.py)."""
+    kernel = _STATE["kernel"]
+    rows = rows.contiguous()
+    count, inputs = rows.shape
+    outputs = weight.shape[0]
+    if weight.shape[1] != inputs or not weight.is_contiguous():
+        raise ValueError(f"weight {tuple(weight.shape)} must be contiguous [outputs, {inputs}]")
+    out = torch.empty(count, outputs, dtype=torch.float32)
+    kernel.function(weight.data_ptr(), rows.data_ptr(), out.data_ptr(), outputs, inputs, count)
+    return out
+
+
+def _load() -> _Kernel | None:
+    """Build (or find the cached build of) the kernel for this machine, load it and check it."""
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("No C compiler found: short CPU steps use torch's kernels (slower by up to ~30%)")
+        return None
+    source = SOURCE.read_bytes()
+    for flags in FLAG_SETS:
+        target = _cache_path(compiler, flags, source)
+        try:
+            if not target.exists():
+                _build(compiler, flags, target)
+            kernel = _Kernel(ctypes.CDLL(str(target)))
+        except (OSError, subprocess.SubprocessError) as error:
+            logger.debug("native kernel with %s not used: %s", " ".join(flags), error)
+            continue
+        if _matches_torch(kernel):
+            return kernel
+        logger.warning("native kernel built with %s gave wrong results; using torch's kernels", flags)
+        return None
+    logger.info("The native few-row kernel could not be built with %s; using torch's kernels", compiler)
+    return None
+
+
+def _compiler() -> str | None:
+    configured = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "").split(" ")[0]
+    for name in (configured, "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_path(compiler: str, flags: tuple[str, ...], source: bytes) -> Path:
+    """Where this source, built by this compiler with these flags for this CPU, is cached: -march=native
+    code must not run on another CPU (a cache directory on a shared or copied home)."""
+    key = hashlib.sha256()
+    for part in (source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()):
+        key.update(part + b"\0")
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    return paths.cache_dir() / "kernels" / f"few_rows-{key.hexdigest()[:16]}{suffix}"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags (Linux), or what platform knows elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = ("model name", "flags", "Features", "CPU part")
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines() if ":" in line}
+    return "\n".join(lines[name] for name in wanted if name in lines)
+
+
+def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:
+    """Compile to a temporary file next to `target`, then rename it: servers starting together on one
+    machine may build at once, and a loader must never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
+    os.close(handle)
+    try:
+        command = [compiler, *flags, "-shared", "-fPIC", "-o", temporary, str(SOURCE)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise subprocess.SubprocessError(result.stderr.strip()[-500:] or f"exit {result.returncode}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _matches_torch(kernel: _Kernel) -> bool:
+    """Check the kernel on shapes that take every path (1-9 rows, a width with a remainder) against fp64."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 203, generator=generator)
+    for count in (1, 2, 3, 4, 5, 9):
+        rows = torch.randn(count, 203, generator=generator)
+        out = torch.empty(count, 37)
+        kernel.function(weight.data_ptr(), rows.data_ptr(), out.data_ptr(), 37, 203, count)
+        expected = (rows.double() @ weight.double().t()).float()
+        if not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
+            return False
+    return True
