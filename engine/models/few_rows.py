@@ -1,11 +1,13 @@
 """`x @ weight.T` for a few rows on the CPU, 1.1-2.5x faster than nn.Linear there.
 
 A decode step or a speculative round multiplies 1 to k + 1 rows (a chain or a token tree) by each weight
-matrix. On this machine's MKL (torch 2.13 CPU, AMD EPYC) `nn.Linear` with 2-8 rows is a badly blocked gemm:
-a SmolLM2 step's 120 products took 65-95 ms for 2 rows against 27-39 ms as `weight @ rows.T`, and one row (a
-gemv) 41-54 ms against 43 ms padded to two rows (`bench/README.md`, wan.py, third pass). From 6 rows on,
-oneDNN's matmul on the same row-major weight is the fastest (`bench/round_cost.py --kernels`, CPU ms of the
-120 products: 6 rows 47 vs 56, 8 rows 52 vs 59, 12 rows 58 vs 63-100). The products are the same; the
+matrix. Below 6 rows the fastest here is native_linear.py's C kernel where it could be built (SmolLM2's 120
+products of one row: 19.7 ms against 26.7 for MKL's best and 33.4 for oneDNN's; its table has the rest).
+Without it, on this machine's MKL (torch 2.13 CPU, AMD EPYC) `nn.Linear` with 2-8 rows is a badly blocked
+gemm: a SmolLM2 step's 120 products took 65-95 ms for 2 rows against 27-39 ms as `weight @ rows.T`, and one
+row (a gemv) 41-54 ms against 43 ms padded to two rows (`bench/README.md`, wan.py, third pass). From 6 rows
+on, oneDNN's matmul on the same row-major weight is the fastest (`bench/round_cost.py --kernels`, CPU ms of
+the 120 products: 6 rows 47 vs 56, 8 rows 52 vs 59, 12 rows 58 vs 63-100). The products are the same; the
 summation order may differ (~1e-6). Other devices, dtypes, gradients and more rows take
 `nn.functional.linear`.
 """
@@ -31,6 +33,7 @@ def kernel_for(
     max_rows: int = FEW_ROWS,
     onednn: bool = True,
     native: bool = False,
+    threads: int = 1,
     preferred: str | None = None,
 ) -> str:
     """Which kernel computes `rows` rows: "native" (native_linear.py's C kernel, where it is built),
@@ -38,7 +41,9 @@ def kernel_for(
     (oneDNN's matmul) or "linear" (nn.functional.linear).
 
     `preferred` ("native", "mkl" or "onednn", a step tuner's choice: step_tuner.py) overrides the fixed
-    rule below."""
+    rule below. The rule takes the single-threaded native kernel only where the product runs on one thread
+    (`threads`, as lean steps of a few rows do): on two, MKL's products of the client's LM head were a little
+    faster (SmolLM2, 1 row: 3.9 vs 4.2 ms; 4 rows: 4.0 vs 4.7)."""
     if not 0 < rows <= max_rows:
         return "linear"
     if preferred == "native" and native:
@@ -47,7 +52,7 @@ def kernel_for(
         return "onednn"
     if preferred == "mkl":
         return "pair" if rows == 1 else "mm"
-    if native and rows < ONEDNN_ROWS:
+    if native and threads == 1 and rows < ONEDNN_ROWS:
         return "native"
     if rows == 1:
         return "pair"
@@ -65,7 +70,12 @@ def few_rows_linear(
     preferred = getattr(_PREFERRED, "kernel", None)
     native = weight.is_contiguous() and native_linear.available()
     kernel = kernel_for(
-        rows.shape[0], max_rows=max_rows, onednn=onednn_available(), native=native, preferred=preferred
+        rows.shape[0],
+        max_rows=max_rows,
+        onednn=onednn_available(),
+        native=native,
+        threads=torch.get_num_threads(),
+        preferred=preferred,
     )
     if kernel == "linear":
         return functional.linear(x, weight, bias)

@@ -1,17 +1,27 @@
 """A few rows times a weight matrix (fp32, CPU, one thread) by a small C kernel built on this machine.
 
 A decode step or a short speculative round is bound by reading the weights. MKL's and oneDNN's products read
-them at 60-70% of the rate one core streams memory here (a 1024-wide Llama layer's four products, 1 row:
-oneDNN 19.5-21 GB/s, `sum()` over the same tensors 30-32 GB/s), because they read several weight rows side by
-side. `native/few_rows.c` reads each weight row as one sequential stream and dots it with every row of x
-while it sits in L1: 8 such layers, one thread, ms (bench/round_cost.py --step-kernels):
+them at 60-70% of the rate one core streams memory here (a 1024-wide Llama layer's four products, one row:
+oneDNN 19.5-21 GB/s, `sum()` over the same tensors 30-32 GB/s), because they read several weight rows side
+by side. `native/few_rows.c` reads each weight row as one sequential stream and dots it with every row of x
+while the weight row sits in L1. The products alone, one thread, weights in 2 MiB pages, ms (2-core AMD EPYC
+with AVX-512, quiet; `bench/round_cost.py --kernels` times the same on SmolLM2's spans):
 
-    rows                         1      2      3      4      6      8
-    hidden 1024 (synthetic)   native 13.6 / oneDNN 18.9 / MKL pair 25.0 ... see bench/README.md
+    products                               kernel    1 row   2 rows   3 rows   4 rows   6 rows   8 rows
+    8 layers, hidden 1024 (bench model)    native     13.6     17.4     21.4     27.6     46.8     56.1
+                                           oneDNN     18.9     31.6     33.3     35.0     36.9     41.2
+                                           MKL        25.0     24.9     36.3     48.3     67.8     74.4
+    SmolLM2's 30 layers (hidden 576)       native     19.7     18.9     27.1     30.3     38.2     55.6
+                                           oneDNN     33.4     42.3     45.7     48.8     53.5     56.1
+                                           MKL        26.7     25.1     40.0     38.9     61.8     66.6
+
+(MKL: weight @ rows.T, one row padded to two.) From 6 rows on the kernel re-reads each weight row from L1
+for every further 4 rows and oneDNN's blocking catches up, which is why the fixed rule stops at 5 and the
+step tuner (step_tuner.py) measures.
 
 The kernel is compiled once per machine with the system's C compiler (`cc -O3 -march=native`: the vectors
-become this CPU's widest registers) into the user cache and loaded with ctypes; its results are checked
-against torch's before first use. Without a compiler, on another OS's loader, or with
+become this CPU's widest registers, AVX-512, AVX2 or NEON) into the user cache and loaded with ctypes; its
+results are checked against fp64 products before first use. Without a compiler, or with
 POLLINATE_NATIVE_KERNELS=0, `available()` is False and the products keep torch's kernels (few_rows.py). The
 sums may differ from MKL's or oneDNN's in the last bits (~1e-6 relative), as those differ from each other.
 """

@@ -57,9 +57,9 @@ def rule_plan(threads: int, rows: int) -> StepPlan:
     from engine.models.few_rows import kernel_for, onednn_available
     from engine.models.lean_step import lean_threads
 
-    kernel = kernel_for(rows, onednn=onednn_available(), native=native_linear.available())
-    named = {"native": "native", "onednn": "onednn"}.get(kernel, "mkl")
-    return StepPlan(named, 1 if named == "native" else lean_threads(rows, threads))
+    threads = lean_threads(rows, threads)
+    kernel = kernel_for(rows, onednn=onednn_available(), native=native_linear.available(), threads=threads)
+    return StepPlan({"native": "native", "onednn": "onednn"}.get(kernel, "mkl"), threads)
 
 
 class StepTuner:

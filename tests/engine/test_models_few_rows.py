@@ -54,6 +54,7 @@ def test_kernel_choice_by_rows():
     # with the native kernel built: it up to ONEDNN_ROWS - 1 rows, oneDNN from there
     assert [kernel_for(r, native=True) for r in range(1, ONEDNN_ROWS)] == ["native"] * (ONEDNN_ROWS - 1)
     assert kernel_for(ONEDNN_ROWS, native=True) == "onednn"
+    assert kernel_for(1, native=True, threads=2) == "pair"  # a product on 2 threads: MKL's
     assert kernel_for(1) == "pair"  # without it: MKL's two-row gemm beats its gemv
     assert [kernel_for(r) for r in range(2, ONEDNN_ROWS)] == ["mm"] * (ONEDNN_ROWS - 2)
     assert {kernel_for(r) for r in range(ONEDNN_ROWS, FEW_ROWS + 1)} == {"onednn"}
