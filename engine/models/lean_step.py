@@ -7,8 +7,9 @@ at load time, and the Linear modules keep views of the joint tensor, so memory d
 path sees the same numbers), and SDPA straight on the cache's keys and values (grouped heads shared, no mask
 for one query). The norms are one fused op each (functional.rms_norm: the RMSNorm modules' arithmetic), q
 and k are rotated together while still side by side in the q/k/v product (the Llama-style formula of
-transformers' apply_rotary_pos_emb), the activation is the layer's own module; the outputs equal
-transformers' bit for bit in fp32 on SmolLM2 (the tests compare every family within 1e-5).
+transformers' apply_rotary_pos_emb), the activation is the layer's own module. With the same product
+kernel the outputs equal transformers' bit for bit in fp32 on SmolLM2; the kernels chosen for few rows
+(few_rows.py) sum in another order, ~1e-6 apart (the tests compare every family within 1e-5).
 
 Only layers whose structure is known take it: Llama, Mistral, Qwen2 and Qwen3 decoder layers with plain
 (unquantized) Linear projections on the CPU. Everything else (and prefills longer than LEAN_STEP_TOKENS) runs
