@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 BASE_DELAY = 1.0
 REQUESTS = 10
+FLOOD_ALLOWANCE = 5.0  # seconds beyond the base delay; see the assertion
 
 
 def _burst(contributor: PeerCaller, free_rider: PeerCaller, server: str, uid: str, hidden: torch.Tensor):
@@ -120,8 +121,12 @@ def test_contributor_goes_first_and_free_rider_waits_a_bounded_time(bootstrap_pe
 
         assert statistics.mean(contributor_waits) < statistics.mean(free_rider_waits)
         assert statistics.median(contributor_waits) < statistics.median(free_rider_waits)
-        # Never starved: each free-rider request ran within its delay plus the work queued ahead of it.
-        assert max(flood_waits) < BASE_DELAY + 2.0
+        # Never starved. A starved free-rider would wait for the flood to end, and the flood here only ends
+        # after the free-rider's requests return: it would run into the 120 s timeout. The aging bound is its
+        # delay plus the work queued ahead of it; the allowance on top also covers moving 512 KB each way
+        # through an event loop that the flood keeps busy, which takes seconds on a loaded 2-core machine
+        # (quiet runs here: 0.5-2.8 s in all).
+        assert max(flood_waits) < BASE_DELAY + FLOOD_ALLOWANCE
         assert flood_done > 8  # the flood did keep the queue busy meanwhile
 
         # The server counted what it served, per peer, and publishes its points in its DHT record.
