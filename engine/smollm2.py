@@ -107,7 +107,7 @@ def _stat_facts(path: Path) -> dict:
 
 
 def ensure_smollm2(models_dir: Path | None = None, progress: Progress | None = None) -> Path:
-    """Return the prepared checkpoint's folder, preparing it (~20 s) when missing or its source changed.
+    """Return the prepared checkpoint's folder, preparing it (~10 s) when missing or its source changed.
 
     `progress(fraction, message)` is called while preparing (not when the folder is reused).
     """
@@ -130,7 +130,7 @@ def ensure_smollm2(models_dir: Path | None = None, progress: Progress | None = N
     if is_current(marker, source):
         _write_marker(target, {**marker, **stat})  # touched, not changed
         return target
-    logger.info("preparing %s from %s (once; ~20 s)", SMOLLM2_MODEL_NAME, gguf)
+    logger.info("preparing %s from %s (once; ~10 s)", SMOLLM2_MODEL_NAME, gguf)
     _prepare(gguf, target, source, progress)
     return target
 

@@ -39,6 +39,39 @@ def test_prepared_checkpoint_is_an_ordinary_float16_folder(smollm2_checkpoint):
     assert (smollm2_checkpoint / "generation_config.json").is_file()
 
 
+def test_prepared_weights_equal_the_gguf_files_own_dequantization(smollm2_checkpoint):
+    """The conversion (which parses the file once for transformers' three reads) keeps every value."""
+    import gguf
+    import torch
+
+    from engine.models.checkpoint import CheckpointReader
+    from engine.models.gguf import _gguf_parsed_once
+
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        reader = gguf.GGUFReader(find_gguf())
+        assert gguf.GGUFReader(str(find_gguf())) is reader  # parsed once
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is gguf.get_tensor_name_map(
+            gguf.MODEL_ARCH.LLAMA, 30
+        )
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_name_map)  # put back
+
+    # Tensors llama.cpp stores unpermuted (q/k projections are reordered for its rotary layout).
+    names = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj.weight",
+        "blk.29.attn_v.weight": "model.layers.29.self_attn.v_proj.weight",
+    }
+    tensors = {tensor.name: tensor for tensor in reader.tensors if tensor.name in names}
+    ours = CheckpointReader(smollm2_checkpoint).read(list(names.values()))
+    for gguf_name, hf_name in names.items():
+        tensor = tensors[gguf_name]
+        expected = torch.from_numpy(
+            gguf.dequantize(tensor.data, tensor.tensor_type).reshape(list(reversed(tensor.shape.tolist())))
+        ).to(torch.float16)
+        assert torch.equal(ours[hf_name], expected), hf_name
+
+
 def test_a_prepared_folder_is_reused_at_once(smollm2_checkpoint):
     began = time.perf_counter()
     assert ensure_smollm2(smollm2_checkpoint.parent) == smollm2_checkpoint
