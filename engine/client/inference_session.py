@@ -9,7 +9,9 @@ this point and cannot recover; see petals issue #587.)
 Server-to-server push (Petals' `next_servers`): each step asks its server to hand the outputs straight to
 the servers after it, so the step moves down the chain without coming back to us between hops. The client
 still sends every server its own copy (the servers keep whichever arrives first, by step_id), which keeps
-the history needed for failover and costs no wait: the pushed reply is already there when we ask.
+the history needed for failover and costs no wait: the pushed reply is already there when we ask. That
+wait is therefore no round trip, and min-latency routing learns a server's RTT only from steps not pushed
+to it (and from rpc_info): a pushed server would otherwise look a few milliseconds away, however far.
 
 A session's first step (the prompt) is pushed too where the servers announce it (`push_per_step`): the
 servers after the first are opened ahead with an empty (0-token) step, so their sessions exist by the time
@@ -69,6 +71,7 @@ class _SpanStream:
         self.supports_rollback = False
         # A Pollinate server: follows next_servers in a session's first message, may be opened ahead
         self.pushes_first_step = False
+        self.pushed_to: tuple[str, ...] = ()  # sessions the last step asked our server to push to
         self.replay_prefix: torch.Tensor | None = None  # what its successor replays, when ended by a rollback
         self.supports_trees = False
         self.tree: tuple[int, list[int]] | None = None  # last step's tree: (history index of row 0, parents)
@@ -116,17 +119,20 @@ class _SpanStream:
         start_from_position: int | None = None,
         next_servers: list | None = None,
         tree_parents: list[int] | None = None,
+        pushed: bool = False,
     ) -> torch.Tensor:
         """Send `inputs` [batch, tokens, hidden] (the whole prefix to a new server); return its outputs.
 
         `start_from_position` < position first cuts the server's cache (and our history) back to it; only
         for a server that supports it. `next_servers` [(peer_id, session_id, start, end), ...] asks the
-        server to push its outputs on down the chain. `tree_parents`: the last rows form a token tree.
+        server to push its outputs on down the chain (`pushed_to` then names their sessions). `tree_parents`:
+        the last rows form a token tree. `pushed`: the previous server was asked to push this step here.
         """
         if self.closed:
             raise SessionClosedError(f"stream to {self.hop.peer_id} is closed")
         metadata = dict(session_id=self.session_id, step_id=step_id)
         history = self.history
+        self.pushed_to = ()
         if self.history is None:
             metadata.update(max_length=self.max_length, **self.manager.request_metadata())
             if next_servers and self.pushes_first_step:
@@ -153,7 +159,9 @@ class _SpanStream:
         started = time.perf_counter()
         reply = RemoteExpertWorker.run_coroutine(self._exchange(request))
         elapsed = time.perf_counter() - started
-        self.manager.observe_rtt(self.hop.peer_id, elapsed)
+        if not pushed:  # a pushed step's reply is on its way before we ask: no round trip to learn from
+            self.manager.observe_rtt(self.hop.peer_id, elapsed)
+        self.pushed_to = tuple(entry[1] for entry in metadata.get("next_servers", ()))
         if not reply.tensors:
             raise protocol.RemoteCallError(f"peer {self.hop.peer_id} sent an inference reply without tensors")
         outputs = protocol.deserialize_torch_tensor(reply.tensors[0])
@@ -374,6 +382,7 @@ class InferenceSession:
 
         x = inputs
         index, block = 0, self.start
+        pushed_to: tuple[str, ...] = ()  # where the last server stepped pushes this step
         while block < self.end:
             for attempt_no in itertools.count():
                 stream = culprit = None
@@ -402,8 +411,10 @@ class InferenceSession:
                             start_from_position=rollback,
                             next_servers=self._next_servers(index),
                             tree_parents=tree_parents,
+                            pushed=stream.session_id in pushed_to,
                         )
                     self.manager.on_request_success(stream.hop.peer_id)
+                    pushed_to = stream.pushed_to
                     x, index, block = out, index + 1, stream.hop.end
                     break
                 except AssertionError:

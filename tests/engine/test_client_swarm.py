@@ -396,6 +396,30 @@ def test_every_step_reaches_the_later_servers_by_push_alone(models, monkeypatch)
     assert sorted(dropped) == [1] * 6 + [3] * 6  # each step's copy for the 2nd and 3rd server, prompt too
 
 
+def test_routing_learns_round_trips_only_from_steps_not_pushed(models, monkeypatch):
+    """A pushed step's reply is there before the client asks, so its wait is no round trip: the servers
+    after the first, pushed to at every step (the prompt too), teach min-latency routing nothing from steps;
+    with push off, every server's steps are round trips again."""
+    remote, local = models("llama", "3servers")
+    ids = torch.tensor([[5, 9, 33, 2, 17, 4]])
+    expected = local_generate(local, ids, max_new_tokens=6)
+    observed = []
+    monkeypatch.setattr(remote.manager, "observe_rtt", lambda peer_id, seconds: observed.append(peer_id))
+    default = remote.manager.config
+    try:
+        for push in (True, False):
+            remote.manager.config = dataclasses.replace(default, push_min_rtt=0.0, server_to_server=push)
+            observed.clear()
+            with remote.inference_session(max_length=16) as session:
+                assert torch.equal(remote.generate(ids, max_new_tokens=6, session=session), expected)
+                peers = [stream.hop.peer_id for stream in session._streams]
+            assert len(set(peers)) == 3
+            first_only = [peers[0]] * 6  # the prompt and five single-token steps
+            assert observed == (first_only if push else [peer for _ in range(6) for peer in peers])
+    finally:
+        remote.manager.config = default
+
+
 def test_early_exit_speculation_through_the_swarm_matches_transformers(models):
     """The client drafts with the model's own first 3 blocks (of 4), the swarm verifies: local greedy's
     tokens; the blocks load once per model."""
