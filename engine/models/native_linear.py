@@ -5,7 +5,8 @@ them at 60-70% of the rate one core streams memory here (a 1024-wide Llama layer
 oneDNN 19.5-21 GB/s, `sum()` over the same tensors 30-32 GB/s), because they read several weight rows side
 by side. `native/few_rows.c` reads each weight row as one sequential stream and dots it with every row of x
 while the weight row sits in L1. The products alone, one thread, weights in 2 MiB pages, ms (2-core AMD EPYC
-with AVX-512, quiet; `bench/round_cost.py --kernels` times the same on SmolLM2's spans):
+with AVX-512, quiet, the kernel's AVX-512 build; `bench/round_cost.py --kernels` times the same on SmolLM2's
+spans):
 
     products                               kernel    1 row   2 rows   3 rows   4 rows   6 rows   8 rows
     8 layers, hidden 1024 (bench model)    native     13.6     17.4     21.4     27.6     46.8     56.1
@@ -19,9 +20,20 @@ with AVX-512, quiet; `bench/round_cost.py --kernels` times the same on SmolLM2's
 for every further 4 rows and oneDNN's blocking catches up, which is why the fixed rule stops at 5 and the
 step tuner (step_tuner.py) measures.
 
-The kernel is compiled once per machine with the system's C compiler (`cc -O3 -march=native`: the vectors
-become this CPU's widest registers, AVX-512, AVX2 or NEON) into the user cache and loaded with ctypes; its
-results are checked against fp64 products before first use. Without a compiler, or with
+The kernel is compiled once per machine with the system's C compiler (`cc -O3 -march=native -mno-avx512f`:
+a vector is one AVX2 or NEON register, or SSE's) into the user cache and loaded with ctypes; its results are
+checked against fp64 products before first use. Vectors one register wide matter: the first builds used
+16-float vectors everywhere, which AVX2 holds in two registers each, and the spills made that build 1.3-4x
+slower than MKL from 2 rows on. `bench/native_widths.py` builds every width this CPU runs (SmolLM2's
+products, 4 KiB pages, ms, here):
+
+    build                        1 row   2 rows   3 rows   4 rows   6 rows   8 rows
+    engine (AVX2 on this CPU)     21.3     23.8     25.4     28.5     31.8     51.4
+    AVX-512                       21.7     23.3     30.7     36.4     36.0     60.7
+    SSE2                          20.8     22.2     30.9     35.4     51.2     75.6
+    MKL                           24.4     24.0     37.5     40.4     58.9     64.9
+    (AVX2 before, 16-float vectors 31.6     60.6     88.9    107.0    162.1    211.1)
+ Without a compiler, or with
 POLLINATE_NATIVE_KERNELS=0, `available()` is False and the products keep torch's kernels (few_rows.py). The
 sums may differ from MKL's or oneDNN's in the last bits (~1e-6 relative), as those differ from each other.
 """
@@ -48,7 +60,10 @@ from engine import envs, paths
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "few_rows.c"
-FLAG_SETS = (("-O3", "-march=native"), ("-O3",))  # the second where the compiler does not know -march=native
+# AVX-512 left out on purpose: with it the kernel's 3-8 row products took 15-25% longer here than its AVX2
+# build on the same CPU (bench/native_widths.py). The next sets: compilers that know no -mno-avx512f (not
+# x86) or no -march=native.
+FLAG_SETS = (("-O3", "-march=native", "-mno-avx512f"), ("-O3", "-march=native"), ("-O3",))
 BUILD_TIMEOUT_S = 120
 
 

@@ -3,6 +3,7 @@ cleanly where it cannot be built."""
 
 from __future__ import annotations
 
+import platform
 import shutil
 
 import pytest
@@ -35,6 +36,42 @@ def test_equals_float64_products_at_model_shapes(rows):
         got = native_linear.linear(x, weight)
         assert got.shape == (rows, outputs) and got.dtype == torch.float32
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+
+
+def _cpu_flags() -> set[str]:
+    identity = native_linear._cpu_identity()
+    return set(identity.split("flags", 1)[1].split()) if "flags" in identity else set()
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "target, needs",
+    [
+        ("-march=haswell", {"avx2", "fma"}),
+        ("-march=x86-64", set()),
+        ("-march=skylake-avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
+    ],
+    ids=["avx2-8-lanes", "sse2-4-lanes", "avx512-16-lanes"],
+)
+def test_every_vector_width_equals_float64_products(tmp_path, monkeypatch, target, needs):
+    """-march=native makes only this CPU's width; a user's CPU may have another (a gaming PC: AVX2)."""
+    import ctypes
+
+    if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
+        pytest.skip(f"this CPU cannot run {target} code")
+    library = tmp_path / "few_rows.so"
+    native_linear._build(native_linear._compiler(), ("-O3", target), library)
+    kernel = native_linear._Kernel(ctypes.CDLL(str(library)))
+    assert native_linear._matches_torch(kernel)
+    generator = torch.Generator().manual_seed(1)
+    for rows in (1, 2, 3, 4, 5, 8, 9):
+        for outputs, inputs in [(576, 1536), (64, 203)]:
+            weight = torch.randn(outputs, inputs, generator=generator) * 0.05
+            x = torch.randn(rows, inputs, generator=generator)
+            expected = (x.double() @ weight.double().t()).float()
+            torch.testing.assert_close(
+                native_linear._product(kernel, x, weight), expected, rtol=1e-5, atol=2e-5
+            )
 
 
 @needs_compiler

@@ -1,47 +1,50 @@
 /* y = x @ w.T for a few rows of x, fp32, one thread: each weight row is read from memory once, as one
  * sequential stream, and dotted with every row of x (which stays in the caches).
  *
- * Built on the user's machine with -O3 -march=native by engine/models/native_linear.py: the vectors below
- * become that CPU's widest registers (AVX-512, AVX2, NEON). Sums are per lane, then halved pairwise, so a
+ * Built on the user's machine with -O3 -march=native -mno-avx512f by engine/models/native_linear.py: a vector
+ * below is one of that CPU's registers (AVX2, NEON, SSE). Sums are per lane, then halved pairwise, so a
  * result may differ from MKL's or oneDNN's in the last bits (~1e-6 relative), as theirs differ from each
  * other's. */
 
 #include <stddef.h>
 #include <string.h>
 
-typedef float vec16 __attribute__((vector_size(64)));
-typedef float vec8 __attribute__((vector_size(32)));
-typedef float vec4 __attribute__((vector_size(16)));
+/* One vector is one of the target's widest registers: the eight accumulators of DOT_ROWS must stay in
+ * registers (AVX2 has 16; a 16-float vector there takes two, and the spills made it 2x slower than MKL). */
+#if defined(__AVX512F__)
 #define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4 /* SSE, NEON, or a compiler's generic vectors */
+#endif
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 #define MAX_CHUNK 4 /* rows of x per pass over a weight row (the accumulators must fit in registers) */
 
-static inline vec16 load(const float *p) {
-    vec16 v;
+static inline vec load(const float *p) {
+    vec v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline float lane_sum(vec16 v) {
-    vec8 low, high;
-    memcpy(&low, &v, sizeof low);
-    memcpy(&high, (const char *)&v + sizeof low, sizeof high);
-    vec8 eight = low + high;
-    vec4 four_low, four_high;
-    memcpy(&four_low, &eight, sizeof four_low);
-    memcpy(&four_high, (const char *)&eight + sizeof four_low, sizeof four_high);
-    vec4 four = four_low + four_high;
-    return (four[0] + four[2]) + (four[1] + four[3]);
+/* The lanes summed pairwise: halves, then quarters, ... */
+static inline float lane_sum(vec v) {
+    float lanes[LANES];
+    memcpy(lanes, &v, sizeof lanes);
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int i = 0; i < width; i++) lanes[i] += lanes[i + width];
+    return lanes[0];
 }
 
 /* One weight row against 2, 3 or 4 rows of x (out[k * out_stride]): two accumulators per row of x, named
  * (not an array) so that they stay in registers. */
 #define DOT_ROWS(name, COUNT)                                                                           \
     static void name(const float *w, const float *x, long inputs, float *out, long out_stride) {        \
-        vec16 a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0};            \
+        vec a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0};            \
         const float *xa = x, *xb = x + inputs, *xc = x + 2 * inputs, *xd = x + 3 * inputs;             \
         long i = 0;                                                                                     \
         for (; i + 2 * LANES <= inputs; i += 2 * LANES) {                                               \
-            vec16 w0 = load(w + i), w1 = load(w + i + LANES);                                           \
+            vec w0 = load(w + i), w1 = load(w + i + LANES);                                           \
             a0 += w0 * load(xa + i), a1 += w1 * load(xa + i + LANES);                                   \
             b0 += w0 * load(xb + i), b1 += w1 * load(xb + i + LANES);                                   \
             if (COUNT > 2) c0 += w0 * load(xc + i), c1 += w1 * load(xc + i + LANES);                    \
@@ -61,7 +64,7 @@ DOT_ROWS(dot_four_rows, 4)
 static void dot_one_row(const float *w, const float *x, long outputs, long inputs, float *y) {
     for (long r = 0; r < outputs; r++) {
         const float *row = w + r * inputs;
-        vec16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         long i = 0;
         for (; i + 4 * LANES <= inputs; i += 4 * LANES) {
             a0 += load(row + i) * load(x + i);
