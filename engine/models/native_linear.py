@@ -24,18 +24,20 @@ The kernel is compiled once per machine with the system's C compiler (`cc -O3 -m
 a vector is one AVX2 or NEON register, or SSE's) into the user cache and loaded with ctypes; its results are
 checked against fp64 products before first use. Vectors one register wide matter: the first builds used
 16-float vectors everywhere, which AVX2 holds in two registers each, and the spills made that build 1.3-4x
-slower than MKL from 2 rows on. `bench/native_widths.py` builds every width this CPU runs (SmolLM2's
-products, 4 KiB pages, ms, here):
+slower than MKL from 2 rows on. `bench/native_widths.py` builds the widths this CPU runs (SmolLM2's
+products, 4 KiB pages, ms, here, one run):
 
-    build                        1 row   2 rows   3 rows   4 rows   6 rows   8 rows
-    engine (AVX2 on this CPU)     21.3     23.8     25.4     28.5     31.8     51.4
-    AVX-512                       21.7     23.3     30.7     36.4     36.0     60.7
-    SSE2                          20.8     22.2     30.9     35.4     51.2     75.6
-    MKL                           24.4     24.0     37.5     40.4     58.9     64.9
-    (AVX2 before, 16-float vectors 31.6     60.6     88.9    107.0    162.1    211.1)
- Without a compiler, or with
-POLLINATE_NATIVE_KERNELS=0, `available()` is False and the products keep torch's kernels (few_rows.py). The
-sums may differ from MKL's or oneDNN's in the last bits (~1e-6 relative), as those differ from each other.
+    build                                  1 row   2 rows   3 rows   4 rows   6 rows   8 rows
+    engine (-march=native -mno-avx512f)     20.4     22.6     24.2     27.9     31.1     51.2
+    -march=native (AVX-512 here)            21.8     22.1     29.9     33.2     35.2     53.7
+    AVX2 (-march=haswell)                   18.9     20.5     24.0     25.7     31.1     45.6
+    SSE2 (-march=x86-64)                    19.5     21.2     30.3     35.0     50.9     75.4
+    MKL                                     24.1     23.5     37.0     39.1     58.0     63.8
+    AVX2 with 16-float vectors (before)     31.6     60.6     88.9    107.0    162.1    211.1  (another run)
+
+Without a compiler, or with POLLINATE_NATIVE_KERNELS=0, `available()` is False and the products keep
+torch's kernels (few_rows.py). The sums may differ from MKL's or oneDNN's in the last bits (~1e-6
+relative), as those differ from each other.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ from engine import envs, paths
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "few_rows.c"
-# AVX-512 left out on purpose: with it the kernel's 3-8 row products took 15-25% longer here than its AVX2
-# build on the same CPU (bench/native_widths.py). The next sets: compilers that know no -mno-avx512f (not
-# x86) or no -march=native.
+# AVX-512 left out on purpose: with it the kernel's products took 5-19% longer here at 3-8 rows (and 1 row)
+# than without it, on the same CPU (bench/native_widths.py). The next sets: compilers that know no
+# -mno-avx512f (not x86) or no -march=native.
 FLAG_SETS = (("-O3", "-march=native", "-mno-avx512f"), ("-O3", "-march=native"), ("-O3",))
 BUILD_TIMEOUT_S = 120
 
