@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -311,7 +311,13 @@ class DraftLength:
             return 1
         return 0
 
-    def update(self, drafted: int, accepted: int, token_cost: float | None = None, round_cost=None) -> None:
+    def update(
+        self,
+        drafted: int,
+        accepted: int,
+        token_cost: float | None = None,
+        round_cost: Callable[[int], float] | None = None,
+    ) -> None:
         """Fold in a round's acceptance; `token_cost` (learned) replaces the config's prior when given, and
         `round_cost(rows)` (RoundCost.relative), when given, prices each draft length as measured."""
         if drafted > 0:
@@ -330,7 +336,10 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 
 def best_draft_length(
-    acceptance: float, config: SpeculationConfig, token_cost: float | None = None, round_cost=None
+    acceptance: float,
+    config: SpeculationConfig,
+    token_cost: float | None = None,
+    round_cost: Callable[[int], float] | None = None,
 ) -> int:
     """The draft length in [min_draft, max_draft] with the most expected tokens per round time.
 
