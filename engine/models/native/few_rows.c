@@ -10,7 +10,8 @@
 #include <string.h>
 
 /* One vector is one of the target's widest registers: the eight accumulators of DOT_ROWS must stay in
- * registers (AVX2 has 16; a 16-float vector there takes two, and the spills made it 2x slower than MKL). */
+ * registers (AVX2 has 16; a 16-float vector there takes two, and the spills made it 1.3-4x slower than
+ * MKL). */
 #if defined(__AVX512F__)
 #define LANES 16
 #elif defined(__AVX__)
@@ -58,11 +59,11 @@ static inline float lane_sum(vec v) {
  * (not an array) so that they stay in registers. */
 #define DOT_ROWS(name, COUNT)                                                                           \
     static void name(const float *w, const float *x, long inputs, float *out, long out_stride) {        \
-        vec a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0};            \
-        const float *xa = x, *xb = x + inputs, *xc = x + 2 * inputs, *xd = x + 3 * inputs;             \
+        vec a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, d0 = {0}, d1 = {0};             \
+        const float *xa = x, *xb = x + inputs, *xc = x + 2 * inputs, *xd = x + 3 * inputs;              \
         long i = 0;                                                                                     \
         for (; i + 2 * LANES <= inputs; i += 2 * LANES) {                                               \
-            vec w0 = load(w + i), w1 = load(w + i + LANES);                                           \
+            vec w0 = load(w + i), w1 = load(w + i + LANES);                                             \
             a0 += w0 * load(xa + i), a1 += w1 * load(xa + i + LANES);                                   \
             b0 += w0 * load(xb + i), b1 += w1 * load(xb + i + LANES);                                   \
             if (COUNT > 2) c0 += w0 * load(xc + i), c1 += w1 * load(xc + i + LANES);                    \
@@ -70,7 +71,7 @@ static inline float lane_sum(vec v) {
         }                                                                                               \
         float sums[4] = {lane_sum(a0 + a1), lane_sum(b0 + b1), lane_sum(c0 + c1), lane_sum(d0 + d1)};   \
         for (int k = 0; k < COUNT; k++) {                                                               \
-            for (long j = i; j < inputs; j++) sums[k] += w[j] * x[k * inputs + j];                     \
+            for (long j = i; j < inputs; j++) sums[k] += w[j] * x[k * inputs + j];                      \
             out[k * out_stride] = sums[k];                                                              \
         }                                                                                               \
     }
