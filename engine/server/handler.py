@@ -95,6 +95,7 @@ class TransformerConnectionHandler(ServicerBase):
         priority_fn: PriorityFn | None = None,
         usage_fn: UsageFn | None = None,
     ):
+        protocol.log_refusals_on_one_line()
         self.hosted, self.pool, self.memory_cache = hosted, pool, memory_cache
         self.dht_prefix, self.limits, self.compression = dht_prefix, limits, compression
         self.adapters, self.dht_client_mode, self.version = tuple(adapters), dht_client_mode, version

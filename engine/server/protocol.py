@@ -16,6 +16,7 @@ Facts from Petals 2.2 (server/handler.py, block_functions.py, utils/packaging.py
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,29 @@ TREE_FEATURE = "tree_steps"
 
 class RequestError(ValueError):
     """A peer's request is malformed or asks for what this server does not do; sent back as the reply."""
+
+
+class _RefusalsOnOneLine(logging.Filter):
+    """hivemind logs every exception a streaming handler raises as a warning with its traceback. A
+    RequestError is this server refusing a request on purpose (malformed, over a limit, leaving the swarm;
+    the peer gets the message as its reply): a bad or unlucky peer must not fill the log with tracebacks,
+    and a stopping server with one per client still trying it. It stays visible as one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RequestError):
+            record.msg, record.args = "refused a request: %s", (error,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
+_REFUSALS_FILTER = _RefusalsOnOneLine()
+
+
+def log_refusals_on_one_line() -> None:
+    """Install the filter on hivemind's p2p logger (idempotent: a filter is added once per logger)."""
+    logging.getLogger("hivemind.p2p.p2p_daemon").addFilter(_REFUSALS_FILTER)
 
 
 # --- uids and metadata ---

@@ -307,6 +307,38 @@ def test_inference_step_beyond_max_length_and_bad_uid(client):
         session.step(torch.randn(1, 1, HIDDEN))
 
 
+def test_a_refusal_is_one_log_line_and_other_failures_keep_their_traceback(client):
+    """hivemind logs a failed streaming handler with its traceback; our refusals (RequestError) become one
+    INFO line, so a bad peer, or every client of a stopping server, cannot fill the log."""
+    import logging
+
+    from engine.server.protocol import RequestError
+
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler(logging.DEBUG)
+    capture.emit = records.append
+    hivemind_p2p = logging.getLogger("hivemind.p2p.p2p_daemon")
+    hivemind_p2p.addHandler(capture)
+    try:
+        with (
+            client.inference(UIDS, max_length=1000) as session,
+            pytest.raises(Exception, match="limit is 256"),
+        ):
+            session.step(torch.randn(1, 1, HIDDEN))
+        assert wait_for(lambda: any("limit is 256" in record.getMessage() for record in records), timeout=10)
+        refusal = next(record for record in records if "limit is 256" in record.getMessage())
+        assert refusal.levelno == logging.INFO and refusal.exc_info is None
+        assert refusal.getMessage().startswith("refused a request: ")
+        try:  # anything else a handler raises is a bug, and keeps its warning and traceback
+            raise RuntimeError("a bug")
+        except RuntimeError:
+            hivemind_p2p.warning("Handler failed with the exception:", exc_info=True)
+        assert records[-1].levelno == logging.WARNING and records[-1].exc_info[0] is RuntimeError
+        assert not any(isinstance(r.exc_info and r.exc_info[1], RequestError) for r in records)
+    finally:
+        hivemind_p2p.removeHandler(capture)
+
+
 def test_idle_session_is_closed_after_step_timeout(client, server):
     with client.inference(UIDS, max_length=8) as session:
         session.step(torch.randn(1, 1, HIDDEN))
