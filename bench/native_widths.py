@@ -2,7 +2,7 @@
 
 The engine builds engine/models/native/few_rows.c for the machine it runs on, so a bench of the engine shows
 only this CPU's instructions. A user's CPU may have others: most gaming PCs have AVX2 (8 floats per
-register), not AVX-512. This builds the kernel as the engine does (`engine`: native_linear.FLAG_SETS[0]),
+register), not AVX-512. This builds the kernel as the engine does (`engine`: native_linear.NATIVE_FLAGS),
 with all of this CPU's instructions (`native`: `-march=native`, AVX-512 where there is one), and for
 AVX-512 (`-march=skylake-avx512`), AVX2 (`-march=haswell`) and SSE2 (`-march=x86-64`) where the CPU can run
 each, and times SmolLM2's 30 layers of products (7 per layer, its real shapes, random weights) with each,
@@ -15,7 +15,6 @@ each repeat; the table holds medians in ms.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import platform
 import statistics
@@ -43,25 +42,18 @@ TARGETS = [
 ]
 
 
-def _cpu_flags() -> set[str]:
-    identity = native_linear._cpu_identity()
-    return set(identity.split("flags", 1)[1].split()) if "flags" in identity else set()
-
-
 def _builds(folder: Path) -> dict[str, native_linear._Kernel]:
-    compiler = native_linear._compiler()
-    if compiler is None:
+    if native_linear._compiler() is None:
         sys.exit("no C compiler found: nothing to build")
     # what the engine builds first, and -march=native with AVX-512 (the engine's choice leaves it out)
-    targets = [("engine", native_linear.FLAG_SETS[0]), ("native", native_linear.FLAG_SETS[1])]
+    targets = [("engine", native_linear.NATIVE_FLAGS), ("native", ("-O3", "-march=native"))]
     if platform.machine() in ("x86_64", "AMD64"):
-        flags = _cpu_flags()
+        flags = native_linear.cpu_flags()
         targets += [(name, ("-O3", march)) for name, march, needs in TARGETS if needs <= flags]
     kernels = {}
     for name, build_flags in targets:
         library = folder / f"few_rows-{name}.so"
-        native_linear._build(compiler, build_flags, library)
-        kernel = native_linear._Kernel(ctypes.CDLL(str(library)))
+        kernel = native_linear.build_at(build_flags, library)
         if not native_linear._matches_torch(kernel):
             sys.exit(f"the {name} build gave wrong results")
         kernels[name] = kernel

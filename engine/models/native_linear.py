@@ -20,12 +20,12 @@ spans):
 for every further 4 rows and oneDNN's blocking catches up, which is why the fixed rule stops at 5 and the
 step tuner (step_tuner.py) measures.
 
-The kernel is compiled once per machine with the system's C compiler (`cc -O3 -march=native -mno-avx512f`:
-a vector is one AVX2 or NEON register, or SSE's) into the user cache and loaded with ctypes; its results are
-checked against fp64 products before first use. Vectors one register wide matter: the first builds used
-16-float vectors everywhere, which AVX2 holds in two registers each, and the spills made that build 1.3-4x
-slower than MKL from 2 rows on. `bench/native_widths.py` builds the widths this CPU runs (SmolLM2's
-products, 4 KiB pages, ms, here, one run):
+The kernel is compiled once per machine with the system's C compiler (`cc -O3 -march=native`, on x86 with
+`-mno-avx512f`: a vector is one AVX2 or NEON register, or SSE's) into the user cache and loaded with ctypes;
+its results are checked against fp64 products before first use. Vectors one register wide matter: the first
+builds used 16-float vectors everywhere, which AVX2 holds in two registers each, and the spills made that
+build 1.3-4x slower than MKL from 2 rows on. `bench/native_widths.py` builds the widths this CPU runs
+(SmolLM2's products, 4 KiB pages, ms, here, one run):
 
     build                                  1 row   2 rows   3 rows   4 rows   6 rows   8 rows
     engine (-march=native -mno-avx512f)     20.4     22.6     24.2     27.9     31.1     51.2
@@ -62,10 +62,12 @@ from engine import envs, paths
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "few_rows.c"
-# AVX-512 left out on purpose: with it the kernel's products took 5-19% longer here at 3-8 rows (and 1 row)
-# than without it, on the same CPU (bench/native_widths.py). The next sets: compilers that know no
-# -mno-avx512f (not x86) or no -march=native.
-FLAG_SETS = (("-O3", "-march=native", "-mno-avx512f"), ("-O3", "-march=native"), ("-O3",))
+# On x86, AVX-512 is left out on purpose: with it the kernel's products took 5-19% longer here at 3-8 rows
+# (and 1 row) than without it, on the same CPU (bench/native_widths.py). Elsewhere (ARM: NEON) the flag is
+# unknown, so it is not passed. The last set: a compiler that knows no -march=native.
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+NATIVE_FLAGS = ("-O3", "-march=native", "-mno-avx512f") if _X86 else ("-O3", "-march=native")
+FLAG_SETS = (NATIVE_FLAGS, ("-O3",))
 BUILD_TIMEOUT_S = 120
 
 
@@ -162,6 +164,22 @@ def _cpu_identity() -> str:
     wanted = ("model name", "flags", "Features", "CPU part")
     lines = {line.split(":")[0].strip(): line for line in text.splitlines() if ":" in line}
     return "\n".join(lines[name] for name in wanted if name in lines)
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists for this CPU (x86 Linux; empty elsewhere)."""
+    identity = _cpu_identity()
+    return set(identity.split("flags", 1)[1].split()) if "flags" in identity else set()
+
+
+def build_at(flags: tuple[str, ...], target: Path) -> _Kernel:
+    """Build the kernel with `flags` (and this machine's compiler) to `target` and load it, unchecked and
+    uncached: for benches and tests of builds the engine itself would not make here."""
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C compiler found")
+    _build(compiler, flags, target)
+    return _Kernel(ctypes.CDLL(str(target)))
 
 
 def _build(compiler: str, flags: tuple[str, ...], target: Path) -> None:

@@ -38,11 +38,6 @@ def test_equals_float64_products_at_model_shapes(rows):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
 
 
-def _cpu_flags() -> set[str]:
-    identity = native_linear._cpu_identity()
-    return set(identity.split("flags", 1)[1].split()) if "flags" in identity else set()
-
-
 @needs_compiler
 @pytest.mark.parametrize(
     "target, needs",
@@ -53,15 +48,11 @@ def _cpu_flags() -> set[str]:
     ],
     ids=["avx2-8-lanes", "sse2-4-lanes", "avx512-16-lanes"],
 )
-def test_every_vector_width_equals_float64_products(tmp_path, monkeypatch, target, needs):
+def test_every_vector_width_equals_float64_products(tmp_path, target, needs):
     """-march=native makes only this CPU's width; a user's CPU may have another (a gaming PC: AVX2)."""
-    import ctypes
-
-    if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
+    if platform.machine() not in ("x86_64", "AMD64") or not needs <= native_linear.cpu_flags():
         pytest.skip(f"this CPU cannot run {target} code")
-    library = tmp_path / "few_rows.so"
-    native_linear._build(native_linear._compiler(), ("-O3", target), library)
-    kernel = native_linear._Kernel(ctypes.CDLL(str(library)))
+    kernel = native_linear.build_at(("-O3", target), tmp_path / "few_rows.so")
     assert native_linear._matches_torch(kernel)
     generator = torch.Generator().manual_seed(1)
     for rows in (1, 2, 3, 4, 5, 8, 9):

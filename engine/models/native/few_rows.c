@@ -1,7 +1,7 @@
 /* y = x @ w.T for a few rows of x, fp32, one thread: each weight row is read from memory once, as one
  * sequential stream, and dotted with every row of x (which stays in the caches).
  *
- * Built on the user's machine with -O3 -march=native -mno-avx512f by engine/models/native_linear.py: a vector
+ * Built on the user's machine with -O3 -march=native (and -mno-avx512f on x86) by native_linear.py: a vector
  * below is one of that CPU's registers (AVX2, NEON, SSE). Sums are per lane, then halved pairwise, so a
  * result may differ from MKL's or oneDNN's in the last bits (~1e-6 relative), as theirs differ from each
  * other's. */
